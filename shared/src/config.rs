@@ -1,0 +1,140 @@
+//! Configuration groups both binaries flatten into their own `clap` parser.
+//!
+//! Every setting is an environment variable and a flag with the same meaning; `--help` lists each with
+//! its default. Values that carry credentials are `SecretString`s and are never printed: their current
+//! environment values are hidden from `--help`, and `redact_url` strips passwords before a URL is logged.
+
+use clap::{Args, ValueEnum};
+use secrecy::SecretString;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use crate::topology::Topology;
+
+/// Where RabbitMQ is and how monohook's queues are laid out on it.
+#[derive(Args, Clone, Debug)]
+pub struct BrokerArgs {
+    /// RabbitMQ URL (`amqp://` or `amqps://`); add `?heartbeat=N` to change the 10 s default heartbeat.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        value_parser = parse_secret,
+        hide_env_values = true
+    )]
+    pub amqp_url: SecretString,
+
+    /// Prefix of the exchange and every queue name: `<prefix>`, `<prefix>.work`, `<prefix>.retry.<n>`,
+    /// `<prefix>.dead`.
+    #[arg(long, env = "QUEUE_PREFIX", default_value = "mono.webhooks")]
+    pub queue_prefix: String,
+
+    /// Delays of the retry tiers, in seconds, comma-separated. Part of the queue declarations: every
+    /// process must use the same list (changing it means deleting the old retry queues).
+    #[arg(
+        long,
+        env = "RETRY_DELAYS_SECS",
+        value_delimiter = ',',
+        default_value = "30,300,1800,7200"
+    )]
+    pub retry_delays_secs: Vec<u64>,
+
+    /// How many times the broker may hand out one message before dead-lettering it (poison guard).
+    /// Part of the queue declarations, like the retry delays.
+    #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 10)]
+    pub delivery_limit: u32,
+}
+
+impl BrokerArgs {
+    pub fn topology(&self) -> Topology {
+        Topology::new(
+            &self.queue_prefix,
+            self.retry_delays_secs
+                .iter()
+                .map(|s| Duration::from_secs(*s))
+                .collect(),
+            self.delivery_limit,
+        )
+    }
+}
+
+/// Where PostgreSQL is (the worker only: ingest never touches the database).
+#[derive(Args, Clone, Debug)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL; the database is created if it does not exist.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/monohook",
+        value_parser = parse_secret,
+        hide_env_values = true
+    )]
+    pub database_url: SecretString,
+
+    /// Most connections the pool opens to PostgreSQL.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+}
+
+/// How the process logs.
+#[derive(Args, Clone, Debug)]
+pub struct TelemetryArgs {
+    /// Log format: `json` (one object per line), `pretty`, or `auto` (pretty on a terminal, else JSON).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+
+    /// Log filter in `tracing`'s env-filter syntax, e.g. `info,worker=debug`.
+    #[arg(long = "log-filter", env = "RUST_LOG", default_value = "info")]
+    pub log_filter: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Auto,
+    Json,
+    Pretty,
+}
+
+/// Wraps a setting in `SecretString` so that `Debug` prints `[REDACTED]`.
+pub fn parse_secret(raw: &str) -> Result<SecretString, Infallible> {
+    Ok(SecretString::from(raw))
+}
+
+/// A URL fit for logs: the password, if any, is replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<unparseable url>".to_owned();
+    };
+    // Split at the last '@' rather than parsing: a malformed password (an unescaped '/' or '@') must
+    // still end up on the hidden side.
+    match rest.rsplit_once('@') {
+        Some((userinfo, host_and_path)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host_and_path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_url_hides_passwords_and_keeps_the_rest() {
+        assert_eq!(
+            redact_url("amqp://guest:s3cret@rabbit:5672/%2f"),
+            "amqp://guest:***@rabbit:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("postgres://app:p@ss@db/monohook"),
+            "postgres://app:***@db/monohook"
+        );
+        assert_eq!(
+            redact_url("postgres://app:pa/ss@db/monohook"),
+            "postgres://app:***@db/monohook"
+        );
+        assert_eq!(redact_url("postgres://db/monohook"), "postgres://db/monohook");
+        assert_eq!(redact_url("not a url"), "<unparseable url>");
+    }
+}

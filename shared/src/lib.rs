@@ -1,0 +1,12 @@
+//! What `ingest` and `worker` share: Mono's event envelope, configuration groups, the queue topology,
+//! the delivery metadata carried in AMQP properties, broker connections, retry schedules and telemetry.
+//!
+//! Nothing here holds long-lived state; each binary owns its connections and decides how to recover.
+
+pub mod amqp;
+pub mod config;
+pub mod delivery;
+pub mod event;
+pub mod retry;
+pub mod telemetry;
+pub mod topology;

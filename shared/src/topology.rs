@@ -1,0 +1,228 @@
+//! The exchange and queues monohook lives on, declared the same way by every process at start and
+//! after every reconnect. Declarations are idempotent; a queue that already exists with different
+//! arguments makes the broker refuse the declaration, and the error names the queue.
+//!
+//! ```text
+//!  ingest ──publish(routing key = event)──▶ <prefix> (topic exchange)
+//!                                              │ binding "#"
+//!                                              ▼
+//!                 ┌──────────────────── <prefix>.work (quorum) ◀──────────────── TTL expiry ─┐
+//!                 │ delivery limit hit            │ worker consumes                           │
+//!                 ▼ (broker dead-letters)         ├─ transient failure ─▶ <prefix>.retry.<n> ─┘
+//!          <prefix>.dead (quorum) ◀───────────────┘ permanent failure / retries exhausted
+//! ```
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, ExchangeKind};
+use std::time::Duration;
+
+/// Names and arguments of every broker object, derived from one prefix.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    prefix: String,
+    retry_delays: Vec<Duration>,
+    delivery_limit: u32,
+}
+
+/// A declaration the broker refused.
+#[derive(Debug, thiserror::Error)]
+#[error("declaring {object} failed: {source}")]
+pub struct TopologyError {
+    object: String,
+    #[source]
+    source: lapin::Error,
+}
+
+/// Depth and consumers of one queue, as a passive declaration reports them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueDepth {
+    pub queue: String,
+    pub messages: u32,
+    pub consumers: u32,
+}
+
+impl Topology {
+    pub fn new(prefix: &str, retry_delays: Vec<Duration>, delivery_limit: u32) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            retry_delays,
+            delivery_limit,
+        }
+    }
+
+    /// The topic exchange ingest publishes to.
+    pub fn exchange(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The queue workers consume.
+    pub fn work_queue(&self) -> String {
+        format!("{}.work", self.prefix)
+    }
+
+    /// Where events that cannot succeed wait for an operator.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    /// The delayed-retry queue of tier `tier` (1-based: tier 1 is the shortest delay).
+    pub fn retry_queue(&self, tier: usize) -> String {
+        format!("{}.retry.{tier}", self.prefix)
+    }
+
+    /// Delays of the retry tiers, shortest first.
+    pub fn retry_delays(&self) -> &[Duration] {
+        &self.retry_delays
+    }
+
+    pub fn delivery_limit(&self) -> u32 {
+        self.delivery_limit
+    }
+
+    /// Every queue, in the order an operator reads them.
+    pub fn queues(&self) -> Vec<String> {
+        let mut queues = vec![self.work_queue()];
+        queues.extend((1..=self.retry_delays.len()).map(|tier| self.retry_queue(tier)));
+        queues.push(self.dead_queue());
+        queues
+    }
+
+    /// Declares the exchange, the queues and the binding. Safe to call any number of times.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), TopologyError> {
+        // Durable: the exchange must survive a broker restart or publishes would be unroutable.
+        channel
+            .exchange_declare(
+                self.exchange().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| self.error(format!("exchange {}", self.exchange()), source))?;
+
+        let work = self.work_queue();
+        let mut work_args = quorum_args();
+        // Poison guard: a message that keeps coming back (e.g. it crashes the worker) stops after
+        // this many deliveries. Outages never count against it: the worker holds deliveries while
+        // Postgres is down and moves Mono failures to a retry tier instead of requeueing them.
+        work_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(self.delivery_limit.into()),
+        );
+        dead_letter_to(&mut work_args, &self.dead_queue());
+        self.declare_queue(channel, &work, work_args).await?;
+        channel
+            // "#" matches every event name, including ones Mono adds later.
+            .queue_bind(
+                work.as_str().into(),
+                self.exchange().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| self.error(format!("binding of {work}"), source))?;
+
+        for (index, delay) in self.retry_delays.iter().enumerate() {
+            let mut args = quorum_args();
+            // Nobody consumes a retry queue: a message waits out the TTL, then the broker
+            // dead-letters it back onto the work queue.
+            let ttl_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms));
+            dead_letter_to(&mut args, &work);
+            self.declare_queue(channel, &self.retry_queue(index + 1), args)
+                .await?;
+        }
+
+        // The dead queue has no TTL and no limit: dead letters stay until an operator acts.
+        self.declare_queue(channel, &self.dead_queue(), quorum_args())
+            .await
+    }
+
+    /// Reports depth and consumers of every queue without changing anything (passive declarations).
+    pub async fn depths(&self, channel: &Channel) -> Result<Vec<QueueDepth>, TopologyError> {
+        let mut depths = Vec::new();
+        for queue in self.queues() {
+            let declared = channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|source| self.error(format!("queue {queue}"), source))?;
+            depths.push(QueueDepth {
+                queue,
+                messages: declared.message_count(),
+                consumers: declared.consumer_count(),
+            });
+        }
+        Ok(depths)
+    }
+
+    /// Deletes every queue and the exchange (test clean-up and `dlq purge --all` style tooling).
+    pub async fn delete(&self, channel: &Channel) -> Result<(), TopologyError> {
+        for queue in self.queues() {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(|source| self.error(format!("queue {queue}"), source))?;
+        }
+        channel
+            .exchange_delete(self.exchange().into(), Default::default())
+            .await
+            .map_err(|source| self.error(format!("exchange {}", self.exchange()), source))
+    }
+
+    async fn declare_queue(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        args: FieldTable,
+    ) -> Result<(), TopologyError> {
+        channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .map(drop)
+            .map_err(|source| self.error(format!("queue {queue}"), source))
+    }
+
+    fn error(&self, object: String, source: lapin::Error) -> TopologyError {
+        TopologyError { object, source }
+    }
+}
+
+/// Quorum queues: replicated, and their messages survive a broker restart once confirmed.
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), string("quorum"));
+    args
+}
+
+/// Dead-letters into `queue` through the default exchange, at least once: the broker keeps a
+/// dead-lettered message in the source queue until the target queue confirmed it. At-least-once
+/// requires `reject-publish` overflow.
+fn dead_letter_to(args: &mut FieldTable, queue: &str) {
+    args.insert("x-dead-letter-exchange".into(), string(""));
+    args.insert("x-dead-letter-routing-key".into(), string(queue));
+    args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+    args.insert("x-overflow".into(), string("reject-publish"));
+}
+
+fn string(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
