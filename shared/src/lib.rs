@@ -8,5 +8,8 @@ pub mod config;
 pub mod delivery;
 pub mod event;
 pub mod retry;
+pub mod shutdown;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod topology;

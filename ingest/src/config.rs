@@ -1,0 +1,67 @@
+//! `ingest`'s settings: every one an environment variable and a flag, listed by `ingest --help`.
+
+use clap::Parser;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::auth::WebhookSecrets;
+use shared::config::{BrokerArgs, TelemetryArgs};
+
+/// Receives Mono's webhooks, authenticates and validates them, and queues each one durably on
+/// RabbitMQ before answering 200. Never touches the database.
+#[derive(Debug, Parser)]
+#[command(name = "ingest", version)]
+pub struct IngestConfig {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+
+    /// Address the HTTP server listens on (port 0 picks a free port).
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen_addr: SocketAddr,
+
+    /// The secret Mono sends in `mono-webhook-secret`. A comma-separated list is accepted so a secret
+    /// can be rotated with no downtime: add the new one, switch Mono's dashboard, remove the old one.
+    #[arg(long, env = "MONO_WEBHOOK_SECRET", hide_env_values = true)]
+    pub mono_webhook_secret: WebhookSecrets,
+
+    /// Largest webhook body accepted, in bytes; larger ones get 413.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 262_144)]
+    pub max_body_bytes: usize,
+
+    /// How long a publish may wait for the broker's confirm before the request gets 503, in ms.
+    #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 800)]
+    pub publish_timeout_ms: u64,
+
+    /// AMQP channels that publishes are spread over; each carries many unconfirmed publishes at once.
+    #[arg(long, env = "PUBLISH_CHANNELS", default_value_t = 4)]
+    pub publish_channels: usize,
+
+    /// HTTP worker threads (0 = one per CPU).
+    #[arg(long, env = "HTTP_WORKERS", default_value_t = 0)]
+    pub http_workers: usize,
+
+    /// Most open connections per HTTP worker thread; more wait in the accept backlog.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 2048)]
+    pub max_connections: usize,
+
+    /// Time a client has to send a request's headers, and its body, in ms (slow clients get 408).
+    #[arg(long, env = "CLIENT_TIMEOUT_MS", default_value_t = 5000)]
+    pub client_timeout_ms: u64,
+
+    /// On SIGTERM, how long in-flight requests may take to finish before the server stops, in seconds.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl IngestConfig {
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
+    }
+
+    pub fn client_timeout(&self) -> Duration {
+        Duration::from_millis(self.client_timeout_ms)
+    }
+}

@@ -1,0 +1,234 @@
+//! Publishing webhooks to RabbitMQ with confirms, and keeping the connection alive.
+//!
+//! A `Publisher` holds the current broker session (a connection and a few confirm-mode channels)
+//! behind a lock that is only ever held to clone an `Arc`: many requests publish at once on shared
+//! channels and each awaits its own confirm. A supervisor task replaces the session when the
+//! connection dies, with backoff; meanwhile every publish fails at once with `NotConnected`, so
+//! requests get a fast 503 instead of hanging. On shutdown the connection is closed cleanly.
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use secrecy::SecretString;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use shared::amqp::{self, ConnectError};
+use shared::retry::RetryPolicy;
+use shared::topology::Topology;
+
+/// Why a publish was not confirmed. Every variant means the webhook is not safely queued.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// No broker session right now (reconnecting).
+    #[error("not connected to RabbitMQ")]
+    NotConnected,
+    /// The broker refused to take responsibility for the message.
+    #[error("the broker nacked the publish")]
+    Nacked,
+    /// No queue is bound for the routing key (the message was returned).
+    #[error("the message was unroutable: {0}")]
+    Unroutable(String),
+    /// No confirm arrived in time; the message may or may not be queued.
+    #[error("no confirm within {0:?}")]
+    TimedOut(Duration),
+    /// The channel or connection failed during the publish.
+    #[error("publish failed: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+/// What the publisher needs to (re)connect.
+#[derive(Clone, Debug)]
+pub struct PublisherSettings {
+    pub amqp_url: SecretString,
+    pub topology: Topology,
+    pub channels: usize,
+    pub confirm_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: PublisherSettings,
+    session: RwLock<Option<Arc<Session>>>,
+}
+
+struct Session {
+    connection: Connection,
+    channels: Vec<Channel>,
+    next_channel: AtomicUsize,
+}
+
+impl Publisher {
+    /// Connects and declares the topology once; fails if the broker cannot be reached now, so a
+    /// misconfigured process stops at start with a clear error.
+    pub async fn connect(settings: PublisherSettings) -> Result<Self, SessionError> {
+        let session = open_session(&settings).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                settings,
+                session: RwLock::new(Some(Arc::new(session))),
+            }),
+        })
+    }
+
+    /// Publishes `body` to the exchange with `routing_key`, persistent and mandatory, and waits for
+    /// the broker's confirm. `Ok` means the broker has the message on disk in a queue.
+    pub async fn publish_confirmed(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let session = self.current().ok_or(PublishError::NotConnected)?;
+        let channel = session.pick_channel();
+        let timeout = self.inner.settings.confirm_timeout;
+        let exchange = self.inner.settings.topology.exchange();
+        let confirmed = tokio::time::timeout(timeout, async {
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    // Mandatory: an unroutable message comes back instead of vanishing.
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    body,
+                    properties,
+                )
+                .await?
+                .await
+        })
+        .await;
+        match confirmed {
+            Err(_) => Err(PublishError::TimedOut(timeout)),
+            Ok(Err(error)) => Err(PublishError::Broker(error)),
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(returned)))) => {
+                Err(PublishError::Unroutable(returned.reply_text.to_string()))
+            }
+            Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(PublishError::Nacked),
+        }
+    }
+
+    /// Whether a broker session is up (what `/readyz` reports).
+    pub fn is_connected(&self) -> bool {
+        self.current().is_some_and(|s| s.connection.status().connected())
+    }
+
+    /// Keeps the session alive until `cancel` fires: waits for the connection to die, then reconnects
+    /// with backoff (0.2 s doubling up to 5 s), re-declaring the topology each time.
+    pub async fn supervise(&self, cancel: CancellationToken) {
+        let policy = RetryPolicy::forever(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            if let Some(session) = self.current() {
+                tokio::select! {
+                    reason = session.lost() => tracing::warn!(%reason, "lost the RabbitMQ connection; publishes get 503 until it is back"),
+                    () = cancel.cancelled() => return,
+                }
+                self.replace(None);
+            }
+            let mut schedule = policy.schedule();
+            loop {
+                let delay = schedule.next_delay().unwrap_or(policy.max_interval);
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = cancel.cancelled() => return,
+                }
+                match open_session(&self.inner.settings).await {
+                    Ok(session) => {
+                        tracing::info!("reconnected to RabbitMQ");
+                        self.replace(Some(Arc::new(session)));
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(error = %error, retry_in = ?delay, "reconnecting to RabbitMQ failed")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes the connection; publishes in flight fail and their requests get 503.
+    pub async fn close(&self) {
+        if let Some(session) = self.replace(None)
+            && let Err(error) = session.connection.close(200, "ingest shutting down".into()).await
+        {
+            tracing::debug!(%error, "closing the RabbitMQ connection");
+        }
+    }
+
+    fn current(&self) -> Option<Arc<Session>> {
+        self.inner
+            .session
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn replace(&self, session: Option<Arc<Session>>) -> Option<Arc<Session>> {
+        std::mem::replace(
+            &mut *self.inner.session.write().unwrap_or_else(|e| e.into_inner()),
+            session,
+        )
+    }
+}
+
+impl Session {
+    fn pick_channel(&self) -> &Channel {
+        let index = self.next_channel.fetch_add(1, Ordering::Relaxed) % self.channels.len();
+        &self.channels[index]
+    }
+
+    /// Resolves when the connection or any of its channels has failed.
+    async fn lost(&self) -> String {
+        let channels_alive = async {
+            let mut poll = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                poll.tick().await;
+                if let Some(channel) = self.channels.iter().find(|c| !c.status().connected()) {
+                    return format!("channel {} closed", channel.id());
+                }
+            }
+        };
+        tokio::select! {
+            reason = amqp::connection_lost(&self.connection) => reason,
+            reason = channels_alive => reason,
+        }
+    }
+}
+
+/// Why a broker session could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("opening a publish channel failed: {0}")]
+    Channel(#[source] lapin::Error),
+    #[error(transparent)]
+    Topology(#[from] shared::topology::TopologyError),
+}
+
+async fn open_session(settings: &PublisherSettings) -> Result<Session, SessionError> {
+    let connection = amqp::connect(&settings.amqp_url, "monohook-ingest").await?;
+    let mut channels = Vec::with_capacity(settings.channels.max(1));
+    for _ in 0..settings.channels.max(1) {
+        let channel = connection.create_channel().await.map_err(SessionError::Channel)?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(SessionError::Channel)?;
+        channels.push(channel);
+    }
+    settings.topology.declare(&channels[0]).await?;
+    Ok(Session {
+        connection,
+        channels,
+        next_channel: AtomicUsize::new(0),
+    })
+}

@@ -1,0 +1,18 @@
+//! `GET /healthz`: the process is up. `GET /readyz`: it can accept webhooks (the broker is connected).
+
+use actix_web::{HttpResponse, web};
+use serde_json::json;
+
+use crate::startup::AppState;
+
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "ok" }))
+}
+
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    if state.publisher.is_connected() {
+        HttpResponse::Ok().json(json!({ "status": "ready" }))
+    } else {
+        HttpResponse::ServiceUnavailable().json(json!({ "status": "broker_disconnected" }))
+    }
+}

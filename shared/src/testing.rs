@@ -1,0 +1,293 @@
+//! Test support for every crate's integration tests (cargo feature `testing`): a private queue prefix
+//! per test with clean-up, a TCP proxy that can cut a service off mid-test, fixtures and test logging.
+//!
+//! Tests run against the real RabbitMQ (`AMQP_URL`, default the local one); nothing here mocks it.
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions};
+use lapin::{BasicProperties, Channel, Connection};
+use secrecy::SecretString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp;
+use crate::topology::Topology;
+
+/// The broker tests use: `AMQP_URL` or the local default.
+pub fn amqp_url() -> SecretString {
+    SecretString::from(
+        std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
+    )
+}
+
+/// Installs a log subscriber once if `TEST_LOG` is set; tests are silent otherwise.
+pub fn init_test_logging() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "debug,lapin=info".into()))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+/// Reads a file of the repository's `tests/fixtures/`.
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = fixtures_dir().join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
+}
+
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// A queue prefix of the test's own on the real broker, with a channel to look at its queues.
+/// Dropping it deletes its exchange and queues.
+pub struct TestBroker {
+    pub prefix: String,
+    pub topology: Topology,
+    connection: Connection,
+    pub channel: Channel,
+}
+
+impl TestBroker {
+    /// A fresh prefix with short retry delays (1 s, 2 s) so retry paths run in test time.
+    pub async fn new() -> Self {
+        Self::with_retry_delays(vec![Duration::from_secs(1), Duration::from_secs(2)]).await
+    }
+
+    pub async fn with_retry_delays(retry_delays: Vec<Duration>) -> Self {
+        let prefix = format!("test.{}", uuid::Uuid::new_v4().simple());
+        let topology = Topology::new(&prefix, retry_delays, 10);
+        let connection = amqp::connect(&amqp_url(), "monohook-test")
+            .await
+            .expect("RabbitMQ is not reachable");
+        let channel = connection.create_channel().await.expect("cannot open a channel");
+        topology
+            .declare(&channel)
+            .await
+            .expect("cannot declare the test topology");
+        Self {
+            prefix,
+            topology,
+            connection,
+            channel,
+        }
+    }
+
+    /// The retry delays as the comma-separated value of `--retry-delays-secs`.
+    pub fn retry_delays_arg(&self) -> String {
+        self.topology
+            .retry_delays()
+            .iter()
+            .map(|d| d.as_secs().to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Number of ready messages in `queue`.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        self.topology
+            .depths(&self.channel)
+            .await
+            .expect("passive declare failed")
+            .into_iter()
+            .find(|d| d.queue == queue)
+            .map_or(0, |d| d.messages)
+    }
+
+    /// Takes every ready message off `queue` (acking them).
+    pub async fn drain(&self, queue: &str) -> Vec<lapin::message::Delivery> {
+        let mut taken = Vec::new();
+        while let Some(message) = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .expect("basic.get failed")
+        {
+            message
+                .delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack failed");
+            taken.push(message.delivery);
+        }
+        taken
+    }
+
+    /// Waits until `queue` holds at least `count` ready messages, then takes them all.
+    pub async fn wait_for_messages(
+        &self,
+        queue: &str,
+        count: usize,
+        within: Duration,
+    ) -> Vec<lapin::message::Delivery> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut taken = Vec::new();
+        while taken.len() < count && tokio::time::Instant::now() < deadline {
+            taken.extend(self.drain(queue).await);
+            if taken.len() < count {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        taken
+    }
+
+    /// Publishes straight onto a queue through the default exchange, as an operator or a buggy
+    /// producer could, and waits for the confirm.
+    pub async fn publish_to_queue(&self, queue: &str, body: &[u8], properties: BasicProperties) {
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .expect("cannot open a channel");
+        channel
+            .confirm_select(Default::default())
+            .await
+            .expect("confirm.select failed");
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                body,
+                properties,
+            )
+            .await
+            .expect("publish failed")
+            .await
+            .expect("no confirm");
+        assert_eq!(
+            confirm,
+            lapin::Confirmation::Ack(None),
+            "publish to {queue} was not confirmed"
+        );
+        let _ = channel.close(200, "done".into()).await;
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        let topology = self.topology.clone();
+        let url = amqp_url();
+        // Drop cannot await; clean up on a thread of its own so it works from any runtime.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async move {
+                let connection = amqp::connect(&url, "monohook-test-cleanup").await.ok()?;
+                let channel = connection.create_channel().await.ok()?;
+                let _ = topology.delete(&channel).await;
+                let _ = connection.close(200, "clean-up".into()).await;
+                Some(())
+            })
+        })
+        .join();
+    }
+}
+
+/// A TCP proxy in front of a real service, so that one test can cut its own connections (a broker or
+/// database "outage") without disturbing tests running beside it.
+pub struct TcpProxy {
+    addr: SocketAddr,
+    target: SocketAddr,
+    state: Arc<Mutex<Option<CancellationToken>>>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("cannot bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let proxy = Self {
+            addr,
+            target,
+            state: Arc::new(Mutex::new(None)),
+        };
+        proxy.serve(listener);
+        proxy
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Closes the listener and every proxied connection: the service looks down.
+    pub fn cut(&self) {
+        if let Some(token) = self.state.lock().unwrap().take() {
+            token.cancel();
+        }
+    }
+
+    /// Listens again on the same port: the service is back.
+    pub async fn restore(&self) {
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        self.serve(listener);
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let token = CancellationToken::new();
+        *self.state.lock().unwrap() = Some(token.clone());
+        let target = self.target;
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    () = token.cancelled() => return,
+                };
+                let Ok((mut inbound, _)) = accepted else { continue };
+                let token = token.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        () = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+/// Waits until `check` holds, polling every 25 ms, or panics with `what` after `within`.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
