@@ -10,7 +10,7 @@ use shared::config::{BrokerArgs, TelemetryArgs};
 /// Receives Mono's webhooks, authenticates and validates them, and queues each one durably on
 /// RabbitMQ before answering 200. Never touches the database.
 #[derive(Debug, Parser)]
-#[command(name = "ingest", version)]
+#[command(name = "ingest", version, args_override_self = true)]
 pub struct IngestConfig {
     #[command(flatten)]
     pub broker: BrokerArgs,

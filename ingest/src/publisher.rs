@@ -131,7 +131,14 @@ impl Publisher {
                     reason = session.lost() => tracing::warn!(%reason, "lost the RabbitMQ connection; publishes get 503 until it is back"),
                     () = cancel.cancelled() => return,
                 }
-                self.replace(None);
+                if let Some(old) = self.replace(None) {
+                    // Whatever is left of the old connection goes, so it cannot linger half-open.
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        old.connection.close(200, "reconnecting".into()),
+                    )
+                    .await;
+                }
             }
             let mut schedule = policy.schedule();
             loop {

@@ -17,6 +17,7 @@ pub struct BrokerArgs {
     /// RabbitMQ URL (`amqp://` or `amqps://`); add `?heartbeat=N` to change the 10 s default heartbeat.
     #[arg(
         long,
+        global = true,
         env = "AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         value_parser = parse_secret,
@@ -26,13 +27,14 @@ pub struct BrokerArgs {
 
     /// Prefix of the exchange and every queue name: `<prefix>`, `<prefix>.work`, `<prefix>.retry.<n>`,
     /// `<prefix>.dead`.
-    #[arg(long, env = "QUEUE_PREFIX", default_value = "mono.webhooks")]
+    #[arg(long, global = true, env = "QUEUE_PREFIX", default_value = "mono.webhooks")]
     pub queue_prefix: String,
 
     /// Delays of the retry tiers, in seconds, comma-separated. Part of the queue declarations: every
     /// process must use the same list (changing it means deleting the old retry queues).
     #[arg(
         long,
+        global = true,
         env = "RETRY_DELAYS_SECS",
         value_delimiter = ',',
         default_value = "30,300,1800,7200"
@@ -41,7 +43,7 @@ pub struct BrokerArgs {
 
     /// How many times the broker may hand out one message before dead-lettering it (poison guard).
     /// Part of the queue declarations, like the retry delays.
-    #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 10)]
+    #[arg(long, global = true, env = "DELIVERY_LIMIT", default_value_t = 10)]
     pub delivery_limit: u32,
 }
 
@@ -64,6 +66,7 @@ pub struct DatabaseArgs {
     /// PostgreSQL URL; the database is created if it does not exist.
     #[arg(
         long,
+        global = true,
         env = "DATABASE_URL",
         default_value = "postgres://postgres@127.0.0.1:5432/monohook",
         value_parser = parse_secret,
@@ -72,7 +75,7 @@ pub struct DatabaseArgs {
     pub database_url: SecretString,
 
     /// Most connections the pool opens to PostgreSQL.
-    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 16)]
+    #[arg(long, global = true, env = "DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
 }
 
@@ -80,11 +83,11 @@ pub struct DatabaseArgs {
 #[derive(Args, Clone, Debug)]
 pub struct TelemetryArgs {
     /// Log format: `json` (one object per line), `pretty`, or `auto` (pretty on a terminal, else JSON).
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
 
     /// Log filter in `tracing`'s env-filter syntax, e.g. `info,worker=debug`.
-    #[arg(long = "log-filter", env = "RUST_LOG", default_value = "info")]
+    #[arg(long = "log-filter", global = true, env = "RUST_LOG", default_value = "info")]
     pub log_filter: String,
 }
 

@@ -60,9 +60,9 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// The next delay, or `None` when the time budget is spent.
+    /// The next delay, or `None` when waiting it would overrun the time budget.
     pub fn next_delay(&mut self) -> Option<Duration> {
-        self.inner.next_backoff()
+        self.inner.next_backoff().filter(|delay| self.fits(*delay))
     }
 
     /// Whether waiting `delay` would still end inside the time budget.
@@ -239,6 +239,35 @@ mod tests {
         )
         .await;
         assert_eq!(result, Err(RetryError::Cancelled("down")));
+    }
+
+    #[tokio::test]
+    async fn no_wait_starts_that_would_end_past_the_budget() {
+        let calls = AtomicU32::new(0);
+        let result: Result<(), _> = retry(
+            &RetryPolicy {
+                max_elapsed: Some(Duration::ZERO),
+                ..quick(None)
+            },
+            &CancellationToken::new(),
+            || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(Failure::Transient {
+                    error: "down",
+                    retry_after: None,
+                })
+            },
+            |_, _| {},
+        )
+        .await;
+        assert_eq!(
+            result,
+            Err(RetryError::Exhausted {
+                last: "down",
+                attempts: 1
+            })
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -92,13 +92,24 @@ impl TestBroker {
 
     /// Number of ready messages in `queue`.
     pub async fn depth(&self, queue: &str) -> u32 {
-        self.topology
-            .depths(&self.channel)
+        self.depths()
             .await
-            .expect("passive declare failed")
             .into_iter()
             .find(|d| d.queue == queue)
             .map_or(0, |d| d.messages)
+    }
+
+    /// Depth and consumers of every queue of the prefix. Uses a channel of its own each time: a
+    /// passive declaration of a missing queue closes the channel it runs on.
+    pub async fn depths(&self) -> Vec<crate::topology::QueueDepth> {
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .expect("cannot open a channel");
+        let depths = self.topology.depths(&channel).await;
+        let _ = channel.close(200, "done".into()).await;
+        depths.unwrap_or_default()
     }
 
     /// Takes every ready message off `queue` (acking them).
@@ -138,9 +149,25 @@ impl TestBroker {
         taken
     }
 
+    /// Publishes to the exchange as ingest does (routing key = event name) and waits for the confirm.
+    pub async fn publish_to_exchange(&self, routing_key: &str, body: &[u8], properties: BasicProperties) {
+        self.publish_confirmed(self.topology.exchange(), routing_key, body, properties)
+            .await;
+    }
+
     /// Publishes straight onto a queue through the default exchange, as an operator or a buggy
     /// producer could, and waits for the confirm.
     pub async fn publish_to_queue(&self, queue: &str, body: &[u8], properties: BasicProperties) {
+        self.publish_confirmed("", queue, body, properties).await;
+    }
+
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) {
         let channel = self
             .connection
             .create_channel()
@@ -152,8 +179,8 @@ impl TestBroker {
             .expect("confirm.select failed");
         let confirm = channel
             .basic_publish(
-                "".into(),
-                queue.into(),
+                exchange.into(),
+                routing_key.into(),
                 BasicPublishOptions {
                     mandatory: true,
                     immediate: false,
@@ -168,7 +195,7 @@ impl TestBroker {
         assert_eq!(
             confirm,
             lapin::Confirmation::Ack(None),
-            "publish to {queue} was not confirmed"
+            "publish to {exchange:?}/{routing_key} was not confirmed"
         );
         let _ = channel.close(200, "done".into()).await;
     }

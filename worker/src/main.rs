@@ -1,1 +1,36 @@
-fn main() {}
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use shared::telemetry;
+use worker::commands;
+use worker::config::{Cli, Command};
+use worker::db;
+use worker::startup::Worker;
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(error) = run(cli).await {
+        // One line naming what is wrong, for an operator reading a crash loop.
+        eprintln!("worker: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    telemetry::init(&cli.telemetry)?;
+    let pool = db::connect_and_migrate(&cli.database).await?;
+    match cli.command {
+        Some(Command::Migrate) => {
+            tracing::info!("migrations are up to date");
+            Ok(())
+        }
+        Some(Command::Account { id, json }) => commands::account::show(&pool, &id, json).await,
+        None => {
+            let cancel = CancellationToken::new();
+            let worker = Worker::build(&cli.broker, &cli.run, pool).await?;
+            tokio::spawn(shared::shutdown::cancel_on_signal(cancel.clone()));
+            worker.run(cancel).await
+        }
+    }
+}

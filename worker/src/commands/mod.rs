@@ -1,0 +1,3 @@
+//! Operator commands of the worker binary (`worker <command>`), one file each.
+
+pub mod account;

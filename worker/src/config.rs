@@ -1,0 +1,111 @@
+//! `worker`'s command line: running is the default; operator commands are subcommands. Every setting
+//! is an environment variable and a flag, listed by `worker --help` with its default.
+
+use clap::{Args, Parser, Subcommand};
+use secrecy::SecretString;
+use std::time::Duration;
+
+use shared::config::{BrokerArgs, DatabaseArgs, TelemetryArgs, parse_secret};
+use shared::retry::RetryPolicy;
+
+/// Consumes queued Mono webhooks, calls Mono's re-authorise endpoint, and keeps each account's record
+/// in PostgreSQL. Run any number of processes against the same queue.
+#[derive(Debug, Parser)]
+#[command(
+    name = "worker",
+    version,
+    subcommand_negates_reqs = true,
+    args_override_self = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply pending database migrations (creating the database if needed), then exit.
+    Migrate,
+    /// Print one account's record. The re-auth token is never printed, only whether one is held.
+    Account {
+        /// Mono account id.
+        id: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Settings of the consuming worker (the default command).
+#[derive(Args, Clone, Debug)]
+pub struct RunArgs {
+    /// Mono secret key, sent as `mono-sec-key` when asking Mono for a re-auth token.
+    #[arg(long, env = "MONO_SECRET_KEY", required = true, value_parser = parse_secret, hide_env_values = true)]
+    pub mono_secret_key: Option<SecretString>,
+
+    /// Base URL of Mono's API.
+    #[arg(long, env = "MONO_API_URL", default_value = "https://api.withmono.com")]
+    pub mono_api_url: String,
+
+    /// Time limit of one call to Mono, in ms; a call that takes longer counts as a transient failure.
+    #[arg(long, env = "MONO_TIMEOUT_MS", default_value_t = 10_000)]
+    pub mono_timeout_ms: u64,
+
+    /// How long one delivery keeps retrying Mono in process (exponential backoff with jitter) before
+    /// it moves to the next delayed-retry tier, in seconds.
+    #[arg(long, env = "MONO_RETRY_BUDGET_SECS", default_value_t = 20)]
+    pub mono_retry_budget_secs: u64,
+
+    /// First in-process retry delay after a transient Mono failure, in ms (doubles up to 5 s).
+    #[arg(long, env = "MONO_RETRY_INITIAL_MS", default_value_t = 500)]
+    pub mono_retry_initial_ms: u64,
+
+    /// Deliveries a worker process holds and works on at once (the AMQP prefetch).
+    #[arg(long, env = "PREFETCH", default_value_t = 64)]
+    pub prefetch: u16,
+
+    /// The same body received again within this many seconds is a duplicate and changes nothing.
+    #[arg(long, env = "DEDUP_WINDOW_SECS", default_value_t = 600)]
+    pub dedup_window_secs: u64,
+
+    /// On SIGTERM, how long in-flight deliveries may take to finish, in seconds; the rest return to
+    /// the queue.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl RunArgs {
+    pub fn mono_timeout(&self) -> Duration {
+        Duration::from_millis(self.mono_timeout_ms)
+    }
+
+    pub fn dedup_window(&self) -> Duration {
+        Duration::from_secs(self.dedup_window_secs)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// In-process retries of one Mono call.
+    pub fn mono_retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            initial_interval: Duration::from_millis(self.mono_retry_initial_ms),
+            max_interval: Duration::from_secs(5),
+            multiplier: 2.0,
+            max_elapsed: Some(Duration::from_secs(self.mono_retry_budget_secs)),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Moving a delivery to a retry tier or to the dead-letter queue.
+//!
+//! The worker republishes rather than nacking: a nack cannot carry the reason and attempt history,
+//! and a requeue would count against the delivery limit. The copy keeps the body, the message id
+//! and the stamp, gains the attempt headers, and is confirmed by the broker before the original is
+//! acked, so a crash in between leaves two copies (the journal recognises the second), never none.
+
+use chrono::Utc;
+use lapin::message::Delivery;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation};
+
+use crate::processor::DeadClass;
+use shared::delivery::{
+    AttemptHistory, HEADER_ATTEMPTS, HEADER_DEAD_CLASS, HEADER_DEAD_REASON, HEADER_FIRST_ATTEMPT_AT,
+    HEADER_LAST_ATTEMPT_AT, format_time, long_string,
+};
+use shared::topology::Topology;
+
+/// The last failure of a delivery that moved to a retry tier.
+pub const HEADER_LAST_ERROR: &str = "x-last-error";
+/// Headers the broker adds on dead-lettering and redelivery; they describe the old copy, not the new.
+const BROKER_HEADERS: [&str; 7] = [
+    "x-death",
+    "x-delivery-count",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+];
+/// Longest reason kept in a header.
+const MAX_REASON_CHARS: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepublishError {
+    #[error("publishing to {queue} failed: {source}")]
+    Broker {
+        queue: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("the broker did not confirm the copy in {queue}")]
+    NotConfirmed { queue: String },
+}
+
+/// Publishes copies on a confirm-mode channel of the current session.
+pub struct Republisher {
+    channel: Channel,
+    topology: Topology,
+}
+
+impl Republisher {
+    pub fn new(channel: Channel, topology: Topology) -> Self {
+        Self { channel, topology }
+    }
+
+    /// Sends the delivery to retry tier `tier` (1-based), where it waits out the tier's delay.
+    pub async fn to_retry_tier(
+        &self,
+        delivery: &Delivery,
+        tier: usize,
+        history: &AttemptHistory,
+        reason: &str,
+    ) -> Result<(), RepublishError> {
+        let mut headers = attempt_headers(delivery, history);
+        headers.insert(HEADER_LAST_ERROR.into(), long_string(&truncate(reason)));
+        self.publish(&self.topology.retry_queue(tier), delivery, headers)
+            .await
+    }
+
+    /// Sends the delivery to the dead-letter queue with the reason.
+    pub async fn to_dead_letters(
+        &self,
+        delivery: &Delivery,
+        history: &AttemptHistory,
+        reason: &str,
+        class: DeadClass,
+    ) -> Result<(), RepublishError> {
+        let mut headers = attempt_headers(delivery, history);
+        headers.insert(HEADER_DEAD_REASON.into(), long_string(&truncate(reason)));
+        headers.insert(HEADER_DEAD_CLASS.into(), long_string(class.as_str()));
+        self.publish(&self.topology.dead_queue(), delivery, headers).await
+    }
+
+    async fn publish(
+        &self,
+        queue: &str,
+        delivery: &Delivery,
+        headers: FieldTable,
+    ) -> Result<(), RepublishError> {
+        let properties: BasicProperties = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        let broker = |source| RepublishError::Broker {
+            queue: queue.to_owned(),
+            source,
+        };
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &delivery.data,
+                properties,
+            )
+            .await
+            .map_err(broker)?
+            .await
+            .map_err(broker)?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            _ => Err(RepublishError::NotConfirmed {
+                queue: queue.to_owned(),
+            }),
+        }
+    }
+}
+
+/// The original headers minus the broker's, plus this attempt's number and times.
+fn attempt_headers(delivery: &Delivery, history: &AttemptHistory) -> FieldTable {
+    let mut headers: FieldTable = delivery.properties.headers().clone().unwrap_or_default();
+    let kept: std::collections::BTreeMap<_, _> = headers
+        .inner()
+        .iter()
+        .filter(|(name, _)| !BROKER_HEADERS.contains(&name.as_str()))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    headers = FieldTable::from(kept);
+    let now = format_time(Utc::now());
+    let first = history
+        .first_attempt_at
+        .map(format_time)
+        .unwrap_or_else(|| now.clone());
+    headers.insert(
+        HEADER_ATTEMPTS.into(),
+        AMQPValue::LongLongInt((history.previous_attempts + 1).into()),
+    );
+    headers.insert(HEADER_FIRST_ATTEMPT_AT.into(), long_string(&first));
+    headers.insert(HEADER_LAST_ATTEMPT_AT.into(), long_string(&now));
+    headers
+}
+
+fn truncate(reason: &str) -> String {
+    reason.chars().take(MAX_REASON_CHARS).collect()
+}

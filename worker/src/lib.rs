@@ -1,0 +1,13 @@
+//! `worker`: consumes the webhooks ingest queued, asks Mono for re-auth tokens, and keeps each
+//! account's record in PostgreSQL. Any number of worker processes can share the work queue.
+
+pub mod commands;
+pub mod config;
+pub mod consumer;
+pub mod db;
+pub mod dlq;
+pub mod event;
+pub mod handlers;
+pub mod mono;
+pub mod processor;
+pub mod startup;

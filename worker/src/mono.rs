@@ -1,0 +1,232 @@
+//! The Mono client: the one place that knows Mono's re-authorise endpoint, its headers and how its
+//! answers are classified. Another re-auth flow (Mono's v2 `initiate`) would be a change here alone.
+//!
+//! `POST {base}/accounts/{id}/reauthorise` with `mono-sec-key` answers `{"token": "..."}`. Connect
+//! errors, timeouts, 5xx and 429 (with its `Retry-After`) are transient; any other 4xx is permanent
+//! and carries Mono's `message` as the reason.
+
+use chrono::{DateTime, Utc};
+use reqwest::header::RETRY_AFTER;
+use reqwest::{StatusCode, Url};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use std::fmt;
+use std::time::Duration;
+
+use shared::event::AccountId;
+
+/// The header Mono reads the secret key from.
+const SECRET_KEY_HEADER: &str = "mono-sec-key";
+/// Longest part of an unexpected answer kept in a reason.
+const MAX_REASON_CHARS: usize = 300;
+
+#[derive(Clone)]
+pub struct MonoClient {
+    http: reqwest::Client,
+    base: Url,
+    secret_key: SecretString,
+}
+
+/// A re-auth token. Its `Debug` never shows the value.
+#[derive(Clone)]
+pub struct ReauthToken {
+    value: SecretString,
+    pub issued_at: DateTime<Utc>,
+}
+
+impl ReauthToken {
+    pub fn expose(&self) -> &str {
+        self.value.expose_secret()
+    }
+}
+
+impl fmt::Debug for ReauthToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReauthToken")
+            .field("value", &"[REDACTED]")
+            .field("issued_at", &self.issued_at)
+            .finish()
+    }
+}
+
+/// Why Mono did not give a token.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MonoError {
+    /// Worth retrying: Mono is down, slow, overloaded or unreachable.
+    #[error("Mono is unavailable: {reason}")]
+    Unavailable {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// Mono refused this account; retrying cannot help.
+    #[error("Mono refused ({status}): {message}")]
+    Rejected { status: u16, message: String },
+}
+
+impl MonoClient {
+    pub fn new(base_url: &str, secret_key: SecretString, timeout: Duration) -> anyhow::Result<Self> {
+        let base =
+            Url::parse(base_url).map_err(|e| anyhow::anyhow!("MONO_API_URL is not a valid URL ({e})"))?;
+        if base.cannot_be_a_base() {
+            anyhow::bail!("MONO_API_URL must be an http(s) base URL");
+        }
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .user_agent(concat!("monohook-worker/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            base,
+            secret_key,
+        })
+    }
+
+    /// Asks Mono for a re-auth token for `account`.
+    pub async fn reauthorise(&self, account: &AccountId) -> Result<ReauthToken, MonoError> {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map_err(|()| unavailable("MONO_API_URL cannot take a path"))?
+            .pop_if_empty()
+            .extend(["accounts", account.as_str(), "reauthorise"]);
+        let sent = self
+            .http
+            .post(url)
+            .header(SECRET_KEY_HEADER, self.secret_key.expose_secret())
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(error) if error.is_timeout() => return Err(unavailable("no answer within the timeout")),
+            Err(error) if error.is_connect() => return Err(unavailable("cannot connect")),
+            Err(error) => return Err(unavailable(&format!("request failed: {}", without_url(&error)))),
+        };
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let body = match response.bytes().await {
+            Ok(body) => body,
+            Err(error) if error.is_timeout() => {
+                return Err(unavailable("answer not received within the timeout"));
+            }
+            Err(error) => {
+                return Err(unavailable(&format!(
+                    "answer unreadable: {}",
+                    without_url(&error)
+                )));
+            }
+        };
+
+        if status.is_success() {
+            return match serde_json::from_slice::<TokenAnswer>(&body) {
+                Ok(answer) if !answer.token.is_empty() => Ok(ReauthToken {
+                    value: SecretString::from(answer.token),
+                    issued_at: Utc::now(),
+                }),
+                // Never echo a 2xx body: it may hold a token.
+                _ => Err(unavailable(&format!("{status} without a token"))),
+            };
+        }
+        let message = mono_message(&body);
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            return Err(MonoError::Unavailable {
+                reason: format!("rate limited (429): {message}"),
+                retry_after,
+            });
+        }
+        if status.is_server_error() {
+            return Err(MonoError::Unavailable {
+                reason: format!("{status}: {message}"),
+                retry_after,
+            });
+        }
+        Err(MonoError::Rejected {
+            status: status.as_u16(),
+            message,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorAnswer {
+    message: String,
+}
+
+/// Mono's `message`, or the start of whatever else it answered.
+fn mono_message(body: &[u8]) -> String {
+    let text = match serde_json::from_slice::<ErrorAnswer>(body) {
+        Ok(answer) => answer.message,
+        Err(_) if body.is_empty() => "(empty answer)".to_owned(),
+        Err(_) => String::from_utf8_lossy(body).into_owned(),
+    };
+    text.chars().take(MAX_REASON_CHARS).collect()
+}
+
+/// `Retry-After` as seconds or as an HTTP date.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    if let Ok(seconds) = value.trim().parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = DateTime::parse_from_rfc2822(value.trim()).ok()?;
+    (at.with_timezone(&Utc) - Utc::now()).to_std().ok()
+}
+
+fn unavailable(reason: &str) -> MonoError {
+    MonoError::Unavailable {
+        reason: reason.to_owned(),
+        retry_after: None,
+    }
+}
+
+/// reqwest's error text, minus the URL it may carry.
+fn without_url(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    if let Some(url) = error.url() {
+        text = text.replace(url.as_str(), "<mono>");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        let later = (Utc::now() + chrono::Duration::seconds(30)).to_rfc2822();
+        let parsed = parse_retry_after(&later).unwrap();
+        assert!(
+            parsed > Duration::from_secs(25) && parsed <= Duration::from_secs(30),
+            "{parsed:?}"
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn mono_message_prefers_the_message_field_and_bounds_the_rest() {
+        assert_eq!(
+            mono_message(br#"{"message":"This account can not be re-authorised."}"#),
+            "This account can not be re-authorised."
+        );
+        assert_eq!(mono_message(b""), "(empty answer)");
+        assert_eq!(mono_message("x".repeat(1000).as_bytes()).len(), MAX_REASON_CHARS);
+    }
+
+    #[test]
+    fn a_token_never_shows_in_debug_output() {
+        let token = ReauthToken {
+            value: SecretString::from("VwxcfeLRZvq1UlD5WiuN"),
+            issued_at: Utc::now(),
+        };
+        assert!(!format!("{token:?}").contains("VwxcfeLRZvq1UlD5WiuN"));
+    }
+}

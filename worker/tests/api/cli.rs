@@ -1,0 +1,172 @@
+//! The binary as an operator meets it: `--help`, start-up errors, and the operator commands.
+
+use sqlx::PgPool;
+use std::process::Command;
+
+fn worker() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("LOG_FORMAT", "json");
+    command
+}
+
+#[test]
+fn help_lists_every_setting_with_its_environment_variable_and_default() {
+    let output = worker().arg("--help").output().unwrap();
+    let help = String::from_utf8(output.stdout).unwrap();
+
+    for (env, default) in [
+        (
+            "DATABASE_URL",
+            Some("postgres://postgres@127.0.0.1:5432/monohook"),
+        ),
+        ("AMQP_URL", Some("amqp://guest:guest@127.0.0.1:5672/%2f")),
+        ("QUEUE_PREFIX", Some("mono.webhooks")),
+        ("MONO_SECRET_KEY", None),
+        ("MONO_API_URL", Some("https://api.withmono.com")),
+        ("PREFETCH", Some("64")),
+        ("DEDUP_WINDOW_SECS", Some("600")),
+        ("RETRY_DELAYS_SECS", Some("30,300,1800,7200")),
+    ] {
+        assert!(
+            help.contains(&format!("[env: {env}")),
+            "--help lacks {env}:\n{help}"
+        );
+        if let Some(default) = default {
+            assert!(
+                help.contains(&format!("[default: {default}]")),
+                "--help lacks the default of {env}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_missing_secret_key_stops_the_worker_naming_it() {
+    let output = worker().output().unwrap();
+
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("--mono-secret-key"), "{stderr}");
+}
+
+#[test]
+fn an_unreachable_database_stops_the_worker_with_one_line_and_no_password() {
+    let output = worker()
+        .env("MONO_SECRET_KEY", "sk")
+        .env("DATABASE_URL", "postgres://app:hunter2@127.0.0.1:1/monohook")
+        .output()
+        .unwrap();
+
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("worker: cannot connect to PostgreSQL at postgres://app:***@127.0.0.1:1/monohook"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_unreachable_broker_stops_the_worker_with_one_line(pool: PgPool) {
+    let database = database_url(&pool).await;
+    let output = worker()
+        .env("MONO_SECRET_KEY", "sk")
+        .env("DATABASE_URL", &database)
+        .env("AMQP_URL", "amqp://guest:hunter2@127.0.0.1:1/%2f")
+        .output()
+        .unwrap();
+
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("worker: cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1:1/%2f"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[tokio::test]
+async fn migrate_creates_a_missing_database_and_its_schema() {
+    let name = format!("monohook_cli_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("{}/{name}", server_url());
+
+    let output = worker()
+        .arg("migrate")
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let pool = PgPool::connect(&url).await.unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let admin = PgPool::connect(&format!("{}/postgres", server_url()))
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    assert!(
+        tables.contains(&"accounts".to_owned()) && tables.contains(&"webhook_events".to_owned()),
+        "{tables:?}"
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn account_prints_the_record_without_the_token(pool: PgPool) {
+    sqlx::query(
+        "INSERT INTO accounts (id, reauth_required, reauth_token, reauth_token_issued_at)
+         VALUES ('acc-1', true, 'VwxcfeLRZvq1UlD5WiuN', now())",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let database = database_url(&pool).await;
+
+    let output = worker()
+        .args(["account", "acc-1"])
+        .env("DATABASE_URL", &database)
+        .output()
+        .unwrap();
+
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.contains("reauth_required          true"), "{stdout}");
+    assert!(stdout.contains("(held)"), "{stdout}");
+    assert!(!stdout.contains("VwxcfeLRZvq1UlD5WiuN"), "{stdout}");
+}
+
+/// The server part of `DATABASE_URL` (what `#[sqlx::test]` uses), without a database name.
+fn server_url() -> String {
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    url.rsplit_once('/').map(|(server, _)| server.to_owned()).unwrap()
+}
+
+/// A URL for the test's own database.
+async fn database_url(pool: &PgPool) -> String {
+    let name: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    format!("{}/{name}", server_url())
+}

@@ -1,0 +1,209 @@
+use chrono::{DateTime, Utc};
+use clap::Parser;
+use secrecy::ExposeSecret;
+use sqlx::PgPool;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use wiremock::matchers::{header, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use shared::delivery::DeliveryMeta;
+use shared::event::Envelope;
+use shared::testing::{TestBroker, amqp_url, eventually, init_test_logging};
+use worker::config::Cli;
+use worker::db::accounts::{self, AccountView};
+use worker::startup::Worker;
+
+pub const MONO_KEY: &str = "test_sk_0123456789";
+/// The token in `tests/fixtures/reauthorise_response.json`.
+pub const FIXTURE_TOKEN: &str = "VwxcfeLRZvq1UlD5WiuN";
+/// The account of the re-auth fixtures.
+pub const ACCOUNT: &str = "5fbcde8f8699984153e65537";
+/// How long a test waits for the pipeline before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// One test's world: its database, its queues, its Mono, and the workers it started.
+pub struct TestWorld {
+    pub pool: PgPool,
+    pub broker: TestBroker,
+    pub mono: MockServer,
+    workers: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
+}
+
+/// A journal row as the tests check it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct JournalRow {
+    pub status: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub event: String,
+    pub account_id: Option<String>,
+}
+
+impl TestWorld {
+    pub async fn new(pool: PgPool) -> Self {
+        init_test_logging();
+        Self {
+            pool,
+            broker: TestBroker::new().await,
+            mono: MockServer::start().await,
+            workers: Vec::new(),
+        }
+    }
+
+    /// The worker's command line for this world, plus `extra` flags.
+    pub fn cli(&self, extra: &[&str]) -> Cli {
+        let mut args = vec![
+            "worker".to_owned(),
+            "--mono-secret-key".into(),
+            MONO_KEY.into(),
+            "--mono-api-url".into(),
+            self.mono.uri(),
+            "--queue-prefix".into(),
+            self.broker.prefix.clone(),
+            "--retry-delays-secs".into(),
+            self.broker.retry_delays_arg(),
+            "--mono-retry-budget-secs".into(),
+            "2".into(),
+            "--mono-retry-initial-ms".into(),
+            "20".into(),
+            "--amqp-url".into(),
+            amqp_url().expose_secret().to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Cli::parse_from(args)
+    }
+
+    pub async fn start_worker(&mut self) {
+        self.start_worker_with(&[]).await;
+    }
+
+    pub async fn start_worker_with(&mut self, extra: &[&str]) {
+        let cli = self.cli(extra);
+        self.start_worker_on(cli, self.pool.clone()).await;
+    }
+
+    /// Starts a worker with a given command line and pool (e.g. a pool that goes through a proxy).
+    pub async fn start_worker_on(&mut self, cli: Cli, pool: PgPool) {
+        let worker = Worker::build(&cli.broker, &cli.run, pool)
+            .await
+            .expect("worker failed to build");
+        let cancel = CancellationToken::new();
+        let handle = tokio::spawn(worker.run(cancel.clone()));
+        self.workers.push((cancel, handle));
+    }
+
+    /// Stops every worker as SIGTERM would, and waits for each to exit.
+    pub async fn stop_workers(&mut self) {
+        for (cancel, handle) in self.workers.drain(..) {
+            cancel.cancel();
+            tokio::time::timeout(Duration::from_secs(30), handle)
+                .await
+                .expect("worker did not stop")
+                .expect("worker panicked")
+                .expect("worker failed");
+        }
+    }
+
+    /// Publishes a webhook exactly as ingest would, received now.
+    pub async fn publish(&self, body: &[u8]) -> DeliveryMeta {
+        let meta = DeliveryMeta::stamp(body);
+        self.publish_meta(body, &meta).await;
+        meta
+    }
+
+    /// Publishes a webhook as ingest would have, had it received it at `received_at`.
+    pub async fn publish_received_at(&self, body: &[u8], received_at: DateTime<Utc>) -> DeliveryMeta {
+        let mut meta = DeliveryMeta::stamp(body);
+        meta.received_at = DateTime::from_timestamp_millis(received_at.timestamp_millis()).unwrap();
+        self.publish_meta(body, &meta).await;
+        meta
+    }
+
+    /// Publishes with a given stamp (the same stamp twice is a redelivery).
+    pub async fn publish_meta(&self, body: &[u8], meta: &DeliveryMeta) {
+        let event = Envelope::parse(body)
+            .map(|e| e.event_name().to_owned())
+            .unwrap_or_else(|_| "garbage".into());
+        self.broker
+            .publish_to_exchange(&event, body, meta.to_properties())
+            .await;
+    }
+
+    /// Waits until the delivery is journaled and returns its row.
+    pub async fn settled(&self, meta: &DeliveryMeta) -> JournalRow {
+        eventually(&format!("delivery {} is settled", meta.id), PATIENCE, || async {
+            self.journal(meta).await.is_some()
+        })
+        .await;
+        self.journal(meta).await.unwrap()
+    }
+
+    pub async fn journal(&self, meta: &DeliveryMeta) -> Option<JournalRow> {
+        sqlx::query_as(
+            "SELECT status, attempts, last_error, event, account_id FROM webhook_events WHERE id = $1",
+        )
+        .bind(meta.id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    pub async fn journal_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM webhook_events")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    pub async fn account(&self, id: &str) -> AccountView {
+        self.find_account(id)
+            .await
+            .unwrap_or_else(|| panic!("no account {id}"))
+    }
+
+    pub async fn find_account(&self, id: &str) -> Option<AccountView> {
+        accounts::find(&self.pool, id).await.unwrap()
+    }
+
+    /// The stored token itself (the view never exposes it).
+    pub async fn stored_token(&self, id: &str) -> Option<String> {
+        sqlx::query_scalar("SELECT reauth_token FROM accounts WHERE id = $1")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Mono hands out `token` for `account`, checking the secret key.
+    pub async fn mono_issues_token(&self, account: &str, token: &str) {
+        Mock::given(method("POST"))
+            .and(path(format!("/accounts/{account}/reauthorise")))
+            .and(header("mono-sec-key", MONO_KEY))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({ "token": token })))
+            .mount(&self.mono)
+            .await;
+    }
+
+    /// Messages in the dead-letter queue, taken off it.
+    pub async fn dead_letters(&self, count: usize) -> Vec<lapin::message::Delivery> {
+        self.broker
+            .wait_for_messages(&self.broker.topology.dead_queue(), count, PATIENCE)
+            .await
+    }
+}
+
+impl Drop for TestWorld {
+    fn drop(&mut self) {
+        for (cancel, _) in &self.workers {
+            cancel.cancel();
+        }
+    }
+}
+
+/// A body of `event` for `account`, shaped like Mono's.
+pub fn body(event: &str, account: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "event": event, "data": { "account": { "_id": account } } }))
+        .unwrap()
+}

@@ -1,0 +1,13 @@
+//! worker's integration tests: one binary, a module per feature. Each test gets its own database
+//! (`#[sqlx::test]`), its own queue prefix on the real RabbitMQ, and its own Mono (wiremock).
+
+mod cli;
+mod events;
+mod helpers;
+mod idempotency;
+mod mono_failures;
+mod ordering;
+mod outages;
+mod pipeline;
+mod poison;
+mod shutdown;

@@ -1,0 +1,208 @@
+//! How the worker treats Mono's failures: transient ones are retried (in process, then through the
+//! delayed-retry tiers), permanent ones are dead-lettered with Mono's message.
+
+use sqlx::PgPool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, Request, Respond, ResponseTemplate};
+
+use crate::helpers::{ACCOUNT, TestWorld, body};
+use shared::delivery::{HEADER_ATTEMPTS, HEADER_DEAD_CLASS, HEADER_DEAD_REASON, as_u32, header_str};
+
+const REAUTH: &str = "mono.events.reauthorisation_required";
+
+fn reauthorise_path() -> wiremock::matchers::PathExactMatcher {
+    path(format!("/accounts/{ACCOUNT}/reauthorise"))
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn three_500s_then_a_token_stores_the_token(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    Mock::given(method("POST"))
+        .and(reauthorise_path())
+        .respond_with(ResponseTemplate::new(500))
+        .up_to_n_times(3)
+        .expect(3)
+        .mount(&world.mono)
+        .await;
+    Mock::given(method("POST"))
+        .and(reauthorise_path())
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({ "token": "after-500s" })))
+        .expect(1)
+        .mount(&world.mono)
+        .await;
+    world.start_worker().await;
+
+    let meta = world.publish(&body(REAUTH, ACCOUNT)).await;
+
+    let row = world.settled(&meta).await;
+    assert_eq!(row.status, "processed");
+    assert_eq!(row.attempts, 1, "in-process retries are one attempt");
+    assert_eq!(world.stored_token(ACCOUNT).await.as_deref(), Some("after-500s"));
+    assert!(world.account(ACCOUNT).await.reauth_required);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_400_is_dead_lettered_with_monos_message_and_changes_nothing(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    Mock::given(method("POST"))
+        .and(reauthorise_path())
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_json(serde_json::json!({ "message": "This account can not be re-authorised." })),
+        )
+        .expect(1)
+        .mount(&world.mono)
+        .await;
+    world.start_worker().await;
+
+    let published = body(REAUTH, ACCOUNT);
+    let meta = world.publish(&published).await;
+
+    let dead = world.dead_letters(1).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].data, published,
+        "the dead letter keeps the body unchanged"
+    );
+    let headers = dead[0].properties.headers().clone().unwrap();
+    let reason = header_str(&headers, HEADER_DEAD_REASON).unwrap();
+    assert!(
+        reason.contains("This account can not be re-authorised."),
+        "{reason}"
+    );
+    assert!(reason.contains("400"), "{reason}");
+    assert_eq!(
+        header_str(&headers, HEADER_DEAD_CLASS).as_deref(),
+        Some("permanent")
+    );
+    assert_eq!(headers.inner().get(HEADER_ATTEMPTS).and_then(as_u32), Some(1));
+
+    let row = world.settled(&meta).await;
+    assert_eq!(row.status, "dead");
+    assert!(
+        row.last_error
+            .unwrap()
+            .contains("This account can not be re-authorised.")
+    );
+    assert!(
+        world.find_account(ACCOUNT).await.is_none(),
+        "a dead-lettered event must change nothing"
+    );
+}
+
+/// Answers 429 with `Retry-After: 1` first, then a token, and records when each call came.
+struct RateLimitedOnce {
+    calls: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl Respond for RateLimitedOnce {
+    fn respond(&self, _: &Request) -> ResponseTemplate {
+        let mut calls = self.calls.lock().unwrap();
+        calls.push(Instant::now());
+        if calls.len() == 1 {
+            ResponseTemplate::new(429).insert_header("retry-after", "1")
+        } else {
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({ "token": "after-429" }))
+        }
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_429_is_retried_no_sooner_than_retry_after(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    Mock::given(method("POST"))
+        .and(reauthorise_path())
+        .respond_with(RateLimitedOnce { calls: calls.clone() })
+        .mount(&world.mono)
+        .await;
+    world.start_worker().await;
+
+    let meta = world.publish(&body(REAUTH, ACCOUNT)).await;
+
+    assert_eq!(world.settled(&meta).await.status, "processed");
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2);
+    let waited = calls[1] - calls[0];
+    assert!(
+        waited >= Duration::from_secs(1),
+        "retried after {waited:?}, before Retry-After"
+    );
+    assert_eq!(world.stored_token(ACCOUNT).await.as_deref(), Some("after-429"));
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_long_outage_moves_the_delivery_through_a_retry_tier_and_it_succeeds_later(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    // With no in-process budget, one failed call ends the first attempt.
+    Mock::given(method("POST"))
+        .and(reauthorise_path())
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .mount(&world.mono)
+        .await;
+    world.mono_issues_token(ACCOUNT, "after-tier").await;
+    world.start_worker_with(&["--mono-retry-budget-secs", "0"]).await;
+
+    let meta = world.publish(&body(REAUTH, ACCOUNT)).await;
+
+    let row = world.settled(&meta).await;
+    assert_eq!(row.status, "processed");
+    assert_eq!(row.attempts, 2, "the second attempt came from retry tier 1");
+    assert_eq!(world.stored_token(ACCOUNT).await.as_deref(), Some("after-tier"));
+    assert_eq!(world.broker.depth(&world.broker.topology.dead_queue()).await, 0);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_delivery_that_fails_through_every_tier_is_dead_lettered_as_exhausted(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    Mock::given(method("POST"))
+        .and(reauthorise_path())
+        .respond_with(ResponseTemplate::new(502))
+        .mount(&world.mono)
+        .await;
+    world.start_worker_with(&["--mono-retry-budget-secs", "0"]).await;
+
+    let meta = world.publish(&body(REAUTH, ACCOUNT)).await;
+
+    let dead = world.dead_letters(1).await;
+    assert_eq!(dead.len(), 1);
+    let headers = dead[0].properties.headers().clone().unwrap();
+    assert_eq!(
+        header_str(&headers, HEADER_DEAD_CLASS).as_deref(),
+        Some("exhausted")
+    );
+    // Attempt 1, then one attempt after each of the two tiers.
+    assert_eq!(headers.inner().get(HEADER_ATTEMPTS).and_then(as_u32), Some(3));
+    let row = world.settled(&meta).await;
+    assert_eq!(row.status, "dead");
+    assert_eq!(row.attempts, 3);
+    assert!(row.last_error.unwrap().contains("502"));
+    assert!(
+        world.find_account(ACCOUNT).await.is_none(),
+        "a dead-lettered event must change nothing"
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_mono_that_hangs_times_out_and_counts_as_transient(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    Mock::given(method("POST"))
+        .and(reauthorise_path())
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(30)))
+        .up_to_n_times(1)
+        .mount(&world.mono)
+        .await;
+    world.mono_issues_token(ACCOUNT, "after-timeout").await;
+    world.start_worker_with(&["--mono-timeout-ms", "300"]).await;
+
+    let meta = world.publish(&body(REAUTH, ACCOUNT)).await;
+
+    assert_eq!(world.settled(&meta).await.status, "processed");
+    assert_eq!(
+        world.stored_token(ACCOUNT).await.as_deref(),
+        Some("after-timeout")
+    );
+}
