@@ -87,7 +87,12 @@ pub struct TelemetryArgs {
     pub log_format: LogFormat,
 
     /// Log filter in `tracing`'s env-filter syntax, e.g. `info,worker=debug`.
-    #[arg(long = "log-filter", global = true, env = "RUST_LOG", default_value = "info")]
+    #[arg(
+        long = "log-filter",
+        global = true,
+        env = "RUST_LOG",
+        default_value = "info,sqlx::postgres::notice=warn"
+    )]
     pub log_filter: String,
 }
 

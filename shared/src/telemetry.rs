@@ -17,6 +17,8 @@ pub fn init(args: &TelemetryArgs) -> anyhow::Result<()> {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour codes only where a person reads them, never into log files.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let installed = if json {
         builder

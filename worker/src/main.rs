@@ -19,14 +19,18 @@ async fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     telemetry::init(&cli.telemetry)?;
-    let pool = db::connect_and_migrate(&cli.database).await?;
     match cli.command {
         Some(Command::Migrate) => {
+            db::connect_and_migrate(&cli.database).await?;
             tracing::info!("migrations are up to date");
             Ok(())
         }
-        Some(Command::Account { id, json }) => commands::account::show(&pool, &id, json).await,
+        Some(Command::Account { id, json }) => {
+            let pool = db::connect(&cli.database).await?;
+            commands::account::show(&pool, &id, json).await
+        }
         None => {
+            let pool = db::connect_and_migrate(&cli.database).await?;
             let cancel = CancellationToken::new();
             let worker = Worker::build(&cli.broker, &cli.run, pool).await?;
             tokio::spawn(shared::shutdown::cancel_on_signal(cancel.clone()));

@@ -21,7 +21,7 @@ fn help_lists_every_setting_with_its_environment_variable_and_default() {
         ("MAX_BODY_BYTES", Some("262144")),
         ("RETRY_DELAYS_SECS", Some("30,300,1800,7200")),
         ("LOG_FORMAT", Some("auto")),
-        ("RUST_LOG", Some("info")),
+        ("RUST_LOG", Some("info,sqlx::postgres::notice=warn")),
     ] {
         assert!(
             help.contains(&format!("[env: {env}")),

@@ -25,24 +25,33 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 pub async fn connect_and_migrate(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
     let url = args.database_url.expose_secret();
     let shown = redact_url(url);
-    let unreachable = || format!("cannot connect to PostgreSQL at {shown}");
-    if !Postgres::database_exists(url).await.with_context(unreachable)? {
+    let exists = Postgres::database_exists(url)
+        .await
+        .with_context(|| format!("cannot connect to PostgreSQL at {shown}"))?;
+    if !exists {
         Postgres::create_database(url)
             .await
             .with_context(|| format!("cannot create the database {shown}"))?;
         tracing::info!(database = %shown, "created the database");
     }
+    let pool = connect(args).await?;
+    migrate(&pool).await?;
+    Ok(pool)
+}
+
+/// Connects to an existing database (operator commands, which must not change the schema).
+pub async fn connect(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
+    let url = args.database_url.expose_secret();
+    let shown = redact_url(url);
     let options =
         PgConnectOptions::from_str(url).with_context(|| format!("DATABASE_URL is not valid ({shown})"))?;
-    let pool = PgPoolOptions::new()
+    PgPoolOptions::new()
         .max_connections(args.db_max_connections)
         // A delivery waits this long for a connection before the attempt counts as transient.
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await
-        .with_context(unreachable)?;
-    migrate(&pool).await?;
-    Ok(pool)
+        .with_context(|| format!("cannot connect to PostgreSQL at {shown}"))
 }
 
 /// Applies pending migrations. Safe with many workers starting at once (sqlx takes an advisory lock).

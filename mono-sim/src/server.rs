@@ -1,0 +1,181 @@
+//! The simulated re-authorise endpoint.
+//!
+//! Like Mono: `mono-sec-key` must match (else 401), a fresh 20-character token per call, and
+//! `{"message": "This account can not be re-authorised."}` with 400 for rejected accounts. Knobs:
+//! latency, a failure rate with a mode (500, 429 with `Retry-After`, or a hang), and rejected
+//! accounts. `GET/POST /_sim/config` reads and changes the knobs while running; `GET /_sim/stats`
+//! counts the answers given.
+
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Mutex, RwLock};
+use std::time::Duration;
+
+#[derive(Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SIM_LISTEN_ADDR", default_value = "127.0.0.1:8099")]
+    pub listen_addr: SocketAddr,
+    /// The secret key callers must send as `mono-sec-key`.
+    #[arg(
+        long,
+        env = "SIM_SECRET_KEY",
+        default_value = "sim_sk_local",
+        hide_env_values = true
+    )]
+    pub secret_key: String,
+    /// Delay before every answer, in ms.
+    #[arg(long, env = "SIM_LATENCY_MS", default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Share of calls that fail (0.0 to 1.0), the way `--failure-mode` says.
+    #[arg(long, env = "SIM_FAILURE_RATE", default_value_t = 0.0)]
+    pub failure_rate: f64,
+    /// How a failing call fails.
+    #[arg(long, env = "SIM_FAILURE_MODE", value_enum, default_value_t = FailureMode::ServerError)]
+    pub failure_mode: FailureMode,
+    /// `Retry-After` of a 429, in seconds.
+    #[arg(long, env = "SIM_RETRY_AFTER_SECS", default_value_t = 1)]
+    pub retry_after_secs: u64,
+    /// Account ids that Mono always refuses (400), comma-separated.
+    #[arg(long, env = "SIM_REJECT_ACCOUNTS", value_delimiter = ',')]
+    pub reject_accounts: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// 500 Internal Server Error.
+    #[value(name = "500")]
+    #[serde(rename = "500")]
+    ServerError,
+    /// 429 Too Many Requests with `Retry-After`.
+    #[value(name = "429")]
+    #[serde(rename = "429")]
+    RateLimited,
+    /// No answer for ten minutes.
+    Hang,
+}
+
+/// The knobs that can change at run time.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Knobs {
+    pub latency_ms: u64,
+    pub failure_rate: f64,
+    pub failure_mode: FailureMode,
+    pub retry_after_secs: u64,
+    pub reject_accounts: HashSet<String>,
+}
+
+struct SimState {
+    secret_key: String,
+    knobs: RwLock<Knobs>,
+    stats: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let knobs = Knobs {
+        latency_ms: args.latency_ms,
+        failure_rate: args.failure_rate,
+        failure_mode: args.failure_mode,
+        retry_after_secs: args.retry_after_secs,
+        reject_accounts: args
+            .reject_accounts
+            .into_iter()
+            .filter(|a| !a.is_empty())
+            .collect(),
+    };
+    let state = web::Data::new(SimState {
+        secret_key: args.secret_key,
+        knobs: RwLock::new(knobs),
+        stats: Mutex::new(BTreeMap::new()),
+    });
+    tracing::info!(addr = %args.listen_addr, "mono-sim serving the re-authorise endpoint");
+    HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .route("/accounts/{id}/reauthorise", web::post().to(reauthorise))
+            .route("/_sim/config", web::get().to(get_config))
+            .route("/_sim/config", web::post().to(set_config))
+            .route("/_sim/stats", web::get().to(get_stats))
+    })
+    .bind(args.listen_addr)?
+    .run()
+    .await?;
+    Ok(())
+}
+
+async fn reauthorise(
+    request: HttpRequest,
+    id: web::Path<String>,
+    state: web::Data<SimState>,
+) -> HttpResponse {
+    let knobs = state.knobs.read().unwrap_or_else(|e| e.into_inner()).clone();
+    if knobs.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(knobs.latency_ms)).await;
+    }
+    let key = request
+        .headers()
+        .get("mono-sec-key")
+        .and_then(|v| v.to_str().ok());
+    let (outcome, response) = if key != Some(state.secret_key.as_str()) {
+        (
+            "unauthorized",
+            HttpResponse::Unauthorized().json(json!({ "message": "Invalid secret key" })),
+        )
+    } else if knobs.reject_accounts.contains(id.as_str()) {
+        (
+            "rejected",
+            HttpResponse::BadRequest().json(json!({ "message": "This account can not be re-authorised." })),
+        )
+    } else if fastrand::f64() < knobs.failure_rate {
+        match knobs.failure_mode {
+            FailureMode::ServerError => (
+                "failed_500",
+                HttpResponse::InternalServerError().json(json!({ "message": "Internal error" })),
+            ),
+            FailureMode::RateLimited => (
+                "failed_429",
+                HttpResponse::TooManyRequests()
+                    .insert_header(("retry-after", knobs.retry_after_secs.to_string()))
+                    .json(json!({ "message": "Too many requests" })),
+            ),
+            FailureMode::Hang => {
+                count(&state, "hung");
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                return HttpResponse::GatewayTimeout().finish();
+            }
+        }
+    } else {
+        let token: String = std::iter::repeat_with(fastrand::alphanumeric).take(20).collect();
+        ("token", HttpResponse::Ok().json(json!({ "token": token })))
+    };
+    count(&state, outcome);
+    response
+}
+
+fn count(state: &SimState, outcome: &'static str) {
+    *state
+        .stats
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(outcome)
+        .or_default() += 1;
+}
+
+async fn get_config(state: web::Data<SimState>) -> HttpResponse {
+    HttpResponse::Ok().json(&*state.knobs.read().unwrap_or_else(|e| e.into_inner()))
+}
+
+async fn set_config(state: web::Data<SimState>, knobs: web::Json<Knobs>) -> HttpResponse {
+    tracing::info!(?knobs, "knobs changed");
+    *state.knobs.write().unwrap_or_else(|e| e.into_inner()) = knobs.into_inner();
+    get_config(state).await
+}
+
+async fn get_stats(state: web::Data<SimState>) -> HttpResponse {
+    HttpResponse::Ok().json(&*state.stats.lock().unwrap_or_else(|e| e.into_inner()))
+}
