@@ -35,10 +35,14 @@ async fn start_sim(extra: &[&str]) -> Sim {
         .args(extra)
         .spawn()
         .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+    // Owned by `Sim` at once, so that its `Drop` kills and reaps the child whatever happens next.
+    let sim = Sim {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
     for _ in 0..200 {
-        if reqwest::get(format!("{base}/_sim/config")).await.is_ok() {
-            return Sim { child, base };
+        if reqwest::get(format!("{}/_sim/config", sim.base)).await.is_ok() {
+            return sim;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
