@@ -65,3 +65,25 @@ impl IngestConfig {
         Duration::from_millis(self.client_timeout_ms)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_shows_no_secret_and_no_broker_password() {
+        let config = IngestConfig::parse_from([
+            "ingest",
+            "--mono-webhook-secret",
+            "whsec-old,whsec-new",
+            "--amqp-url",
+            "amqp://app:broker-pass@rabbit:5672/%2f",
+        ]);
+
+        let shown = format!("{config:?}");
+
+        for secret in ["whsec-old", "whsec-new", "broker-pass"] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+    }
+}

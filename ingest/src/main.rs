@@ -1,4 +1,3 @@
-use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use ingest::config::IngestConfig;
@@ -7,7 +6,7 @@ use shared::telemetry;
 
 #[actix_web::main]
 async fn main() {
-    let config = IngestConfig::parse();
+    let config: IngestConfig = shared::config::parse_or_exit();
     if let Err(error) = run(config).await {
         // One line naming what is wrong, for an operator reading a crash loop.
         eprintln!("ingest: {error:#}");

@@ -103,6 +103,55 @@ pub enum LogFormat {
     Pretty,
 }
 
+/// Parses the command line and environment. A missing required setting stops the process with one
+/// line naming its environment variable and flag; every other error (and `--help`) is clap's own.
+pub fn parse_or_exit<T: clap::Parser>() -> T {
+    match T::try_parse() {
+        Ok(parsed) => parsed,
+        Err(error) if error.kind() == clap::error::ErrorKind::MissingRequiredArgument => {
+            let command = T::command();
+            let missing = missing_settings(&command, &error);
+            eprintln!("{}: missing required setting: {missing}", command.get_name());
+            std::process::exit(2);
+        }
+        Err(error) => error.exit(),
+    }
+}
+
+/// `MONO_SECRET_KEY (--mono-secret-key)` for each missing argument clap reported.
+fn missing_settings(command: &clap::Command, error: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let reported: Vec<String> = match error.get(ContextKind::InvalidArg) {
+        Some(ContextValue::Strings(values)) => values.clone(),
+        Some(ContextValue::String(value)) => vec![value.clone()],
+        _ => Vec::new(),
+    };
+    let names: Vec<String> = reported
+        .iter()
+        .map(|shown| {
+            let long = shown
+                .trim_start_matches("--")
+                .split([' ', '='])
+                .next()
+                .unwrap_or_default();
+            let env = command
+                .get_arguments()
+                .find(|arg| arg.get_long() == Some(long))
+                .and_then(|arg| arg.get_env())
+                .map(|env| env.to_string_lossy().into_owned());
+            match env {
+                Some(env) => format!("{env} (--{long})"),
+                None => format!("--{long}"),
+            }
+        })
+        .collect();
+    if names.is_empty() {
+        error.kind().to_string()
+    } else {
+        names.join(", ")
+    }
+}
+
 /// Wraps a setting in `SecretString` so that `Debug` prints `[REDACTED]`.
 pub fn parse_secret(raw: &str) -> Result<SecretString, Infallible> {
     Ok(SecretString::from(raw))
@@ -116,10 +165,10 @@ pub fn redact_url(url: &str) -> String {
     // Split at the last '@' rather than parsing: a malformed password (an unescaped '/' or '@') must
     // still end up on the hidden side.
     match rest.rsplit_once('@') {
-        Some((userinfo, host_and_path)) => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host_and_path}")
-        }
+        Some((userinfo, host_and_path)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host_and_path}"),
+            None => url.to_owned(),
+        },
         None => url.to_owned(),
     }
 }
@@ -143,6 +192,10 @@ mod tests {
             "postgres://app:***@db/monohook"
         );
         assert_eq!(redact_url("postgres://db/monohook"), "postgres://db/monohook");
+        assert_eq!(
+            redact_url("postgres://app@db/monohook"),
+            "postgres://app@db/monohook"
+        );
         assert_eq!(redact_url("not a url"), "<unparseable url>");
     }
 }

@@ -228,7 +228,14 @@ impl Drop for TestBroker {
 pub struct TcpProxy {
     addr: SocketAddr,
     target: SocketAddr,
-    state: Arc<Mutex<Option<CancellationToken>>>,
+    state: Arc<Mutex<Option<Generation>>>,
+}
+
+/// One listening period of the proxy: cut ends it, stall freezes it.
+#[derive(Clone)]
+struct Generation {
+    cut: CancellationToken,
+    stall: CancellationToken,
 }
 
 impl TcpProxy {
@@ -252,8 +259,15 @@ impl TcpProxy {
 
     /// Closes the listener and every proxied connection: the service looks down.
     pub fn cut(&self) {
-        if let Some(token) = self.state.lock().unwrap().take() {
-            token.cancel();
+        if let Some(generation) = self.state.lock().unwrap().take() {
+            generation.cut.cancel();
+        }
+    }
+
+    /// Stops forwarding bytes but keeps every connection open: the service hangs without failing.
+    pub fn stall(&self) {
+        if let Some(generation) = self.state.lock().unwrap().as_ref() {
+            generation.stall.cancel();
         }
     }
 
@@ -269,24 +283,29 @@ impl TcpProxy {
     }
 
     fn serve(&self, listener: TcpListener) {
-        let token = CancellationToken::new();
-        *self.state.lock().unwrap() = Some(token.clone());
+        let generation = Generation {
+            cut: CancellationToken::new(),
+            stall: CancellationToken::new(),
+        };
+        *self.state.lock().unwrap() = Some(generation.clone());
         let target = self.target;
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
                     accepted = listener.accept() => accepted,
-                    () = token.cancelled() => return,
+                    () = generation.cut.cancelled() => return,
                 };
                 let Ok((mut inbound, _)) = accepted else { continue };
-                let token = token.clone();
+                let generation = generation.clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(target).await else {
                         return;
                     };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        () = token.cancelled() => {}
+                        () = generation.cut.cancelled() => {}
+                        // Stalled: hold both sockets open, silent, until cut.
+                        () = generation.stall.cancelled() => generation.cut.cancelled().await,
                     }
                 });
             }

@@ -109,3 +109,27 @@ impl RunArgs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_shows_no_secret_key_and_no_passwords() {
+        let cli = Cli::parse_from([
+            "worker",
+            "--mono-secret-key",
+            "live_sk_verysecret",
+            "--amqp-url",
+            "amqp://app:broker-pass@rabbit:5672/%2f",
+            "--database-url",
+            "postgres://app:db-pass@db/monohook",
+        ]);
+
+        let shown = format!("{cli:?}");
+
+        for secret in ["live_sk_verysecret", "broker-pass", "db-pass"] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+    }
+}

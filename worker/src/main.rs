@@ -1,4 +1,3 @@
-use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use shared::telemetry;
@@ -9,7 +8,7 @@ use worker::startup::Worker;
 
 #[tokio::main]
 async fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = shared::config::parse_or_exit();
     if let Err(error) = run(cli).await {
         // One line naming what is wrong, for an operator reading a crash loop.
         eprintln!("worker: {error:#}");

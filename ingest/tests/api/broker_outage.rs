@@ -60,6 +60,34 @@ async fn broker_down_gives_a_fast_503_and_ingest_recovers_by_itself() {
 }
 
 #[tokio::test]
+async fn a_broker_that_stops_answering_gives_503_within_the_publish_timeout() {
+    let proxy = shared::testing::TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let url = crate::helpers::proxied_amqp_url(&proxy);
+    let app = crate::helpers::spawn_app_with(|config| {
+        config.broker.amqp_url = url.into();
+        config.publish_timeout_ms = 500;
+    })
+    .await;
+    assert_eq!(
+        app.post_webhook(fixture("account_updated.json"))
+            .await
+            .status()
+            .as_u16(),
+        200
+    );
+
+    // Connections stay open but nothing comes back: no error, no confirm.
+    proxy.stall();
+    let started = Instant::now();
+    let response = app.post_webhook(fixture("account_updated.json")).await;
+    let elapsed = started.elapsed();
+
+    assert_eq!(response.status().as_u16(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    assert!(elapsed < Duration::from_secs(1), "503 took {elapsed:?}");
+}
+
+#[tokio::test]
 async fn start_fails_fast_with_one_clear_line_when_the_broker_is_unreachable() {
     use clap::Parser;
     let config = IngestConfig::parse_from([

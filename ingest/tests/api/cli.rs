@@ -54,7 +54,10 @@ fn a_missing_secret_stops_the_process_with_a_message_naming_it() {
 
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
-    assert!(stderr.contains("--mono-webhook-secret"), "{stderr}");
+    assert_eq!(
+        stderr,
+        "ingest: missing required setting: MONO_WEBHOOK_SECRET (--mono-webhook-secret)\n"
+    );
 }
 
 #[test]

@@ -52,6 +52,13 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut IngestConfig)) -> TestAp
 
 pub async fn spawn_app_behind_proxy() -> ProxiedApp {
     let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let url = proxied_amqp_url(&proxy);
+    let app = spawn_app_with(|config| config.broker.amqp_url = url.into()).await;
+    ProxiedApp { app, proxy }
+}
+
+/// `AMQP_URL` with the broker's address replaced by the proxy's.
+pub fn proxied_amqp_url(proxy: &TcpProxy) -> String {
     let url = amqp_url()
         .expose_secret()
         .replace("127.0.0.1:5672", &proxy.addr().to_string());
@@ -59,8 +66,7 @@ pub async fn spawn_app_behind_proxy() -> ProxiedApp {
         url.contains(&proxy.addr().to_string()),
         "AMQP_URL must point at 127.0.0.1:5672 for proxy tests"
     );
-    let app = spawn_app_with(|config| config.broker.amqp_url = url.into()).await;
-    ProxiedApp { app, proxy }
+    url
 }
 
 /// The configuration a test starts from: the test's prefix, a free port, a known secret.

@@ -49,7 +49,10 @@ fn a_missing_secret_key_stops_the_worker_naming_it() {
 
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
-    assert!(stderr.contains("--mono-secret-key"), "{stderr}");
+    assert_eq!(
+        stderr,
+        "worker: missing required setting: MONO_SECRET_KEY (--mono-secret-key)\n"
+    );
 }
 
 #[test]
