@@ -76,6 +76,32 @@ pub struct RunArgs {
     #[arg(long, env = "PREFETCH", default_value_t = 64)]
     pub prefetch: u16,
 
+    /// Most deliveries applied in one database transaction. Batches form from whatever is waiting, so
+    /// a lone delivery is never delayed to fill one.
+    #[arg(long, env = "BATCH_MAX", default_value_t = 128)]
+    pub batch_max: usize,
+
+    /// Database transactions a worker process runs at once.
+    #[arg(long, env = "BATCH_CONCURRENCY", default_value_t = 2)]
+    pub batch_concurrency: usize,
+
+    /// Share of failed Mono calls (over the window) that opens the circuit breaker.
+    #[arg(long, env = "MONO_CIRCUIT_FAILURE_RATIO", default_value_t = 0.5)]
+    pub mono_circuit_failure_ratio: f64,
+
+    /// Fewest Mono calls in the window before the breaker may open.
+    #[arg(long, env = "MONO_CIRCUIT_MIN_CALLS", default_value_t = 10)]
+    pub mono_circuit_min_calls: usize,
+
+    /// Sliding window of the breaker, in seconds.
+    #[arg(long, env = "MONO_CIRCUIT_WINDOW_SECS", default_value_t = 10)]
+    pub mono_circuit_window_secs: u64,
+
+    /// How long the breaker stays open before a probe call, in seconds (doubles on each failed
+    /// probe, up to 60 s).
+    #[arg(long, env = "MONO_CIRCUIT_OPEN_SECS", default_value_t = 5)]
+    pub mono_circuit_open_secs: u64,
+
     /// The same body received again within this many seconds is a duplicate and changes nothing.
     #[arg(long, env = "DEDUP_WINDOW_SECS", default_value_t = 600)]
     pub dedup_window_secs: u64,
@@ -97,6 +123,17 @@ impl RunArgs {
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    pub fn breaker_settings(&self) -> crate::circuit::BreakerSettings {
+        let open_for = Duration::from_secs(self.mono_circuit_open_secs);
+        crate::circuit::BreakerSettings {
+            window: Duration::from_secs(self.mono_circuit_window_secs),
+            min_calls: self.mono_circuit_min_calls.max(1),
+            failure_ratio: self.mono_circuit_failure_ratio,
+            open_for,
+            max_open_for: open_for.max(Duration::from_secs(60)),
+        }
     }
 
     /// In-process retries of one Mono call.

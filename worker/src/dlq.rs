@@ -11,7 +11,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
 
-use crate::processor::DeadClass;
+use crate::pipeline::DeadClass;
 use shared::delivery::{
     AttemptHistory, HEADER_ATTEMPTS, HEADER_DEAD_CLASS, HEADER_DEAD_REASON, HEADER_FIRST_ATTEMPT_AT,
     HEADER_LAST_ATTEMPT_AT, format_time, long_string,
@@ -56,7 +56,8 @@ impl Republisher {
         Self { channel, topology }
     }
 
-    /// Sends the delivery to retry tier `tier` (1-based), where it waits out the tier's delay.
+    /// Sends the delivery to retry tier `tier` (1-based), where it waits out the tier's delay. This
+    /// attempt counts.
     pub async fn to_retry_tier(
         &self,
         delivery: &Delivery,
@@ -64,9 +65,23 @@ impl Republisher {
         history: &AttemptHistory,
         reason: &str,
     ) -> Result<(), RepublishError> {
-        let mut headers = attempt_headers(delivery, history);
+        let mut headers = attempt_headers(delivery, history, history.previous_attempts + 1);
         headers.insert(HEADER_LAST_ERROR.into(), long_string(&truncate(reason)));
         self.publish(&self.topology.retry_queue(tier), delivery, headers)
+            .await
+    }
+
+    /// Parks the delivery in the first retry tier because Mono is down for everyone: the attempt does
+    /// not count, so an outage never uses up a delivery's attempts.
+    pub async fn park(
+        &self,
+        delivery: &Delivery,
+        history: &AttemptHistory,
+        reason: &str,
+    ) -> Result<(), RepublishError> {
+        let mut headers = attempt_headers(delivery, history, history.previous_attempts);
+        headers.insert(HEADER_LAST_ERROR.into(), long_string(&truncate(reason)));
+        self.publish(&self.topology.retry_queue(1), delivery, headers)
             .await
     }
 
@@ -78,7 +93,7 @@ impl Republisher {
         reason: &str,
         class: DeadClass,
     ) -> Result<(), RepublishError> {
-        let mut headers = attempt_headers(delivery, history);
+        let mut headers = attempt_headers(delivery, history, history.previous_attempts + 1);
         headers.insert(HEADER_DEAD_REASON.into(), long_string(&truncate(reason)));
         headers.insert(HEADER_DEAD_CLASS.into(), long_string(class.as_str()));
         self.publish(&self.topology.dead_queue(), delivery, headers).await
@@ -124,8 +139,8 @@ impl Republisher {
     }
 }
 
-/// The original headers minus the broker's, plus this attempt's number and times.
-fn attempt_headers(delivery: &Delivery, history: &AttemptHistory) -> FieldTable {
+/// The original headers minus the broker's, plus the attempts made so far and their times.
+fn attempt_headers(delivery: &Delivery, history: &AttemptHistory, attempts: u32) -> FieldTable {
     let mut headers: FieldTable = delivery.properties.headers().clone().unwrap_or_default();
     let kept: std::collections::BTreeMap<_, _> = headers
         .inner()
@@ -139,10 +154,7 @@ fn attempt_headers(delivery: &Delivery, history: &AttemptHistory) -> FieldTable 
         .first_attempt_at
         .map(format_time)
         .unwrap_or_else(|| now.clone());
-    headers.insert(
-        HEADER_ATTEMPTS.into(),
-        AMQPValue::LongLongInt((history.previous_attempts + 1).into()),
-    );
+    headers.insert(HEADER_ATTEMPTS.into(), AMQPValue::LongLongInt(attempts.into()));
     headers.insert(HEADER_FIRST_ATTEMPT_AT.into(), long_string(&first));
     headers.insert(HEADER_LAST_ATTEMPT_AT.into(), long_string(&now));
     headers

@@ -1,8 +1,9 @@
 //! A delivery as the worker understands it: its stamp, its journal row, its kind and account, and
-//! accessors for the few fields of `data` the handlers read.
+//! the few fields of `data` the handlers read, picked out without building the JSON tree.
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::db::events::EventRecord;
 use shared::delivery::{AttemptHistory, DeliveryMeta};
@@ -13,6 +14,12 @@ pub struct IncomingEvent {
     pub kind: EventKind,
     pub account_id: Option<AccountId>,
     pub received_at: DateTime<Utc>,
+    /// `data.meta.data_status`, as Mono sent it.
+    pub data_status: Option<String>,
+    /// `data.customer` (a string id, or an object with `id`/`_id`).
+    pub customer_id: Option<String>,
+    /// Whether `data.account` is an object (the snapshot of `account_updated`).
+    pub has_account_snapshot: bool,
     pub record: EventRecord,
 }
 
@@ -26,8 +33,8 @@ pub enum MalformedEvent {
 }
 
 impl IncomingEvent {
-    /// Understands a delivery's body; `record` is filled in either way so that a malformed message can
-    /// still be journaled as dead.
+    /// Understands a delivery's body; the journal row is returned either way so that a malformed
+    /// message can still be journaled as dead.
     pub fn parse(
         body: &[u8],
         meta: &DeliveryMeta,
@@ -53,10 +60,17 @@ impl IncomingEvent {
         if kind.needs_account() && account_id.is_none() {
             return (record, Err(MalformedEvent::NoAccountId));
         }
+        let fields: DataFields<'_> = serde_json::from_str(envelope.data().get()).unwrap_or_default();
         let event = Self {
             kind,
             account_id,
             received_at: meta.received_at,
+            data_status: fields
+                .meta
+                .and_then(|m| serde_json::from_str::<MetaFields>(m.get()).ok())
+                .and_then(|m| m.data_status),
+            customer_id: fields.customer.and_then(customer_id),
+            has_account_snapshot: fields.account.is_some_and(|a| a.get().starts_with('{')),
             record: record.clone(),
         };
         (record, Ok(event))
@@ -69,37 +83,57 @@ impl IncomingEvent {
             .map(AccountId::as_str)
             .unwrap_or_default()
     }
-
-    /// `data.meta.data_status`, as Mono sent it.
-    pub fn data_status(&self) -> Option<&str> {
-        self.data()?.get("meta")?.get("data_status")?.as_str()
-    }
-
-    /// `data.account`, the account snapshot of `account_updated`.
-    pub fn account_snapshot(&self) -> Option<&Value> {
-        self.data()?.get("account").filter(|a| a.is_object())
-    }
-
-    /// `data.customer` of `account_connected` (a string id, or an object with `id`/`_id`).
-    pub fn customer_id(&self) -> Option<&str> {
-        let customer = self.data()?.get("customer")?;
-        customer
-            .as_str()
-            .or_else(|| customer.get("id").or_else(|| customer.get("_id"))?.as_str())
-    }
-
-    fn data(&self) -> Option<&Value> {
-        self.record.payload.as_ref()?.get("data")
-    }
 }
 
-/// The body as JSON for the `payload` column, unless it is not JSON or holds `\u0000`, which
-/// PostgreSQL's jsonb cannot store (the raw body stays in the queue for such messages).
-fn storable_json(body: &[u8]) -> Option<Value> {
+#[derive(Default, Deserialize)]
+struct DataFields<'a> {
+    #[serde(borrow)]
+    meta: Option<&'a RawValue>,
+    #[serde(borrow)]
+    customer: Option<&'a RawValue>,
+    #[serde(borrow)]
+    account: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct MetaFields {
+    #[serde(default, deserialize_with = "string_or_none")]
+    data_status: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CustomerObject {
+    #[serde(default, deserialize_with = "string_or_none")]
+    id: Option<String>,
+    #[serde(rename = "_id", default, deserialize_with = "string_or_none")]
+    underscore_id: Option<String>,
+}
+
+fn customer_id(raw: &RawValue) -> Option<String> {
+    if let Ok(id) = serde_json::from_str::<String>(raw.get()) {
+        return Some(id);
+    }
+    let object: CustomerObject = serde_json::from_str(raw.get()).ok()?;
+    object.id.or(object.underscore_id)
+}
+
+/// A field of another type is treated as absent.
+fn string_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Some(s),
+        _ => None,
+    })
+}
+
+/// The body as text for the `payload` jsonb column, unless it is not JSON or holds `\u0000`, which
+/// jsonb cannot store (the raw body stays in the queue for such messages).
+fn storable_json(body: &[u8]) -> Option<String> {
     if body.windows(6).any(|w| w == b"\\u0000") {
         return None;
     }
-    serde_json::from_slice(body).ok()
+    let text = std::str::from_utf8(body).ok()?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text).ok()?;
+    Some(text.to_owned())
 }
 
 #[cfg(test)]
@@ -118,13 +152,24 @@ mod tests {
     #[test]
     fn data_fields_are_read_where_mono_puts_them() {
         let updated = parse(br#"{"event":"mono.events.account_updated","data":{"meta":{"data_status":"AVAILABLE"},"account":{"_id":"a1","name":"x"}}}"#).unwrap();
-        assert_eq!(updated.data_status(), Some("AVAILABLE"));
-        assert_eq!(updated.account_snapshot().unwrap()["name"], "x");
+        assert_eq!(updated.data_status.as_deref(), Some("AVAILABLE"));
+        assert!(updated.has_account_snapshot);
         let connected =
             parse(br#"{"event":"mono.events.account_connected","data":{"id":"a2","customer":"c9"}}"#)
                 .unwrap();
-        assert_eq!(connected.customer_id(), Some("c9"));
+        assert_eq!(connected.customer_id.as_deref(), Some("c9"));
         assert_eq!(connected.account(), "a2");
+        let nested =
+            parse(br#"{"event":"mono.events.account_connected","data":{"id":"a2","customer":{"_id":"c7"}}}"#)
+                .unwrap();
+        assert_eq!(nested.customer_id.as_deref(), Some("c7"));
+    }
+
+    #[test]
+    fn fields_of_the_wrong_type_are_absent() {
+        let odd = parse(br#"{"event":"mono.events.account_updated","data":{"meta":{"data_status":5},"account":{"_id":"a1"},"customer":[1]}}"#).unwrap();
+        assert_eq!(odd.data_status, None);
+        assert_eq!(odd.customer_id, None);
     }
 
     #[test]
@@ -141,5 +186,19 @@ mod tests {
         )
         .unwrap();
         assert!(event.record.payload.is_none());
+    }
+
+    #[test]
+    fn json_of_the_wrong_shape_keeps_its_payload_and_garbage_has_none() {
+        let meta = DeliveryMeta::stamp(b"[1]");
+        let history = AttemptHistory {
+            previous_attempts: 0,
+            first_attempt_at: None,
+        };
+        assert_eq!(
+            IncomingEvent::parse(b"[1]", &meta, &history).0.payload.as_deref(),
+            Some("[1]")
+        );
+        assert_eq!(IncomingEvent::parse(b"\xff\xfe", &meta, &history).0.payload, None);
     }
 }

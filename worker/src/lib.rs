@@ -1,6 +1,10 @@
 //! `worker`: consumes the webhooks ingest queued, asks Mono for re-auth tokens, and keeps each
 //! account's record in PostgreSQL. Any number of worker processes can share the work queue.
 
+pub mod account;
+pub mod acks;
+pub mod batch;
+pub mod circuit;
 pub mod commands;
 pub mod config;
 pub mod consumer;
@@ -9,5 +13,7 @@ pub mod dlq;
 pub mod event;
 pub mod handlers;
 pub mod mono;
+pub mod pipeline;
 pub mod processor;
 pub mod startup;
+pub mod tokens;

@@ -38,6 +38,14 @@ impl ReauthToken {
     pub fn expose(&self) -> &str {
         self.value.expose_secret()
     }
+
+    #[cfg(test)]
+    pub fn for_tests(value: &str, issued_at: DateTime<Utc>) -> Self {
+        Self {
+            value: SecretString::from(value),
+            issued_at,
+        }
+    }
 }
 
 impl fmt::Debug for ReauthToken {
@@ -52,15 +60,27 @@ impl fmt::Debug for ReauthToken {
 /// Why Mono did not give a token.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MonoError {
-    /// Worth retrying: Mono is down, slow, overloaded or unreachable.
+    /// Worth retrying: Mono is down, slow, overloaded or unreachable. `class` is the metric label
+    /// (`5xx`, `429`, `timeout`, `connect_error`, `other`).
     #[error("Mono is unavailable: {reason}")]
     Unavailable {
         reason: String,
         retry_after: Option<Duration>,
+        class: &'static str,
     },
     /// Mono refused this account; retrying cannot help.
     #[error("Mono refused ({status}): {message}")]
     Rejected { status: u16, message: String },
+}
+
+impl MonoError {
+    /// The metric label of the answer: `4xx` for a refusal, else the unavailability's class.
+    pub fn status_class(&self) -> &'static str {
+        match self {
+            Self::Unavailable { class, .. } => class,
+            Self::Rejected { .. } => "4xx",
+        }
+    }
 }
 
 impl MonoClient {
@@ -86,7 +106,7 @@ impl MonoClient {
     pub async fn reauthorise(&self, account: &AccountId) -> Result<ReauthToken, MonoError> {
         let mut url = self.base.clone();
         url.path_segments_mut()
-            .map_err(|()| unavailable("MONO_API_URL cannot take a path"))?
+            .map_err(|()| unavailable("other", "MONO_API_URL cannot take a path"))?
             .pop_if_empty()
             .extend(["accounts", account.as_str(), "reauthorise"]);
         let sent = self
@@ -97,9 +117,16 @@ impl MonoClient {
             .await;
         let response = match sent {
             Ok(response) => response,
-            Err(error) if error.is_timeout() => return Err(unavailable("no answer within the timeout")),
-            Err(error) if error.is_connect() => return Err(unavailable("cannot connect")),
-            Err(error) => return Err(unavailable(&format!("request failed: {}", without_url(&error)))),
+            Err(error) if error.is_timeout() => {
+                return Err(unavailable("timeout", "no answer within the timeout"));
+            }
+            Err(error) if error.is_connect() => return Err(unavailable("connect_error", "cannot connect")),
+            Err(error) => {
+                return Err(unavailable(
+                    "other",
+                    &format!("request failed: {}", without_url(&error)),
+                ));
+            }
         };
         let status = response.status();
         let retry_after = response
@@ -110,13 +137,13 @@ impl MonoClient {
         let body = match response.bytes().await {
             Ok(body) => body,
             Err(error) if error.is_timeout() => {
-                return Err(unavailable("answer not received within the timeout"));
+                return Err(unavailable("timeout", "answer not received within the timeout"));
             }
             Err(error) => {
-                return Err(unavailable(&format!(
-                    "answer unreadable: {}",
-                    without_url(&error)
-                )));
+                return Err(unavailable(
+                    "other",
+                    &format!("answer unreadable: {}", without_url(&error)),
+                ));
             }
         };
 
@@ -127,7 +154,7 @@ impl MonoClient {
                     issued_at: Utc::now(),
                 }),
                 // Never echo a 2xx body: it may hold a token.
-                _ => Err(unavailable(&format!("{status} without a token"))),
+                _ => Err(unavailable("other", &format!("{status} without a token"))),
             };
         }
         let message = mono_message(&body);
@@ -135,12 +162,14 @@ impl MonoClient {
             return Err(MonoError::Unavailable {
                 reason: format!("rate limited (429): {message}"),
                 retry_after,
+                class: "429",
             });
         }
         if status.is_server_error() {
             return Err(MonoError::Unavailable {
                 reason: format!("{status}: {message}"),
                 retry_after,
+                class: "5xx",
             });
         }
         Err(MonoError::Rejected {
@@ -179,10 +208,11 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
     (at.with_timezone(&Utc) - Utc::now()).to_std().ok()
 }
 
-fn unavailable(reason: &str) -> MonoError {
+fn unavailable(class: &'static str, reason: &str) -> MonoError {
     MonoError::Unavailable {
         reason: reason.to_owned(),
         retry_after: None,
+        class,
     }
 }
 

@@ -1,11 +1,10 @@
 //! `webhook_events`: the journal of every delivery the worker settled, written in the same
-//! transaction as the delivery's effect. It is how a redelivery is recognised (same id), how a
-//! duplicate is recognised (same body within the window), and where dead letters are recorded.
+//! transaction as the delivery's effect (see `db::batch`). It is how a redelivery is recognised (same
+//! id), how a duplicate is recognised (same body within the window), and where dead letters are
+//! recorded.
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 use sqlx::PgConnection;
-use std::time::Duration;
 use uuid::Uuid;
 
 /// How a delivery was settled (the `status` column).
@@ -45,66 +44,8 @@ pub struct EventRecord {
     pub received_at: DateTime<Utc>,
     /// This attempt's number (1 for the first).
     pub attempts: i32,
-    /// The body as JSON, when it is JSON that PostgreSQL can store.
-    pub payload: Option<Value>,
-}
-
-/// The status this delivery was already settled with, if any.
-pub async fn settled_status(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<String>> {
-    sqlx::query_scalar("SELECT status FROM webhook_events WHERE id = $1")
-        .bind(id)
-        .fetch_optional(conn)
-        .await
-}
-
-/// Whether another delivery with the same body was received within `window` of this one and did not
-/// end dead (a dead copy must not stop a later copy from being applied).
-pub async fn has_duplicate(
-    conn: &mut PgConnection,
-    record: &EventRecord,
-    window: Duration,
-) -> sqlx::Result<bool> {
-    let window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
-    sqlx::query_scalar(
-        "SELECT EXISTS (
-             SELECT 1 FROM webhook_events
-             WHERE body_sha256 = $1 AND id <> $2 AND status <> 'dead'
-               AND received_at BETWEEN $3 AND $4)",
-    )
-    .bind(&record.body_sha256)
-    .bind(record.id)
-    .bind(record.received_at - window)
-    .bind(record.received_at + window)
-    .fetch_one(conn)
-    .await
-}
-
-/// Journals a settled delivery. Returns `false` if the id was journaled already (a concurrent
-/// redelivery won): the caller must roll back so the effect is not applied twice.
-pub async fn insert(
-    conn: &mut PgConnection,
-    record: &EventRecord,
-    status: EventStatus,
-    note: Option<&str>,
-) -> sqlx::Result<bool> {
-    let inserted = sqlx::query(
-        "INSERT INTO webhook_events
-             (id, event, account_id, body_sha256, received_at, status, attempts, last_error, payload, processed_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, clock_timestamp())
-         ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(record.id)
-    .bind(&record.event)
-    .bind(&record.account_id)
-    .bind(&record.body_sha256)
-    .bind(record.received_at)
-    .bind(status.as_str())
-    .bind(record.attempts)
-    .bind(note)
-    .bind(&record.payload)
-    .execute(conn)
-    .await?;
-    Ok(inserted.rows_affected() == 1)
+    /// The body as JSON text, when it is JSON that PostgreSQL's jsonb can store.
+    pub payload: Option<String>,
 }
 
 /// Records a dead letter (after the message is safely in the dead-letter queue). A delivery that was
@@ -113,7 +54,7 @@ pub async fn record_dead(conn: &mut PgConnection, record: &EventRecord, reason: 
     sqlx::query(
         "INSERT INTO webhook_events
              (id, event, account_id, body_sha256, received_at, status, attempts, last_error, payload, processed_at)
-         VALUES ($1, $2, $3, $4, $5, 'dead', $6, $7, $8, clock_timestamp())
+         VALUES ($1, $2, $3, $4, $5, 'dead', $6, $7, $8::jsonb, clock_timestamp())
          ON CONFLICT (id) DO UPDATE
              SET attempts = excluded.attempts, last_error = excluded.last_error, processed_at = excluded.processed_at
              WHERE webhook_events.status = 'dead'",
@@ -125,7 +66,7 @@ pub async fn record_dead(conn: &mut PgConnection, record: &EventRecord, reason: 
     .bind(record.received_at)
     .bind(record.attempts)
     .bind(reason)
-    .bind(&record.payload)
+    .bind(record.payload.as_deref())
     .execute(conn)
     .await
     .map(drop)

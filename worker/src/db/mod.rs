@@ -5,6 +5,7 @@
 //! right now" is transient: the worker holds the delivery and tries again; any other is permanent.
 
 pub mod accounts;
+pub mod batch;
 pub mod events;
 
 use anyhow::Context;

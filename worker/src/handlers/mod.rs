@@ -1,10 +1,9 @@
-//! Applying one event to the database, inside the delivery's transaction.
+//! What each Mono event does to an account, one file per event. Handlers are pure: they change an
+//! [`AccountState`] in memory and say what they did; the batch writes the result.
 //!
-//! `apply` serialises on the account row, recognises a redelivery (same id) and a duplicate (same
-//! body within the window), hands the event to its handler, and journals the result in
-//! `webhook_events`. A handler that needs a re-auth token it was not given answers `NeedsToken`
-//! before writing anything: the caller rolls back, asks Mono outside any transaction, and applies
-//! again with the token, so no row lock is ever held across a call to Mono.
+//! A handler that needs a re-auth token it was not given answers `NeedsToken` without changing
+//! anything: the token is fetched outside any transaction and the event applied again with it, so no
+//! row lock is ever held across a call to Mono.
 
 mod account_connected;
 mod account_reauthorized;
@@ -13,11 +12,7 @@ mod account_updated;
 mod reauthorisation_required;
 mod sync_failed;
 
-use sqlx::PgConnection;
-use std::time::Duration;
-
-use crate::db::accounts::{self, AccountGuards};
-use crate::db::events::{self, EventStatus};
+use crate::account::AccountState;
 use crate::event::IncomingEvent;
 use crate::mono::ReauthToken;
 use shared::event::EventKind;
@@ -25,76 +20,66 @@ use shared::event::EventKind;
 /// What a handler decided.
 #[derive(Debug, PartialEq, Eq)]
 pub enum HandlerOutcome {
-    /// The effect was written.
+    /// The account changed.
     Applied,
-    /// A later event already decided this state; nothing was written.
+    /// A later event already decided this state; nothing changed.
     Stale,
     /// Nothing to do for this event, with why.
     Ignored(&'static str),
-    /// The effect needs a re-auth token from Mono; nothing was written.
+    /// The effect needs a re-auth token from Mono; nothing changed.
     NeedsToken,
 }
 
-/// What `apply` did with the delivery.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Applied {
-    /// Settled and journaled with this status (commit the transaction).
-    Settled(EventStatus),
-    /// This delivery id was settled before (a redelivery): no effect (roll back).
-    AlreadySettled,
-    /// Needs a token first (roll back, call Mono, apply again).
-    NeedsToken,
-}
-
-pub async fn apply(
-    conn: &mut PgConnection,
+/// Runs the handler of `event`. `account` is `None` for events that are not about an account.
+pub fn apply(
+    account: Option<&mut AccountState>,
     event: &IncomingEvent,
     token: Option<&ReauthToken>,
-    dedup_window: Duration,
-) -> sqlx::Result<Applied> {
-    // Lock first: a concurrent copy of this delivery, or another event for the account, waits here
-    // and then sees what this transaction committed.
-    let guards = match event.kind.needs_account() {
-        true => Some(accounts::lock(conn, event.account()).await?),
-        false => None,
+) -> HandlerOutcome {
+    let Some(account) = account else {
+        return HandlerOutcome::Ignored("event not handled by monohook");
     };
-    if events::settled_status(conn, event.record.id).await?.is_some() {
-        return Ok(Applied::AlreadySettled);
-    }
-    let (status, note) = if events::has_duplicate(conn, &event.record, dedup_window).await? {
-        (EventStatus::Duplicate, None)
-    } else {
-        match run_handler(conn, event, guards.as_ref(), token).await? {
-            HandlerOutcome::Applied => (EventStatus::Processed, None),
-            HandlerOutcome::Stale => (EventStatus::Stale, None),
-            HandlerOutcome::Ignored(why) => (EventStatus::Ignored, Some(why)),
-            HandlerOutcome::NeedsToken => return Ok(Applied::NeedsToken),
-        }
+    let outcome = match &event.kind {
+        EventKind::ReauthorisationRequired => reauthorisation_required::apply(account, event, token),
+        EventKind::AccountReauthorized => account_reauthorized::apply(account, event),
+        EventKind::AccountUpdated => account_updated::apply(account, event),
+        EventKind::AccountConnected => account_connected::apply(account, event),
+        EventKind::AccountUnlinked => account_unlinked::apply(account, event),
+        EventKind::SyncFailed => sync_failed::apply(account, event),
+        EventKind::Other(_) => HandlerOutcome::Ignored("event not handled by monohook"),
     };
-    if !events::insert(conn, &event.record, status, note).await? {
-        return Ok(Applied::AlreadySettled);
+    if outcome == HandlerOutcome::Applied {
+        account.changed = true;
     }
-    Ok(Applied::Settled(status))
+    outcome
 }
 
-async fn run_handler(
-    conn: &mut PgConnection,
-    event: &IncomingEvent,
-    guards: Option<&AccountGuards>,
-    token: Option<&ReauthToken>,
-) -> sqlx::Result<HandlerOutcome> {
-    let Some(guards) = guards else {
-        return Ok(HandlerOutcome::Ignored("event not handled by monohook"));
-    };
-    match &event.kind {
-        EventKind::ReauthorisationRequired => {
-            reauthorisation_required::apply(conn, event, guards, token).await
+#[cfg(test)]
+pub(crate) mod test_support {
+    use chrono::{DateTime, Utc};
+
+    use crate::event::IncomingEvent;
+    use shared::delivery::{AttemptHistory, DeliveryMeta};
+
+    /// An event of `name` for account `a1`, received at `received_at`, with `data` merged in.
+    pub fn event_at(name: &str, received_at: DateTime<Utc>, data: serde_json::Value) -> IncomingEvent {
+        let mut body =
+            serde_json::json!({ "event": name, "data": { "account": { "_id": "a1" }, "id": "a1" } });
+        if let (Some(target), Some(extra)) = (body["data"].as_object_mut(), data.as_object()) {
+            target.extend(extra.clone());
         }
-        EventKind::AccountReauthorized => account_reauthorized::apply(conn, event, guards).await,
-        EventKind::AccountUpdated => account_updated::apply(conn, event, guards).await,
-        EventKind::AccountConnected => account_connected::apply(conn, event).await,
-        EventKind::AccountUnlinked => account_unlinked::apply(conn, event, guards).await,
-        EventKind::SyncFailed => sync_failed::apply(conn, event, guards).await,
-        EventKind::Other(_) => Ok(HandlerOutcome::Ignored("event not handled by monohook")),
+        let body = serde_json::to_vec(&body).unwrap();
+        let mut meta = DeliveryMeta::stamp(&body);
+        meta.received_at = received_at;
+        IncomingEvent::parse(
+            &body,
+            &meta,
+            &AttemptHistory {
+                previous_attempts: 0,
+                first_attempt_at: None,
+            },
+        )
+        .1
+        .unwrap()
     }
 }

@@ -1,39 +1,89 @@
 //! `mono.events.reauthorisation_required`: Mono lost access to the account. Store a fresh re-auth
 //! token and flag the account, so the app sends the customer through Connect in re-auth mode.
 
-use sqlx::PgConnection;
-
 use super::HandlerOutcome;
-use crate::db::accounts::{self, AccountGuards};
+use crate::account::{AccountState, REAUTH_TOKEN_LIFETIME, StoredToken};
 use crate::event::IncomingEvent;
 use crate::mono::ReauthToken;
 
-pub async fn apply(
-    conn: &mut PgConnection,
+pub fn apply(
+    account: &mut AccountState,
     event: &IncomingEvent,
-    guards: &AccountGuards,
     token: Option<&ReauthToken>,
-) -> sqlx::Result<HandlerOutcome> {
+) -> HandlerOutcome {
     // A late copy must never re-flag an account that was re-authorised after it was received.
-    if guards.reauth_is_newer_than(event.received_at) {
-        return Ok(HandlerOutcome::Stale);
+    if account.reauth_is_newer_than(event.received_at) {
+        return HandlerOutcome::Stale;
     }
-    if guards
+    if account
         .unlinked_at
         .is_some_and(|unlinked| unlinked <= event.received_at)
     {
-        return Ok(HandlerOutcome::Ignored("account is unlinked"));
+        return HandlerOutcome::Ignored("account is unlinked");
     }
     let Some(token) = token else {
-        return Ok(HandlerOutcome::NeedsToken);
+        return HandlerOutcome::NeedsToken;
     };
-    accounts::require_reauth(
-        conn,
-        event.account(),
-        token.expose(),
-        token.issued_at,
-        event.received_at,
-    )
-    .await?;
-    Ok(HandlerOutcome::Applied)
+    account.reauth_required = true;
+    account.reauth_token = Some(StoredToken(token.expose().to_owned()));
+    account.reauth_token_issued_at = Some(token.issued_at);
+    account.reauth_token_expires_at = Some(token.issued_at + REAUTH_TOKEN_LIFETIME);
+    account.reauth_state_received_at = Some(event.received_at);
+    HandlerOutcome::Applied
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handlers::test_support::event_at;
+    use chrono::{Duration, Utc};
+
+    const NAME: &str = "mono.events.reauthorisation_required";
+
+    #[test]
+    fn it_asks_for_a_token_then_flags_the_account_with_it() {
+        let mut account = AccountState::new("a1");
+        let event = event_at(NAME, Utc::now(), serde_json::json!({}));
+        assert_eq!(apply(&mut account, &event, None), HandlerOutcome::NeedsToken);
+        assert_eq!(
+            account,
+            AccountState::new("a1"),
+            "nothing changes without a token"
+        );
+
+        let token = ReauthToken::for_tests("tok", Utc::now());
+        assert_eq!(apply(&mut account, &event, Some(&token)), HandlerOutcome::Applied);
+        assert!(account.reauth_required);
+        assert_eq!(account.reauth_token, Some(StoredToken("tok".into())));
+        assert_eq!(
+            account.reauth_token_expires_at,
+            Some(token.issued_at + Duration::minutes(10))
+        );
+        assert_eq!(account.reauth_state_received_at, Some(event.received_at));
+    }
+
+    #[test]
+    fn a_copy_received_before_the_last_reauth_event_is_stale() {
+        let now = Utc::now();
+        let mut account = AccountState {
+            reauth_state_received_at: Some(now),
+            ..AccountState::new("a1")
+        };
+        let late = event_at(NAME, now - Duration::seconds(1), serde_json::json!({}));
+        assert_eq!(apply(&mut account, &late, None), HandlerOutcome::Stale);
+    }
+
+    #[test]
+    fn an_unlinked_account_is_not_flagged() {
+        let now = Utc::now();
+        let mut account = AccountState {
+            unlinked_at: Some(now - Duration::seconds(5)),
+            ..AccountState::new("a1")
+        };
+        let event = event_at(NAME, now, serde_json::json!({}));
+        assert_eq!(
+            apply(&mut account, &event, None),
+            HandlerOutcome::Ignored("account is unlinked")
+        );
+    }
 }

@@ -1,0 +1,41 @@
+//! The benchmark: monohook against the broker's own ceiling, measured in one run so that ratios hold
+//! on a noisy machine. Each figure is the median of `runs` runs; see `scripts/bench`.
+
+pub mod broker;
+pub mod ingest_load;
+pub mod report;
+pub mod worker_drain;
+
+use std::time::Duration;
+
+/// Settings of one benchmark run.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub runs: usize,
+    /// Connections of the HTTP load, and messages in flight of the publish reference.
+    pub connections: usize,
+    pub load_duration: Duration,
+    pub body_bytes: usize,
+    /// Events of the worker drain and of the consume reference.
+    pub drain_events: u64,
+    pub drain_accounts: u64,
+    pub reauth_events: u64,
+    pub mono_latency_ms: u64,
+    /// The worker's PREFETCH, also used by the consume reference.
+    pub prefetch: u16,
+    /// The worker's PREFETCH for the re-auth phase (Mono concurrency comes from in-flight deliveries).
+    pub reauth_prefetch: u16,
+    pub amqp_url: String,
+    pub database_server: String,
+}
+
+/// The median of `values` (which must not be empty).
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}

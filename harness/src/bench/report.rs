@@ -1,0 +1,194 @@
+//! The benchmark's markdown report: figures, ratios, targets, and the machine they were measured on.
+
+use std::fmt::Write as _;
+use std::process::Command;
+
+use super::ingest_load::LoadResult;
+use super::worker_drain::DrainResult;
+use super::{BenchConfig, median};
+
+/// Every measurement of every run.
+#[derive(Default)]
+pub struct Runs {
+    pub publish_ref: Vec<f64>,
+    pub ingest: Vec<LoadResult>,
+    pub consume_ref: Vec<f64>,
+    pub drain: Vec<DrainResult>,
+    pub reauth: Vec<DrainResult>,
+}
+
+pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> String {
+    let med = |values: Vec<f64>| median(&mut values.clone());
+    let publish_ref = med(runs.publish_ref.clone());
+    let ingest_rps = med(runs.ingest.iter().map(|r| r.requests_per_sec).collect());
+    let p50 = med(runs.ingest.iter().map(|r| r.p50_ms).collect());
+    let p99 = med(runs.ingest.iter().map(|r| r.p99_ms).collect());
+    let non_2xx: u64 = runs.ingest.iter().map(|r| r.non_2xx).sum();
+    let consume_ref = med(runs.consume_ref.clone());
+    let drain = med(runs.drain.iter().map(|r| r.events_per_sec).collect());
+    let reauth = med(runs.reauth.iter().map(|r| r.events_per_sec).collect());
+    let ingest_rss = runs
+        .ingest
+        .iter()
+        .map(|r| r.peak_rss_kib)
+        .max()
+        .unwrap_or_default();
+    let worker_rss = runs
+        .drain
+        .iter()
+        .chain(&runs.reauth)
+        .map(|r| r.peak_rss_kib)
+        .max()
+        .unwrap_or_default();
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# monohook benchmark, {}\n",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    );
+    let _ = writeln!(
+        out,
+        "Medians of {} runs; references and subjects interleaved within each run.\n",
+        config.runs
+    );
+    let _ = writeln!(out, "| measure | monohook | reference | ratio | target | |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "| ingest, {} connections, {} s | {:.0} req/s | raw publish with confirms, {} in flight: {:.0} msg/s | {:.0} % | ≥ 75 % | {} |",
+        config.connections,
+        config.load_duration.as_secs(),
+        ingest_rps,
+        config.connections,
+        publish_ref,
+        100.0 * ingest_rps / publish_ref,
+        verdict(ingest_rps / publish_ref >= 0.75)
+    );
+    let _ = writeln!(
+        out,
+        "| ingest latency | p50 {p50:.2} ms, p99 {p99:.2} ms | | | p99 ≤ 20 ms | {} |",
+        verdict(p99 <= 20.0)
+    );
+    let _ = writeln!(
+        out,
+        "| ingest non-2xx (all runs) | {non_2xx} | | | 0 | {} |",
+        verdict(non_2xx == 0)
+    );
+    let _ = writeln!(
+        out,
+        "| worker drain, {} events over {} accounts | {:.0} events/s | raw consume with manual acks, prefetch {}: {:.0} msg/s | {:.0} % | ≥ 50 % | {} |",
+        config.drain_events,
+        config.drain_accounts,
+        drain,
+        config.prefetch,
+        consume_ref,
+        100.0 * drain / consume_ref,
+        verdict(drain / consume_ref >= 0.5)
+    );
+    let _ = writeln!(
+        out,
+        "| re-auth, {} events, Mono answering after {} ms, PREFETCH {} | {:.0} events/s | | | ≥ 1000/s | {} |",
+        config.reauth_events,
+        config.mono_latency_ms,
+        config.reauth_prefetch,
+        reauth,
+        verdict(reauth >= 1000.0)
+    );
+    let _ = writeln!(
+        out,
+        "| peak RSS ingest | {:.1} MiB | | | < 32 MiB | {} |",
+        mib(ingest_rss),
+        verdict(mib(ingest_rss) < 32.0)
+    );
+    let _ = writeln!(
+        out,
+        "| peak RSS worker | {:.1} MiB | | | < 64 MiB | {} |",
+        mib(worker_rss),
+        verdict(mib(worker_rss) < 64.0)
+    );
+
+    let _ = writeln!(out, "\n## Every run\n");
+    let _ = writeln!(
+        out,
+        "| run | publish ref msg/s | ingest req/s | p50 ms | p99 ms | non-2xx | consume ref msg/s | drain events/s | re-auth events/s | RSS ingest MiB | RSS worker MiB |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for i in 0..config.runs {
+        let (Some(load), Some(d), Some(r)) = (runs.ingest.get(i), runs.drain.get(i), runs.reauth.get(i))
+        else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} |",
+            i + 1,
+            runs.publish_ref[i],
+            load.requests_per_sec,
+            load.p50_ms,
+            load.p99_ms,
+            load.non_2xx,
+            runs.consume_ref[i],
+            d.events_per_sec,
+            r.events_per_sec,
+            mib(load.peak_rss_kib),
+            mib(d.peak_rss_kib.max(r.peak_rss_kib))
+        );
+    }
+
+    let _ = writeln!(out, "\n## Machine\n");
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.trim_start_matches("MemTotal:").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let _ = writeln!(out, "- CPU: {cpu}, {cores} cores; memory {memory}");
+    let _ = writeln!(out, "- {}", command_line("rustc", &["--version"]));
+    let _ = writeln!(
+        out,
+        "- RabbitMQ {}",
+        command_line("rabbitmqctl", &["-q", "version"])
+    );
+    let _ = writeln!(out, "- {postgres_version}");
+    let _ = writeln!(
+        out,
+        "- {}",
+        command_line("wrk", &["--version"])
+            .lines()
+            .next()
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        out,
+        "- load: wrk -t2 -c{} -d{}s, {} B bodies; all processes share the machine's cores",
+        config.connections,
+        config.load_duration.as_secs(),
+        config.body_bytes
+    );
+    out
+}
+
+fn command_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
+            String::from_utf8_lossy(&text).trim().to_owned()
+        })
+        .unwrap_or_else(|_| format!("{program}: not found"))
+}

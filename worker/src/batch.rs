@@ -1,0 +1,231 @@
+//! Deciding a batch of deliveries, in memory, against the state loaded (and locked) for it.
+//!
+//! The decision is what one worker taking the deliveries one by one, in order, would do: a delivery
+//! id already journaled is a redelivery; the same body within the dedup window is a duplicate (a copy
+//! earlier in the same batch counts); otherwise the event's handler runs against the account as the
+//! earlier events of the batch left it. Nothing here touches the database.
+
+use chrono::{DateTime, Utc};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use uuid::Uuid;
+
+use crate::account::AccountState;
+use crate::db::events::EventStatus;
+use crate::event::IncomingEvent;
+use crate::handlers::{self, HandlerOutcome};
+use crate::mono::ReauthToken;
+
+/// One delivery of a batch, with the token fetched for it if any.
+#[derive(Clone, Copy)]
+pub struct Candidate<'a> {
+    pub event: &'a IncomingEvent,
+    pub token: Option<&'a ReauthToken>,
+}
+
+/// What the database knows about a batch, loaded under the accounts' row locks.
+#[derive(Debug, Default)]
+pub struct BatchState {
+    /// The batch's accounts (new ones included, as empty rows).
+    pub accounts: HashMap<String, AccountState>,
+    /// Which of them this transaction created.
+    pub created: HashSet<String>,
+    /// Delivery ids of the batch that are journaled already.
+    pub settled: HashSet<Uuid>,
+    /// Journaled, not dead, deliveries with the same bodies as the batch's: body digest → (id, received).
+    pub bodies: HashMap<String, Vec<(Uuid, DateTime<Utc>)>>,
+}
+
+/// What to do with one delivery of the batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Journal with this status (its effect, if any, is in `BatchState::accounts`).
+    Journal {
+        status: EventStatus,
+        note: Option<&'static str>,
+    },
+    /// This delivery id was settled before: ack, no effect.
+    AlreadySettled,
+    /// Needs a re-auth token first; nothing was changed for it.
+    NeedsToken,
+}
+
+/// Decides every candidate in order, changing `state` as a one-by-one worker would.
+pub fn decide(state: &mut BatchState, candidates: &[Candidate<'_>], dedup_window: Duration) -> Vec<Decision> {
+    let window = chrono::Duration::from_std(dedup_window).unwrap_or(chrono::Duration::MAX);
+    candidates
+        .iter()
+        .map(|candidate| {
+            let event = candidate.event;
+            let id = event.record.id;
+            if state.settled.contains(&id) {
+                return Decision::AlreadySettled;
+            }
+            let received = event.received_at;
+            let duplicate = state.bodies.get(&event.record.body_sha256).is_some_and(|copies| {
+                copies
+                    .iter()
+                    .any(|(other, at)| *other != id && (*at - received).abs() <= window)
+            });
+            let (status, note) = if duplicate {
+                (EventStatus::Duplicate, None)
+            } else {
+                let account = match event.kind.needs_account() {
+                    true => state.accounts.get_mut(event.account()),
+                    false => None,
+                };
+                match handlers::apply(account, event, candidate.token) {
+                    HandlerOutcome::Applied => (EventStatus::Processed, None),
+                    HandlerOutcome::Stale => (EventStatus::Stale, None),
+                    HandlerOutcome::Ignored(why) => (EventStatus::Ignored, Some(why)),
+                    HandlerOutcome::NeedsToken => return Decision::NeedsToken,
+                }
+            };
+            state.settled.insert(id);
+            state
+                .bodies
+                .entry(event.record.body_sha256.clone())
+                .or_default()
+                .push((id, received));
+            Decision::Journal { status, note }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handlers::test_support::event_at;
+    use chrono::Duration as Span;
+
+    const WINDOW: Duration = Duration::from_secs(600);
+
+    fn state_with_account() -> BatchState {
+        let mut state = BatchState::default();
+        state.accounts.insert("a1".into(), AccountState::new("a1"));
+        state
+    }
+
+    fn candidates<'a>(events: &'a [IncomingEvent], token: Option<&'a ReauthToken>) -> Vec<Candidate<'a>> {
+        events.iter().map(|event| Candidate { event, token }).collect()
+    }
+
+    #[test]
+    fn a_copy_later_in_the_same_batch_is_a_duplicate() {
+        let now = Utc::now();
+        let first = event_at("mono.events.account_updated", now, serde_json::json!({}));
+        let mut copy = first.clone();
+        copy.record.id = Uuid::now_v7();
+        let events = [first, copy];
+        let mut state = state_with_account();
+
+        let decisions = decide(&mut state, &candidates(&events, None), WINDOW);
+
+        assert_eq!(
+            decisions[0],
+            Decision::Journal {
+                status: EventStatus::Processed,
+                note: None
+            }
+        );
+        assert_eq!(
+            decisions[1],
+            Decision::Journal {
+                status: EventStatus::Duplicate,
+                note: None
+            }
+        );
+    }
+
+    #[test]
+    fn the_same_id_twice_has_one_effect() {
+        let event = event_at("mono.events.account_updated", Utc::now(), serde_json::json!({}));
+        let events = [event.clone(), event];
+        let mut state = state_with_account();
+
+        let decisions = decide(&mut state, &candidates(&events, None), WINDOW);
+
+        assert_eq!(decisions[1], Decision::AlreadySettled);
+    }
+
+    #[test]
+    fn a_journaled_copy_outside_the_window_is_not_a_duplicate() {
+        let now = Utc::now();
+        let event = event_at("mono.events.account_updated", now, serde_json::json!({}));
+        let mut state = state_with_account();
+        state.bodies.insert(
+            event.record.body_sha256.clone(),
+            vec![(Uuid::now_v7(), now - Span::seconds(601))],
+        );
+        let events = [event];
+
+        let decisions = decide(&mut state, &candidates(&events, None), WINDOW);
+
+        assert_eq!(
+            decisions[0],
+            Decision::Journal {
+                status: EventStatus::Processed,
+                note: None
+            }
+        );
+    }
+
+    #[test]
+    fn events_for_one_account_apply_in_order_within_a_batch() {
+        let now = Utc::now();
+        let required = event_at("mono.events.reauthorisation_required", now, serde_json::json!({}));
+        let reauthorized = event_at(
+            "mono.events.account_reauthorized",
+            now + Span::seconds(1),
+            serde_json::json!({}),
+        );
+        let token = ReauthToken::for_tests("tok", now);
+        let events = [required, reauthorized];
+        let mut state = state_with_account();
+
+        let decisions = decide(&mut state, &candidates(&events, Some(&token)), WINDOW);
+
+        assert!(decisions.iter().all(|d| *d
+            == Decision::Journal {
+                status: EventStatus::Processed,
+                note: None
+            }));
+        let account = &state.accounts["a1"];
+        assert!(!account.reauth_required, "the later re-authorisation wins");
+        assert_eq!(account.reauth_token, None);
+    }
+
+    #[test]
+    fn a_reauth_without_a_token_changes_nothing_and_is_not_journaled() {
+        let event = event_at(
+            "mono.events.reauthorisation_required",
+            Utc::now(),
+            serde_json::json!({}),
+        );
+        let events = [event];
+        let mut state = state_with_account();
+
+        let decisions = decide(&mut state, &candidates(&events, None), WINDOW);
+
+        assert_eq!(decisions[0], Decision::NeedsToken);
+        assert!(state.settled.is_empty() && state.bodies.is_empty());
+        assert!(!state.accounts["a1"].changed);
+    }
+
+    #[test]
+    fn events_without_an_account_are_ignored_with_a_note() {
+        let event = event_at("mono.events.new_transaction", Utc::now(), serde_json::json!({}));
+        let events = [event];
+        let mut state = BatchState::default();
+
+        let decisions = decide(&mut state, &candidates(&events, None), WINDOW);
+
+        assert_eq!(
+            decisions[0],
+            Decision::Journal {
+                status: EventStatus::Ignored,
+                note: Some("event not handled by monohook")
+            }
+        );
+    }
+}

@@ -1,0 +1,431 @@
+//! The path of every delivery of one broker session, from the consumer to its ack.
+//!
+//! ```text
+//! consumer ─▶ accept ─┬─ poison ─────────────────────────────────────────────▶ dead letters ─▶ ack
+//!                     └─▶ batcher ─▶ processor (one transaction per batch) ─┬─ settled ───────▶ ack
+//!                            ▲                                              ├─ refused ─▶ dead ─▶ ack
+//!                            └──────── token ◀── tokens (Mono, breaker) ◀───┴─ needs token
+//!                                                      └─ park / retry / refused ─▶ tier or dead ─▶ ack
+//! ```
+//!
+//! The batcher takes whatever deliveries are waiting (up to `BATCH_MAX`) as soon as one of
+//! `BATCH_CONCURRENCY` transaction slots is free, so batches grow under load and a lone delivery
+//! waits for nobody. Deliveries that need a token leave the batch, get it outside any transaction,
+//! and come back to the batcher with it.
+
+use lapin::message::Delivery;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::acks::AckTracker;
+use crate::batch::Candidate;
+use crate::db::events::EventRecord;
+use crate::dlq::Republisher;
+use crate::event::IncomingEvent;
+use crate::mono::ReauthToken;
+use crate::processor::{ItemOutcome, Processor};
+use crate::tokens::{TokenFetcher, TokenOutcome};
+use shared::delivery::{AttemptHistory, DeliveryMeta, as_u32};
+use shared::event::EventKind;
+use shared::topology::Topology;
+
+/// What every session's pipeline shares.
+pub struct PipelineSettings {
+    pub processor: Arc<Processor>,
+    pub tokens: Arc<TokenFetcher>,
+    pub topology: Topology,
+    pub batch_max: usize,
+    pub batch_concurrency: usize,
+}
+
+/// Why a delivery is dead (the `x-dead-class` header and the metric label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeadClass {
+    /// Not an event, or handed out too many times.
+    Poison,
+    /// Mono refused the account, or the database refused the event.
+    Permanent,
+    /// Every retry tier was used up.
+    Exhausted,
+}
+
+impl DeadClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Poison => "poison",
+            Self::Permanent => "permanent",
+            Self::Exhausted => "exhausted",
+        }
+    }
+}
+
+/// One delivery on its way through the pipeline.
+struct Work {
+    delivery: Delivery,
+    history: AttemptHistory,
+    event: IncomingEvent,
+    token: Option<ReauthToken>,
+    span: tracing::Span,
+    started: Instant,
+}
+
+pub struct Pipeline {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: Arc<PipelineSettings>,
+    republisher: Arc<Republisher>,
+    acks: Arc<AckTracker>,
+    input: mpsc::UnboundedSender<Work>,
+    /// Fired when in-flight work must stop waiting: the session is gone or the grace period is over.
+    abandon: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Pipeline {
+    pub fn start(
+        settings: Arc<PipelineSettings>,
+        republisher: Arc<Republisher>,
+        acks: Arc<AckTracker>,
+    ) -> Self {
+        let (input, output) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            settings,
+            republisher,
+            acks,
+            input,
+            abandon: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        inner.tasks.spawn(run_batcher(inner.clone(), output));
+        Self { inner }
+    }
+
+    /// Takes one delivery from the consumer.
+    pub fn accept(&self, delivery: Delivery) {
+        let inner = &self.inner;
+        inner.acks.received(delivery.delivery_tag);
+        let meta = DeliveryMeta::from_properties(&delivery.properties, &delivery.data);
+        let history = AttemptHistory::from_properties(&delivery.properties);
+        let handed_out = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-delivery-count"))
+            .and_then(as_u32)
+            .unwrap_or(0);
+        let (record, parsed) = IncomingEvent::parse(&delivery.data, &meta, &history);
+        let span = tracing::info_span!(
+            "delivery",
+            delivery_id = %meta.id,
+            event = record.event.as_str(),
+            account = record.account_id.as_deref().unwrap_or_default(),
+            attempt = history.previous_attempts + 1,
+        );
+        let started = Instant::now();
+        let event = match parsed {
+            Ok(event) => event,
+            Err(malformed) => {
+                let task = inner.clone().dead_letter(
+                    delivery,
+                    history,
+                    record,
+                    malformed.to_string(),
+                    DeadClass::Poison,
+                    started,
+                );
+                inner.tasks.spawn(task.instrument(span));
+                return;
+            }
+        };
+        // The broker dead-letters at the delivery limit on its own, but then nothing records why.
+        // Stopping one short keeps the dead-letter queue and the journal in agreement.
+        let limit = inner.settings.topology.delivery_limit();
+        if handed_out + 1 >= limit {
+            let reason = format!(
+                "handed out {} times without being settled (does it crash the worker?)",
+                handed_out + 1
+            );
+            let task =
+                inner
+                    .clone()
+                    .dead_letter(delivery, history, record, reason, DeadClass::Poison, started);
+            inner.tasks.spawn(task.instrument(span));
+            return;
+        }
+        let _ = inner.input.send(Work {
+            delivery,
+            history,
+            event,
+            token: None,
+            span,
+            started,
+        });
+    }
+
+    /// Deliveries received and not yet settled.
+    pub fn outstanding(&self) -> usize {
+        self.inner.acks.outstanding()
+    }
+
+    /// Waits until every received delivery is settled, or `grace` is over. Returns whether all were.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.outstanding() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Stops all work of this session; unsettled deliveries return to the queue when it closes.
+    pub async fn abandon(&self) {
+        self.inner.abandon.cancel();
+        self.inner.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.tasks.wait()).await;
+    }
+}
+
+async fn run_batcher(inner: Arc<Inner>, mut output: mpsc::UnboundedReceiver<Work>) {
+    let slots = Arc::new(Semaphore::new(inner.settings.batch_concurrency.max(1)));
+    loop {
+        let first = tokio::select! {
+            work = output.recv() => match work { Some(work) => work, None => return },
+            () = inner.abandon.cancelled() => return,
+        };
+        // Waiting for a free slot lets the next batch grow meanwhile.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = inner.abandon.cancelled() => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < inner.settings.batch_max {
+            match output.try_recv() {
+                Ok(work) => batch.push(work),
+                Err(_) => break,
+            }
+        }
+        let inner = inner.clone();
+        inner.tasks.clone().spawn(async move {
+            inner.run_batch(batch).await;
+            drop(slot);
+        });
+    }
+}
+
+impl Inner {
+    async fn run_batch(self: &Arc<Self>, batch: Vec<Work>) {
+        let candidates: Vec<Candidate<'_>> = batch
+            .iter()
+            .map(|work| Candidate {
+                event: &work.event,
+                token: work.token.as_ref(),
+            })
+            .collect();
+        let outcomes = self
+            .settings
+            .processor
+            .apply_batch(&candidates, &self.abandon)
+            .await;
+        drop(candidates);
+        let committed_at = chrono::Utc::now();
+        let mut acks = Vec::with_capacity(batch.len());
+        for (work, outcome) in batch.into_iter().zip(outcomes) {
+            match outcome {
+                ItemOutcome::Settled(status) => {
+                    work.span
+                        .in_scope(|| tracing::info!(status = status.as_str(), "delivery settled"));
+                    let lag = (committed_at - work.event.received_at)
+                        .to_std()
+                        .unwrap_or_default();
+                    metrics::histogram!("monohook_worker_end_to_end_lag_seconds").record(lag.as_secs_f64());
+                    finished(&work.event, status.as_str(), work.started);
+                    acks.push(work.delivery.delivery_tag);
+                }
+                ItemOutcome::AlreadySettled => {
+                    work.span
+                        .in_scope(|| tracing::info!("delivery was settled before (redelivery); no effect"));
+                    finished(&work.event, "redelivered", work.started);
+                    acks.push(work.delivery.delivery_tag);
+                }
+                ItemOutcome::NeedsToken => {
+                    let span = work.span.clone();
+                    self.tasks.spawn(self.clone().fetch_token(work).instrument(span));
+                }
+                ItemOutcome::Refused { reason } => {
+                    let span = work.span.clone();
+                    let task = self.clone().dead_letter(
+                        work.delivery,
+                        work.history,
+                        work.event.record,
+                        reason,
+                        DeadClass::Permanent,
+                        work.started,
+                    );
+                    self.tasks.spawn(task.instrument(span));
+                }
+                ItemOutcome::Abandoned => {
+                    work.span
+                        .in_scope(|| tracing::info!("delivery abandoned; it returns to the queue"));
+                    finished(&work.event, "abandoned", work.started);
+                }
+            }
+        }
+        self.acks.settle(&acks).await;
+    }
+
+    async fn fetch_token(self: Arc<Self>, mut work: Work) {
+        let account = work
+            .event
+            .account_id
+            .clone()
+            .expect("re-auth events carry an account id");
+        match self.settings.tokens.fetch(&account, &self.abandon).await {
+            TokenOutcome::Token(token) => {
+                work.token = Some(token);
+                let _ = self.input.send(work);
+            }
+            TokenOutcome::Park { reason } => {
+                let moved = self
+                    .republisher
+                    .park(&work.delivery, &work.history, &reason)
+                    .await;
+                self.settle_move(work, moved.map(|()| "parked"), &reason, 1).await;
+            }
+            TokenOutcome::Retry { reason } => {
+                let tier = (work.history.previous_attempts + 1) as usize;
+                if tier <= self.settings.topology.retry_delays().len() {
+                    let moved = self
+                        .republisher
+                        .to_retry_tier(&work.delivery, tier, &work.history, &reason)
+                        .await;
+                    metrics::counter!("monohook_worker_retries_total", "tier" => tier.to_string())
+                        .increment(1);
+                    self.settle_move(work, moved.map(|()| "retried"), &reason, tier)
+                        .await;
+                } else {
+                    let reason = format!("retries exhausted: {reason}");
+                    self.dead_letter(
+                        work.delivery,
+                        work.history,
+                        work.event.record,
+                        reason,
+                        DeadClass::Exhausted,
+                        work.started,
+                    )
+                    .await;
+                }
+            }
+            TokenOutcome::Refused { reason } => {
+                self.dead_letter(
+                    work.delivery,
+                    work.history,
+                    work.event.record,
+                    reason,
+                    DeadClass::Permanent,
+                    work.started,
+                )
+                .await;
+            }
+            TokenOutcome::Abandoned => {
+                tracing::info!("delivery abandoned; it returns to the queue");
+                finished(&work.event, "abandoned", work.started);
+            }
+        }
+    }
+
+    /// Acks a delivery moved to a retry tier, or leaves it if the move failed.
+    async fn settle_move(
+        &self,
+        work: Work,
+        moved: Result<&'static str, crate::dlq::RepublishError>,
+        reason: &str,
+        tier: usize,
+    ) {
+        match moved {
+            Ok(outcome) => {
+                let delay = self
+                    .settings
+                    .topology
+                    .retry_delays()
+                    .get(tier - 1)
+                    .copied()
+                    .unwrap_or_default();
+                tracing::warn!(%reason, tier, retry_in = ?delay, outcome, "moved to a retry tier");
+                finished(&work.event, outcome, work.started);
+                self.acks.settle(&[work.delivery.delivery_tag]).await;
+            }
+            Err(error) => tracing::warn!(%error, "cannot move to a retry tier; the delivery will come back"),
+        }
+    }
+
+    /// Copies the delivery into the dead-letter queue, journals it, then acks it.
+    async fn dead_letter(
+        self: Arc<Self>,
+        delivery: Delivery,
+        history: AttemptHistory,
+        record: EventRecord,
+        reason: String,
+        class: DeadClass,
+        started: Instant,
+    ) {
+        if let Err(error) = self
+            .republisher
+            .to_dead_letters(&delivery, &history, &reason, class)
+            .await
+        {
+            tracing::warn!(%error, "cannot dead-letter; the delivery will come back");
+            return;
+        }
+        tracing::warn!(%reason, class = class.as_str(), "dead-lettered");
+        metrics::counter!("monohook_worker_dead_letters_total", "class" => class.as_str()).increment(1);
+        let label = event_label(
+            &shared::event::EventKind::from_name(&record.event),
+            !record.event.is_empty(),
+        );
+        metrics::counter!("monohook_worker_deliveries_total", "event" => label, "outcome" => "dead_lettered")
+            .increment(1);
+        metrics::histogram!("monohook_worker_processing_seconds", "event" => label)
+            .record(started.elapsed().as_secs_f64());
+        if self
+            .settings
+            .processor
+            .record_dead(&record, &reason, &self.abandon)
+            .await
+        {
+            self.acks.settle(&[delivery.delivery_tag]).await;
+        }
+    }
+}
+
+/// Counts a delivery's outcome and how long it took.
+fn finished(event: &IncomingEvent, outcome: &'static str, started: Instant) {
+    let label = event_label(&event.kind, true);
+    metrics::counter!("monohook_worker_deliveries_total", "event" => label, "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!("monohook_worker_processing_seconds", "event" => label)
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// A low-cardinality label for an event: its short name, `other`, or `invalid`.
+fn event_label(kind: &EventKind, parsed: bool) -> &'static str {
+    if !parsed {
+        return "invalid";
+    }
+    match kind {
+        EventKind::ReauthorisationRequired => "reauthorisation_required",
+        EventKind::AccountReauthorized => "account_reauthorized",
+        EventKind::AccountUpdated => "account_updated",
+        EventKind::AccountConnected => "account_connected",
+        EventKind::AccountUnlinked => "account_unlinked",
+        EventKind::SyncFailed => "sync_failed",
+        EventKind::Other(_) => "other",
+    }
+}
