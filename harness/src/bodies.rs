@@ -53,9 +53,6 @@ mod tests {
         let body = account_updated(&account_id(7), 1, 1024);
         assert_eq!(body.len(), 1024);
         let envelope = shared::event::Envelope::parse(&body).unwrap();
-        assert_eq!(
-            envelope.account_id().unwrap().as_str(),
-            "000000000000000000000007"
-        );
+        assert_eq!(envelope.account_id().unwrap().as_str(), "000000000000000000000007");
     }
 }

@@ -15,10 +15,7 @@ pub fn bin_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let exe = std::env::current_exe().expect("cannot find the running executable");
-    let mut dir = exe
-        .parent()
-        .expect("executable without a directory")
-        .to_path_buf();
+    let mut dir = exe.parent().expect("executable without a directory").to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
@@ -45,10 +42,7 @@ impl Service {
     ) -> anyhow::Result<Self> {
         let path = bin_dir().join(binary);
         if !path.exists() {
-            bail!(
-                "{} is missing: build the binaries first (cargo build --bins)",
-                path.display()
-            );
+            bail!("{} is missing: build the binaries first (cargo build --bins)", path.display());
         }
         std::fs::create_dir_all(log_dir)?;
         let log_path = log_dir.join(format!("{name}.log"));
@@ -63,12 +57,7 @@ impl Service {
             .stderr(log)
             .spawn()
             .with_context(|| format!("cannot start {}", path.display()))?;
-        Ok(Self {
-            name: name.to_owned(),
-            child,
-            log_path,
-            exit: None,
-        })
+        Ok(Self { name: name.to_owned(), child, log_path, exit: None })
     }
 
     pub fn pid(&self) -> u32 {

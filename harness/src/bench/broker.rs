@@ -21,27 +21,15 @@ pub async fn connect(url: &str) -> anyhow::Result<Connection> {
 /// A fresh durable quorum queue, like monohook's work queue.
 pub async fn declare_quorum(channel: &Channel, name: &str) -> anyhow::Result<()> {
     let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
+    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
     channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
+        .queue_declare(name.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
         .await?;
     Ok(())
 }
 
 pub async fn delete_queue(channel: &Channel, name: &str) {
-    let _ = channel
-        .queue_delete(name.into(), QueueDeleteOptions::default())
-        .await;
+    let _ = channel.queue_delete(name.into(), QueueDeleteOptions::default()).await;
 }
 
 /// Publishes persistent 1 KiB bodies with confirms for `duration`, keeping `in_flight` publishes
@@ -79,10 +67,7 @@ pub async fn publish_reference(
                     .basic_publish(
                         "".into(),
                         queue.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
+                        BasicPublishOptions { mandatory: true, immediate: false },
                         &body,
                         properties,
                     )
@@ -166,10 +151,7 @@ pub async fn consume_reference(
         .await?;
     let mut received = 0;
     while received < messages {
-        let delivery = consumer
-            .next()
-            .await
-            .ok_or_else(|| anyhow::anyhow!("consumer ended"))??;
+        let delivery = consumer.next().await.ok_or_else(|| anyhow::anyhow!("consumer ended"))??;
         delivery.ack(BasicAckOptions::default()).await?;
         received += 1;
     }

@@ -31,8 +31,16 @@ pub async fn run(config: &BenchConfig, log_dir: &Path) -> anyhow::Result<LoadRes
         ("LISTEN_ADDR", format!("127.0.0.1:{port}")),
         ("LOG_FORMAT", "json".to_owned()),
         // Per-request logs are part of the cost being measured; keep them on as in production.
-        ("RUST_LOG", "info".to_owned()),
+        ("RUST_LOG", std::env::var("BENCH_INGEST_LOG").unwrap_or_else(|_| "info".to_owned())),
     ];
+    // BENCH_INGEST_ENV="HTTP_WORKERS=1,PUBLISH_CHANNELS=2" tries other settings.
+    let extra = std::env::var("BENCH_INGEST_ENV").unwrap_or_default();
+    let mut env = env.to_vec();
+    for pair in extra.split(',').filter(|p| !p.is_empty()) {
+        if let Some((key, value)) = pair.split_once('=') {
+            env.push((Box::leak(key.to_owned().into_boxed_str()), value.to_owned()));
+        }
+    }
     let mut ingest = Service::spawn("bench-ingest", "ingest", &[], &env, log_dir)?;
     wait_until_ready(
         &mut ingest,
@@ -92,9 +100,7 @@ end
 
 fn parse_wrk(report: &str, peak_rss_kib: u64) -> anyhow::Result<LoadResult> {
     let field = |prefix: &str| {
-        report
-            .lines()
-            .find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_owned()))
+        report.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_owned()))
     };
     let Some(rps) = field("Requests/sec:") else {
         bail!("unexpected wrk output:\n{report}");
@@ -102,16 +108,10 @@ fn parse_wrk(report: &str, peak_rss_kib: u64) -> anyhow::Result<LoadResult> {
     let latency = |pct: &str| field(pct).map(|v| parse_duration_ms(&v)).unwrap_or(f64::NAN);
     // Socket errors (connect, read, write, timeout) are failed requests too.
     let socket_errors: u64 = field("Socket errors:")
-        .map(|v| {
-            v.split(|c: char| !c.is_ascii_digit())
-                .filter_map(|n| n.parse::<u64>().ok())
-                .sum()
-        })
+        .map(|v| v.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u64>().ok()).sum())
         .unwrap_or(0);
-    let non_2xx = field("Non-2xx or 3xx responses:")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-        + socket_errors;
+    let non_2xx =
+        field("Non-2xx or 3xx responses:").and_then(|v| v.parse().ok()).unwrap_or(0) + socket_errors;
     Ok(LoadResult {
         requests_per_sec: rps.parse()?,
         p50_ms: latency("50%"),

@@ -29,13 +29,12 @@ pub struct BenchConfig {
     pub database_server: String,
 }
 
-/// The median of `values` (which must not be empty).
+/// The median of `values` (NaN when there are none: a phase that was not run).
 pub fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
     values.sort_by(f64::total_cmp);
     let mid = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[mid]
-    } else {
-        (values[mid - 1] + values[mid]) / 2.0
-    }
+    if values.len() % 2 == 1 { values[mid] } else { (values[mid - 1] + values[mid]) / 2.0 }
 }

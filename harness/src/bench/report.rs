@@ -27,28 +27,13 @@ pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> Stri
     let consume_ref = med(runs.consume_ref.clone());
     let drain = med(runs.drain.iter().map(|r| r.events_per_sec).collect());
     let reauth = med(runs.reauth.iter().map(|r| r.events_per_sec).collect());
-    let ingest_rss = runs
-        .ingest
-        .iter()
-        .map(|r| r.peak_rss_kib)
-        .max()
-        .unwrap_or_default();
-    let worker_rss = runs
-        .drain
-        .iter()
-        .chain(&runs.reauth)
-        .map(|r| r.peak_rss_kib)
-        .max()
-        .unwrap_or_default();
+    let ingest_rss = runs.ingest.iter().map(|r| r.peak_rss_kib).max().unwrap_or_default();
+    let worker_rss = runs.drain.iter().chain(&runs.reauth).map(|r| r.peak_rss_kib).max().unwrap_or_default();
     let mib = |kib: u64| kib as f64 / 1024.0;
     let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
 
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# monohook benchmark, {}\n",
-        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
-    );
+    let _ = writeln!(out, "# monohook benchmark, {}\n", chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"));
     let _ = writeln!(
         out,
         "Medians of {} runs; references and subjects interleaved within each run.\n",
@@ -72,11 +57,7 @@ pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> Stri
         "| ingest latency | p50 {p50:.2} ms, p99 {p99:.2} ms | | | p99 ≤ 20 ms | {} |",
         verdict(p99 <= 20.0)
     );
-    let _ = writeln!(
-        out,
-        "| ingest non-2xx (all runs) | {non_2xx} | | | 0 | {} |",
-        verdict(non_2xx == 0)
-    );
+    let _ = writeln!(out, "| ingest non-2xx (all runs) | {non_2xx} | | | 0 | {} |", verdict(non_2xx == 0));
     let _ = writeln!(
         out,
         "| worker drain, {} events over {} accounts | {:.0} events/s | raw consume with manual acks, prefetch {}: {:.0} msg/s | {:.0} % | ≥ 50 % | {} |",
@@ -150,28 +131,13 @@ pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> Stri
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     let memory = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| {
-            m.lines()
-                .next()
-                .map(|l| l.trim_start_matches("MemTotal:").trim().to_owned())
-        })
+        .and_then(|m| m.lines().next().map(|l| l.trim_start_matches("MemTotal:").trim().to_owned()))
         .unwrap_or_default();
     let _ = writeln!(out, "- CPU: {cpu}, {cores} cores; memory {memory}");
     let _ = writeln!(out, "- {}", command_line("rustc", &["--version"]));
-    let _ = writeln!(
-        out,
-        "- RabbitMQ {}",
-        command_line("rabbitmqctl", &["-q", "version"])
-    );
+    let _ = writeln!(out, "- RabbitMQ {}", command_line("rabbitmqctl", &["-q", "version"]));
     let _ = writeln!(out, "- {postgres_version}");
-    let _ = writeln!(
-        out,
-        "- {}",
-        command_line("wrk", &["--version"])
-            .lines()
-            .next()
-            .unwrap_or_default()
-    );
+    let _ = writeln!(out, "- {}", command_line("wrk", &["--version"]).lines().next().unwrap_or_default());
     let _ = writeln!(
         out,
         "- load: wrk -t2 -c{} -d{}s, {} B bodies; all processes share the machine's cores",

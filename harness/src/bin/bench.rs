@@ -35,20 +35,19 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     mono_latency_ms: u64,
     /// The worker's PREFETCH in the drain (and the consume reference's prefetch).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     prefetch: u16,
     /// The worker's PREFETCH in the re-auth phase.
     #[arg(long, default_value_t = 256)]
     reauth_prefetch: u16,
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
     /// PostgreSQL server URL without a database name.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
     database_server: String,
+    /// Only these phases (for investigating one figure; the report needs all of them).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Where to write the report.
     #[arg(long, default_value = "bench/results")]
     out_dir: PathBuf,
@@ -73,48 +72,51 @@ async fn main() -> anyhow::Result<()> {
     };
     let log_dir = PathBuf::from("target/bench-logs");
     let mut runs = Runs::default();
+    let wanted = |phase: &str| args.only.is_empty() || args.only.iter().any(|p| p == phase);
     for run in 1..=config.runs {
-        eprintln!("run {run}/{}: raw publish reference", config.runs);
-        runs.publish_ref.push(
-            broker::publish_reference(
-                &config.amqp_url,
-                config.connections,
-                4,
-                config.load_duration,
-                config.body_bytes,
-            )
-            .await?,
-        );
-        eprintln!("run {run}/{}: ingest under HTTP load", config.runs);
-        runs.ingest.push(ingest_load::run(&config, &log_dir).await?);
-        eprintln!("run {run}/{}: raw consume reference", config.runs);
-        runs.consume_ref.push(
-            broker::consume_reference(
-                &config.amqp_url,
-                config.drain_events,
-                config.prefetch,
-                config.body_bytes,
-            )
-            .await?,
-        );
-        eprintln!("run {run}/{}: worker drain", config.runs);
-        runs.drain
-            .push(worker_drain::run(&config, Workload::AccountUpdates, &log_dir).await?);
-        eprintln!("run {run}/{}: worker re-auth", config.runs);
-        runs.reauth
-            .push(worker_drain::run(&config, Workload::Reauths, &log_dir).await?);
+        if wanted("publish") {
+            eprintln!("run {run}/{}: raw publish reference", config.runs);
+            runs.publish_ref.push(
+                broker::publish_reference(
+                    &config.amqp_url,
+                    config.connections,
+                    4,
+                    config.load_duration,
+                    config.body_bytes,
+                )
+                .await?,
+            );
+        }
+        if wanted("ingest") {
+            eprintln!("run {run}/{}: ingest under HTTP load", config.runs);
+            runs.ingest.push(ingest_load::run(&config, &log_dir).await?);
+        }
+        if wanted("consume") {
+            eprintln!("run {run}/{}: raw consume reference", config.runs);
+            runs.consume_ref.push(
+                broker::consume_reference(
+                    &config.amqp_url,
+                    config.drain_events,
+                    config.prefetch,
+                    config.body_bytes,
+                )
+                .await?,
+            );
+        }
+        if wanted("drain") {
+            eprintln!("run {run}/{}: worker drain", config.runs);
+            runs.drain.push(worker_drain::run(&config, Workload::AccountUpdates, &log_dir).await?);
+        }
+        if wanted("reauth") {
+            eprintln!("run {run}/{}: worker re-auth", config.runs);
+            runs.reauth.push(worker_drain::run(&config, Workload::Reauths, &log_dir).await?);
+        }
     }
     let admin = sqlx::PgPool::connect(&format!("{}/postgres", config.database_server)).await?;
     let postgres_version: String = sqlx::query_scalar("SELECT version()").fetch_one(&admin).await?;
-    let markdown = report::render(
-        &config,
-        &runs,
-        postgres_version.split(" on ").next().unwrap_or_default(),
-    );
+    let markdown = report::render(&config, &runs, postgres_version.split(" on ").next().unwrap_or_default());
     std::fs::create_dir_all(&args.out_dir)?;
-    let path = args
-        .out_dir
-        .join(format!("{}.md", chrono::Utc::now().format("%Y-%m-%d")));
+    let path = args.out_dir.join(format!("{}.md", chrono::Utc::now().format("%Y-%m-%d")));
     std::fs::write(&path, &markdown)?;
     println!("{markdown}\nwritten to {}", path.display());
     Ok(())
