@@ -20,9 +20,7 @@ impl WebhookSecrets {
         let guess = digest(provided);
         self.digests
             .iter()
-            .fold(subtle::Choice::from(0), |matched, secret| {
-                matched | secret.ct_eq(&guess)
-            })
+            .fold(subtle::Choice::from(0), |matched, secret| matched | secret.ct_eq(&guess))
             .into()
     }
 

@@ -68,12 +68,7 @@ impl Publisher {
     /// misconfigured process stops at start with a clear error.
     pub async fn connect(settings: PublisherSettings) -> Result<Self, SessionError> {
         let session = open_session(&settings).await?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                settings,
-                session: RwLock::new(Some(Arc::new(session))),
-            }),
-        })
+        Ok(Self { inner: Arc::new(Inner { settings, session: RwLock::new(Some(Arc::new(session))) }) })
     }
 
     /// Publishes `body` to the exchange with `routing_key`, persistent and mandatory, and waits for
@@ -94,10 +89,7 @@ impl Publisher {
                     exchange.into(),
                     routing_key.into(),
                     // Mandatory: an unroutable message comes back instead of vanishing.
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
+                    BasicPublishOptions { mandatory: true, immediate: false },
                     body,
                     properties,
                 )
@@ -171,18 +163,11 @@ impl Publisher {
     }
 
     fn current(&self) -> Option<Arc<Session>> {
-        self.inner
-            .session
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner.session.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn replace(&self, session: Option<Arc<Session>>) -> Option<Arc<Session>> {
-        std::mem::replace(
-            &mut *self.inner.session.write().unwrap_or_else(|e| e.into_inner()),
-            session,
-        )
+        std::mem::replace(&mut *self.inner.session.write().unwrap_or_else(|e| e.into_inner()), session)
     }
 }
 
@@ -226,16 +211,9 @@ async fn open_session(settings: &PublisherSettings) -> Result<Session, SessionEr
     let mut channels = Vec::with_capacity(settings.channels.max(1));
     for _ in 0..settings.channels.max(1) {
         let channel = connection.create_channel().await.map_err(SessionError::Channel)?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(SessionError::Channel)?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(SessionError::Channel)?;
         channels.push(channel);
     }
     settings.topology.declare(&channels[0]).await?;
-    Ok(Session {
-        connection,
-        channels,
-        next_channel: AtomicUsize::new(0),
-    })
+    Ok(Session { connection, channels, next_channel: AtomicUsize::new(0) })
 }

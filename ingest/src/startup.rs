@@ -75,12 +75,7 @@ impl Application {
         .listen(listener)?
         .run();
 
-        Ok(Self {
-            port,
-            server,
-            publisher,
-            cancel,
-        })
+        Ok(Self { port, server, publisher, cancel })
     }
 
     /// The port the server is bound to (useful with `LISTEN_ADDR=...:0`).

@@ -21,12 +21,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SIM_LISTEN_ADDR", default_value = "127.0.0.1:8099")]
     pub listen_addr: SocketAddr,
     /// The secret key callers must send as `mono-sec-key`.
-    #[arg(
-        long,
-        env = "SIM_SECRET_KEY",
-        default_value = "sim_sk_local",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "SIM_SECRET_KEY", default_value = "sim_sk_local", hide_env_values = true)]
     pub secret_key: String,
     /// Delay before every answer, in ms.
     #[arg(long, env = "SIM_LATENCY_MS", default_value_t = 0)]
@@ -82,11 +77,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         failure_rate: args.failure_rate,
         failure_mode: args.failure_mode,
         retry_after_secs: args.retry_after_secs,
-        reject_accounts: args
-            .reject_accounts
-            .into_iter()
-            .filter(|a| !a.is_empty())
-            .collect(),
+        reject_accounts: args.reject_accounts.into_iter().filter(|a| !a.is_empty()).collect(),
     };
     let state = web::Data::new(SimState {
         secret_key: args.secret_key,
@@ -117,15 +108,9 @@ async fn reauthorise(
     if knobs.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(knobs.latency_ms)).await;
     }
-    let key = request
-        .headers()
-        .get("mono-sec-key")
-        .and_then(|v| v.to_str().ok());
+    let key = request.headers().get("mono-sec-key").and_then(|v| v.to_str().ok());
     let (outcome, response) = if key != Some(state.secret_key.as_str()) {
-        (
-            "unauthorized",
-            HttpResponse::Unauthorized().json(json!({ "message": "Invalid secret key" })),
-        )
+        ("unauthorized", HttpResponse::Unauthorized().json(json!({ "message": "Invalid secret key" })))
     } else if knobs.reject_accounts.contains(id.as_str()) {
         (
             "rejected",
@@ -158,12 +143,7 @@ async fn reauthorise(
 }
 
 fn count(state: &SimState, outcome: &'static str) {
-    *state
-        .stats
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(outcome)
-        .or_default() += 1;
+    *state.stats.lock().unwrap_or_else(|e| e.into_inner()).entry(outcome).or_default() += 1;
 }
 
 async fn get_config(state: web::Data<SimState>) -> HttpResponse {

@@ -7,11 +7,7 @@ use std::time::Duration;
 #[derive(Args, Clone, Debug)]
 pub struct Target {
     /// The ingest's webhook URL.
-    #[arg(
-        long,
-        env = "INGEST_URL",
-        default_value = "http://127.0.0.1:8080/webhooks/mono"
-    )]
+    #[arg(long, env = "INGEST_URL", default_value = "http://127.0.0.1:8080/webhooks/mono")]
     pub ingest_url: String,
     /// The secret to send as `mono-webhook-secret`.
     #[arg(long, env = "MONO_WEBHOOK_SECRET", hide_env_values = true)]
@@ -97,11 +93,7 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
 
 pub async fn story(args: StoryArgs) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
-    let steps = [
-        Event::ReauthorisationRequired,
-        Event::AccountReauthorized,
-        Event::AccountUpdated,
-    ];
+    let steps = [Event::ReauthorisationRequired, Event::AccountReauthorized, Event::AccountUpdated];
     for (index, event) in steps.into_iter().enumerate() {
         if index > 0 {
             tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;

@@ -19,27 +19,14 @@ impl Drop for Sim {
 }
 
 async fn start_sim(extra: &[&str]) -> Sim {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let child = Command::new(env!("CARGO_BIN_EXE_mono-sim"))
-        .args([
-            "serve",
-            "--listen-addr",
-            &format!("127.0.0.1:{port}"),
-            "--secret-key",
-            "sk_test",
-        ])
+        .args(["serve", "--listen-addr", &format!("127.0.0.1:{port}"), "--secret-key", "sk_test"])
         .args(extra)
         .spawn()
         .unwrap();
     // Owned by `Sim` at once, so that its `Drop` kills and reaps the child whatever happens next.
-    let sim = Sim {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    };
+    let sim = Sim { child, base: format!("http://127.0.0.1:{port}") };
     for _ in 0..200 {
         if reqwest::get(format!("{}/_sim/config", sim.base)).await.is_ok() {
             return sim;
@@ -87,36 +74,19 @@ async fn rejected_accounts_get_monos_400() {
 
 #[tokio::test]
 async fn failures_follow_the_knobs_which_change_at_run_time() {
-    let sim = start_sim(&[
-        "--failure-rate",
-        "1",
-        "--failure-mode",
-        "429",
-        "--retry-after-secs",
-        "3",
-    ])
-    .await;
+    let sim = start_sim(&["--failure-rate", "1", "--failure-mode", "429", "--retry-after-secs", "3"]).await;
 
     let limited = reauthorise(&sim, "a1", "sk_test").await;
     assert_eq!(limited.status().as_u16(), 429);
     assert_eq!(limited.headers()["retry-after"], "3");
 
     let knobs = json!({ "latency_ms": 0, "failure_rate": 1.0, "failure_mode": "500", "retry_after_secs": 1, "reject_accounts": [] });
-    let set = reqwest::Client::new()
-        .post(format!("{}/_sim/config", sim.base))
-        .json(&knobs)
-        .send()
-        .await
-        .unwrap();
+    let set =
+        reqwest::Client::new().post(format!("{}/_sim/config", sim.base)).json(&knobs).send().await.unwrap();
     assert_eq!(set.status().as_u16(), 200);
     assert_eq!(reauthorise(&sim, "a1", "sk_test").await.status().as_u16(), 500);
 
-    let stats: Value = reqwest::get(format!("{}/_sim/stats", sim.base))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = reqwest::get(format!("{}/_sim/stats", sim.base)).await.unwrap().json().await.unwrap();
     assert_eq!(stats, json!({ "failed_429": 1, "failed_500": 1 }));
 }
 
@@ -136,13 +106,7 @@ async fn send_posts_a_mono_shaped_webhook_with_the_secret() {
         .await;
 
     let status = Command::new(env!("CARGO_BIN_EXE_mono-sim"))
-        .args([
-            "send",
-            "--ingest-url",
-            &format!("{}/webhooks/mono", ingest.uri()),
-            "--secret",
-            "whsec",
-        ])
+        .args(["send", "--ingest-url", &format!("{}/webhooks/mono", ingest.uri()), "--secret", "whsec"])
         .args(["--event", "reauthorisation-required", "--account", "acc-9"])
         .status()
         .unwrap();
@@ -153,19 +117,10 @@ async fn send_posts_a_mono_shaped_webhook_with_the_secret() {
 #[tokio::test]
 async fn send_fails_loudly_when_ingest_refuses() {
     let ingest = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(401))
-        .mount(&ingest)
-        .await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(401)).mount(&ingest).await;
 
     let output = Command::new(env!("CARGO_BIN_EXE_mono-sim"))
-        .args([
-            "send",
-            "--ingest-url",
-            &format!("{}/webhooks/mono", ingest.uri()),
-            "--secret",
-            "wrong",
-        ])
+        .args(["send", "--ingest-url", &format!("{}/webhooks/mono", ingest.uri()), "--secret", "wrong"])
         .args(["--event", "account-updated", "--account", "acc-9"])
         .output()
         .unwrap();

@@ -42,9 +42,7 @@ pub async fn connect(url: &SecretString, name: &str) -> Result<Connection, Conne
     let raw = url.expose_secret();
     let shown = redact_url(raw);
     // AMQPUri's parse error can echo the input; never let it reach a log.
-    let mut uri: AMQPUri = raw
-        .parse()
-        .map_err(|_: String| ConnectError::InvalidUrl(shown.clone()))?;
+    let mut uri: AMQPUri = raw.parse().map_err(|_: String| ConnectError::InvalidUrl(shown.clone()))?;
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, properties)).await {

@@ -51,10 +51,7 @@ impl BrokerArgs {
     pub fn topology(&self) -> Topology {
         Topology::new(
             &self.queue_prefix,
-            self.retry_delays_secs
-                .iter()
-                .map(|s| Duration::from_secs(*s))
-                .collect(),
+            self.retry_delays_secs.iter().map(|s| Duration::from_secs(*s)).collect(),
             self.delivery_limit,
         )
     }
@@ -129,11 +126,7 @@ fn missing_settings(command: &clap::Command, error: &clap::Error) -> String {
     let names: Vec<String> = reported
         .iter()
         .map(|shown| {
-            let long = shown
-                .trim_start_matches("--")
-                .split([' ', '='])
-                .next()
-                .unwrap_or_default();
+            let long = shown.trim_start_matches("--").split([' ', '=']).next().unwrap_or_default();
             let env = command
                 .get_arguments()
                 .find(|arg| arg.get_long() == Some(long))
@@ -145,11 +138,7 @@ fn missing_settings(command: &clap::Command, error: &clap::Error) -> String {
             }
         })
         .collect();
-    if names.is_empty() {
-        error.kind().to_string()
-    } else {
-        names.join(", ")
-    }
+    if names.is_empty() { error.kind().to_string() } else { names.join(", ") }
 }
 
 /// Wraps a setting in `SecretString` so that `Debug` prints `[REDACTED]`.
@@ -179,23 +168,11 @@ mod tests {
 
     #[test]
     fn redact_url_hides_passwords_and_keeps_the_rest() {
-        assert_eq!(
-            redact_url("amqp://guest:s3cret@rabbit:5672/%2f"),
-            "amqp://guest:***@rabbit:5672/%2f"
-        );
-        assert_eq!(
-            redact_url("postgres://app:p@ss@db/monohook"),
-            "postgres://app:***@db/monohook"
-        );
-        assert_eq!(
-            redact_url("postgres://app:pa/ss@db/monohook"),
-            "postgres://app:***@db/monohook"
-        );
+        assert_eq!(redact_url("amqp://guest:s3cret@rabbit:5672/%2f"), "amqp://guest:***@rabbit:5672/%2f");
+        assert_eq!(redact_url("postgres://app:p@ss@db/monohook"), "postgres://app:***@db/monohook");
+        assert_eq!(redact_url("postgres://app:pa/ss@db/monohook"), "postgres://app:***@db/monohook");
         assert_eq!(redact_url("postgres://db/monohook"), "postgres://db/monohook");
-        assert_eq!(
-            redact_url("postgres://app@db/monohook"),
-            "postgres://app@db/monohook"
-        );
+        assert_eq!(redact_url("postgres://app@db/monohook"), "postgres://app@db/monohook");
         assert_eq!(redact_url("not a url"), "<unparseable url>");
     }
 }

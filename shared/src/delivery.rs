@@ -76,20 +76,13 @@ pub struct DeliveryMeta {
 impl DeliveryMeta {
     /// Stamps a webhook received now.
     pub fn stamp(body: &[u8]) -> Self {
-        Self {
-            id: DeliveryId::new(),
-            received_at: now_millis(),
-            body_sha256: hex::encode(sha256(body)),
-        }
+        Self { id: DeliveryId::new(), received_at: now_millis(), body_sha256: hex::encode(sha256(body)) }
     }
 
     /// The properties of the persistent message ingest publishes.
     pub fn to_properties(&self) -> BasicProperties {
         let mut headers = FieldTable::default();
-        headers.insert(
-            HEADER_RECEIVED_AT.into(),
-            long_string(&format_time(self.received_at)),
-        );
+        headers.insert(HEADER_RECEIVED_AT.into(), long_string(&format_time(self.received_at)));
         headers.insert(HEADER_BODY_SHA256.into(), long_string(&self.body_sha256));
         BasicProperties::default()
             .with_message_id(ShortString::from(self.id.to_string()))
@@ -115,16 +108,10 @@ impl DeliveryMeta {
             .and_then(|raw| DateTime::parse_from_rfc3339(&raw).ok())
             .map(|t| t.with_timezone(&Utc))
             .or_else(|| {
-                properties
-                    .timestamp()
-                    .and_then(|secs| DateTime::from_timestamp(i64::try_from(secs).ok()?, 0))
+                properties.timestamp().and_then(|secs| DateTime::from_timestamp(i64::try_from(secs).ok()?, 0))
             })
             .unwrap_or_else(now_millis);
-        Self {
-            id,
-            received_at,
-            body_sha256: hex::encode(digest),
-        }
+        Self { id, received_at, body_sha256: hex::encode(digest) }
     }
 }
 
@@ -139,18 +126,13 @@ pub struct AttemptHistory {
 impl AttemptHistory {
     pub fn from_properties(properties: &BasicProperties) -> Self {
         let headers = properties.headers().as_ref();
-        let previous_attempts = headers
-            .and_then(|h| h.inner().get(HEADER_ATTEMPTS))
-            .and_then(as_u32)
-            .unwrap_or(0);
+        let previous_attempts =
+            headers.and_then(|h| h.inner().get(HEADER_ATTEMPTS)).and_then(as_u32).unwrap_or(0);
         let first_attempt_at = headers
             .and_then(|h| header_str(h, HEADER_FIRST_ATTEMPT_AT))
             .and_then(|raw| DateTime::parse_from_rfc3339(&raw).ok())
             .map(|t| t.with_timezone(&Utc));
-        Self {
-            previous_attempts,
-            first_attempt_at,
-        }
+        Self { previous_attempts, first_attempt_at }
     }
 }
 
@@ -237,9 +219,6 @@ mod tests {
         headers.insert(HEADER_ATTEMPTS.into(), AMQPValue::LongUInt(3));
         let properties = BasicProperties::default().with_headers(headers);
         assert_eq!(AttemptHistory::from_properties(&properties).previous_attempts, 3);
-        assert_eq!(
-            AttemptHistory::from_properties(&BasicProperties::default()).previous_attempts,
-            0
-        );
+        assert_eq!(AttemptHistory::from_properties(&BasicProperties::default()).previous_attempts, 0);
     }
 }

@@ -100,13 +100,9 @@ impl<'a> Envelope<'a> {
     /// `data.account._id`, then `data.account.id`, then `data.id`.
     pub fn account_id(&self) -> Option<AccountId> {
         let data: AccountLocator<'_> = serde_json::from_str(self.data.get()).ok()?;
-        let from_account = data
-            .account
-            .and_then(|raw| serde_json::from_str::<AccountIds>(raw.get()).ok())
-            .and_then(|a| {
-                a.underscore_id
-                    .and_then(AccountId::parse)
-                    .or_else(|| a.id.and_then(AccountId::parse))
+        let from_account =
+            data.account.and_then(|raw| serde_json::from_str::<AccountIds>(raw.get()).ok()).and_then(|a| {
+                a.underscore_id.and_then(AccountId::parse).or_else(|| a.id.and_then(AccountId::parse))
             });
         from_account.or_else(|| data.id.and_then(AccountId::parse))
     }
@@ -262,10 +258,7 @@ mod tests {
     fn unknown_events_are_kept_by_name() {
         let body = fixture("unknown_event.json");
         let envelope = Envelope::parse(&body).unwrap();
-        assert_eq!(
-            envelope.kind(),
-            EventKind::Other("mono.events.new_transaction".into())
-        );
+        assert_eq!(envelope.kind(), EventKind::Other("mono.events.new_transaction".into()));
         assert!(!envelope.kind().needs_account());
     }
 
@@ -280,18 +273,10 @@ mod tests {
             (br#"{"event":"e","data":[]}"#, EnvelopeError::DataNotAnObject),
         ];
         for (body, expected) in cases {
-            assert_eq!(
-                Envelope::parse(body).unwrap_err(),
-                expected,
-                "{}",
-                String::from_utf8_lossy(body)
-            );
+            assert_eq!(Envelope::parse(body).unwrap_err(), expected, "{}", String::from_utf8_lossy(body));
         }
         let long = format!(r#"{{"event":"{}","data":{{}}}}"#, "e".repeat(256));
-        assert_eq!(
-            Envelope::parse(long.as_bytes()).unwrap_err(),
-            EnvelopeError::EventTooLong
-        );
+        assert_eq!(Envelope::parse(long.as_bytes()).unwrap_err(), EnvelopeError::EventTooLong);
     }
 
     #[test]
@@ -303,22 +288,13 @@ mod tests {
     #[test]
     fn account_id_falls_back_through_known_shapes_and_skips_wrong_types() {
         let body = br#"{"event":"e","data":{"account":{"_id":7,"id":"b2"},"id":"c3"}}"#;
-        assert_eq!(
-            Envelope::parse(body).unwrap().account_id().unwrap().as_str(),
-            "b2"
-        );
+        assert_eq!(Envelope::parse(body).unwrap().account_id().unwrap().as_str(), "b2");
         let body = br#"{"event":"e","data":{"account":"x","id":"c3"}}"#;
-        assert_eq!(
-            Envelope::parse(body).unwrap().account_id().unwrap().as_str(),
-            "c3"
-        );
+        assert_eq!(Envelope::parse(body).unwrap().account_id().unwrap().as_str(), "c3");
         let body = br#"{"event":"e","data":{"account":{"_id":""}}}"#;
         assert_eq!(Envelope::parse(body).unwrap().account_id(), None);
         let body = br#"{"event":"e","data":{"id":"c3"}}"#;
-        assert_eq!(
-            Envelope::parse(body).unwrap().account_id().unwrap().as_str(),
-            "c3"
-        );
+        assert_eq!(Envelope::parse(body).unwrap().account_id().unwrap().as_str(), "c3");
         let body = br#"{"event":"e","data":{"id":"  "}}"#;
         assert_eq!(Envelope::parse(body).unwrap().account_id(), None);
     }

@@ -25,12 +25,7 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     /// Retries until cancelled, backing off to `max_interval`: for reconnecting to a service.
     pub fn forever(initial_interval: Duration, max_interval: Duration) -> Self {
-        Self {
-            initial_interval,
-            max_interval,
-            multiplier: 2.0,
-            max_elapsed: None,
-        }
+        Self { initial_interval, max_interval, multiplier: 2.0, max_elapsed: None }
     }
 
     /// The delay schedule of one retry sequence.
@@ -67,8 +62,7 @@ impl Schedule {
 
     /// Whether waiting `delay` would still end inside the time budget.
     pub fn fits(&self, delay: Duration) -> bool {
-        self.max_elapsed
-            .is_none_or(|budget| self.started.elapsed() + delay <= budget)
+        self.max_elapsed.is_none_or(|budget| self.started.elapsed() + delay <= budget)
     }
 
     /// Starts over after a success.
@@ -126,10 +120,7 @@ where
             None => schedule.next_delay(),
         };
         let Some(delay) = delay else {
-            return Err(RetryError::Exhausted {
-                last: error,
-                attempts,
-            });
+            return Err(RetryError::Exhausted { last: error, attempts });
         };
         on_retry(&error, delay);
         tokio::select! {
@@ -161,10 +152,7 @@ mod tests {
             &CancellationToken::new(),
             || async {
                 match calls.fetch_add(1, Ordering::SeqCst) {
-                    0..=2 => Err(Failure::Transient {
-                        error: "boom",
-                        retry_after: None,
-                    }),
+                    0..=2 => Err(Failure::Transient { error: "boom", retry_after: None }),
                     _ => Ok("done"),
                 }
             },
@@ -204,22 +192,13 @@ mod tests {
                     0 => Duration::from_millis(20),
                     _ => Duration::from_secs(60),
                 };
-                Err(Failure::Transient {
-                    error: "busy",
-                    retry_after: Some(retry_after),
-                })
+                Err(Failure::Transient { error: "busy", retry_after: Some(retry_after) })
             },
             |_, delay| delays.push(delay),
         )
         .await;
         assert_eq!(delays, vec![Duration::from_millis(20)]);
-        assert_eq!(
-            result,
-            Err(RetryError::Exhausted {
-                last: "busy",
-                attempts: 2
-            })
-        );
+        assert_eq!(result, Err(RetryError::Exhausted { last: "busy", attempts: 2 }));
     }
 
     #[tokio::test]
@@ -229,12 +208,7 @@ mod tests {
         let result: Result<(), _> = retry(
             &RetryPolicy::forever(Duration::from_secs(60), Duration::from_secs(60)),
             &cancel,
-            || async {
-                Err(Failure::Transient {
-                    error: "down",
-                    retry_after: None,
-                })
-            },
+            || async { Err(Failure::Transient { error: "down", retry_after: None }) },
             |_, _| {},
         )
         .await;
@@ -245,28 +219,16 @@ mod tests {
     async fn no_wait_starts_that_would_end_past_the_budget() {
         let calls = AtomicU32::new(0);
         let result: Result<(), _> = retry(
-            &RetryPolicy {
-                max_elapsed: Some(Duration::ZERO),
-                ..quick(None)
-            },
+            &RetryPolicy { max_elapsed: Some(Duration::ZERO), ..quick(None) },
             &CancellationToken::new(),
             || async {
                 calls.fetch_add(1, Ordering::SeqCst);
-                Err(Failure::Transient {
-                    error: "down",
-                    retry_after: None,
-                })
+                Err(Failure::Transient { error: "down", retry_after: None })
             },
             |_, _| {},
         )
         .await;
-        assert_eq!(
-            result,
-            Err(RetryError::Exhausted {
-                last: "down",
-                attempts: 1
-            })
-        );
+        assert_eq!(result, Err(RetryError::Exhausted { last: "down", attempts: 1 }));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
@@ -275,10 +237,7 @@ mod tests {
         let policy = RetryPolicy::forever(Duration::from_millis(100), Duration::from_secs(1));
         let mut schedule = policy.schedule();
         let delays: Vec<_> = (0..10).map(|_| schedule.next_delay().unwrap()).collect();
-        assert!(
-            delays.iter().all(|d| *d <= Duration::from_millis(1500)),
-            "{delays:?}"
-        );
+        assert!(delays.iter().all(|d| *d <= Duration::from_millis(1500)), "{delays:?}");
         assert!(delays[9] > delays[0], "{delays:?}");
     }
 }

@@ -64,49 +64,27 @@ impl TestBroker {
     pub async fn with_retry_delays(retry_delays: Vec<Duration>) -> Self {
         let prefix = format!("test.{}", uuid::Uuid::new_v4().simple());
         let topology = Topology::new(&prefix, retry_delays, 10);
-        let connection = amqp::connect(&amqp_url(), "monohook-test")
-            .await
-            .expect("RabbitMQ is not reachable");
+        let connection =
+            amqp::connect(&amqp_url(), "monohook-test").await.expect("RabbitMQ is not reachable");
         let channel = connection.create_channel().await.expect("cannot open a channel");
-        topology
-            .declare(&channel)
-            .await
-            .expect("cannot declare the test topology");
-        Self {
-            prefix,
-            topology,
-            connection,
-            channel,
-        }
+        topology.declare(&channel).await.expect("cannot declare the test topology");
+        Self { prefix, topology, connection, channel }
     }
 
     /// The retry delays as the comma-separated value of `--retry-delays-secs`.
     pub fn retry_delays_arg(&self) -> String {
-        self.topology
-            .retry_delays()
-            .iter()
-            .map(|d| d.as_secs().to_string())
-            .collect::<Vec<_>>()
-            .join(",")
+        self.topology.retry_delays().iter().map(|d| d.as_secs().to_string()).collect::<Vec<_>>().join(",")
     }
 
     /// Number of ready messages in `queue`.
     pub async fn depth(&self, queue: &str) -> u32 {
-        self.depths()
-            .await
-            .into_iter()
-            .find(|d| d.queue == queue)
-            .map_or(0, |d| d.messages)
+        self.depths().await.into_iter().find(|d| d.queue == queue).map_or(0, |d| d.messages)
     }
 
     /// Depth and consumers of every queue of the prefix. Uses a channel of its own each time: a
     /// passive declaration of a missing queue closes the channel it runs on.
     pub async fn depths(&self) -> Vec<crate::topology::QueueDepth> {
-        let channel = self
-            .connection
-            .create_channel()
-            .await
-            .expect("cannot open a channel");
+        let channel = self.connection.create_channel().await.expect("cannot open a channel");
         let depths = self.topology.depths(&channel).await;
         let _ = channel.close(200, "done".into()).await;
         depths.unwrap_or_default()
@@ -115,17 +93,10 @@ impl TestBroker {
     /// Takes every ready message off `queue` (acking them).
     pub async fn drain(&self, queue: &str) -> Vec<lapin::message::Delivery> {
         let mut taken = Vec::new();
-        while let Some(message) = self
-            .channel
-            .basic_get(queue.into(), BasicGetOptions::default())
-            .await
-            .expect("basic.get failed")
+        while let Some(message) =
+            self.channel.basic_get(queue.into(), BasicGetOptions::default()).await.expect("basic.get failed")
         {
-            message
-                .delivery
-                .ack(BasicAckOptions::default())
-                .await
-                .expect("ack failed");
+            message.delivery.ack(BasicAckOptions::default()).await.expect("ack failed");
             taken.push(message.delivery);
         }
         taken
@@ -151,8 +122,7 @@ impl TestBroker {
 
     /// Publishes to the exchange as ingest does (routing key = event name) and waits for the confirm.
     pub async fn publish_to_exchange(&self, routing_key: &str, body: &[u8], properties: BasicProperties) {
-        self.publish_confirmed(self.topology.exchange(), routing_key, body, properties)
-            .await;
+        self.publish_confirmed(self.topology.exchange(), routing_key, body, properties).await;
     }
 
     /// Publishes straight onto a queue through the default exchange, as an operator or a buggy
@@ -168,23 +138,13 @@ impl TestBroker {
         body: &[u8],
         properties: BasicProperties,
     ) {
-        let channel = self
-            .connection
-            .create_channel()
-            .await
-            .expect("cannot open a channel");
-        channel
-            .confirm_select(Default::default())
-            .await
-            .expect("confirm.select failed");
+        let channel = self.connection.create_channel().await.expect("cannot open a channel");
+        channel.confirm_select(Default::default()).await.expect("confirm.select failed");
         let confirm = channel
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
+                BasicPublishOptions { mandatory: true, immediate: false },
                 body,
                 properties,
             )
@@ -207,10 +167,7 @@ impl Drop for TestBroker {
         let url = amqp_url();
         // Drop cannot await; clean up on a thread of its own so it works from any runtime.
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
             runtime.block_on(async move {
                 let connection = amqp::connect(&url, "monohook-test-cleanup").await.ok()?;
                 let channel = connection.create_channel().await.ok()?;
@@ -240,15 +197,9 @@ struct Generation {
 
 impl TcpProxy {
     pub async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("cannot bind the proxy");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("cannot bind the proxy");
         let addr = listener.local_addr().expect("proxy address");
-        let proxy = Self {
-            addr,
-            target,
-            state: Arc::new(Mutex::new(None)),
-        };
+        let proxy = Self { addr, target, state: Arc::new(Mutex::new(None)) };
         proxy.serve(listener);
         proxy
     }
@@ -283,10 +234,7 @@ impl TcpProxy {
     }
 
     fn serve(&self, listener: TcpListener) {
-        let generation = Generation {
-            cut: CancellationToken::new(),
-            stall: CancellationToken::new(),
-        };
+        let generation = Generation { cut: CancellationToken::new(), stall: CancellationToken::new() };
         *self.state.lock().unwrap() = Some(generation.clone());
         let target = self.target;
         tokio::spawn(async move {
@@ -330,10 +278,7 @@ where
         if check().await {
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {within:?} waiting for: {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {within:?} waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

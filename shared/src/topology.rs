@@ -44,11 +44,7 @@ pub struct QueueDepth {
 
 impl Topology {
     pub fn new(prefix: &str, retry_delays: Vec<Duration>, delivery_limit: u32) -> Self {
-        Self {
-            prefix: prefix.to_owned(),
-            retry_delays,
-            delivery_limit,
-        }
+        Self { prefix: prefix.to_owned(), retry_delays, delivery_limit }
     }
 
     /// The topic exchange ingest publishes to.
@@ -95,10 +91,7 @@ impl Topology {
             .exchange_declare(
                 self.exchange().into(),
                 ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
                 FieldTable::default(),
             )
             .await
@@ -109,10 +102,7 @@ impl Topology {
         // Poison guard: a message that keeps coming back (e.g. it crashes the worker) stops after
         // this many deliveries. Outages never count against it: the worker holds deliveries while
         // Postgres is down and moves Mono failures to a retry tier instead of requeueing them.
-        work_args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(self.delivery_limit.into()),
-        );
+        work_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(self.delivery_limit.into()));
         dead_letter_to(&mut work_args, &self.dead_queue());
         self.declare_queue(channel, &work, work_args).await?;
         channel
@@ -134,13 +124,11 @@ impl Topology {
             let ttl_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
             args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms));
             dead_letter_to(&mut args, &work);
-            self.declare_queue(channel, &self.retry_queue(index + 1), args)
-                .await?;
+            self.declare_queue(channel, &self.retry_queue(index + 1), args).await?;
         }
 
         // The dead queue has no TTL and no limit: dead letters stay until an operator acts.
-        self.declare_queue(channel, &self.dead_queue(), quorum_args())
-            .await
+        self.declare_queue(channel, &self.dead_queue(), quorum_args()).await
     }
 
     /// Reports depth and consumers of every queue without changing anything (passive declarations).
@@ -150,10 +138,7 @@ impl Topology {
             let declared = channel
                 .queue_declare(
                     queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
+                    QueueDeclareOptions { passive: true, ..Default::default() },
                     FieldTable::default(),
                 )
                 .await
@@ -188,14 +173,7 @@ impl Topology {
         args: FieldTable,
     ) -> Result<(), TopologyError> {
         channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                args,
-            )
+            .queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
             .await
             .map(drop)
             .map_err(|source| self.error(format!("queue {queue}"), source))

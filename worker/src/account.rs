@@ -70,14 +70,12 @@ impl AccountState {
 
     /// An event received before the last one applied to the re-auth state must change nothing.
     pub fn reauth_is_newer_than(&self, received_at: DateTime<Utc>) -> bool {
-        self.reauth_state_received_at
-            .is_some_and(|applied| received_at < applied)
+        self.reauth_state_received_at.is_some_and(|applied| received_at < applied)
     }
 
     /// An event received before the last one applied to the data state must change nothing.
     pub fn data_is_newer_than(&self, received_at: DateTime<Utc>) -> bool {
-        self.data_state_received_at
-            .is_some_and(|applied| received_at < applied)
+        self.data_state_received_at.is_some_and(|applied| received_at < applied)
     }
 
     /// Forgets the re-auth token and its times.

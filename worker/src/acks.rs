@@ -20,11 +20,7 @@ pub struct AckTracker {
 
 impl AckTracker {
     pub fn new(channel: Channel) -> Self {
-        Self {
-            channel,
-            outstanding: Mutex::new(BTreeSet::new()),
-            sending: tokio::sync::Mutex::new(()),
-        }
+        Self { channel, outstanding: Mutex::new(BTreeSet::new()), sending: tokio::sync::Mutex::new(()) }
     }
 
     /// Notes a delivery handed to this worker.

@@ -40,10 +40,7 @@ pub struct BatchState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     /// Journal with this status (its effect, if any, is in `BatchState::accounts`).
-    Journal {
-        status: EventStatus,
-        note: Option<&'static str>,
-    },
+    Journal { status: EventStatus, note: Option<&'static str> },
     /// This delivery id was settled before: ack, no effect.
     AlreadySettled,
     /// Needs a re-auth token first; nothing was changed for it.
@@ -63,9 +60,7 @@ pub fn decide(state: &mut BatchState, candidates: &[Candidate<'_>], dedup_window
             }
             let received = event.received_at;
             let duplicate = state.bodies.get(&event.record.body_sha256).is_some_and(|copies| {
-                copies
-                    .iter()
-                    .any(|(other, at)| *other != id && (*at - received).abs() <= window)
+                copies.iter().any(|(other, at)| *other != id && (*at - received).abs() <= window)
             });
             let (status, note) = if duplicate {
                 (EventStatus::Duplicate, None)
@@ -82,11 +77,7 @@ pub fn decide(state: &mut BatchState, candidates: &[Candidate<'_>], dedup_window
                 }
             };
             state.settled.insert(id);
-            state
-                .bodies
-                .entry(event.record.body_sha256.clone())
-                .or_default()
-                .push((id, received));
+            state.bodies.entry(event.record.body_sha256.clone()).or_default().push((id, received));
             Decision::Journal { status, note }
         })
         .collect()
@@ -121,20 +112,8 @@ mod tests {
 
         let decisions = decide(&mut state, &candidates(&events, None), WINDOW);
 
-        assert_eq!(
-            decisions[0],
-            Decision::Journal {
-                status: EventStatus::Processed,
-                note: None
-            }
-        );
-        assert_eq!(
-            decisions[1],
-            Decision::Journal {
-                status: EventStatus::Duplicate,
-                note: None
-            }
-        );
+        assert_eq!(decisions[0], Decision::Journal { status: EventStatus::Processed, note: None });
+        assert_eq!(decisions[1], Decision::Journal { status: EventStatus::Duplicate, note: None });
     }
 
     #[test]
@@ -153,43 +132,31 @@ mod tests {
         let now = Utc::now();
         let event = event_at("mono.events.account_updated", now, serde_json::json!({}));
         let mut state = state_with_account();
-        state.bodies.insert(
-            event.record.body_sha256.clone(),
-            vec![(Uuid::now_v7(), now - Span::seconds(601))],
-        );
+        state
+            .bodies
+            .insert(event.record.body_sha256.clone(), vec![(Uuid::now_v7(), now - Span::seconds(601))]);
         let events = [event];
 
         let decisions = decide(&mut state, &candidates(&events, None), WINDOW);
 
-        assert_eq!(
-            decisions[0],
-            Decision::Journal {
-                status: EventStatus::Processed,
-                note: None
-            }
-        );
+        assert_eq!(decisions[0], Decision::Journal { status: EventStatus::Processed, note: None });
     }
 
     #[test]
     fn events_for_one_account_apply_in_order_within_a_batch() {
         let now = Utc::now();
         let required = event_at("mono.events.reauthorisation_required", now, serde_json::json!({}));
-        let reauthorized = event_at(
-            "mono.events.account_reauthorized",
-            now + Span::seconds(1),
-            serde_json::json!({}),
-        );
+        let reauthorized =
+            event_at("mono.events.account_reauthorized", now + Span::seconds(1), serde_json::json!({}));
         let token = ReauthToken::for_tests("tok", now);
         let events = [required, reauthorized];
         let mut state = state_with_account();
 
         let decisions = decide(&mut state, &candidates(&events, Some(&token)), WINDOW);
 
-        assert!(decisions.iter().all(|d| *d
-            == Decision::Journal {
-                status: EventStatus::Processed,
-                note: None
-            }));
+        assert!(
+            decisions.iter().all(|d| *d == Decision::Journal { status: EventStatus::Processed, note: None })
+        );
         let account = &state.accounts["a1"];
         assert!(!account.reauth_required, "the later re-authorisation wins");
         assert_eq!(account.reauth_token, None);
@@ -197,11 +164,7 @@ mod tests {
 
     #[test]
     fn a_reauth_without_a_token_changes_nothing_and_is_not_journaled() {
-        let event = event_at(
-            "mono.events.reauthorisation_required",
-            Utc::now(),
-            serde_json::json!({}),
-        );
+        let event = event_at("mono.events.reauthorisation_required", Utc::now(), serde_json::json!({}));
         let events = [event];
         let mut state = state_with_account();
 
@@ -222,10 +185,7 @@ mod tests {
 
         assert_eq!(
             decisions[0],
-            Decision::Journal {
-                status: EventStatus::Ignored,
-                note: Some("event not handled by monohook")
-            }
+            Decision::Journal { status: EventStatus::Ignored, note: Some("event not handled by monohook") }
         );
     }
 }

@@ -81,14 +81,7 @@ impl CircuitBreaker {
     pub fn new(settings: BreakerSettings) -> Self {
         let open_for = settings.open_for;
         metrics::gauge!("monohook_worker_mono_circuit_state").set(0.0);
-        Self {
-            settings,
-            inner: Mutex::new(Inner {
-                state: Phase::Closed,
-                calls: VecDeque::new(),
-                open_for,
-            }),
-        }
+        Self { settings, inner: Mutex::new(Inner { state: Phase::Closed, calls: VecDeque::new(), open_for }) }
     }
 
     /// A permit to call Mono now, or `None` while the breaker is open (or its probe is out).
@@ -121,21 +114,12 @@ impl CircuitBreaker {
             } else {
                 let open_for = inner.open_for;
                 inner.open_for = (open_for * 2).min(self.settings.max_open_for);
-                self.change(
-                    &mut inner,
-                    Phase::Open {
-                        until: now + open_for,
-                    },
-                );
+                self.change(&mut inner, Phase::Open { until: now + open_for });
             }
             return;
         }
         inner.calls.push_back((now, succeeded));
-        while inner
-            .calls
-            .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) > self.settings.window)
-        {
+        while inner.calls.front().is_some_and(|(at, _)| now.duration_since(*at) > self.settings.window) {
             inner.calls.pop_front();
         }
         if !matches!(inner.state, Phase::Closed) || inner.calls.len() < self.settings.min_calls {
@@ -145,12 +129,16 @@ impl CircuitBreaker {
         if failures as f64 / inner.calls.len() as f64 >= self.settings.failure_ratio {
             let open_for = inner.open_for;
             inner.open_for = (open_for * 2).min(self.settings.max_open_for);
-            self.change(
-                &mut inner,
-                Phase::Open {
-                    until: now + open_for,
-                },
-            );
+            self.change(&mut inner, Phase::Open { until: now + open_for });
+        }
+    }
+
+    /// Returns a permit whose call was never made (e.g. the worker is stopping): a probe may be
+    /// granted again.
+    pub fn release(&self, permit: CallPermit) {
+        let mut inner = self.lock();
+        if permit.probe && matches!(inner.state, Phase::HalfOpen { probing: true }) {
+            inner.state = Phase::HalfOpen { probing: false };
         }
     }
 
@@ -250,10 +238,7 @@ mod tests {
         breaker.record(probe, false);
         assert_eq!(breaker.state(), BreakerState::Open);
         std::thread::sleep(Duration::from_millis(40));
-        assert!(
-            breaker.try_acquire().is_none(),
-            "the second opening lasts twice as long"
-        );
+        assert!(breaker.try_acquire().is_none(), "the second opening lasts twice as long");
         std::thread::sleep(Duration::from_millis(30));
 
         let probe = breaker.try_acquire().expect("a probe after the longer opening");
@@ -261,6 +246,18 @@ mod tests {
         assert_eq!(breaker.state(), BreakerState::Closed);
         assert!(call(&breaker, false), "closed again, with a clean window");
         assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_released_probe_can_be_granted_again() {
+        let breaker = breaker(10);
+        for _ in 0..4 {
+            call(&breaker, false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let probe = breaker.try_acquire().expect("a probe");
+        breaker.release(probe);
+        assert!(breaker.try_acquire().is_some(), "the released probe is granted again");
     }
 
     #[test]

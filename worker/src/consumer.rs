@@ -72,11 +72,7 @@ impl Session {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(SessionError::Channel)?;
-        Ok(Self {
-            connection,
-            consume_channel,
-            republish_channel,
-        })
+        Ok(Self { connection, consume_channel, republish_channel })
     }
 
     pub fn is_connected(&self) -> bool {
@@ -100,10 +96,7 @@ impl Session {
                 }
                 // Every 10 s, ask the broker itself (a passive declaration changes nothing).
                 if polls.is_multiple_of(20) {
-                    let options = QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    };
+                    let options = QueueDeclareOptions { passive: true, ..Default::default() };
                     match self
                         .republish_channel
                         .queue_declare(queue.into(), options, FieldTable::default())
@@ -190,11 +183,7 @@ async fn consume(
     session: &Session,
     cancel: &CancellationToken,
 ) -> SessionEnd {
-    let tag = format!(
-        "monohook-worker-{}-{}",
-        std::process::id(),
-        uuid::Uuid::new_v4().simple()
-    );
+    let tag = format!("monohook-worker-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
     let work_queue = consumer_settings.topology.work_queue();
     let consumer = session
         .consume_channel
@@ -202,10 +191,7 @@ async fn consume(
             work_queue.as_str().into(),
             tag.as_str().into(),
             // Manual acks: a delivery is acked only once its outcome is safe.
-            BasicConsumeOptions {
-                no_ack: false,
-                ..Default::default()
-            },
+            BasicConsumeOptions { no_ack: false, ..Default::default() },
             FieldTable::default(),
         )
         .await;
@@ -215,10 +201,8 @@ async fn consume(
     };
     tracing::info!(queue = %work_queue, prefetch = consumer_settings.prefetch, "consuming");
 
-    let republisher = Arc::new(Republisher::new(
-        session.republish_channel.clone(),
-        consumer_settings.topology.clone(),
-    ));
+    let republisher =
+        Arc::new(Republisher::new(session.republish_channel.clone(), consumer_settings.topology.clone()));
     let acks = Arc::new(AckTracker::new(session.consume_channel.clone()));
     let pipeline = Pipeline::start(settings.clone(), republisher, acks);
     let lost = session.lost(&work_queue);
@@ -240,10 +224,7 @@ async fn consume(
         return end;
     }
 
-    let _ = session
-        .consume_channel
-        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-        .await;
+    let _ = session.consume_channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
     if !pipeline.drain(consumer_settings.shutdown_grace).await {
         tracing::warn!(
             unfinished = pipeline.outstanding(),

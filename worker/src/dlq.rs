@@ -67,8 +67,7 @@ impl Republisher {
     ) -> Result<(), RepublishError> {
         let mut headers = attempt_headers(delivery, history, history.previous_attempts + 1);
         headers.insert(HEADER_LAST_ERROR.into(), long_string(&truncate(reason)));
-        self.publish(&self.topology.retry_queue(tier), delivery, headers)
-            .await
+        self.publish(&self.topology.retry_queue(tier), delivery, headers).await
     }
 
     /// Parks the delivery in the first retry tier because Mono is down for everyone: the attempt does
@@ -81,8 +80,7 @@ impl Republisher {
     ) -> Result<(), RepublishError> {
         let mut headers = attempt_headers(delivery, history, history.previous_attempts);
         headers.insert(HEADER_LAST_ERROR.into(), long_string(&truncate(reason)));
-        self.publish(&self.topology.retry_queue(1), delivery, headers)
-            .await
+        self.publish(&self.topology.retry_queue(1), delivery, headers).await
     }
 
     /// Sends the delivery to the dead-letter queue with the reason.
@@ -105,24 +103,15 @@ impl Republisher {
         delivery: &Delivery,
         headers: FieldTable,
     ) -> Result<(), RepublishError> {
-        let properties: BasicProperties = delivery
-            .properties
-            .clone()
-            .with_headers(headers)
-            .with_delivery_mode(2);
-        let broker = |source| RepublishError::Broker {
-            queue: queue.to_owned(),
-            source,
-        };
+        let properties: BasicProperties =
+            delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+        let broker = |source| RepublishError::Broker { queue: queue.to_owned(), source };
         let confirm = self
             .channel
             .basic_publish(
                 "".into(),
                 queue.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
+                BasicPublishOptions { mandatory: true, immediate: false },
                 &delivery.data,
                 properties,
             )
@@ -132,9 +121,7 @@ impl Republisher {
             .map_err(broker)?;
         match confirm {
             Confirmation::Ack(None) => Ok(()),
-            _ => Err(RepublishError::NotConfirmed {
-                queue: queue.to_owned(),
-            }),
+            _ => Err(RepublishError::NotConfirmed { queue: queue.to_owned() }),
         }
     }
 }
@@ -150,10 +137,7 @@ fn attempt_headers(delivery: &Delivery, history: &AttemptHistory, attempts: u32)
         .collect();
     headers = FieldTable::from(kept);
     let now = format_time(Utc::now());
-    let first = history
-        .first_attempt_at
-        .map(format_time)
-        .unwrap_or_else(|| now.clone());
+    let first = history.first_attempt_at.map(format_time).unwrap_or_else(|| now.clone());
     headers.insert(HEADER_ATTEMPTS.into(), AMQPValue::LongLongInt(attempts.into()));
     headers.insert(HEADER_FIRST_ATTEMPT_AT.into(), long_string(&first));
     headers.insert(HEADER_LAST_ATTEMPT_AT.into(), long_string(&now));

@@ -78,10 +78,7 @@ impl IncomingEvent {
 
     /// The account id of an event whose kind needs one (guaranteed by `parse`).
     pub fn account(&self) -> &str {
-        self.account_id
-            .as_ref()
-            .map(AccountId::as_str)
-            .unwrap_or_default()
+        self.account_id.as_ref().map(AccountId::as_str).unwrap_or_default()
     }
 }
 
@@ -142,10 +139,7 @@ mod tests {
 
     fn parse(body: &[u8]) -> Result<IncomingEvent, MalformedEvent> {
         let meta = DeliveryMeta::stamp(body);
-        let history = AttemptHistory {
-            previous_attempts: 0,
-            first_attempt_at: None,
-        };
+        let history = AttemptHistory { previous_attempts: 0, first_attempt_at: None };
         IncomingEvent::parse(body, &meta, &history).1
     }
 
@@ -191,14 +185,8 @@ mod tests {
     #[test]
     fn json_of_the_wrong_shape_keeps_its_payload_and_garbage_has_none() {
         let meta = DeliveryMeta::stamp(b"[1]");
-        let history = AttemptHistory {
-            previous_attempts: 0,
-            first_attempt_at: None,
-        };
-        assert_eq!(
-            IncomingEvent::parse(b"[1]", &meta, &history).0.payload.as_deref(),
-            Some("[1]")
-        );
+        let history = AttemptHistory { previous_attempts: 0, first_attempt_at: None };
+        assert_eq!(IncomingEvent::parse(b"[1]", &meta, &history).0.payload.as_deref(), Some("[1]"));
         assert_eq!(IncomingEvent::parse(b"\xff\xfe", &meta, &history).0.payload, None);
     }
 }

@@ -41,10 +41,7 @@ impl ReauthToken {
 
     #[cfg(test)]
     pub fn for_tests(value: &str, issued_at: DateTime<Utc>) -> Self {
-        Self {
-            value: SecretString::from(value),
-            issued_at,
-        }
+        Self { value: SecretString::from(value), issued_at }
     }
 }
 
@@ -63,11 +60,7 @@ pub enum MonoError {
     /// Worth retrying: Mono is down, slow, overloaded or unreachable. `class` is the metric label
     /// (`5xx`, `429`, `timeout`, `connect_error`, `other`).
     #[error("Mono is unavailable: {reason}")]
-    Unavailable {
-        reason: String,
-        retry_after: Option<Duration>,
-        class: &'static str,
-    },
+    Unavailable { reason: String, retry_after: Option<Duration>, class: &'static str },
     /// Mono refused this account; retrying cannot help.
     #[error("Mono refused ({status}): {message}")]
     Rejected { status: u16, message: String },
@@ -95,11 +88,7 @@ impl MonoClient {
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .user_agent(concat!("monohook-worker/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self {
-            http,
-            base,
-            secret_key,
-        })
+        Ok(Self { http, base, secret_key })
     }
 
     /// Asks Mono for a re-auth token for `account`.
@@ -109,12 +98,8 @@ impl MonoClient {
             .map_err(|()| unavailable("other", "MONO_API_URL cannot take a path"))?
             .pop_if_empty()
             .extend(["accounts", account.as_str(), "reauthorise"]);
-        let sent = self
-            .http
-            .post(url)
-            .header(SECRET_KEY_HEADER, self.secret_key.expose_secret())
-            .send()
-            .await;
+        let sent =
+            self.http.post(url).header(SECRET_KEY_HEADER, self.secret_key.expose_secret()).send().await;
         let response = match sent {
             Ok(response) => response,
             Err(error) if error.is_timeout() => {
@@ -122,37 +107,27 @@ impl MonoClient {
             }
             Err(error) if error.is_connect() => return Err(unavailable("connect_error", "cannot connect")),
             Err(error) => {
-                return Err(unavailable(
-                    "other",
-                    &format!("request failed: {}", without_url(&error)),
-                ));
+                return Err(unavailable("other", &format!("request failed: {}", without_url(&error))));
             }
         };
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
+        let retry_after =
+            response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
         let body = match response.bytes().await {
             Ok(body) => body,
             Err(error) if error.is_timeout() => {
                 return Err(unavailable("timeout", "answer not received within the timeout"));
             }
             Err(error) => {
-                return Err(unavailable(
-                    "other",
-                    &format!("answer unreadable: {}", without_url(&error)),
-                ));
+                return Err(unavailable("other", &format!("answer unreadable: {}", without_url(&error))));
             }
         };
 
         if status.is_success() {
             return match serde_json::from_slice::<TokenAnswer>(&body) {
-                Ok(answer) if !answer.token.is_empty() => Ok(ReauthToken {
-                    value: SecretString::from(answer.token),
-                    issued_at: Utc::now(),
-                }),
+                Ok(answer) if !answer.token.is_empty() => {
+                    Ok(ReauthToken { value: SecretString::from(answer.token), issued_at: Utc::now() })
+                }
                 // Never echo a 2xx body: it may hold a token.
                 _ => Err(unavailable("other", &format!("{status} without a token"))),
             };
@@ -172,10 +147,7 @@ impl MonoClient {
                 class: "5xx",
             });
         }
-        Err(MonoError::Rejected {
-            status: status.as_u16(),
-            message,
-        })
+        Err(MonoError::Rejected { status: status.as_u16(), message })
     }
 }
 
@@ -209,11 +181,7 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
 }
 
 fn unavailable(class: &'static str, reason: &str) -> MonoError {
-    MonoError::Unavailable {
-        reason: reason.to_owned(),
-        retry_after: None,
-        class,
-    }
+    MonoError::Unavailable { reason: reason.to_owned(), retry_after: None, class }
 }
 
 /// reqwest's error text, minus the URL it may carry.
@@ -234,10 +202,7 @@ mod tests {
         assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
         let later = (Utc::now() + chrono::Duration::seconds(30)).to_rfc2822();
         let parsed = parse_retry_after(&later).unwrap();
-        assert!(
-            parsed > Duration::from_secs(25) && parsed <= Duration::from_secs(30),
-            "{parsed:?}"
-        );
+        assert!(parsed > Duration::from_secs(25) && parsed <= Duration::from_secs(30), "{parsed:?}");
         assert_eq!(parse_retry_after("soon"), None);
     }
 
@@ -253,10 +218,7 @@ mod tests {
 
     #[test]
     fn a_token_never_shows_in_debug_output() {
-        let token = ReauthToken {
-            value: SecretString::from("VwxcfeLRZvq1UlD5WiuN"),
-            issued_at: Utc::now(),
-        };
+        let token = ReauthToken { value: SecretString::from("VwxcfeLRZvq1UlD5WiuN"), issued_at: Utc::now() };
         assert!(!format!("{token:?}").contains("VwxcfeLRZvq1UlD5WiuN"));
     }
 }

@@ -152,20 +152,11 @@ impl Pipeline {
                 handed_out + 1
             );
             let task =
-                inner
-                    .clone()
-                    .dead_letter(delivery, history, record, reason, DeadClass::Poison, started);
+                inner.clone().dead_letter(delivery, history, record, reason, DeadClass::Poison, started);
             inner.tasks.spawn(task.instrument(span));
             return;
         }
-        let _ = inner.input.send(Work {
-            delivery,
-            history,
-            event,
-            token: None,
-            span,
-            started,
-        });
+        let _ = inner.input.send(Work { delivery, history, event, token: None, span, started });
     }
 
     /// Deliveries received and not yet settled.
@@ -222,29 +213,20 @@ async fn run_batcher(inner: Arc<Inner>, mut output: mpsc::UnboundedReceiver<Work
 
 impl Inner {
     async fn run_batch(self: &Arc<Self>, batch: Vec<Work>) {
-        let candidates: Vec<Candidate<'_>> = batch
-            .iter()
-            .map(|work| Candidate {
-                event: &work.event,
-                token: work.token.as_ref(),
-            })
-            .collect();
-        let outcomes = self
-            .settings
-            .processor
-            .apply_batch(&candidates, &self.abandon)
-            .await;
+        let candidates: Vec<Candidate<'_>> =
+            batch.iter().map(|work| Candidate { event: &work.event, token: work.token.as_ref() }).collect();
+        let applying = Instant::now();
+        let outcomes = self.settings.processor.apply_batch(&candidates, &self.abandon).await;
+        let elapsed_ms = applying.elapsed().as_millis() as u64;
+        tracing::debug!(deliveries = candidates.len(), elapsed_ms, "batch applied");
         drop(candidates);
         let committed_at = chrono::Utc::now();
         let mut acks = Vec::with_capacity(batch.len());
         for (work, outcome) in batch.into_iter().zip(outcomes) {
             match outcome {
                 ItemOutcome::Settled(status) => {
-                    work.span
-                        .in_scope(|| tracing::info!(status = status.as_str(), "delivery settled"));
-                    let lag = (committed_at - work.event.received_at)
-                        .to_std()
-                        .unwrap_or_default();
+                    work.span.in_scope(|| tracing::info!(status = status.as_str(), "delivery settled"));
+                    let lag = (committed_at - work.event.received_at).to_std().unwrap_or_default();
                     metrics::histogram!("monohook_worker_end_to_end_lag_seconds").record(lag.as_secs_f64());
                     finished(&work.event, status.as_str(), work.started);
                     acks.push(work.delivery.delivery_tag);
@@ -272,8 +254,7 @@ impl Inner {
                     self.tasks.spawn(task.instrument(span));
                 }
                 ItemOutcome::Abandoned => {
-                    work.span
-                        .in_scope(|| tracing::info!("delivery abandoned; it returns to the queue"));
+                    work.span.in_scope(|| tracing::info!("delivery abandoned; it returns to the queue"));
                     finished(&work.event, "abandoned", work.started);
                 }
             }
@@ -282,34 +263,24 @@ impl Inner {
     }
 
     async fn fetch_token(self: Arc<Self>, mut work: Work) {
-        let account = work
-            .event
-            .account_id
-            .clone()
-            .expect("re-auth events carry an account id");
+        let account = work.event.account_id.clone().expect("re-auth events carry an account id");
         match self.settings.tokens.fetch(&account, &self.abandon).await {
             TokenOutcome::Token(token) => {
                 work.token = Some(token);
                 let _ = self.input.send(work);
             }
             TokenOutcome::Park { reason } => {
-                let moved = self
-                    .republisher
-                    .park(&work.delivery, &work.history, &reason)
-                    .await;
+                let moved = self.republisher.park(&work.delivery, &work.history, &reason).await;
                 self.settle_move(work, moved.map(|()| "parked"), &reason, 1).await;
             }
             TokenOutcome::Retry { reason } => {
                 let tier = (work.history.previous_attempts + 1) as usize;
                 if tier <= self.settings.topology.retry_delays().len() {
-                    let moved = self
-                        .republisher
-                        .to_retry_tier(&work.delivery, tier, &work.history, &reason)
-                        .await;
+                    let moved =
+                        self.republisher.to_retry_tier(&work.delivery, tier, &work.history, &reason).await;
                     metrics::counter!("monohook_worker_retries_total", "tier" => tier.to_string())
                         .increment(1);
-                    self.settle_move(work, moved.map(|()| "retried"), &reason, tier)
-                        .await;
+                    self.settle_move(work, moved.map(|()| "retried"), &reason, tier).await;
                 } else {
                     let reason = format!("retries exhausted: {reason}");
                     self.dead_letter(
@@ -351,13 +322,7 @@ impl Inner {
     ) {
         match moved {
             Ok(outcome) => {
-                let delay = self
-                    .settings
-                    .topology
-                    .retry_delays()
-                    .get(tier - 1)
-                    .copied()
-                    .unwrap_or_default();
+                let delay = self.settings.topology.retry_delays().get(tier - 1).copied().unwrap_or_default();
                 tracing::warn!(%reason, tier, retry_in = ?delay, outcome, "moved to a retry tier");
                 finished(&work.event, outcome, work.started);
                 self.acks.settle(&[work.delivery.delivery_tag]).await;
@@ -376,30 +341,19 @@ impl Inner {
         class: DeadClass,
         started: Instant,
     ) {
-        if let Err(error) = self
-            .republisher
-            .to_dead_letters(&delivery, &history, &reason, class)
-            .await
-        {
+        if let Err(error) = self.republisher.to_dead_letters(&delivery, &history, &reason, class).await {
             tracing::warn!(%error, "cannot dead-letter; the delivery will come back");
             return;
         }
         tracing::warn!(%reason, class = class.as_str(), "dead-lettered");
         metrics::counter!("monohook_worker_dead_letters_total", "class" => class.as_str()).increment(1);
-        let label = event_label(
-            &shared::event::EventKind::from_name(&record.event),
-            !record.event.is_empty(),
-        );
+        let label =
+            event_label(&shared::event::EventKind::from_name(&record.event), !record.event.is_empty());
         metrics::counter!("monohook_worker_deliveries_total", "event" => label, "outcome" => "dead_lettered")
             .increment(1);
         metrics::histogram!("monohook_worker_processing_seconds", "event" => label)
             .record(started.elapsed().as_secs_f64());
-        if self
-            .settings
-            .processor
-            .record_dead(&record, &reason, &self.abandon)
-            .await
-        {
+        if self.settings.processor.record_dead(&record, &reason, &self.abandon).await {
             self.acks.settle(&[delivery.delivery_tag]).await;
         }
     }

@@ -50,11 +50,7 @@ impl Processor {
     pub fn new(pool: PgPool, dedup_window: Duration) -> Self {
         // The database is retried until it is back: 100 ms doubling to 5 s between attempts.
         let db_retry = RetryPolicy::forever(Duration::from_millis(100), Duration::from_secs(5));
-        Self {
-            pool,
-            db_retry,
-            dedup_window,
-        }
+        Self { pool, db_retry, dedup_window }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -69,14 +65,10 @@ impl Processor {
     ) -> Vec<ItemOutcome> {
         let attempt = || async {
             self.apply_once(candidates).await.map_err(|error| match &error {
-                BatchError::Conflict => Failure::Transient {
-                    error,
-                    retry_after: None,
-                },
-                BatchError::Database(db_error) if db::is_transient(db_error) => Failure::Transient {
-                    error,
-                    retry_after: None,
-                },
+                BatchError::Conflict => Failure::Transient { error, retry_after: None },
+                BatchError::Database(db_error) if db::is_transient(db_error) => {
+                    Failure::Transient { error, retry_after: None }
+                }
                 BatchError::Database(_) => Failure::Permanent(error),
             })
         };
@@ -111,11 +103,9 @@ impl Processor {
             .iter()
             .zip(candidates)
             .filter_map(|(decision, candidate)| match decision {
-                Decision::Journal { status, note } => Some(JournalEntry {
-                    record: &candidate.event.record,
-                    status: *status,
-                    note: *note,
-                }),
+                Decision::Journal { status, note } => {
+                    Some(JournalEntry { record: &candidate.event.record, status: *status, note: *note })
+                }
                 _ => None,
             })
             .collect();
@@ -165,9 +155,7 @@ impl Processor {
     ) -> bool {
         let attempt = || async {
             let mut conn = self.pool.acquire().await.map_err(classify)?;
-            db::events::record_dead(&mut conn, record, reason)
-                .await
-                .map_err(classify)
+            db::events::record_dead(&mut conn, record, reason).await.map_err(classify)
         };
         let on_retry = |error: &sqlx::Error, delay: Duration| {
             tracing::warn!(%error, retry_in = ?delay, "database unavailable; dead letter not journaled yet");
@@ -186,10 +174,7 @@ impl Processor {
 
 fn classify(error: sqlx::Error) -> Failure<sqlx::Error> {
     if db::is_transient(&error) {
-        Failure::Transient {
-            error,
-            retry_after: None,
-        }
+        Failure::Transient { error, retry_after: None }
     } else {
         Failure::Permanent(error)
     }

@@ -33,11 +33,8 @@ impl Worker {
             .ok_or_else(|| anyhow::anyhow!("MONO_SECRET_KEY is required to run the worker"))?;
         let mono = MonoClient::new(&run.mono_api_url, secret_key, run.mono_timeout())?;
         let topology = broker.topology();
-        let tokens = TokenFetcher::new(
-            mono,
-            CircuitBreaker::new(run.breaker_settings()),
-            run.mono_retry_policy(),
-        );
+        let breaker = CircuitBreaker::new(run.breaker_settings());
+        let tokens = TokenFetcher::new(mono, breaker, run.mono_retry_policy(), run.mono_max_in_flight);
         let pipeline = PipelineSettings {
             processor: Arc::new(Processor::new(pool, run.dedup_window())),
             tokens: Arc::new(tokens),
@@ -53,12 +50,7 @@ impl Worker {
         };
         let session = Session::open(&settings).await?;
         let connected = Arc::new(AtomicBool::new(session.is_connected()));
-        Ok(Self {
-            pipeline: Arc::new(pipeline),
-            settings,
-            session,
-            connected,
-        })
+        Ok(Self { pipeline: Arc::new(pipeline), settings, session, connected })
     }
 
     /// Consumes until `cancel` fires, then drains in-flight deliveries within the grace period.

@@ -7,6 +7,7 @@
 //! budget; when it runs out the delivery moves to the next retry tier, spending an attempt.
 
 use std::time::Instant;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::circuit::{BreakerState, CircuitBreaker};
@@ -38,15 +39,13 @@ pub struct TokenFetcher {
     mono: MonoClient,
     breaker: CircuitBreaker,
     policy: RetryPolicy,
+    /// Bounds the calls in flight to Mono, whatever the prefetch.
+    in_flight: Semaphore,
 }
 
 impl TokenFetcher {
-    pub fn new(mono: MonoClient, breaker: CircuitBreaker, policy: RetryPolicy) -> Self {
-        Self {
-            mono,
-            breaker,
-            policy,
-        }
+    pub fn new(mono: MonoClient, breaker: CircuitBreaker, policy: RetryPolicy, max_in_flight: usize) -> Self {
+        Self { mono, breaker, policy, in_flight: Semaphore::new(max_in_flight.max(1)) }
     }
 
     pub fn breaker_state(&self) -> BreakerState {
@@ -58,13 +57,20 @@ impl TokenFetcher {
         let mut calls = 0;
         loop {
             let Some(permit) = self.breaker.try_acquire() else {
-                return TokenOutcome::Park {
-                    reason: "Mono circuit is open".to_owned(),
-                };
+                return TokenOutcome::Park { reason: "Mono circuit is open".to_owned() };
             };
             calls += 1;
             let started = Instant::now();
-            let answer = self.mono.reauthorise(account).await;
+            let answer = {
+                let _slot = tokio::select! {
+                    slot = self.in_flight.acquire() => slot.expect("the semaphore is never closed"),
+                    () = abandon.cancelled() => {
+                        self.breaker.release(permit);
+                        return TokenOutcome::Abandoned;
+                    }
+                };
+                self.mono.reauthorise(account).await
+            };
             let class = answer.as_ref().map_or_else(MonoError::status_class, |_| "2xx");
             metrics::histogram!("monohook_worker_mono_request_seconds", "status_class" => class)
                 .record(started.elapsed().as_secs_f64());
@@ -76,9 +82,7 @@ impl TokenFetcher {
                 Err(error @ MonoError::Rejected { .. }) => {
                     // Mono answered: it is up, whatever it thinks of this account.
                     self.breaker.record(permit, true);
-                    return TokenOutcome::Refused {
-                        reason: error.to_string(),
-                    };
+                    return TokenOutcome::Refused { reason: error.to_string() };
                 }
                 Err(error @ MonoError::Unavailable { retry_after, .. }) => {
                     self.breaker.record(permit, false);
@@ -92,12 +96,10 @@ impl TokenFetcher {
             };
             let Some(delay) = delay else {
                 return match self.breaker.state() {
-                    BreakerState::Open => TokenOutcome::Park {
-                        reason: format!("{error}; Mono circuit is open"),
-                    },
-                    _ => TokenOutcome::Retry {
-                        reason: format!("{error} (after {calls} calls)"),
-                    },
+                    BreakerState::Open => {
+                        TokenOutcome::Park { reason: format!("{error}; Mono circuit is open") }
+                    }
+                    _ => TokenOutcome::Retry { reason: format!("{error} (after {calls} calls)") },
                 };
             };
             tracing::warn!(%error, retry_in = ?delay, "Mono call failed; retrying");

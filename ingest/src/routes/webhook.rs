@@ -79,11 +79,8 @@ pub async fn receive_webhook(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebhookError> {
-    let span = tracing::info_span!(
-        "webhook",
-        delivery_id = tracing::field::Empty,
-        event = tracing::field::Empty
-    );
+    let span =
+        tracing::info_span!("webhook", delivery_id = tracing::field::Empty, event = tracing::field::Empty);
     let result = accept(&request, payload, &state).instrument(span.clone()).await;
     let _entered = span.enter();
     match &result {
@@ -99,11 +96,7 @@ async fn accept(
     payload: web::Payload,
     state: &AppState,
 ) -> Result<HttpResponse, WebhookError> {
-    let provided = request
-        .headers()
-        .get(SECRET_HEADER)
-        .map(|v| v.as_bytes())
-        .unwrap_or_default();
+    let provided = request.headers().get(SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
     if !state.secrets.verify(provided) {
         return Err(WebhookError::Unauthorized);
     }
@@ -115,10 +108,7 @@ async fn accept(
     span.record("delivery_id", tracing::field::display(meta.id));
     span.record("event", envelope.event_name());
 
-    state
-        .publisher
-        .publish_confirmed(envelope.event_name(), &body, meta.to_properties())
-        .await?;
+    state.publisher.publish_confirmed(envelope.event_name(), &body, meta.to_properties()).await?;
     tracing::info!("webhook queued");
     Ok(HttpResponse::Ok().json(json!({ "id": meta.id.to_string() })))
 }
@@ -149,7 +139,5 @@ async fn read_body(
         }
         Ok(body)
     };
-    tokio::time::timeout(timeout, read)
-        .await
-        .map_err(|_| WebhookError::BodyTimeout)?
+    tokio::time::timeout(timeout, read).await.map_err(|_| WebhookError::BodyTimeout)?
 }

@@ -5,15 +5,10 @@ use shared::testing::fixture;
 async fn missing_secret_is_rejected_and_nothing_is_published() {
     let app = spawn_app().await;
 
-    let response = app
-        .post_webhook_with_secret(fixture("reauthorisation_required.json"), None)
-        .await;
+    let response = app.post_webhook_with_secret(fixture("reauthorisation_required.json"), None).await;
 
     assert_eq!(response.status().as_u16(), 401);
-    assert_eq!(
-        json(response).await,
-        serde_json::json!({ "error": "unauthorized" })
-    );
+    assert_eq!(json(response).await, serde_json::json!({ "error": "unauthorized" }));
     assert_eq!(app.queue_depth().await, 0);
 }
 
@@ -21,15 +16,9 @@ async fn missing_secret_is_rejected_and_nothing_is_published() {
 async fn wrong_secret_is_rejected_and_nothing_is_published() {
     let app = spawn_app().await;
 
-    for wrong in [
-        "",
-        "test-webhook-secre",
-        "test-webhook-secret-2",
-        "TEST-WEBHOOK-SECRET",
-    ] {
-        let response = app
-            .post_webhook_with_secret(fixture("reauthorisation_required.json"), Some(wrong))
-            .await;
+    for wrong in ["", "test-webhook-secre", "test-webhook-secret-2", "TEST-WEBHOOK-SECRET"] {
+        let response =
+            app.post_webhook_with_secret(fixture("reauthorisation_required.json"), Some(wrong)).await;
         assert_eq!(response.status().as_u16(), 401, "secret {wrong:?}");
     }
     assert_eq!(app.queue_depth().await, 0);
@@ -39,9 +28,7 @@ async fn wrong_secret_is_rejected_and_nothing_is_published() {
 async fn unauthenticated_requests_are_rejected_before_the_body_is_judged() {
     let app = spawn_app().await;
 
-    let response = app
-        .post_webhook_with_secret(fixture("bad/truncated.json"), Some("wrong"))
-        .await;
+    let response = app.post_webhook_with_secret(fixture("bad/truncated.json"), Some("wrong")).await;
 
     assert_eq!(response.status().as_u16(), 401);
 }
@@ -54,9 +41,7 @@ async fn every_configured_secret_is_accepted_during_a_rotation() {
     .await;
 
     for secret in [SECRET, "next-secret"] {
-        let response = app
-            .post_webhook_with_secret(fixture("account_updated.json"), Some(secret))
-            .await;
+        let response = app.post_webhook_with_secret(fixture("account_updated.json"), Some(secret)).await;
         assert_eq!(response.status().as_u16(), 200, "secret {secret}");
     }
     assert_eq!(app.queue_depth().await, 2);

@@ -20,26 +20,14 @@ async fn health_and_readiness_report_ok_with_a_connected_broker() {
 async fn broker_down_gives_a_fast_503_and_ingest_recovers_by_itself() {
     let proxied = spawn_app_behind_proxy().await;
     let app = &proxied.app;
-    assert_eq!(
-        app.post_webhook(fixture("account_updated.json"))
-            .await
-            .status()
-            .as_u16(),
-        200
-    );
+    assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 200);
 
     proxied.proxy.cut();
-    eventually(
-        "readyz reports the broker down",
-        Duration::from_secs(5),
-        || async { app.get("/readyz").await.status().as_u16() == 503 },
-    )
+    eventually("readyz reports the broker down", Duration::from_secs(5), || async {
+        app.get("/readyz").await.status().as_u16() == 503
+    })
     .await;
-    assert_eq!(
-        app.get("/healthz").await.status().as_u16(),
-        200,
-        "the process itself is fine"
-    );
+    assert_eq!(app.get("/healthz").await.status().as_u16(), 200, "the process itself is fine");
 
     let started = Instant::now();
     let response = app.post_webhook(fixture("account_updated.json")).await;
@@ -68,13 +56,7 @@ async fn a_broker_that_stops_answering_gives_503_within_the_publish_timeout() {
         config.publish_timeout_ms = 500;
     })
     .await;
-    assert_eq!(
-        app.post_webhook(fixture("account_updated.json"))
-            .await
-            .status()
-            .as_u16(),
-        200
-    );
+    assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 200);
 
     // Connections stay open but nothing comes back: no error, no confirm.
     proxy.stall();
@@ -105,10 +87,7 @@ async fn start_fails_fast_with_one_clear_line_when_the_broker_is_unreachable() {
         Err(error) => format!("{error:#}"),
     };
 
-    assert!(
-        error.starts_with("cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1:1/%2f"),
-        "{error}"
-    );
+    assert!(error.starts_with("cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1:1/%2f"), "{error}");
     assert!(!error.contains("hunter2"), "{error}");
     assert_eq!(error.lines().count(), 1, "{error}");
 }

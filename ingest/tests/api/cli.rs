@@ -2,9 +2,7 @@ use std::process::Command;
 
 fn ingest() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ingest"));
-    command
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    command.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
     command
 }
 
@@ -23,26 +21,16 @@ fn help_lists_every_setting_with_its_environment_variable_and_default() {
         ("LOG_FORMAT", Some("auto")),
         ("RUST_LOG", Some("info,sqlx::postgres::notice=warn")),
     ] {
-        assert!(
-            help.contains(&format!("[env: {env}")),
-            "--help lacks {env}:\n{help}"
-        );
+        assert!(help.contains(&format!("[env: {env}")), "--help lacks {env}:\n{help}");
         if let Some(default) = default {
-            assert!(
-                help.contains(&format!("[default: {default}]")),
-                "--help lacks the default of {env}"
-            );
+            assert!(help.contains(&format!("[default: {default}]")), "--help lacks the default of {env}");
         }
     }
 }
 
 #[test]
 fn help_never_shows_the_current_secret() {
-    let output = ingest()
-        .arg("--help")
-        .env("MONO_WEBHOOK_SECRET", "hunter2-secret")
-        .output()
-        .unwrap();
+    let output = ingest().arg("--help").env("MONO_WEBHOOK_SECRET", "hunter2-secret").output().unwrap();
     let help = String::from_utf8(output.stdout).unwrap();
 
     assert!(!help.contains("hunter2-secret"));
@@ -54,10 +42,7 @@ fn a_missing_secret_stops_the_process_with_a_message_naming_it() {
 
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
-    assert_eq!(
-        stderr,
-        "ingest: missing required setting: MONO_WEBHOOK_SECRET (--mono-webhook-secret)\n"
-    );
+    assert_eq!(stderr, "ingest: missing required setting: MONO_WEBHOOK_SECRET (--mono-webhook-secret)\n");
 }
 
 #[test]

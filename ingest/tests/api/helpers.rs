@@ -36,18 +36,10 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut IngestConfig)) -> TestAp
     let mut config = config_for(&broker);
     customize(&mut config);
     let cancel = CancellationToken::new();
-    let application = Application::build(config, cancel.clone())
-        .await
-        .expect("ingest failed to build");
+    let application = Application::build(config, cancel.clone()).await.expect("ingest failed to build");
     let address = format!("http://127.0.0.1:{}", application.port());
     let server = tokio::spawn(application.run_until_stopped());
-    TestApp {
-        address,
-        broker,
-        http: reqwest::Client::new(),
-        cancel,
-        server: Some(server),
-    }
+    TestApp { address, broker, http: reqwest::Client::new(), cancel, server: Some(server) }
 }
 
 pub async fn spawn_app_behind_proxy() -> ProxiedApp {
@@ -59,13 +51,8 @@ pub async fn spawn_app_behind_proxy() -> ProxiedApp {
 
 /// `AMQP_URL` with the broker's address replaced by the proxy's.
 pub fn proxied_amqp_url(proxy: &TcpProxy) -> String {
-    let url = amqp_url()
-        .expose_secret()
-        .replace("127.0.0.1:5672", &proxy.addr().to_string());
-    assert!(
-        url.contains(&proxy.addr().to_string()),
-        "AMQP_URL must point at 127.0.0.1:5672 for proxy tests"
-    );
+    let url = amqp_url().expose_secret().replace("127.0.0.1:5672", &proxy.addr().to_string());
+    assert!(url.contains(&proxy.addr().to_string()), "AMQP_URL must point at 127.0.0.1:5672 for proxy tests");
     url
 }
 
@@ -111,11 +98,7 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.http
-            .get(format!("{}{path}", self.address))
-            .send()
-            .await
-            .expect("request failed")
+        self.http.get(format!("{}{path}", self.address)).send().await.expect("request failed")
     }
 
     /// Takes every message currently in the work queue.
@@ -132,9 +115,7 @@ impl TestApp {
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         self.cancel.cancel();
         let server = self.server.take().expect("already stopped");
-        tokio::time::timeout(Duration::from_secs(15), server)
-            .await
-            .expect("ingest did not stop")?
+        tokio::time::timeout(Duration::from_secs(15), server).await.expect("ingest did not stop")?
     }
 }
 

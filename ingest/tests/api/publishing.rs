@@ -26,25 +26,16 @@ async fn an_accepted_webhook_is_queued_byte_for_byte_with_its_stamp() {
     assert_eq!(message.data, body, "the body must be published unchanged");
     assert_eq!(message.routing_key.as_str(), "mono.events.account_updated");
     let properties = &message.properties;
-    assert_eq!(
-        properties.message_id().as_ref().map(|m| m.as_str()),
-        Some(id.as_str())
-    );
+    assert_eq!(properties.message_id().as_ref().map(|m| m.as_str()), Some(id.as_str()));
     assert_eq!(properties.delivery_mode(), &Some(2), "must be persistent");
     let timestamp = properties.timestamp().expect("no AMQP timestamp");
     assert!(timestamp.abs_diff(before.timestamp() as u64) <= 2);
     let headers = properties.headers().as_ref().expect("no headers");
     let received_at = header_str(headers, HEADER_RECEIVED_AT).expect("no receive time header");
     let parsed = chrono::DateTime::parse_from_rfc3339(&received_at).expect("receive time is not RFC 3339");
-    assert!(
-        received_at.contains('.') && received_at.ends_with('Z'),
-        "{received_at}"
-    );
+    assert!(received_at.contains('.') && received_at.ends_with('Z'), "{received_at}");
     assert!((parsed.timestamp_millis() - before.timestamp_millis()).abs() < 5_000);
-    assert_eq!(
-        header_str(headers, HEADER_BODY_SHA256).unwrap(),
-        hex::encode(Sha256::digest(&body))
-    );
+    assert_eq!(header_str(headers, HEADER_BODY_SHA256).unwrap(), hex::encode(Sha256::digest(&body)));
 }
 
 #[tokio::test]
@@ -72,12 +63,8 @@ async fn concurrent_webhooks_are_all_confirmed_and_queued_once() {
         ids.insert(json(response).await["id"].as_str().unwrap().to_owned());
     }
     assert_eq!(ids.len(), 200);
-    let queued: HashSet<String> = app
-        .queued()
-        .await
-        .iter()
-        .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
-        .collect();
+    let queued: HashSet<String> =
+        app.queued().await.iter().map(|m| m.properties.message_id().as_ref().unwrap().to_string()).collect();
     assert_eq!(queued, ids);
 }
 
@@ -87,10 +74,7 @@ async fn an_unroutable_publish_gets_503_not_200() {
     // Without its queue the exchange routes nowhere: the broker returns the mandatory message.
     app.broker
         .channel
-        .queue_delete(
-            app.broker.topology.work_queue().as_str().into(),
-            QueueDeleteOptions::default(),
-        )
+        .queue_delete(app.broker.topology.work_queue().as_str().into(), QueueDeleteOptions::default())
         .await
         .unwrap();
 
@@ -98,8 +82,5 @@ async fn an_unroutable_publish_gets_503_not_200() {
 
     assert_eq!(response.status().as_u16(), 503);
     assert!(response.headers().contains_key("retry-after"));
-    assert_eq!(
-        json(response).await,
-        serde_json::json!({ "error": "unavailable" })
-    );
+    assert_eq!(json(response).await, serde_json::json!({ "error": "unavailable" }));
 }

@@ -30,10 +30,7 @@ async fn shutdown_under_load_lets_requests_finish_and_every_200_is_queued() {
                         return;
                     }
                     let body: serde_json::Value = response.json().await.unwrap();
-                    accepted
-                        .lock()
-                        .unwrap()
-                        .insert(body["id"].as_str().unwrap().to_owned());
+                    accepted.lock().unwrap().insert(body["id"].as_str().unwrap().to_owned());
                 }
             })
         })
@@ -45,19 +42,12 @@ async fn shutdown_under_load_lets_requests_finish_and_every_200_is_queued() {
 
     app.stop().await.expect("ingest did not stop cleanly");
     for client in clients {
-        tokio::time::timeout(Duration::from_secs(10), client)
-            .await
-            .expect("a client hung")
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), client).await.expect("a client hung").unwrap();
     }
 
     let accepted = accepted.lock().unwrap().clone();
-    let queued: HashSet<String> = app
-        .queued()
-        .await
-        .iter()
-        .map(|m| m.properties.message_id().as_ref().unwrap().to_string())
-        .collect();
+    let queued: HashSet<String> =
+        app.queued().await.iter().map(|m| m.properties.message_id().as_ref().unwrap().to_string()).collect();
     let lost: Vec<_> = accepted.difference(&queued).collect();
     assert!(lost.is_empty(), "webhooks answered 200 but not queued: {lost:?}");
 }
@@ -70,11 +60,5 @@ async fn after_shutdown_no_new_connection_is_accepted() {
     app.stop().await.expect("ingest did not stop cleanly");
 
     let fresh = reqwest::Client::new();
-    assert!(
-        fresh
-            .get(format!("{}/healthz", app.address))
-            .send()
-            .await
-            .is_err()
-    );
+    assert!(fresh.get(format!("{}/healthz", app.address)).send().await.is_err());
 }

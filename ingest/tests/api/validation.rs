@@ -19,10 +19,7 @@ async fn each_malformed_body_gets_400_with_what_is_wrong_and_nothing_is_publishe
         let body = json(response).await;
         assert_eq!(body["error"], "invalid_payload", "{file}");
         let got = body["detail"].as_str().unwrap_or_default();
-        assert!(
-            got.starts_with(detail),
-            "{file}: detail {got:?} should start with {detail:?}"
-        );
+        assert!(got.starts_with(detail), "{file}: detail {got:?} should start with {detail:?}");
     }
     assert_eq!(app.queue_depth().await, 0);
 }
@@ -89,9 +86,7 @@ async fn the_body_decides_not_the_content_type() {
     };
 
     let good_as_text = send("text/plain", fixture("account_updated.json")).await.unwrap();
-    let bad_as_json = send("application/json", fixture("bad/truncated.json"))
-        .await
-        .unwrap();
+    let bad_as_json = send("application/json", fixture("bad/truncated.json")).await.unwrap();
 
     assert_eq!(good_as_text.status().as_u16(), 200);
     assert_eq!(bad_as_json.status().as_u16(), 400);

@@ -22,11 +22,8 @@ pub async fn load(
     window: Duration,
 ) -> sqlx::Result<BatchState> {
     let mut state = BatchState::default();
-    let mut account_ids: Vec<&str> = candidates
-        .iter()
-        .filter(|c| c.event.kind.needs_account())
-        .map(|c| c.event.account())
-        .collect();
+    let mut account_ids: Vec<&str> =
+        candidates.iter().filter(|c| c.event.kind.needs_account()).map(|c| c.event.account()).collect();
     account_ids.sort_unstable();
     account_ids.dedup();
     if !account_ids.is_empty() {
@@ -58,22 +55,9 @@ pub async fn load(
     state.settled = settled.into_iter().collect();
 
     let window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::days(36_500));
-    let bodies: Vec<&str> = candidates
-        .iter()
-        .map(|c| c.event.record.body_sha256.as_str())
-        .collect();
-    let earliest = candidates
-        .iter()
-        .map(|c| c.event.received_at)
-        .min()
-        .unwrap_or_else(Utc::now)
-        - window;
-    let latest = candidates
-        .iter()
-        .map(|c| c.event.received_at)
-        .max()
-        .unwrap_or_else(Utc::now)
-        + window;
+    let bodies: Vec<&str> = candidates.iter().map(|c| c.event.record.body_sha256.as_str()).collect();
+    let earliest = candidates.iter().map(|c| c.event.received_at).min().unwrap_or_else(Utc::now) - window;
+    let latest = candidates.iter().map(|c| c.event.received_at).max().unwrap_or_else(Utc::now) + window;
     let copies: Vec<(Uuid, String, DateTime<Utc>)> = sqlx::query_as(
         "SELECT id, body_sha256, received_at FROM webhook_events
          WHERE body_sha256 = ANY($1) AND status <> 'dead' AND received_at BETWEEN $2 AND $3",
@@ -112,10 +96,7 @@ pub async fn write(
         .map(|a| a.id.as_str())
         .collect();
     if !untouched.is_empty() {
-        sqlx::query("DELETE FROM accounts WHERE id = ANY($1)")
-            .bind(&untouched)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query("DELETE FROM accounts WHERE id = ANY($1)").bind(&untouched).execute(&mut *conn).await?;
     }
     let changed: Vec<&AccountState> = state.accounts.values().filter(|a| a.changed).collect();
     if !changed.is_empty() {

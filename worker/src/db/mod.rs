@@ -57,10 +57,7 @@ pub async fn connect(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
 
 /// Applies pending migrations. Safe with many workers starting at once (sqlx takes an advisory lock).
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    MIGRATOR
-        .run(pool)
-        .await
-        .context("applying database migrations failed")
+    MIGRATOR.run(pool).await.context("applying database migrations failed")
 }
 
 /// Whether `error` means the database is unavailable for now (retry) rather than that this statement

@@ -9,11 +9,8 @@ pub fn apply(account: &mut AccountState, event: &IncomingEvent) -> HandlerOutcom
     if event.customer_id.is_some() {
         account.customer_id.clone_from(&event.customer_id);
     }
-    account.connected_at = Some(
-        account
-            .connected_at
-            .map_or(event.received_at, |at| at.min(event.received_at)),
-    );
+    account.connected_at =
+        Some(account.connected_at.map_or(event.received_at, |at| at.min(event.received_at)));
     HandlerOutcome::Applied
 }
 
@@ -27,16 +24,9 @@ mod tests {
     fn the_earliest_connection_time_wins() {
         let now = Utc::now();
         let mut account = AccountState::new("a1");
-        let later = event_at(
-            "mono.events.account_connected",
-            now,
-            serde_json::json!({ "customer": "c1" }),
-        );
-        let earlier = event_at(
-            "mono.events.account_connected",
-            now - Duration::seconds(9),
-            serde_json::json!({}),
-        );
+        let later = event_at("mono.events.account_connected", now, serde_json::json!({ "customer": "c1" }));
+        let earlier =
+            event_at("mono.events.account_connected", now - Duration::seconds(9), serde_json::json!({}));
         apply(&mut account, &later);
         apply(&mut account, &earlier);
         assert_eq!(account.connected_at, Some(now - Duration::seconds(9)));

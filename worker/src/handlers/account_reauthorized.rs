@@ -48,11 +48,8 @@ mod tests {
             reauth_state_received_at: Some(now),
             ..AccountState::new("a1")
         };
-        let late = event_at(
-            "mono.events.account_reauthorized",
-            now - Duration::seconds(1),
-            serde_json::json!({}),
-        );
+        let late =
+            event_at("mono.events.account_reauthorized", now - Duration::seconds(1), serde_json::json!({}));
         assert_eq!(apply(&mut account, &late), HandlerOutcome::Stale);
         assert!(account.reauth_required);
     }

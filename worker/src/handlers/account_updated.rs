@@ -34,15 +34,8 @@ mod tests {
     #[test]
     fn it_records_status_snapshot_and_time_but_not_the_flag() {
         let now = Utc::now();
-        let mut account = AccountState {
-            reauth_required: true,
-            ..AccountState::new("a1")
-        };
-        let event = event_at(
-            NAME,
-            now,
-            serde_json::json!({ "meta": { "data_status": "AVAILABLE" } }),
-        );
+        let mut account = AccountState { reauth_required: true, ..AccountState::new("a1") };
+        let event = event_at(NAME, now, serde_json::json!({ "meta": { "data_status": "AVAILABLE" } }));
         assert_eq!(apply(&mut account, &event), HandlerOutcome::Applied);
         assert_eq!(account.data_status.as_deref(), Some("AVAILABLE"));
         assert_eq!(account.data_updated_at, Some(now));

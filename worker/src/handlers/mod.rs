@@ -71,15 +71,8 @@ pub(crate) mod test_support {
         let body = serde_json::to_vec(&body).unwrap();
         let mut meta = DeliveryMeta::stamp(&body);
         meta.received_at = received_at;
-        IncomingEvent::parse(
-            &body,
-            &meta,
-            &AttemptHistory {
-                previous_attempts: 0,
-                first_attempt_at: None,
-            },
-        )
-        .1
-        .unwrap()
+        IncomingEvent::parse(&body, &meta, &AttemptHistory { previous_attempts: 0, first_attempt_at: None })
+            .1
+            .unwrap()
     }
 }

@@ -15,10 +15,7 @@ pub fn apply(
     if account.reauth_is_newer_than(event.received_at) {
         return HandlerOutcome::Stale;
     }
-    if account
-        .unlinked_at
-        .is_some_and(|unlinked| unlinked <= event.received_at)
-    {
+    if account.unlinked_at.is_some_and(|unlinked| unlinked <= event.received_at) {
         return HandlerOutcome::Ignored("account is unlinked");
     }
     let Some(token) = token else {
@@ -45,30 +42,20 @@ mod tests {
         let mut account = AccountState::new("a1");
         let event = event_at(NAME, Utc::now(), serde_json::json!({}));
         assert_eq!(apply(&mut account, &event, None), HandlerOutcome::NeedsToken);
-        assert_eq!(
-            account,
-            AccountState::new("a1"),
-            "nothing changes without a token"
-        );
+        assert_eq!(account, AccountState::new("a1"), "nothing changes without a token");
 
         let token = ReauthToken::for_tests("tok", Utc::now());
         assert_eq!(apply(&mut account, &event, Some(&token)), HandlerOutcome::Applied);
         assert!(account.reauth_required);
         assert_eq!(account.reauth_token, Some(StoredToken("tok".into())));
-        assert_eq!(
-            account.reauth_token_expires_at,
-            Some(token.issued_at + Duration::minutes(10))
-        );
+        assert_eq!(account.reauth_token_expires_at, Some(token.issued_at + Duration::minutes(10)));
         assert_eq!(account.reauth_state_received_at, Some(event.received_at));
     }
 
     #[test]
     fn a_copy_received_before_the_last_reauth_event_is_stale() {
         let now = Utc::now();
-        let mut account = AccountState {
-            reauth_state_received_at: Some(now),
-            ..AccountState::new("a1")
-        };
+        let mut account = AccountState { reauth_state_received_at: Some(now), ..AccountState::new("a1") };
         let late = event_at(NAME, now - Duration::seconds(1), serde_json::json!({}));
         assert_eq!(apply(&mut account, &late, None), HandlerOutcome::Stale);
     }
@@ -76,14 +63,9 @@ mod tests {
     #[test]
     fn an_unlinked_account_is_not_flagged() {
         let now = Utc::now();
-        let mut account = AccountState {
-            unlinked_at: Some(now - Duration::seconds(5)),
-            ..AccountState::new("a1")
-        };
+        let mut account =
+            AccountState { unlinked_at: Some(now - Duration::seconds(5)), ..AccountState::new("a1") };
         let event = event_at(NAME, now, serde_json::json!({}));
-        assert_eq!(
-            apply(&mut account, &event, None),
-            HandlerOutcome::Ignored("account is unlinked")
-        );
+        assert_eq!(apply(&mut account, &event, None), HandlerOutcome::Ignored("account is unlinked"));
     }
 }

@@ -5,10 +5,7 @@ use std::process::Command;
 
 fn worker() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_worker"));
-    command
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("LOG_FORMAT", "json");
+    command.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default()).env("LOG_FORMAT", "json");
     command
 }
 
@@ -18,27 +15,18 @@ fn help_lists_every_setting_with_its_environment_variable_and_default() {
     let help = String::from_utf8(output.stdout).unwrap();
 
     for (env, default) in [
-        (
-            "DATABASE_URL",
-            Some("postgres://postgres@127.0.0.1:5432/monohook"),
-        ),
+        ("DATABASE_URL", Some("postgres://postgres@127.0.0.1:5432/monohook")),
         ("AMQP_URL", Some("amqp://guest:guest@127.0.0.1:5672/%2f")),
         ("QUEUE_PREFIX", Some("mono.webhooks")),
         ("MONO_SECRET_KEY", None),
         ("MONO_API_URL", Some("https://api.withmono.com")),
-        ("PREFETCH", Some("64")),
+        ("PREFETCH", Some("256")),
         ("DEDUP_WINDOW_SECS", Some("600")),
         ("RETRY_DELAYS_SECS", Some("30,300,1800,7200")),
     ] {
-        assert!(
-            help.contains(&format!("[env: {env}")),
-            "--help lacks {env}:\n{help}"
-        );
+        assert!(help.contains(&format!("[env: {env}")), "--help lacks {env}:\n{help}");
         if let Some(default) = default {
-            assert!(
-                help.contains(&format!("[default: {default}]")),
-                "--help lacks the default of {env}"
-            );
+            assert!(help.contains(&format!("[default: {default}]")), "--help lacks the default of {env}");
         }
     }
 }
@@ -49,10 +37,7 @@ fn a_missing_secret_key_stops_the_worker_naming_it() {
 
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
-    assert_eq!(
-        stderr,
-        "worker: missing required setting: MONO_SECRET_KEY (--mono-secret-key)\n"
-    );
+    assert_eq!(stderr, "worker: missing required setting: MONO_SECRET_KEY (--mono-secret-key)\n");
 }
 
 #[test]
@@ -98,17 +83,9 @@ async fn migrate_creates_a_missing_database_and_its_schema() {
     let name = format!("monohook_cli_{}", uuid::Uuid::new_v4().simple());
     let url = format!("{}/{name}", server_url());
 
-    let output = worker()
-        .arg("migrate")
-        .env("DATABASE_URL", &url)
-        .output()
-        .unwrap();
+    let output = worker().arg("migrate").env("DATABASE_URL", &url).output().unwrap();
 
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let pool = PgPool::connect(&url).await.unwrap();
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
@@ -117,13 +94,8 @@ async fn migrate_creates_a_missing_database_and_its_schema() {
     .await
     .unwrap();
     pool.close().await;
-    let admin = PgPool::connect(&format!("{}/postgres", server_url()))
-        .await
-        .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .unwrap();
+    let admin = PgPool::connect(&format!("{}/postgres", server_url())).await.unwrap();
+    sqlx::query(&format!("DROP DATABASE {name}")).execute(&admin).await.unwrap();
     assert!(
         tables.contains(&"accounts".to_owned()) && tables.contains(&"webhook_events".to_owned()),
         "{tables:?}"
@@ -141,17 +113,9 @@ async fn account_prints_the_record_without_the_token(pool: PgPool) {
     .unwrap();
     let database = database_url(&pool).await;
 
-    let output = worker()
-        .args(["account", "acc-1"])
-        .env("DATABASE_URL", &database)
-        .output()
-        .unwrap();
+    let output = worker().args(["account", "acc-1"]).env("DATABASE_URL", &database).output().unwrap();
 
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(stdout.contains("reauth_required          true"), "{stdout}");
     assert!(stdout.contains("(held)"), "{stdout}");
@@ -167,9 +131,6 @@ fn server_url() -> String {
 
 /// A URL for the test's own database.
 async fn database_url(pool: &PgPool) -> String {
-    let name: String = sqlx::query_scalar("SELECT current_database()::text")
-        .fetch_one(pool)
-        .await
-        .unwrap();
+    let name: String = sqlx::query_scalar("SELECT current_database()::text").fetch_one(pool).await.unwrap();
     format!("{}/{name}", server_url())
 }

@@ -45,9 +45,7 @@ async fn account_unlinked_marks_the_account_and_clears_its_reauth_state(pool: Pg
     world.mono_issues_token(unlinked_account, "to-be-cleared").await;
     world.start_worker().await;
 
-    let required = world
-        .publish(&body("mono.events.reauthorisation_required", unlinked_account))
-        .await;
+    let required = world.publish(&body("mono.events.reauthorisation_required", unlinked_account)).await;
     world.settled(&required).await;
     assert!(world.account(unlinked_account).await.reauth_required);
     let unlinked = world.publish(&fixture("account_unlinked.json")).await;

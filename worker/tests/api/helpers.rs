@@ -44,12 +44,7 @@ pub struct JournalRow {
 impl TestWorld {
     pub async fn new(pool: PgPool) -> Self {
         init_test_logging();
-        Self {
-            pool,
-            broker: TestBroker::new().await,
-            mono: MockServer::start().await,
-            workers: Vec::new(),
-        }
+        Self { pool, broker: TestBroker::new().await, mono: MockServer::start().await, workers: Vec::new() }
     }
 
     /// The worker's command line for this world, plus `extra` flags.
@@ -86,9 +81,7 @@ impl TestWorld {
 
     /// Starts a worker with a given command line and pool (e.g. a pool that goes through a proxy).
     pub async fn start_worker_on(&mut self, cli: Cli, pool: PgPool) {
-        let worker = Worker::build(&cli.broker, &cli.run, pool)
-            .await
-            .expect("worker failed to build");
+        let worker = Worker::build(&cli.broker, &cli.run, pool).await.expect("worker failed to build");
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(worker.run(cancel.clone()));
         self.workers.push((cancel, handle));
@@ -123,12 +116,9 @@ impl TestWorld {
 
     /// Publishes with a given stamp (the same stamp twice is a redelivery).
     pub async fn publish_meta(&self, body: &[u8], meta: &DeliveryMeta) {
-        let event = Envelope::parse(body)
-            .map(|e| e.event_name().to_owned())
-            .unwrap_or_else(|_| "garbage".into());
-        self.broker
-            .publish_to_exchange(&event, body, meta.to_properties())
-            .await;
+        let event =
+            Envelope::parse(body).map(|e| e.event_name().to_owned()).unwrap_or_else(|_| "garbage".into());
+        self.broker.publish_to_exchange(&event, body, meta.to_properties()).await;
     }
 
     /// Waits until the delivery is journaled and returns its row.
@@ -151,16 +141,11 @@ impl TestWorld {
     }
 
     pub async fn journal_count(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM webhook_events")
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
+        sqlx::query_scalar("SELECT count(*) FROM webhook_events").fetch_one(&self.pool).await.unwrap()
     }
 
     pub async fn account(&self, id: &str) -> AccountView {
-        self.find_account(id)
-            .await
-            .unwrap_or_else(|| panic!("no account {id}"))
+        self.find_account(id).await.unwrap_or_else(|| panic!("no account {id}"))
     }
 
     pub async fn find_account(&self, id: &str) -> Option<AccountView> {
@@ -188,9 +173,7 @@ impl TestWorld {
 
     /// Messages in the dead-letter queue, taken off it.
     pub async fn dead_letters(&self, count: usize) -> Vec<lapin::message::Delivery> {
-        self.broker
-            .wait_for_messages(&self.broker.topology.dead_queue(), count, PATIENCE)
-            .await
+        self.broker.wait_for_messages(&self.broker.topology.dead_queue(), count, PATIENCE).await
     }
 }
 

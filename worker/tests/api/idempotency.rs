@@ -29,21 +29,11 @@ async fn a_redelivered_message_has_one_effect(pool: PgPool) {
     assert_eq!(world.settled(&meta).await.status, "processed");
     // The same delivery again, as the broker would hand it out after a lost ack.
     world.publish_meta(&published, &meta).await;
-    let marker = world
-        .publish(&body("mono.events.account_updated", "marker"))
-        .await;
+    let marker = world.publish(&body("mono.events.account_updated", "marker")).await;
     world.settled(&marker).await;
 
-    assert_eq!(
-        world.journal_count().await,
-        2,
-        "one row for the delivery, one for the marker"
-    );
-    assert_eq!(
-        world.broker.depth(&world.broker.topology.work_queue()).await,
-        0,
-        "the redelivery was acked"
-    );
+    assert_eq!(world.journal_count().await, 2, "one row for the delivery, one for the marker");
+    assert_eq!(world.broker.depth(&world.broker.topology.work_queue()).await, 0, "the redelivery was acked");
     world.stop_workers().await;
     // Dropping the mock server verifies Mono was called exactly once.
 }
@@ -74,9 +64,7 @@ async fn the_same_body_after_the_window_is_a_new_event(pool: PgPool) {
 
     let first = world.publish_received_at(&published, long_ago).await;
     assert_eq!(world.settled(&first).await.status, "processed");
-    let second = world
-        .publish_received_at(&published, long_ago + chrono::Duration::seconds(61))
-        .await;
+    let second = world.publish_received_at(&published, long_ago + chrono::Duration::seconds(61)).await;
 
     assert_eq!(world.settled(&second).await.status, "processed");
     let account = world.account(ACCOUNT).await;

@@ -62,34 +62,18 @@ async fn a_400_is_dead_lettered_with_monos_message_and_changes_nothing(pool: PgP
 
     let dead = world.dead_letters(1).await;
     assert_eq!(dead.len(), 1);
-    assert_eq!(
-        dead[0].data, published,
-        "the dead letter keeps the body unchanged"
-    );
+    assert_eq!(dead[0].data, published, "the dead letter keeps the body unchanged");
     let headers = dead[0].properties.headers().clone().unwrap();
     let reason = header_str(&headers, HEADER_DEAD_REASON).unwrap();
-    assert!(
-        reason.contains("This account can not be re-authorised."),
-        "{reason}"
-    );
+    assert!(reason.contains("This account can not be re-authorised."), "{reason}");
     assert!(reason.contains("400"), "{reason}");
-    assert_eq!(
-        header_str(&headers, HEADER_DEAD_CLASS).as_deref(),
-        Some("permanent")
-    );
+    assert_eq!(header_str(&headers, HEADER_DEAD_CLASS).as_deref(), Some("permanent"));
     assert_eq!(headers.inner().get(HEADER_ATTEMPTS).and_then(as_u32), Some(1));
 
     let row = world.settled(&meta).await;
     assert_eq!(row.status, "dead");
-    assert!(
-        row.last_error
-            .unwrap()
-            .contains("This account can not be re-authorised.")
-    );
-    assert!(
-        world.find_account(ACCOUNT).await.is_none(),
-        "a dead-lettered event must change nothing"
-    );
+    assert!(row.last_error.unwrap().contains("This account can not be re-authorised."));
+    assert!(world.find_account(ACCOUNT).await.is_none(), "a dead-lettered event must change nothing");
 }
 
 /// Answers 429 with `Retry-After: 1` first, then a token, and records when each call came.
@@ -126,10 +110,7 @@ async fn a_429_is_retried_no_sooner_than_retry_after(pool: PgPool) {
     let calls = calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 2);
     let waited = calls[1] - calls[0];
-    assert!(
-        waited >= Duration::from_secs(1),
-        "retried after {waited:?}, before Retry-After"
-    );
+    assert!(waited >= Duration::from_secs(1), "retried after {waited:?}, before Retry-After");
     assert_eq!(world.stored_token(ACCOUNT).await.as_deref(), Some("after-429"));
 }
 
@@ -170,20 +151,14 @@ async fn a_delivery_that_fails_through_every_tier_is_dead_lettered_as_exhausted(
     let dead = world.dead_letters(1).await;
     assert_eq!(dead.len(), 1);
     let headers = dead[0].properties.headers().clone().unwrap();
-    assert_eq!(
-        header_str(&headers, HEADER_DEAD_CLASS).as_deref(),
-        Some("exhausted")
-    );
+    assert_eq!(header_str(&headers, HEADER_DEAD_CLASS).as_deref(), Some("exhausted"));
     // Attempt 1, then one attempt after each of the two tiers.
     assert_eq!(headers.inner().get(HEADER_ATTEMPTS).and_then(as_u32), Some(3));
     let row = world.settled(&meta).await;
     assert_eq!(row.status, "dead");
     assert_eq!(row.attempts, 3);
     assert!(row.last_error.unwrap().contains("502"));
-    assert!(
-        world.find_account(ACCOUNT).await.is_none(),
-        "a dead-lettered event must change nothing"
-    );
+    assert!(world.find_account(ACCOUNT).await.is_none(), "a dead-lettered event must change nothing");
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -201,8 +176,5 @@ async fn a_mono_that_hangs_times_out_and_counts_as_transient(pool: PgPool) {
     let meta = world.publish(&body(REAUTH, ACCOUNT)).await;
 
     assert_eq!(world.settled(&meta).await.status, "processed");
-    assert_eq!(
-        world.stored_token(ACCOUNT).await.as_deref(),
-        Some("after-timeout")
-    );
+    assert_eq!(world.stored_token(ACCOUNT).await.as_deref(), Some("after-timeout"));
 }

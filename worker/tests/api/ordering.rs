@@ -11,25 +11,16 @@ use crate::helpers::{ACCOUNT, TestWorld, body};
 async fn a_late_reauthorisation_required_never_reflags_a_reauthorised_account(pool: PgPool) {
     let mut world = TestWorld::new(pool).await;
     // Mono must not even be asked for a token that would be thrown away.
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .expect(0)
-        .mount(&world.mono)
-        .await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).expect(0).mount(&world.mono).await;
     world.start_worker().await;
     let t = Utc::now() - Duration::seconds(30);
 
     // Received in this order: required (t), reauthorized (t+1s); delivered in the other order.
     let reauthorized = world
-        .publish_received_at(
-            &body("mono.events.account_reauthorized", ACCOUNT),
-            t + Duration::seconds(1),
-        )
+        .publish_received_at(&body("mono.events.account_reauthorized", ACCOUNT), t + Duration::seconds(1))
         .await;
     assert_eq!(world.settled(&reauthorized).await.status, "processed");
-    let required = world
-        .publish_received_at(&body("mono.events.reauthorisation_required", ACCOUNT), t)
-        .await;
+    let required = world.publish_received_at(&body("mono.events.reauthorisation_required", ACCOUNT), t).await;
 
     assert_eq!(world.settled(&required).await.status, "stale");
     let account = world.account(ACCOUNT).await;
@@ -50,17 +41,12 @@ async fn a_late_account_update_does_not_overwrite_newer_data(pool: PgPool) {
         .unwrap()
     };
 
-    let newer = world
-        .publish_received_at(&update("AVAILABLE"), t + Duration::seconds(5))
-        .await;
+    let newer = world.publish_received_at(&update("AVAILABLE"), t + Duration::seconds(5)).await;
     assert_eq!(world.settled(&newer).await.status, "processed");
     let older = world.publish_received_at(&update("PROCESSING"), t).await;
 
     assert_eq!(world.settled(&older).await.status, "stale");
-    assert_eq!(
-        world.account(ACCOUNT).await.data_status.as_deref(),
-        Some("AVAILABLE")
-    );
+    assert_eq!(world.account(ACCOUNT).await.data_status.as_deref(), Some("AVAILABLE"));
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -70,16 +56,11 @@ async fn in_order_events_apply_in_order(pool: PgPool) {
     world.start_worker().await;
     let t = Utc::now() - Duration::seconds(30);
 
-    let reauthorized = world
-        .publish_received_at(&body("mono.events.account_reauthorized", ACCOUNT), t)
-        .await;
+    let reauthorized = world.publish_received_at(&body("mono.events.account_reauthorized", ACCOUNT), t).await;
     world.settled(&reauthorized).await;
     // A new loss of access after the re-auth: flagged again.
     let required = world
-        .publish_received_at(
-            &body("mono.events.reauthorisation_required", ACCOUNT),
-            t + Duration::seconds(1),
-        )
+        .publish_received_at(&body("mono.events.reauthorisation_required", ACCOUNT), t + Duration::seconds(1))
         .await;
 
     assert_eq!(world.settled(&required).await.status, "processed");

@@ -29,24 +29,14 @@ async fn a_database_outage_holds_deliveries_unacked_and_processing_resumes(
     assert_eq!(world.settled(&before).await.status, "processed");
 
     proxy.cut();
-    let during = world
-        .publish(&body("mono.events.account_updated", "during-outage"))
-        .await;
+    let during = world.publish(&body("mono.events.account_updated", "during-outage")).await;
     let work = world.broker.topology.work_queue();
     let dead = world.broker.topology.dead_queue();
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         // Held by the worker: not ready in the queue (no requeue loop), not dead, not journaled.
-        assert_eq!(
-            world.broker.depth(&work).await,
-            0,
-            "the delivery was returned to the queue"
-        );
-        assert_eq!(
-            world.broker.depth(&dead).await,
-            0,
-            "the delivery was dead-lettered"
-        );
+        assert_eq!(world.broker.depth(&work).await, 0, "the delivery was returned to the queue");
+        assert_eq!(world.broker.depth(&dead).await, 0, "the delivery was dead-lettered");
     }
     assert!(world.journal(&during).await.is_none());
 
@@ -61,9 +51,7 @@ async fn a_database_outage_holds_deliveries_unacked_and_processing_resumes(
 async fn a_broker_outage_is_survived_with_a_fresh_session(pool: sqlx::PgPool) {
     let mut world = TestWorld::new(pool).await;
     let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
-    let url = amqp_url()
-        .expose_secret()
-        .replace("127.0.0.1:5672", &proxy.addr().to_string());
+    let url = amqp_url().expose_secret().replace("127.0.0.1:5672", &proxy.addr().to_string());
     let cli = world.cli(&["--amqp-url", &url]);
     world.start_worker_on(cli, world.pool.clone()).await;
     let before = world.publish(&body("mono.events.account_updated", ACCOUNT)).await;
@@ -71,17 +59,13 @@ async fn a_broker_outage_is_survived_with_a_fresh_session(pool: sqlx::PgPool) {
 
     proxy.cut();
     // Published while the worker is cut off; it waits in the queue.
-    let during = world
-        .publish(&body("mono.events.account_updated", "during-outage"))
-        .await;
+    let during = world.publish(&body("mono.events.account_updated", "during-outage")).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(world.journal(&during).await.is_none());
     proxy.restore().await;
 
     assert_eq!(world.settled(&during).await.status, "processed");
-    let after = world
-        .publish(&body("mono.events.account_updated", "after-outage"))
-        .await;
+    let after = world.publish(&body("mono.events.account_updated", "after-outage")).await;
     assert_eq!(world.settled(&after).await.status, "processed");
 }
 
@@ -96,29 +80,15 @@ async fn a_consumer_cancelled_by_the_broker_is_replaced(pool: sqlx::PgPool) {
     world
         .broker
         .channel
-        .queue_delete(
-            world.broker.topology.work_queue().as_str().into(),
-            QueueDeleteOptions::default(),
-        )
+        .queue_delete(world.broker.topology.work_queue().as_str().into(), QueueDeleteOptions::default())
         .await
         .unwrap();
     let work = world.broker.topology.work_queue();
-    eventually(
-        "the worker re-declares the work queue and consumes it",
-        PATIENCE,
-        || async {
-            world
-                .broker
-                .depths()
-                .await
-                .iter()
-                .any(|d| d.queue == work && d.consumers == 1)
-        },
-    )
+    eventually("the worker re-declares the work queue and consumes it", PATIENCE, || async {
+        world.broker.depths().await.iter().any(|d| d.queue == work && d.consumers == 1)
+    })
     .await;
 
-    let after = world
-        .publish(&body("mono.events.account_updated", "after-cancel"))
-        .await;
+    let after = world.publish(&body("mono.events.account_updated", "after-cancel")).await;
     assert_eq!(world.settled(&after).await.status, "processed");
 }

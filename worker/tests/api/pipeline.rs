@@ -76,16 +76,11 @@ async fn the_reauth_story_flags_the_account_then_clears_flag_and_token(pool: PgP
     assert_eq!(world.stored_token(ACCOUNT).await.as_deref(), Some(FIXTURE_TOKEN));
     let flagged = world.account(ACCOUNT).await;
     let issued = flagged.reauth_token_issued_at.expect("no issue time");
-    assert_eq!(
-        flagged.reauth_token_expires_at,
-        Some(issued + chrono::Duration::minutes(10))
-    );
+    assert_eq!(flagged.reauth_token_expires_at, Some(issued + chrono::Duration::minutes(10)));
 
     post(&ingest, "account_reauthorized.json").await;
-    eventually("the flag is cleared", PATIENCE, || async {
-        !world.account(ACCOUNT).await.reauth_required
-    })
-    .await;
+    eventually("the flag is cleared", PATIENCE, || async { !world.account(ACCOUNT).await.reauth_required })
+        .await;
     let cleared = world.account(ACCOUNT).await;
     assert_eq!(world.stored_token(ACCOUNT).await, None);
     assert!(cleared.reauthorized_at.is_some());

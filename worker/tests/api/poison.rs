@@ -18,19 +18,13 @@ async fn poison_is_dead_lettered_with_a_reason_and_good_events_still_flow(pool: 
             br#"{"event":"mono.events.account_updated","data":"oops"}"#,
             "invalid payload: `data` must be a JSON object",
         ),
-        (
-            br#"{"event":"mono.events.reauthorisation_required","data":{"account":{}}}"#,
-            "no account id",
-        ),
+        (br#"{"event":"mono.events.reauthorisation_required","data":{"account":{}}}"#, "no account id"),
         (&garbage_mib, "invalid payload: body is not valid JSON"),
     ];
 
     // Straight onto the work queue, without ingest's stamp, as a buggy producer would.
     for (payload, _) in &poison {
-        world
-            .broker
-            .publish_to_queue(&work, payload, BasicProperties::default())
-            .await;
+        world.broker.publish_to_queue(&work, payload, BasicProperties::default()).await;
     }
     let good = world.publish(&body("mono.events.account_updated", ACCOUNT)).await;
 
@@ -44,10 +38,7 @@ async fn poison_is_dead_lettered_with_a_reason_and_good_events_still_flow(pool: 
             .expect("a poison message is missing from the dead letters");
         let headers = letter.properties.headers().clone().unwrap();
         let got = header_str(&headers, HEADER_DEAD_REASON).unwrap();
-        assert!(
-            got.starts_with(reason),
-            "reason {got:?} should start with {reason:?}"
-        );
+        assert!(got.starts_with(reason), "reason {got:?} should start with {reason:?}");
         assert_eq!(header_str(&headers, HEADER_DEAD_CLASS).as_deref(), Some("poison"));
         // Journaled too, under the id derived from the body.
         let meta = DeliveryMeta::from_properties(&BasicProperties::default(), payload);
@@ -65,9 +56,7 @@ async fn a_nul_escape_in_a_body_is_stored_without_its_payload(pool: PgPool) {
     let meta = world.publish(published).await;
 
     assert_eq!(world.settled(&meta).await.status, "processed");
-    let payload: Option<serde_json::Value> = sqlx::query_scalar("SELECT payload FROM webhook_events")
-        .fetch_one(&world.pool)
-        .await
-        .unwrap();
+    let payload: Option<serde_json::Value> =
+        sqlx::query_scalar("SELECT payload FROM webhook_events").fetch_one(&world.pool).await.unwrap();
     assert_eq!(payload, None);
 }
