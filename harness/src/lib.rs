@@ -8,3 +8,4 @@
 pub mod bench;
 pub mod bodies;
 pub mod process;
+pub mod system;

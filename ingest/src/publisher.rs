@@ -68,6 +68,7 @@ impl Publisher {
     /// misconfigured process stops at start with a clear error.
     pub async fn connect(settings: PublisherSettings) -> Result<Self, SessionError> {
         let session = open_session(&settings).await?;
+        metrics::gauge!("monohook_ingest_broker_connected").set(1.0);
         Ok(Self { inner: Arc::new(Inner { settings, session: RwLock::new(Some(Arc::new(session))) }) })
     }
 
@@ -167,6 +168,7 @@ impl Publisher {
     }
 
     fn replace(&self, session: Option<Arc<Session>>) -> Option<Arc<Session>> {
+        metrics::gauge!("monohook_ingest_broker_connected").set(if session.is_some() { 1.0 } else { 0.0 });
         std::mem::replace(&mut *self.inner.session.write().unwrap_or_else(|e| e.into_inner()), session)
     }
 }

@@ -37,6 +37,10 @@ impl Application {
     /// Connects to RabbitMQ (failing fast if it is unreachable), declares the topology and binds the
     /// listener. Nothing is served until [`Application::run_until_stopped`].
     pub async fn build(config: IngestConfig, cancel: CancellationToken) -> anyhow::Result<Self> {
+        shared::metrics::recorder();
+        for outcome in routes::OUTCOMES {
+            metrics::counter!("monohook_ingest_requests_total", "outcome" => outcome).increment(0);
+        }
         let publisher = Publisher::connect(PublisherSettings {
             amqp_url: config.broker.amqp_url.clone(),
             topology: config.broker.topology(),
@@ -65,6 +69,7 @@ impl Application {
                 .service(web::resource("/webhooks/mono").route(web::post().to(routes::receive_webhook)))
                 .route("/healthz", web::get().to(routes::healthz))
                 .route("/readyz", web::get().to(routes::readyz))
+                .route("/metrics", web::get().to(routes::metrics))
         })
         .workers(workers)
         .max_connections(config.max_connections)

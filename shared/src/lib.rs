@@ -7,6 +7,7 @@ pub mod amqp;
 pub mod config;
 pub mod delivery;
 pub mod event;
+pub mod metrics;
 pub mod retry;
 pub mod shutdown;
 pub mod telemetry;

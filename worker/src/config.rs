@@ -108,6 +108,15 @@ pub struct RunArgs {
     #[arg(long, env = "DEDUP_WINDOW_SECS", default_value_t = 600)]
     pub dedup_window_secs: u64,
 
+    /// Address of the worker's own HTTP endpoint: `/metrics`, `/healthz`, `/readyz` (port 0 picks a
+    /// free port).
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9090")]
+    pub metrics_addr: std::net::SocketAddr,
+
+    /// How often queue depths and ages are polled for the metrics, in seconds.
+    #[arg(long, env = "QUEUE_POLL_SECS", default_value_t = 15)]
+    pub queue_poll_secs: u64,
+
     /// On SIGTERM, how long in-flight deliveries may take to finish, in seconds; the rest return to
     /// the queue.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]

@@ -38,6 +38,7 @@ pub struct ConsumerSettings {
     pub topology: Topology,
     pub prefetch: u16,
     pub shutdown_grace: Duration,
+    pub queue_poll: Duration,
 }
 
 /// Why a broker session could not be opened.
@@ -136,18 +137,19 @@ pub async fn run(
     pipeline: Arc<PipelineSettings>,
     settings: ConsumerSettings,
     first_session: Session,
-    connected: Arc<std::sync::atomic::AtomicBool>,
     cancel: CancellationToken,
 ) {
+    let health = pipeline.health.clone();
     let policy = RetryPolicy::forever(Duration::from_millis(200), Duration::from_secs(5));
     let mut session = Some(first_session);
     let mut schedule = policy.schedule();
     loop {
         if let Some(current) = session.take() {
             schedule.reset();
-            set_connected(&connected, true);
+            health.set_broker_connected(true);
             let end = consume(&pipeline, &settings, &current, &cancel).await;
-            set_connected(&connected, false);
+            health.set_broker_connected(false);
+            health.set_consuming(false);
             match end {
                 SessionEnd::Stopped => return,
                 SessionEnd::Lost(reason) => {
@@ -170,11 +172,6 @@ pub async fn run(
             Err(error) => tracing::warn!(%error, retry_in = ?delay, "reconnecting to RabbitMQ failed"),
         }
     }
-}
-
-fn set_connected(connected: &std::sync::atomic::AtomicBool, value: bool) {
-    connected.store(value, std::sync::atomic::Ordering::Relaxed);
-    metrics::gauge!("monohook_worker_broker_connected").set(if value { 1.0 } else { 0.0 });
 }
 
 async fn consume(
@@ -207,11 +204,21 @@ async fn consume(
     let pipeline = Pipeline::start(settings.clone(), republisher, acks);
     let lost = session.lost(&work_queue);
     tokio::pin!(lost);
+    let poll_queues = crate::queue_watch::run(
+        &session.connection,
+        &consumer_settings.topology,
+        settings.processor.pool(),
+        &settings.health,
+        consumer_settings.queue_poll,
+    );
+    tokio::pin!(poll_queues);
+    settings.health.set_consuming(true);
     let end = loop {
         tokio::select! {
             biased;
             () = cancel.cancelled() => break SessionEnd::Stopped,
             reason = &mut lost => break SessionEnd::Lost(reason),
+            () = &mut poll_queues => {}
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => pipeline.accept(delivery),
                 Some(Err(error)) => break SessionEnd::Lost(format!("consumer failed: {error}")),

@@ -31,9 +31,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => {
             let pool = db::connect_and_migrate(&cli.database).await?;
             let cancel = CancellationToken::new();
-            let worker = Worker::build(&cli.broker, &cli.run, pool).await?;
+            let worker = Worker::build(&cli.broker, &cli.run, pool.clone()).await?;
             tokio::spawn(shared::shutdown::cancel_on_signal(cancel.clone()));
-            worker.run(cancel).await
+            let ran = worker.run(cancel).await;
+            // Closing tells PostgreSQL goodbye instead of leaving it to notice dropped sockets.
+            pool.close().await;
+            ran
         }
     }
 }

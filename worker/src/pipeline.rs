@@ -15,6 +15,7 @@
 
 use lapin::message::Delivery;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +37,7 @@ use shared::topology::Topology;
 /// What every session's pipeline shares.
 pub struct PipelineSettings {
     pub processor: Arc<Processor>,
+    pub health: Arc<crate::health::Health>,
     pub tokens: Arc<TokenFetcher>,
     pub topology: Topology,
     pub batch_max: usize,
@@ -120,6 +122,11 @@ impl Pipeline {
             .and_then(as_u32)
             .unwrap_or(0);
         let (record, parsed) = IncomingEvent::parse(&delivery.data, &meta, &history);
+        inner
+            .settings
+            .health
+            .last_received_ms
+            .fetch_max(meta.received_at.timestamp_millis(), Ordering::Relaxed);
         let span = tracing::info_span!(
             "delivery",
             delivery_id = %meta.id,

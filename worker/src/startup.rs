@@ -1,18 +1,21 @@
 //! Builds a worker from its configuration and runs it until shutdown.
 //!
 //! `build` fails fast, with one line naming the service, if RabbitMQ cannot be reached at start (the
-//! database was reached by then); once running, the worker rides out outages of either by itself.
+//! database was reached by then) or `METRICS_ADDR` cannot be bound; once running, the worker rides
+//! out outages of either service by itself.
 
+use actix_web::dev::ServerHandle;
 use sqlx::PgPool;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use tokio_util::sync::CancellationToken;
 
 use crate::circuit::CircuitBreaker;
 use crate::config::RunArgs;
 use crate::consumer::{self, ConsumerSettings, Session};
+use crate::health::{self, Health};
 use crate::mono::MonoClient;
-use crate::pipeline::PipelineSettings;
+use crate::pipeline::{DeadClass, PipelineSettings};
 use crate::processor::Processor;
 use crate::tokens::TokenFetcher;
 use shared::config::BrokerArgs;
@@ -21,12 +24,19 @@ pub struct Worker {
     pipeline: Arc<PipelineSettings>,
     settings: ConsumerSettings,
     session: Session,
-    connected: Arc<AtomicBool>,
+    metrics_addr: SocketAddr,
+    metrics_server: ServerHandle,
 }
 
 impl Worker {
-    /// Connects to RabbitMQ and declares the topology. `pool` must be migrated already.
+    /// Connects to RabbitMQ, declares the topology and binds `METRICS_ADDR`. `pool` must be migrated
+    /// already.
     pub async fn build(broker: &BrokerArgs, run: &RunArgs, pool: PgPool) -> anyhow::Result<Self> {
+        shared::metrics::recorder();
+        // Each class exists (at 0) from the start, so `increase()` sees the first dead letter.
+        for class in [DeadClass::Poison, DeadClass::Permanent, DeadClass::Exhausted] {
+            metrics::counter!("monohook_worker_dead_letters_total", "class" => class.as_str()).increment(0);
+        }
         let secret_key = run
             .mono_secret_key
             .clone()
@@ -34,10 +44,13 @@ impl Worker {
         let mono = MonoClient::new(&run.mono_api_url, secret_key, run.mono_timeout())?;
         let topology = broker.topology();
         let breaker = CircuitBreaker::new(run.breaker_settings());
-        let tokens = TokenFetcher::new(mono, breaker, run.mono_retry_policy(), run.mono_max_in_flight);
+        let tokens =
+            Arc::new(TokenFetcher::new(mono, breaker, run.mono_retry_policy(), run.mono_max_in_flight));
+        let health = Arc::new(Health::new(tokens.clone()));
         let pipeline = PipelineSettings {
             processor: Arc::new(Processor::new(pool, run.dedup_window())),
-            tokens: Arc::new(tokens),
+            health: health.clone(),
+            tokens,
             topology: topology.clone(),
             batch_max: run.batch_max.max(1),
             batch_concurrency: run.batch_concurrency.max(1),
@@ -47,15 +60,28 @@ impl Worker {
             topology,
             prefetch: run.prefetch,
             shutdown_grace: run.shutdown_grace(),
+            queue_poll: std::time::Duration::from_secs(run.queue_poll_secs.max(1)),
         };
         let session = Session::open(&settings).await?;
-        let connected = Arc::new(AtomicBool::new(session.is_connected()));
-        Ok(Self { pipeline: Arc::new(pipeline), settings, session, connected })
+        let (metrics_addr, metrics_server) = health::serve(run.metrics_addr, health)?;
+        Ok(Self { pipeline: Arc::new(pipeline), settings, session, metrics_addr, metrics_server })
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
     }
 
     /// Consumes until `cancel` fires, then drains in-flight deliveries within the grace period.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        consumer::run(self.pipeline, self.settings, self.session, self.connected, cancel).await;
+        let watch = tokio::spawn(health::watch_database(
+            self.pipeline.processor.pool().clone(),
+            self.pipeline.health.clone(),
+            cancel.clone(),
+        ));
+        consumer::run(self.pipeline.clone(), self.settings, self.session, cancel).await;
+        let _ = watch.await;
+        self.metrics_server.stop(true).await;
         tracing::info!("worker stopped");
         Ok(())
     }

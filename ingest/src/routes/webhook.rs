@@ -81,14 +81,39 @@ pub async fn receive_webhook(
 ) -> Result<HttpResponse, WebhookError> {
     let span =
         tracing::info_span!("webhook", delivery_id = tracing::field::Empty, event = tracing::field::Empty);
+    let in_flight = metrics::gauge!("monohook_ingest_requests_in_flight");
+    in_flight.increment(1.0);
     let result = accept(&request, payload, &state).instrument(span.clone()).await;
+    in_flight.decrement(1.0);
     let _entered = span.enter();
     match &result {
         Ok(_) => {}
         Err(WebhookError::Unavailable(cause)) => tracing::warn!(%cause, "webhook not queued; answered 503"),
         Err(error) => tracing::info!(%error, status = error.status_code().as_u16(), "webhook rejected"),
     }
+    let outcome = match &result {
+        Ok(_) => "accepted",
+        Err(error) => error.outcome(),
+    };
+    metrics::counter!("monohook_ingest_requests_total", "outcome" => outcome).increment(1);
     result
+}
+
+/// Every value of the `outcome` label, so each series exists (at 0) from the start.
+pub const OUTCOMES: [&str; 6] =
+    ["accepted", "unauthorized", "invalid_payload", "too_large", "timeout", "unavailable"];
+
+impl WebhookError {
+    /// The `outcome` label of `monohook_ingest_requests_total`.
+    fn outcome(&self) -> &'static str {
+        match self {
+            Self::Unauthorized => "unauthorized",
+            Self::TooLarge { .. } => "too_large",
+            Self::BodyTimeout => "timeout",
+            Self::BodyUnreadable(_) | Self::Invalid(_) => "invalid_payload",
+            Self::Unavailable(_) => "unavailable",
+        }
+    }
 }
 
 async fn accept(
@@ -108,7 +133,11 @@ async fn accept(
     span.record("delivery_id", tracing::field::display(meta.id));
     span.record("event", envelope.event_name());
 
-    state.publisher.publish_confirmed(envelope.event_name(), &body, meta.to_properties()).await?;
+    let publishing = std::time::Instant::now();
+    let published =
+        state.publisher.publish_confirmed(envelope.event_name(), &body, meta.to_properties()).await;
+    metrics::histogram!("monohook_ingest_publish_confirm_seconds").record(publishing.elapsed().as_secs_f64());
+    published?;
     tracing::info!("webhook queued");
     Ok(HttpResponse::Ok().json(json!({ "id": meta.id.to_string() })))
 }

@@ -65,6 +65,8 @@ impl TestWorld {
             "20".into(),
             "--amqp-url".into(),
             amqp_url().expose_secret().to_owned(),
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         Cli::parse_from(args)

@@ -1,0 +1,6 @@
+//! System tests: the real binaries as processes (build them first: `cargo build --bins`, as
+//! `scripts/test` does), each test with its own database and queue prefix.
+
+mod observability;
+mod secrets;
+mod story;

@@ -1,0 +1,69 @@
+//! Polls the depth, consumers and oldest-message age of every queue, for the `monohook_queue_*`
+//! gauges. Passive declarations change nothing on the broker; each poll uses a channel of its own,
+//! because a failed declaration closes the channel it ran on.
+//!
+//! Ages: a quorum queue does not report the age of its head message, so the work queue's age is
+//! estimated from the newest delivery this worker received (the head was received after it, so the
+//! estimate is an upper bound, and it keeps growing if the worker stops receiving); the dead queue's
+//! age is that of the oldest dead letter in the journal. Retry queues are bounded by their delays.
+
+use lapin::Connection;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::health::Health;
+use shared::topology::Topology;
+
+pub async fn run(
+    connection: &Connection,
+    topology: &Topology,
+    pool: &PgPool,
+    health: &Arc<Health>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let Ok(channel) = connection.create_channel().await else { continue };
+        let depths = topology.depths(&channel).await;
+        let _ = channel.close(200, "polled".into()).await;
+        let Ok(depths) = depths else { continue };
+        let work = topology.work_queue();
+        let dead = topology.dead_queue();
+        for depth in depths {
+            let label = depth
+                .queue
+                .strip_prefix(&format!("{}.", topology.exchange()))
+                .unwrap_or(&depth.queue)
+                .to_owned();
+            metrics::gauge!("monohook_queue_messages", "queue" => label.clone())
+                .set(f64::from(depth.messages));
+            metrics::gauge!("monohook_queue_consumers", "queue" => label.clone())
+                .set(f64::from(depth.consumers));
+            let age = if depth.messages == 0 {
+                Some(0.0)
+            } else if depth.queue == work {
+                let newest = health.last_received_ms.load(Ordering::Relaxed);
+                Some(((chrono::Utc::now().timestamp_millis() - newest).max(0) as f64) / 1000.0)
+            } else if depth.queue == dead {
+                oldest_dead_letter_age(pool).await
+            } else {
+                None
+            };
+            if let Some(age) = age {
+                metrics::gauge!("monohook_queue_oldest_message_age_seconds", "queue" => label).set(age);
+            }
+        }
+    }
+}
+
+async fn oldest_dead_letter_age(pool: &PgPool) -> Option<f64> {
+    let oldest: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT min(processed_at) FROM webhook_events WHERE status = 'dead'")
+            .fetch_one(pool)
+            .await
+            .ok()?;
+    oldest.map(|at| (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0)
+}
