@@ -7,5 +7,6 @@
 
 pub mod bench;
 pub mod bodies;
+pub mod chaos;
 pub mod process;
 pub mod system;

@@ -69,7 +69,20 @@ struct SimState {
     secret_key: String,
     knobs: RwLock<Knobs>,
     stats: Mutex<BTreeMap<&'static str, u64>>,
+    calls: Mutex<Vec<Call>>,
 }
+
+/// One call to the re-authorise endpoint, for `GET /_sim/calls`.
+#[derive(Clone, Serialize)]
+struct Call {
+    account: String,
+    /// When the call arrived, in ms since the Unix epoch.
+    at_ms: i64,
+    outcome: &'static str,
+}
+
+/// Calls kept for `/_sim/calls`; older ones are forgotten.
+const MAX_CALLS_KEPT: usize = 200_000;
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let knobs = Knobs {
@@ -83,6 +96,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         secret_key: args.secret_key,
         knobs: RwLock::new(knobs),
         stats: Mutex::new(BTreeMap::new()),
+        calls: Mutex::new(Vec::new()),
     });
     tracing::info!(addr = %args.listen_addr, "mono-sim serving the re-authorise endpoint");
     HttpServer::new(move || {
@@ -92,6 +106,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .route("/_sim/config", web::get().to(get_config))
             .route("/_sim/config", web::post().to(set_config))
             .route("/_sim/stats", web::get().to(get_stats))
+            .route("/_sim/calls", web::get().to(get_calls))
     })
     .bind(args.listen_addr)?
     .run()
@@ -104,6 +119,7 @@ async fn reauthorise(
     id: web::Path<String>,
     state: web::Data<SimState>,
 ) -> HttpResponse {
+    let arrived_ms = chrono::Utc::now().timestamp_millis();
     let knobs = state.knobs.read().unwrap_or_else(|e| e.into_inner()).clone();
     if knobs.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(knobs.latency_ms)).await;
@@ -130,6 +146,7 @@ async fn reauthorise(
             ),
             FailureMode::Hang => {
                 count(&state, "hung");
+                remember(&state, &id, arrived_ms, "hung");
                 tokio::time::sleep(Duration::from_secs(600)).await;
                 return HttpResponse::GatewayTimeout().finish();
             }
@@ -139,11 +156,24 @@ async fn reauthorise(
         ("token", HttpResponse::Ok().json(json!({ "token": token })))
     };
     count(&state, outcome);
+    remember(&state, &id, arrived_ms, outcome);
     response
 }
 
 fn count(state: &SimState, outcome: &'static str) {
     *state.stats.lock().unwrap_or_else(|e| e.into_inner()).entry(outcome).or_default() += 1;
+}
+
+fn remember(state: &SimState, account: &str, arrived_ms: i64, outcome: &'static str) {
+    let mut calls = state.calls.lock().unwrap_or_else(|e| e.into_inner());
+    if calls.len() >= MAX_CALLS_KEPT {
+        calls.drain(..MAX_CALLS_KEPT / 2);
+    }
+    calls.push(Call { account: account.to_owned(), at_ms: arrived_ms, outcome });
+}
+
+async fn get_calls(state: web::Data<SimState>) -> HttpResponse {
+    HttpResponse::Ok().json(&*state.calls.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 async fn get_config(state: web::Data<SimState>) -> HttpResponse {

@@ -299,3 +299,51 @@ mod tests {
         assert_eq!(Envelope::parse(body).unwrap().account_id(), None);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// JSON-ish values of every type, nested a little.
+    fn any_json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            ".{0,40}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                prop::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Envelope::parse(&body).map(|e| e.account_id());
+        }
+
+        #[test]
+        fn an_envelope_is_accepted_exactly_when_event_is_a_short_string_and_data_an_object(
+            event in any_json(),
+            data in any_json(),
+            extra in any_json(),
+        ) {
+            let body = serde_json::to_vec(&serde_json::json!({ "event": event, "data": data, "extra": extra })).unwrap();
+            let valid_event = event.as_str().is_some_and(|e| !e.is_empty() && e.len() <= MAX_EVENT_NAME_BYTES);
+            let parsed = Envelope::parse(&body);
+            prop_assert_eq!(parsed.is_ok(), valid_event && data.is_object(), "{:?}", parsed.err());
+            if let Ok(envelope) = parsed {
+                prop_assert_eq!(envelope.event_name(), event.as_str().unwrap());
+                let _ = envelope.account_id();
+            }
+        }
+    }
+}

@@ -133,6 +133,25 @@ impl CircuitBreaker {
         }
     }
 
+    /// Reports a call Mono answered with 429 and `Retry-After`: Mono asked every caller to wait, so
+    /// the breaker opens until then, whatever the failure ratio.
+    pub fn record_throttled(&self, permit: CallPermit, retry_after: Duration) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        if !permit.probe {
+            inner.calls.push_back((now, false));
+        }
+        let until = now + retry_after;
+        let later = match inner.state {
+            Phase::Open { until: current } => until > current,
+            _ => true,
+        };
+        if later {
+            tracing::warn!(retry_after = ?retry_after, "Mono asked to slow down (429)");
+            self.change(&mut inner, Phase::Open { until });
+        }
+    }
+
     /// Returns a permit whose call was never made (e.g. the worker is stopping): a probe may be
     /// granted again.
     pub fn release(&self, permit: CallPermit) {
@@ -258,6 +277,19 @@ mod tests {
         let probe = breaker.try_acquire().expect("a probe");
         breaker.release(probe);
         assert!(breaker.try_acquire().is_some(), "the released probe is granted again");
+    }
+
+    #[test]
+    fn a_429_with_retry_after_opens_the_breaker_until_then() {
+        let breaker = breaker(10_000);
+        let permit = breaker.try_acquire().unwrap();
+        breaker.record_throttled(permit, Duration::from_millis(30));
+        assert_eq!(breaker.state(), BreakerState::Open);
+        assert!(breaker.try_acquire().is_none(), "no call before Retry-After");
+        std::thread::sleep(Duration::from_millis(40));
+        let probe = breaker.try_acquire().expect("a probe once Retry-After has passed");
+        breaker.record(probe, true);
+        assert_eq!(breaker.state(), BreakerState::Closed);
     }
 
     #[test]

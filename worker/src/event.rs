@@ -190,3 +190,51 @@ mod tests {
         assert_eq!(IncomingEvent::parse(b"\xff\xfe", &meta, &history).0.payload, None);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Whatever a queue holds, the worker either understands it or dead-letters it: never a panic,
+        /// and the journal row is filled in either way.
+        #[test]
+        fn arbitrary_bytes_are_an_event_or_poison(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            let meta = DeliveryMeta::from_properties(&lapin::BasicProperties::default(), &body);
+            let history = AttemptHistory { previous_attempts: 0, first_attempt_at: None };
+            let (record, parsed) = IncomingEvent::parse(&body, &meta, &history);
+            prop_assert_eq!(record.id, meta.id.as_uuid());
+            prop_assert_eq!(record.body_sha256.len(), 64);
+            if let Ok(event) = parsed {
+                prop_assert!(!event.kind.needs_account() || event.account_id.is_some());
+            }
+        }
+
+        #[test]
+        fn event_shaped_bodies_with_any_account_field_parse_or_are_poison(
+            account in proptest::option::of(".{0,30}"),
+            id_key in prop_oneof![Just("_id"), Just("id")],
+            event in prop_oneof![
+                Just("mono.events.reauthorisation_required"),
+                Just("mono.events.account_updated"),
+                Just("mono.events.unknown"),
+            ],
+        ) {
+            let data = match &account {
+                Some(account) => serde_json::json!({ "account": { id_key: account } }),
+                None => serde_json::json!({}),
+            };
+            let body = serde_json::to_vec(&serde_json::json!({ "event": event, "data": data })).unwrap();
+            let meta = DeliveryMeta::stamp(&body);
+            let history = AttemptHistory { previous_attempts: 0, first_attempt_at: None };
+            match IncomingEvent::parse(&body, &meta, &history).1 {
+                Ok(parsed) => prop_assert_eq!(parsed.account_id.map(|a| a.as_str().to_owned()).is_some(), AccountId::parse(account.clone().unwrap_or_default()).is_some() && account.is_some()),
+                Err(MalformedEvent::NoAccountId) => prop_assert!(event != "mono.events.unknown"),
+                Err(other) => prop_assert!(false, "unexpected {other:?}"),
+            }
+        }
+    }
+}

@@ -84,6 +84,10 @@ impl TokenFetcher {
                     self.breaker.record(permit, true);
                     return TokenOutcome::Refused { reason: error.to_string() };
                 }
+                Err(error @ MonoError::Unavailable { retry_after: Some(wait), class: "429", .. }) => {
+                    self.breaker.record_throttled(permit, wait);
+                    (error, Some(wait))
+                }
                 Err(error @ MonoError::Unavailable { retry_after, .. }) => {
                     self.breaker.record(permit, false);
                     (error, retry_after)

@@ -170,3 +170,24 @@ async fn read_body(
     };
     tokio::time::timeout(timeout, read).await.map_err(|_| WebhookError::BodyTimeout)?
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Whatever the body, validation never panics, and a body it refuses is a 400 with a detail.
+        #[test]
+        fn a_refused_body_is_always_a_400_with_a_detail(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            if let Err(error) = Envelope::parse(&body) {
+                let error = WebhookError::from(error);
+                prop_assert_eq!(error.status_code(), StatusCode::BAD_REQUEST);
+                prop_assert_eq!(error.outcome(), "invalid_payload");
+                prop_assert!(!error.to_string().is_empty());
+            }
+        }
+    }
+}

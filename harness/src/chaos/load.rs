@@ -1,0 +1,141 @@
+//! Webhook load for a scenario: a steady rate of Mono-shaped events over a set of accounts, posted to
+//! ingest, remembering every delivery that got a 200.
+
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::system::WEBHOOK_SECRET;
+
+/// What a load posts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    ReauthorisationRequired,
+    AccountReauthorized,
+    AccountUpdated,
+}
+
+impl Kind {
+    pub fn event(self) -> &'static str {
+        match self {
+            Self::ReauthorisationRequired => "mono.events.reauthorisation_required",
+            Self::AccountReauthorized => "mono.events.account_reauthorized",
+            Self::AccountUpdated => "mono.events.account_updated",
+        }
+    }
+}
+
+/// A webhook the load posted.
+#[derive(Clone, Debug)]
+pub struct Posted {
+    pub seq: u64,
+    pub kind: Kind,
+    pub account: String,
+    pub data_status: Option<&'static str>,
+    pub body: Vec<u8>,
+}
+
+/// Settings of a load.
+#[derive(Clone, Debug)]
+pub struct LoadPlan {
+    pub per_second: u32,
+    pub accounts: u64,
+    /// Which kinds to post, chosen in turn by a hash of the sequence number.
+    pub kinds: Vec<Kind>,
+}
+
+/// The webhooks that got each answer.
+#[derive(Debug, Default)]
+pub struct LoadResult {
+    /// Delivery id → what was posted, for every 200.
+    pub accepted: BTreeMap<String, Posted>,
+    pub statuses: BTreeMap<u16, u64>,
+    /// Requests that got no HTTP answer at all (connection refused or reset).
+    pub no_answer: u64,
+}
+
+pub struct Load {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<LoadResult>,
+}
+
+const DATA_STATUSES: [&str; 3] = ["AVAILABLE", "PROCESSING", "PARTIAL"];
+
+impl Posted {
+    pub fn new(seq: u64, plan: &LoadPlan) -> Self {
+        let account = crate::bodies::account_id(1 + seq % plan.accounts);
+        // A cheap mix so consecutive events of one account differ in kind.
+        let kind = plan.kinds
+            [((seq / plan.accounts).wrapping_mul(2_654_435_761) % plan.kinds.len() as u64) as usize];
+        let data_status = (kind == Kind::AccountUpdated).then(|| DATA_STATUSES[(seq % 3) as usize]);
+        // `load_seq` makes every body unique, so the dedup window never hides a posted event.
+        let mut data = json!({ "account": { "_id": account }, "load_seq": seq });
+        if let Some(status) = data_status {
+            data["meta"] = json!({ "data_status": status });
+        }
+        let body = serde_json::to_vec(&json!({ "event": kind.event(), "data": data })).expect("serialisable");
+        Self { seq, kind, account, data_status, body }
+    }
+}
+
+impl Load {
+    /// Starts posting to `ingest_url` until [`Load::stop`].
+    pub fn start(ingest_url: String, plan: LoadPlan) -> Self {
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+            let result = Arc::new(Mutex::new(LoadResult::default()));
+            let in_flight = Arc::new(Semaphore::new(64));
+            let mut tick = tokio::time::interval(Duration::from_secs(1) / plan.per_second.max(1));
+            let mut seq = 0;
+            let mut requests = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = token.cancelled() => break,
+                }
+                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+                let posted = Posted::new(seq, &plan);
+                seq += 1;
+                let (http, url, result) =
+                    (http.clone(), format!("{ingest_url}/webhooks/mono"), result.clone());
+                requests.spawn(async move {
+                    let sent = http
+                        .post(&url)
+                        .header("mono-webhook-secret", WEBHOOK_SECRET)
+                        .body(posted.body.clone())
+                        .send()
+                        .await;
+                    let mut result = result.lock().await;
+                    match sent {
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            *result.statuses.entry(status).or_default() += 1;
+                            if status == 200
+                                && let Ok(answer) = response.json::<serde_json::Value>().await
+                                && let Some(id) = answer["id"].as_str()
+                            {
+                                result.accepted.insert(id.to_owned(), posted);
+                            }
+                        }
+                        Err(_) => result.no_answer += 1,
+                    }
+                    drop(permit);
+                });
+            }
+            while requests.join_next().await.is_some() {}
+            Arc::try_unwrap(result).map(Mutex::into_inner).unwrap_or_default()
+        });
+        Self { stop, task }
+    }
+
+    /// Stops posting and returns what happened to every webhook.
+    pub async fn stop(self) -> LoadResult {
+        self.stop.cancel();
+        self.task.await.unwrap_or_default()
+    }
+}

@@ -1,0 +1,125 @@
+//! What the database must hold once a scenario's backlog has drained: every delivery that got a 200
+//! journaled, and each account in the state a single worker taking the same events one by one would
+//! have left it in (the event received last decides each part of the state).
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use super::load::{Kind, Posted};
+
+/// The journal row of one delivery.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct Journaled {
+    pub id: String,
+    pub status: String,
+    pub received_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// Accepted deliveries journaled with any status but `dead`.
+    pub processed: usize,
+    /// Accepted deliveries never journaled.
+    pub lost: Vec<String>,
+    /// Accepted deliveries journaled as dead.
+    pub dead: usize,
+    /// Accounts whose state is not what one-by-one processing gives.
+    pub wrong_accounts: Vec<String>,
+    pub statuses: BTreeMap<String, usize>,
+}
+
+/// Waits (up to `patience`) until every accepted delivery is journaled, then checks the accounts.
+pub async fn settle_and_verify(
+    pool: &PgPool,
+    accepted: &BTreeMap<String, Posted>,
+    patience: Duration,
+) -> anyhow::Result<Verdict> {
+    let deadline = Instant::now() + patience;
+    let journal: HashMap<String, Journaled> = loop {
+        let rows: Vec<Journaled> =
+            sqlx::query_as("SELECT id::text AS id, status, received_at FROM webhook_events")
+                .fetch_all(pool)
+                .await?;
+        let journal: HashMap<String, Journaled> = rows.into_iter().map(|r| (r.id.clone(), r)).collect();
+        if accepted.keys().all(|id| journal.contains_key(id)) || Instant::now() >= deadline {
+            break journal;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+
+    let mut verdict = Verdict::default();
+    for id in accepted.keys() {
+        match journal.get(id) {
+            None => verdict.lost.push(id.clone()),
+            Some(row) => {
+                *verdict.statuses.entry(row.status.clone()).or_default() += 1;
+                if row.status == "dead" {
+                    verdict.dead += 1;
+                } else {
+                    verdict.processed += 1;
+                }
+            }
+        }
+    }
+
+    let mut by_account: BTreeMap<&str, Vec<(&Posted, &Journaled)>> = BTreeMap::new();
+    for (id, posted) in accepted {
+        if let Some(row) = journal.get(id).filter(|r| r.status == "processed" || r.status == "stale") {
+            by_account.entry(posted.account.as_str()).or_default().push((posted, row));
+        }
+    }
+    for (account, events) in by_account {
+        let actual: Option<(bool, bool, Option<String>)> = sqlx::query_as(
+            "SELECT reauth_required, reauth_token IS NOT NULL, data_status FROM accounts WHERE id = $1",
+        )
+        .bind(account)
+        .fetch_optional(pool)
+        .await?;
+        let Some((flagged, has_token, data_status)) = actual else {
+            verdict.wrong_accounts.push(account.to_owned());
+            continue;
+        };
+        let reauth =
+            last_of(&events, |k| matches!(k, Kind::ReauthorisationRequired | Kind::AccountReauthorized));
+        let expected_flag = match reauth {
+            Latest::None => Some(false),
+            Latest::One(posted) => Some(posted.kind == Kind::ReauthorisationRequired),
+            Latest::Tied => None,
+        };
+        let expected_status = match last_of(&events, |k| k == Kind::AccountUpdated) {
+            Latest::One(posted) => Some(posted.data_status.map(str::to_owned)),
+            Latest::None => Some(None),
+            Latest::Tied => None,
+        };
+        let flag_wrong = expected_flag.is_some_and(|expected| expected != flagged) || flagged != has_token;
+        let status_wrong = expected_status.is_some_and(|expected| expected != data_status);
+        if flag_wrong || status_wrong {
+            verdict.wrong_accounts.push(account.to_owned());
+        }
+    }
+    Ok(verdict)
+}
+
+enum Latest<'a> {
+    None,
+    One(&'a Posted),
+    /// Two events of different effect share the latest receive time: either order is right.
+    Tied,
+}
+
+fn last_of<'a>(events: &[(&'a Posted, &Journaled)], wanted: impl Fn(Kind) -> bool) -> Latest<'a> {
+    let relevant: Vec<_> = events.iter().filter(|(p, _)| wanted(p.kind)).collect();
+    let Some(latest) = relevant.iter().map(|(_, j)| j.received_at).max() else {
+        return Latest::None;
+    };
+    let at_latest: Vec<&Posted> =
+        relevant.iter().filter(|(_, j)| j.received_at == latest).map(|(p, _)| *p).collect();
+    let first = at_latest[0];
+    if at_latest.iter().all(|p| p.kind == first.kind && p.data_status == first.data_status) {
+        Latest::One(first)
+    } else {
+        Latest::Tied
+    }
+}

@@ -1,0 +1,441 @@
+//! The scenarios, each with its own system (database, queue prefix, processes) and one fault.
+
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+use super::load::{Kind, Load, LoadPlan, LoadResult};
+use super::model::{self, Verdict};
+use super::services::{self, RestoreServices};
+use super::{DRAIN_PATIENCE, ScenarioReport};
+use crate::system::{System, SystemConfig, metric_value};
+
+pub const ALL: [&str; 10] = [
+    "rabbitmq_restart",
+    "postgres_restart",
+    "worker_sigkill",
+    "ingest_sigterm",
+    "mono_500_for_30s",
+    "mono_429_retry_after",
+    "mono_hangs",
+    "three_workers_interleaved",
+    "duplicates_and_reordering",
+    "poison_messages",
+];
+
+pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    match name {
+        "rabbitmq_restart" => rabbitmq_restart(base).await,
+        "postgres_restart" => postgres_restart(base).await,
+        "worker_sigkill" => worker_sigkill(base).await,
+        "ingest_sigterm" => ingest_sigterm(base).await,
+        "mono_500_for_30s" => mono_500_for_30s(base).await,
+        "mono_429_retry_after" => mono_429_retry_after(base).await,
+        "mono_hangs" => mono_hangs(base).await,
+        "three_workers_interleaved" => three_workers_interleaved(base).await,
+        "duplicates_and_reordering" => duplicates_and_reordering(base).await,
+        "poison_messages" => poison_messages(base).await,
+        other => anyhow::bail!("no scenario {other}"),
+    }
+}
+
+fn all_kinds(per_second: u32, accounts: u64) -> LoadPlan {
+    LoadPlan {
+        per_second,
+        accounts,
+        kinds: vec![Kind::ReauthorisationRequired, Kind::AccountReauthorized, Kind::AccountUpdated],
+    }
+}
+
+fn with_worker_env(base: &SystemConfig, env: &[(&'static str, &str)]) -> SystemConfig {
+    let mut config = base.clone();
+    config.worker_env.extend(env.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    config
+}
+
+async fn set_mono(system: &System, failure_rate: f64, mode: &str, latency_ms: u64) -> anyhow::Result<()> {
+    let knobs = json!({
+        "latency_ms": latency_ms,
+        "failure_rate": failure_rate,
+        "failure_mode": mode,
+        "retry_after_secs": 2,
+        "reject_accounts": [],
+    });
+    reqwest::Client::new()
+        .post(format!("{}/_sim/config", system.mono_url))
+        .json(&knobs)
+        .send()
+        .await?
+        .error_for_status()?;
+    Ok(())
+}
+
+async fn ready(url: &str) -> bool {
+    reqwest::get(url).await.is_ok_and(|r| r.status().is_success())
+}
+
+async fn wait_ready(url: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if ready(url).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+async fn dead_total(system: &System) -> usize {
+    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM webhook_events WHERE status = 'dead'")
+        .fetch_one(&system.pool)
+        .await
+        .map_or(0, |n| n as usize)
+}
+
+/// Drains, verifies, fills the common columns and shuts the system down.
+async fn finish(
+    name: &str,
+    started: Instant,
+    system: System,
+    load: LoadResult,
+    mut report: ScenarioReport,
+) -> anyhow::Result<ScenarioReport> {
+    let verdict: Verdict = model::settle_and_verify(&system.pool, &load.accepted, DRAIN_PATIENCE).await?;
+    report.name = name.to_owned();
+    report.accepted = load.accepted.len();
+    report.processed = verdict.processed;
+    report.lost = verdict.lost.len();
+    report.double_effects = verdict.wrong_accounts.len();
+    report.dead_lettered = dead_total(&system).await;
+    if !verdict.lost.is_empty() {
+        eprintln!(
+            "  {name}: lost {:?} (logs in {})",
+            &verdict.lost[..verdict.lost.len().min(5)],
+            system.config.log_dir.display()
+        );
+    }
+    if !verdict.wrong_accounts.is_empty() {
+        eprintln!(
+            "  {name}: accounts not as one-by-one processing leaves them: {:?}",
+            &verdict.wrong_accounts[..verdict.wrong_accounts.len().min(5)]
+        );
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    if report.passed() {
+        system.shut_down().await?;
+    } else {
+        eprintln!("  {name}: logs kept in {}", system.config.log_dir.display());
+    }
+    Ok(report)
+}
+
+async fn rabbitmq_restart(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let _restore = RestoreServices;
+    let system = System::start(base.clone(), 2).await?;
+    let mut report = ScenarioReport::default();
+    let load = Load::start(system.ingest_url(), all_kinds(100, 40));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    services::stop_rabbitmq()?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let probe_started = Instant::now();
+    let (status, _) =
+        system.post(&crate::bodies::reauthorisation_required("0000000000000000000000aa")).await?;
+    report.check("ingest answers 503 while the broker is down", status == 503);
+    report.check("and answers it within 1 s", probe_started.elapsed() < Duration::from_secs(1));
+    report.check(
+        "ingest reports not ready while down",
+        !ready(&format!("{}/readyz", system.ingest_url())).await,
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    services::start_rabbitmq()?;
+
+    report.check(
+        "ingest reconnects by itself",
+        wait_ready(&format!("{}/readyz", system.ingest_url()), Duration::from_secs(30)).await,
+    );
+    for (_, port) in &system.workers {
+        let consuming = wait_ready(&format!("http://127.0.0.1:{port}/readyz"), Duration::from_secs(30)).await;
+        report.check(format!("worker on :{port} reconnects and consumes again"), consuming);
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let load = load.stop().await;
+    report.check(
+        "some webhooks got 503 during the outage",
+        load.statuses.get(&503).copied().unwrap_or(0) > 0 || load.no_answer > 0,
+    );
+    finish("rabbitmq_restart", started, system, load, report).await
+}
+
+async fn postgres_restart(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let _restore = RestoreServices;
+    let system = System::start(base.clone(), 2).await?;
+    let mut report = ScenarioReport::default();
+    let load = Load::start(system.ingest_url(), all_kinds(100, 40));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    services::stop_postgres()?;
+    let during_outage = Instant::now();
+    let (status, _) =
+        system.post(&crate::bodies::account_updated("0000000000000000000000bb", 1, 512)).await?;
+    report.check("ingest keeps accepting while the database is down", status == 200);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    services::start_postgres()?;
+    let _ = during_outage;
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let load = load.stop().await;
+    let retried: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_events WHERE attempts > 1")
+        .fetch_one(&system.pool)
+        .await
+        .unwrap_or(-1);
+    let report = finish("postgres_restart", started, system, load, report).await?;
+    let mut report = report;
+    report.check("nothing was dead-lettered", report.dead_lettered == 0);
+    report.check("no delivery spent a retry attempt on the outage", retried <= 0);
+    Ok(report)
+}
+
+async fn worker_sigkill(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let mut system = System::start(base.clone(), 2).await?;
+    let mut report = ScenarioReport::default();
+    let load = Load::start(system.ingest_url(), all_kinds(150, 40));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    system.workers[0].0.kill();
+    report.check("the worker was killed", !system.workers[0].0.is_running());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    system.start_worker().await?;
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let load = load.stop().await;
+    let mut report = finish("worker_sigkill", started, system, load, report).await?;
+    report.check("nothing was dead-lettered", report.dead_lettered == 0);
+    Ok(report)
+}
+
+async fn ingest_sigterm(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let mut system = System::start(base.clone(), 1).await?;
+    let mut report = ScenarioReport::default();
+    let load = Load::start(system.ingest_url(), all_kinds(200, 40));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let ingest = system.ingest.as_mut().expect("ingest runs");
+    ingest.terminate();
+    let exit = ingest.wait_exit(Duration::from_secs(20));
+    report.check("ingest exits 0 after SIGTERM", exit.is_some_and(|status| status.success()));
+    let load = load.stop().await;
+    report.check(
+        "requests after the stop are refused, not answered 200",
+        load.no_answer > 0 || load.statuses.len() > 1 || load.accepted.len() < 4 * 200,
+    );
+    finish("ingest_sigterm", started, system, load, report).await
+}
+
+async fn mono_500_for_30s(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let config = with_worker_env(base, &[("MONO_RETRY_BUDGET_SECS", "2"), ("MONO_CIRCUIT_OPEN_SECS", "1")]);
+    let system = System::start(config, 2).await?;
+    let mut report = ScenarioReport::default();
+    let load = Load::start(system.ingest_url(), all_kinds(40, 60));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    set_mono(&system, 1.0, "500", 0).await?;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    set_mono(&system, 0.0, "500", 0).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let load = load.stop().await;
+    let breaker_opened = system.all_logs().contains("Mono circuit opened");
+    let mut parked = 0.0;
+    for index in 0..system.workers.len() {
+        let metrics = system.worker_metrics(index).await.unwrap_or_default();
+        parked += metric_value(
+            &metrics,
+            "monohook_worker_deliveries_total",
+            &["event=\"reauthorisation_required\"", "outcome=\"parked\""],
+        )
+        .unwrap_or(0.0);
+    }
+    report.check("the circuit breaker opened", breaker_opened);
+    report.check("re-auth deliveries were parked instead of spending attempts", parked > 0.0);
+    let mut report = finish("mono_500_for_30s", started, system, load, report).await?;
+    report.check("nothing was dead-lettered", report.dead_lettered == 0);
+    Ok(report)
+}
+
+async fn mono_429_retry_after(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let system = System::start(base.clone(), 1).await?;
+    let mut report = ScenarioReport::default();
+    let plan = LoadPlan {
+        per_second: 30,
+        accounts: 30,
+        kinds: vec![Kind::ReauthorisationRequired, Kind::AccountReauthorized],
+    };
+    let load = Load::start(system.ingest_url(), plan);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    set_mono(&system, 1.0, "429", 0).await?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    set_mono(&system, 0.0, "429", 0).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let load = load.stop().await;
+
+    let calls: Vec<serde_json::Value> =
+        reqwest::get(format!("{}/_sim/calls", system.mono_url)).await?.json().await?;
+    let limited = calls.iter().filter(|c| c["outcome"] == "failed_429").count();
+    let mut too_soon = 0;
+    for (index, call) in calls.iter().enumerate() {
+        if call["outcome"] != "failed_429" {
+            continue;
+        }
+        let at = call["at_ms"].as_i64().unwrap_or_default();
+        let next = calls[index + 1..].iter().find(|c| c["account"] == call["account"]);
+        if next.is_some_and(|n| n["at_ms"].as_i64().unwrap_or_default() < at + 2000) {
+            too_soon += 1;
+        }
+    }
+    report.check(format!("Mono answered 429 ({limited} times)"), limited > 0);
+    report.check(format!("no account was called again within Retry-After ({too_soon} were)"), too_soon == 0);
+    let mut report = finish("mono_429_retry_after", started, system, load, report).await?;
+    report.check("nothing was dead-lettered", report.dead_lettered == 0);
+    Ok(report)
+}
+
+async fn mono_hangs(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let config = with_worker_env(base, &[("MONO_TIMEOUT_MS", "1000"), ("MONO_CIRCUIT_OPEN_SECS", "1")]);
+    let system = System::start(config, 1).await?;
+    let mut report = ScenarioReport::default();
+    let plan = LoadPlan {
+        per_second: 30,
+        accounts: 30,
+        kinds: vec![Kind::ReauthorisationRequired, Kind::AccountReauthorized],
+    };
+    let load = Load::start(system.ingest_url(), plan);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    set_mono(&system, 1.0, "hang", 0).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    set_mono(&system, 0.0, "hang", 0).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let load = load.stop().await;
+    let metrics = system.worker_metrics(0).await.unwrap_or_default();
+    let timeouts =
+        metric_value(&metrics, "monohook_worker_mono_request_seconds_count", &["status_class=\"timeout\""])
+            .unwrap_or(0.0);
+    report.check(format!("calls to a hanging Mono timed out ({timeouts})"), timeouts > 0.0);
+    let mut report = finish("mono_hangs", started, system, load, report).await?;
+    report.check("nothing was dead-lettered", report.dead_lettered == 0);
+    Ok(report)
+}
+
+async fn three_workers_interleaved(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let system = System::start(base.clone(), 3).await?;
+    let mut report = ScenarioReport::default();
+    let load = Load::start(system.ingest_url(), all_kinds(200, 5));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let load = load.stop().await;
+    let _ = model::settle_and_verify(&system.pool, &load.accepted, DRAIN_PATIENCE).await?;
+    for index in 0..system.workers.len() {
+        let metrics = system.worker_metrics(index).await.unwrap_or_default();
+        let handled: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("monohook_worker_deliveries_total{"))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum();
+        report.check(format!("worker {} shared the work ({handled} deliveries)", index + 1), handled > 0.0);
+    }
+    finish("three_workers_interleaved", started, system, load, report).await
+}
+
+async fn duplicates_and_reordering(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let system = System::start(base.clone(), 1).await?;
+    let mut report = ScenarioReport::default();
+    let mut load = LoadResult::default();
+    let plan = all_kinds(1, 1);
+
+    // The same body twice within the dedup window.
+    let update = super::load::Posted::new(2, &plan);
+    for _ in 0..2 {
+        let (status, id) = system.post(&update.body).await?;
+        report.check("the duplicate is accepted by ingest", status == 200);
+        load.accepted.insert(id.unwrap_or_default(), update.clone());
+    }
+    // Received in this order: required, then reauthorized; Mono's slowness makes the worker apply
+    // them in the other order.
+    set_mono(&system, 0.0, "500", 1500).await?;
+    let required =
+        super::load::Posted::new(0, &LoadPlan { kinds: vec![Kind::ReauthorisationRequired], ..plan.clone() });
+    let reauthorized =
+        super::load::Posted::new(1, &LoadPlan { kinds: vec![Kind::AccountReauthorized], ..plan.clone() });
+    let (_, required_id) = system.post(&required.body).await?;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (_, reauthorized_id) = system.post(&reauthorized.body).await?;
+    let (required_id, reauthorized_id) =
+        (required_id.unwrap_or_default(), reauthorized_id.unwrap_or_default());
+    load.accepted.insert(required_id.clone(), required);
+    load.accepted.insert(reauthorized_id.clone(), reauthorized);
+
+    let settled =
+        system.wait_for_count("SELECT count(*) FROM webhook_events", 4, Duration::from_secs(30)).await?;
+    let status_of = |id: String| {
+        let pool = system.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT status FROM webhook_events WHERE id::text = $1")
+                .bind(id)
+                .fetch_optional(&pool)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        }
+    };
+    let statuses: Vec<String> = sqlx::query_scalar(
+        "SELECT status FROM webhook_events WHERE event = 'mono.events.account_updated' ORDER BY received_at",
+    )
+    .fetch_all(&system.pool)
+    .await?;
+    report.check("all four deliveries settled", settled == 4);
+    report.check("the second copy is a duplicate", statuses == ["processed", "duplicate"]);
+    report.check("the late reauthorisation_required is stale", status_of(required_id).await == "stale");
+    report.check("account_reauthorized was applied", status_of(reauthorized_id).await == "processed");
+    finish("duplicates_and_reordering", started, system, load, report).await
+}
+
+async fn poison_messages(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let system = System::start(base.clone(), 2).await?;
+    let mut report = ScenarioReport::default();
+    let load = Load::start(system.ingest_url(), all_kinds(100, 40));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let connection = crate::bench::broker::connect(&system.config.amqp_url).await?;
+    let channel = connection.create_channel().await?;
+    let topology = system.topology();
+    let poison: [Vec<u8>; 3] = [
+        b"not json at all".to_vec(),
+        br#"{"event":"mono.events.reauthorisation_required","data":"wrong shape"}"#.to_vec(),
+        vec![0xAB; 1024 * 1024],
+    ];
+    let messages =
+        poison.iter().map(|body| (body.clone(), lapin::BasicProperties::default().with_delivery_mode(2)));
+    crate::bench::broker::prefill(&channel, "", &topology.work_queue(), messages).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let load = load.stop().await;
+
+    let dead: Vec<(String, String)> = sqlx::query_as(
+        "SELECT body_sha256, coalesce(last_error, '') FROM webhook_events WHERE status = 'dead'",
+    )
+    .fetch_all(&system.pool)
+    .await?;
+    report.check(format!("the three poison messages are dead-lettered ({})", dead.len()), dead.len() == 3);
+    report.check("each with a reason", dead.iter().all(|(_, reason)| reason.starts_with("invalid payload")));
+    let _ = connection.close(200, "done".into()).await;
+    finish("poison_messages", started, system, load, report).await
+}

@@ -1,0 +1,85 @@
+//! Stopping and starting the machine's RabbitMQ and PostgreSQL, always bringing them back.
+
+use anyhow::{Context, bail};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let output =
+        Command::new(program).args(args).output().with_context(|| format!("cannot run {program}"))?;
+    if !output.status.success() {
+        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
+}
+
+fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
+}
+
+fn wait_for_port(port: u16, open: bool, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if port_open(port) == open {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("port {port} did not become {}", if open { "open" } else { "closed" })
+}
+
+/// Stops the RabbitMQ application (the Erlang node stays up, so it can start again fast).
+pub fn stop_rabbitmq() -> anyhow::Result<()> {
+    run("rabbitmqctl", &["-q", "stop_app"])?;
+    wait_for_port(5672, false, Duration::from_secs(30))
+}
+
+pub fn start_rabbitmq() -> anyhow::Result<()> {
+    if run("rabbitmqctl", &["-q", "start_app"]).is_err() {
+        // The node itself is down: start it.
+        run("rabbitmq-server", &["-detached"])?;
+    }
+    run("timeout", &["120", "rabbitmqctl", "-q", "await_startup"])?;
+    wait_for_port(5672, true, Duration::from_secs(60))
+}
+
+fn postgres_cluster() -> anyhow::Result<String> {
+    let entries =
+        std::fs::read_dir("/etc/postgresql").context("PostgreSQL is not installed as a Debian cluster")?;
+    let mut versions: Vec<String> =
+        entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    versions.sort();
+    versions.pop().context("no PostgreSQL cluster under /etc/postgresql")
+}
+
+pub fn stop_postgres() -> anyhow::Result<()> {
+    let version = postgres_cluster()?;
+    run("pg_ctlcluster", &["--skip-systemctl-redirect", &version, "main", "stop", "-m", "fast"])?;
+    wait_for_port(5432, false, Duration::from_secs(30))
+}
+
+pub fn start_postgres() -> anyhow::Result<()> {
+    let version = postgres_cluster()?;
+    if !port_open(5432) {
+        run("pg_ctlcluster", &["--skip-systemctl-redirect", &version, "main", "start"])?;
+    }
+    wait_for_port(5432, true, Duration::from_secs(60))
+}
+
+/// Brings both services back when dropped, whatever happened in between.
+pub struct RestoreServices;
+
+impl Drop for RestoreServices {
+    fn drop(&mut self) {
+        if !port_open(5432)
+            && let Err(error) = start_postgres()
+        {
+            eprintln!("could not bring PostgreSQL back: {error:#}");
+        }
+        if !port_open(5672)
+            && let Err(error) = start_rabbitmq()
+        {
+            eprintln!("could not bring RabbitMQ back: {error:#}");
+        }
+    }
+}
