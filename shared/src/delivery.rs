@@ -26,6 +26,16 @@ pub const HEADER_DEAD_REASON: &str = "x-dead-reason";
 /// Whether the dead-letter reason is `permanent` or `exhausted` (retries used up) or `poison`.
 pub const HEADER_DEAD_CLASS: &str = "x-dead-class";
 
+/// Lineage of a dead letter an operator put back on the work queue (`worker dlq replay`): the
+/// delivery id replayed, the replay batch, who and why, when, and whether the ordering guard is
+/// overridden (`true`).
+pub const HEADER_REPLAY_OF: &str = "x-replay-of";
+pub const HEADER_REPLAY_BATCH: &str = "x-replay-batch";
+pub const HEADER_REPLAYED_BY: &str = "x-replayed-by";
+pub const HEADER_REPLAY_NOTE: &str = "x-replay-note";
+pub const HEADER_REPLAYED_AT: &str = "x-replayed-at";
+pub const HEADER_REPLAY_FORCE: &str = "x-replay-force";
+
 /// The id ingest gives each accepted webhook (a UUIDv7, so ids sort by receive time).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeliveryId(Uuid);
@@ -49,6 +59,12 @@ impl DeliveryId {
 
     pub fn as_uuid(&self) -> Uuid {
         self.0
+    }
+}
+
+impl From<Uuid> for DeliveryId {
+    fn from(id: Uuid) -> Self {
+        Self(id)
     }
 }
 

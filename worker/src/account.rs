@@ -4,6 +4,8 @@
 use chrono::{DateTime, Utc};
 use std::fmt;
 
+use crate::event::IncomingEvent;
+
 /// Mono's re-auth tokens expire this long after they are issued.
 pub const REAUTH_TOKEN_LIFETIME: chrono::Duration = chrono::Duration::minutes(10);
 
@@ -68,14 +70,16 @@ impl AccountState {
         }
     }
 
-    /// An event received before the last one applied to the re-auth state must change nothing.
-    pub fn reauth_is_newer_than(&self, received_at: DateTime<Utc>) -> bool {
-        self.reauth_state_received_at.is_some_and(|applied| received_at < applied)
+    /// An event received before the last one applied to the re-auth state must change nothing
+    /// (unless an operator forced its replay).
+    pub fn reauth_is_newer_than(&self, event: &IncomingEvent) -> bool {
+        !event.forced && self.reauth_state_received_at.is_some_and(|applied| event.received_at < applied)
     }
 
-    /// An event received before the last one applied to the data state must change nothing.
-    pub fn data_is_newer_than(&self, received_at: DateTime<Utc>) -> bool {
-        self.data_state_received_at.is_some_and(|applied| received_at < applied)
+    /// An event received before the last one applied to the data state must change nothing (unless
+    /// an operator forced its replay).
+    pub fn data_is_newer_than(&self, event: &IncomingEvent) -> bool {
+        !event.forced && self.data_state_received_at.is_some_and(|applied| event.received_at < applied)
     }
 
     /// Forgets the re-auth token and its times.

@@ -41,6 +41,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Inspect, replay and purge dead letters.
+    #[command(subcommand)]
+    Dlq(crate::commands::dlq::DlqCommand),
+    /// What an operator checks first: queues, consumers, dead letters, last processed event, Mono.
+    Status(crate::commands::status::StatusArgs),
 }
 
 /// Settings of the consuming worker (the default command).

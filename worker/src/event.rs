@@ -20,6 +20,8 @@ pub struct IncomingEvent {
     pub customer_id: Option<String>,
     /// Whether `data.account` is an object (the snapshot of `account_updated`).
     pub has_account_snapshot: bool,
+    /// Replayed by an operator with `--force`: applied even if a later event was applied already.
+    pub forced: bool,
     pub record: EventRecord,
 }
 
@@ -40,6 +42,16 @@ impl IncomingEvent {
         meta: &DeliveryMeta,
         history: &AttemptHistory,
     ) -> (EventRecord, Result<Self, MalformedEvent>) {
+        Self::parse_with(body, meta, history, false)
+    }
+
+    /// [`IncomingEvent::parse`] for a delivery an operator replayed with `--force`.
+    pub fn parse_with(
+        body: &[u8],
+        meta: &DeliveryMeta,
+        history: &AttemptHistory,
+        forced: bool,
+    ) -> (EventRecord, Result<Self, MalformedEvent>) {
         let mut record = EventRecord {
             id: meta.id.as_uuid(),
             event: String::new(),
@@ -48,6 +60,7 @@ impl IncomingEvent {
             received_at: meta.received_at,
             attempts: i32::try_from(history.previous_attempts.saturating_add(1)).unwrap_or(i32::MAX),
             payload: storable_json(body),
+            first_attempt_at: history.first_attempt_at,
         };
         let envelope = match Envelope::parse(body) {
             Ok(envelope) => envelope,
@@ -71,6 +84,7 @@ impl IncomingEvent {
                 .and_then(|m| m.data_status),
             customer_id: fields.customer.and_then(customer_id),
             has_account_snapshot: fields.account.is_some_and(|a| a.get().starts_with('{')),
+            forced,
             record: record.clone(),
         };
         (record, Ok(event))

@@ -28,6 +28,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let pool = db::connect(&cli.database).await?;
             commands::account::show(&pool, &id, json).await
         }
+        Some(Command::Dlq(command)) => {
+            let pool = db::connect_and_migrate(&cli.database).await?;
+            commands::dlq::run(command, &pool, &cli.broker).await
+        }
+        Some(Command::Status(args)) => {
+            let pool = db::connect(&cli.database).await?;
+            commands::status::run(&pool, &cli.broker, &args).await
+        }
         None => {
             let pool = db::connect_and_migrate(&cli.database).await?;
             let cancel = CancellationToken::new();

@@ -43,6 +43,12 @@ impl ReauthToken {
     pub fn for_tests(value: &str, issued_at: DateTime<Utc>) -> Self {
         Self { value: SecretString::from(value), issued_at }
     }
+
+    /// A stand-in token for predicting what applying an event would change (`dlq replay --dry-run`);
+    /// it never reaches the database.
+    pub fn placeholder(issued_at: DateTime<Utc>) -> Self {
+        Self { value: SecretString::from("placeholder"), issued_at }
+    }
 }
 
 impl fmt::Debug for ReauthToken {

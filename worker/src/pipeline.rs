@@ -30,7 +30,7 @@ use crate::event::IncomingEvent;
 use crate::mono::ReauthToken;
 use crate::processor::{ItemOutcome, Processor};
 use crate::tokens::{TokenFetcher, TokenOutcome};
-use shared::delivery::{AttemptHistory, DeliveryMeta, as_u32};
+use shared::delivery::{AttemptHistory, DeliveryMeta, HEADER_REPLAY_FORCE, as_u32, header_str};
 use shared::event::EventKind;
 use shared::topology::Topology;
 
@@ -121,7 +121,13 @@ impl Pipeline {
             .and_then(|h| h.inner().get("x-delivery-count"))
             .and_then(as_u32)
             .unwrap_or(0);
-        let (record, parsed) = IncomingEvent::parse(&delivery.data, &meta, &history);
+        let forced = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| header_str(h, HEADER_REPLAY_FORCE))
+            .is_some_and(|v| v == "true");
+        let (record, parsed) = IncomingEvent::parse_with(&delivery.data, &meta, &history, forced);
         inner
             .settings
             .health

@@ -1,3 +1,5 @@
-//! Operator commands of the worker binary (`worker <command>`), one file each.
+//! Operator commands of the worker binary (`worker <command>`), one file or folder each.
 
 pub mod account;
+pub mod dlq;
+pub mod status;

@@ -46,6 +46,8 @@ pub struct EventRecord {
     pub attempts: i32,
     /// The body as JSON text, when it is JSON that PostgreSQL's jsonb can store.
     pub payload: Option<String>,
+    /// When a worker first tried this delivery, if before this attempt.
+    pub first_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Records a dead letter (after the message is safely in the dead-letter queue). A delivery that was
@@ -53,8 +55,9 @@ pub struct EventRecord {
 pub async fn record_dead(conn: &mut PgConnection, record: &EventRecord, reason: &str) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO webhook_events
-             (id, event, account_id, body_sha256, received_at, status, attempts, last_error, payload, processed_at)
-         VALUES ($1, $2, $3, $4, $5, 'dead', $6, $7, $8::jsonb, clock_timestamp())
+             (id, event, account_id, body_sha256, received_at, status, attempts, last_error, payload, processed_at,
+              first_attempt_at)
+         VALUES ($1, $2, $3, $4, $5, 'dead', $6, $7, $8::jsonb, clock_timestamp(), COALESCE($9, clock_timestamp()))
          ON CONFLICT (id) DO UPDATE
              SET attempts = excluded.attempts, last_error = excluded.last_error, processed_at = excluded.processed_at
              WHERE webhook_events.status = 'dead'",
@@ -67,6 +70,7 @@ pub async fn record_dead(conn: &mut PgConnection, record: &EventRecord, reason: 
     .bind(record.attempts)
     .bind(reason)
     .bind(record.payload.as_deref())
+    .bind(record.first_attempt_at)
     .execute(conn)
     .await
     .map(drop)

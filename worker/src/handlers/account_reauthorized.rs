@@ -5,7 +5,7 @@ use crate::account::AccountState;
 use crate::event::IncomingEvent;
 
 pub fn apply(account: &mut AccountState, event: &IncomingEvent) -> HandlerOutcome {
-    if account.reauth_is_newer_than(event.received_at) {
+    if account.reauth_is_newer_than(event) {
         return HandlerOutcome::Stale;
     }
     account.reauth_required = false;

@@ -8,7 +8,7 @@ use crate::event::IncomingEvent;
 pub fn apply(account: &mut AccountState, event: &IncomingEvent) -> HandlerOutcome {
     // Unlinking is never lost to reordering: only the re-auth part obeys the ordering guard.
     account.unlinked_at = Some(account.unlinked_at.map_or(event.received_at, |at| at.min(event.received_at)));
-    if !account.reauth_is_newer_than(event.received_at) {
+    if !account.reauth_is_newer_than(event) {
         account.reauth_required = false;
         account.clear_token();
         account.reauth_state_received_at = Some(event.received_at);

@@ -9,7 +9,7 @@ use crate::account::AccountState;
 use crate::event::IncomingEvent;
 
 pub fn apply(account: &mut AccountState, event: &IncomingEvent) -> HandlerOutcome {
-    if account.data_is_newer_than(event.received_at) {
+    if account.data_is_newer_than(event) {
         return HandlerOutcome::Stale;
     }
     if let Some(status) = &event.data_status {

@@ -12,7 +12,7 @@ pub fn apply(
     token: Option<&ReauthToken>,
 ) -> HandlerOutcome {
     // A late copy must never re-flag an account that was re-authorised after it was received.
-    if account.reauth_is_newer_than(event.received_at) {
+    if account.reauth_is_newer_than(event) {
         return HandlerOutcome::Stale;
     }
     if account.unlinked_at.is_some_and(|unlinked| unlinked <= event.received_at) {

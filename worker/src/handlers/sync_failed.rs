@@ -6,7 +6,7 @@ use crate::account::AccountState;
 use crate::event::IncomingEvent;
 
 pub fn apply(account: &mut AccountState, event: &IncomingEvent) -> HandlerOutcome {
-    if account.data_is_newer_than(event.received_at) {
+    if account.data_is_newer_than(event) {
         return HandlerOutcome::Stale;
     }
     account.data_status = Some(event.data_status.clone().unwrap_or_else(|| "FAILED".to_owned()));

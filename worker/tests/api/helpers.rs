@@ -156,11 +156,12 @@ impl TestWorld {
 
     /// The stored token itself (the view never exposes it).
     pub async fn stored_token(&self, id: &str) -> Option<String> {
-        sqlx::query_scalar("SELECT reauth_token FROM accounts WHERE id = $1")
+        sqlx::query_scalar::<_, Option<String>>("SELECT reauth_token FROM accounts WHERE id = $1")
             .bind(id)
-            .fetch_one(&self.pool)
+            .fetch_optional(&self.pool)
             .await
             .unwrap()
+            .flatten()
     }
 
     /// Mono hands out `token` for `account`, checking the secret key.
@@ -176,6 +177,71 @@ impl TestWorld {
     /// Messages in the dead-letter queue, taken off it.
     pub async fn dead_letters(&self, count: usize) -> Vec<lapin::message::Delivery> {
         self.broker.wait_for_messages(&self.broker.topology.dead_queue(), count, PATIENCE).await
+    }
+}
+
+impl TestWorld {
+    /// Runs the worker binary (an operator command) against this world's database and queues.
+    pub async fn run_cli(&self, args: &[&str], stdin: &str) -> std::process::Output {
+        let mut child =
+            self.cli_command(args, &self.database_url().await).spawn().expect("cannot run the worker binary");
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap()
+    }
+
+    /// The worker binary with this world's settings, ready to spawn.
+    pub fn cli_command(&self, args: &[&str], database_url: &str) -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_worker"));
+        command
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("DATABASE_URL", database_url)
+            .env("AMQP_URL", amqp_url().expose_secret())
+            .env("QUEUE_PREFIX", &self.broker.prefix)
+            .env("RETRY_DELAYS_SECS", self.broker.retry_delays_arg())
+            .env("LOG_FORMAT", "json")
+            .env("USER", "ops-test")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        command
+    }
+
+    /// The database URL of this world (for commands spawned by hand).
+    pub async fn database_url(&self) -> String {
+        let database: String =
+            sqlx::query_scalar("SELECT current_database()::text").fetch_one(&self.pool).await.unwrap();
+        let server = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        format!("{}/{database}", server.rsplit_once('/').map(|(server, _)| server).unwrap())
+    }
+
+    /// Mono refuses `account` for good, as it does an account that cannot be re-authorised.
+    pub async fn mono_refuses(&self, account: &str) {
+        Mock::given(method("POST"))
+            .and(path(format!("/accounts/{account}/reauthorise")))
+            .respond_with(
+                ResponseTemplate::new(400).set_body_json(
+                    serde_json::json!({ "message": "This account can not be re-authorised." }),
+                ),
+            )
+            .mount(&self.mono)
+            .await;
+    }
+
+    /// Journal rows with `status`.
+    pub async fn count_status(&self, status: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM webhook_events WHERE status = $1")
+            .bind(status)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    pub fn dead_queue(&self) -> String {
+        self.broker.topology.dead_queue()
     }
 }
 

@@ -2,6 +2,7 @@
 //! (`#[sqlx::test]`), its own queue prefix on the real RabbitMQ, and its own Mono (wiremock).
 
 mod cli;
+mod dlq;
 mod events;
 mod helpers;
 mod idempotency;
@@ -10,4 +11,5 @@ mod ordering;
 mod outages;
 mod pipeline;
 mod poison;
+mod scaling;
 mod shutdown;

@@ -1,0 +1,134 @@
+//! Which dead letters a command is about, as flags, in SQL and in memory.
+
+use chrono::{DateTime, Duration, Utc};
+use clap::Args;
+use serde::Serialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+#[derive(Clone, Debug, Default, Args)]
+pub struct DeadFilter {
+    /// Only this event (`account_updated` or `mono.events.account_updated`).
+    #[arg(long)]
+    pub event: Option<String>,
+    /// Only this Mono account.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// Only dead letters whose reason contains this text (case-insensitive).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only dead-lettered at or after this time (RFC 3339, or an age such as 30m, 2h, 7d).
+    #[arg(long, value_parser = parse_time)]
+    pub since: Option<DateTime<Utc>>,
+    /// Only dead-lettered before this time (RFC 3339, or an age such as 30m, 2h, 7d).
+    #[arg(long, value_parser = parse_time)]
+    pub until: Option<DateTime<Utc>>,
+    /// At most this many.
+    #[arg(long)]
+    pub limit: Option<i64>,
+    /// Every dead letter (replay and purge need a filter or this).
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// A dead letter as the journal knows it.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct DeadLetter {
+    pub id: Uuid,
+    pub event: String,
+    pub account_id: Option<String>,
+    pub reason: Option<String>,
+    pub attempts: i32,
+    pub received_at: DateTime<Utc>,
+    pub first_attempt_at: Option<DateTime<Utc>>,
+    /// When it was dead-lettered (its last attempt).
+    pub dead_at: Option<DateTime<Utc>>,
+    #[serde(skip)]
+    pub payload: Option<serde_json::Value>,
+}
+
+impl DeadFilter {
+    /// The full event name the filter means.
+    fn event_name(&self) -> Option<String> {
+        self.event.as_ref().map(|e| if e.contains('.') { e.clone() } else { format!("mono.events.{e}") })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.event.is_none()
+            && self.account.is_none()
+            && self.reason.is_none()
+            && self.since.is_none()
+            && self.until.is_none()
+    }
+
+    /// Refuses a bulk action with no filter at all: `--all` must say so.
+    pub fn require_selection(&self) -> anyhow::Result<()> {
+        if self.is_empty() && !self.all {
+            anyhow::bail!("give a filter (--event, --account, --reason, --since, --until) or --all");
+        }
+        Ok(())
+    }
+
+    /// The matching dead letters, oldest first.
+    pub async fn select(&self, pool: &PgPool) -> sqlx::Result<Vec<DeadLetter>> {
+        sqlx::query_as(
+            "SELECT id, event, account_id, last_error AS reason, attempts, received_at, first_attempt_at,
+                 processed_at AS dead_at, payload
+             FROM webhook_events
+             WHERE status = 'dead'
+               AND ($1::text IS NULL OR event = $1)
+               AND ($2::text IS NULL OR account_id = $2)
+               AND ($3::text IS NULL OR strpos(lower(coalesce(last_error, '')), lower($3)) > 0)
+               AND ($4::timestamptz IS NULL OR processed_at >= $4)
+               AND ($5::timestamptz IS NULL OR processed_at < $5)
+             ORDER BY processed_at, id
+             LIMIT $6",
+        )
+        .bind(self.event_name())
+        .bind(&self.account)
+        .bind(&self.reason)
+        .bind(self.since)
+        .bind(self.until)
+        .bind(self.limit.unwrap_or(i64::MAX))
+        .fetch_all(pool)
+        .await
+    }
+}
+
+/// RFC 3339, or an age (`90s`, `30m`, `2h`, `7d`) meaning that long ago.
+fn parse_time(raw: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(time) = DateTime::parse_from_rfc3339(raw) {
+        return Ok(time.with_timezone(&Utc));
+    }
+    let (number, unit) = raw.split_at(raw.trim_end_matches(char::is_alphabetic).len());
+    let amount: i64 =
+        number.parse().map_err(|_| format!("{raw:?} is neither RFC 3339 nor an age like 2h"))?;
+    let age = match unit {
+        "s" => Duration::seconds(amount),
+        "m" => Duration::minutes(amount),
+        "h" => Duration::hours(amount),
+        "d" => Duration::days(amount),
+        _ => return Err(format!("{raw:?}: an age ends in s, m, h or d")),
+    };
+    Ok(Utc::now() - age)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc_3339_or_ages() {
+        assert_eq!(parse_time("2026-11-25T10:00:00Z").unwrap().to_rfc3339(), "2026-11-25T10:00:00+00:00");
+        let two_hours_ago = parse_time("2h").unwrap();
+        assert!((Utc::now() - two_hours_ago - Duration::hours(2)).num_seconds().abs() < 5);
+        assert!(parse_time("soon").is_err());
+        assert!(parse_time("5w").is_err());
+    }
+
+    #[test]
+    fn short_event_names_get_monos_prefix() {
+        let filter = DeadFilter { event: Some("account_updated".into()), ..Default::default() };
+        assert_eq!(filter.event_name().as_deref(), Some("mono.events.account_updated"));
+    }
+}

@@ -1,0 +1,110 @@
+//! `worker dlq`: inspect, replay and purge dead letters.
+//!
+//! The journal (`webhook_events` rows with status `dead`) says what is dead and why; the dead-letter
+//! queue holds the messages themselves. `list` and `show` read the journal (and `show` peeks at the
+//! queue); `replay` and `purge` walk the queue once, act on the messages that match, and keep the
+//! two in agreement, recording every action in `dead_letter_actions` first so that an interrupted
+//! run is finished, never repeated, by the next one.
+
+mod filter;
+mod list;
+mod predict;
+mod queue;
+mod replay;
+mod show;
+
+use clap::{Args, Subcommand};
+use sqlx::PgPool;
+
+pub use filter::DeadFilter;
+pub use list::age as list_age;
+
+use shared::config::BrokerArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// One line per dead letter: delivery id, event, account, attempts, first and last attempt, age,
+    /// reason.
+    List(ListArgs),
+    /// The whole record of one dead letter: journal row, attempt history, headers of the message in
+    /// the dead-letter queue, the body (token and secret fields masked), and what was done to it.
+    Show(ShowArgs),
+    /// Move matching dead letters back onto the work queue (same delivery id, attempts reset,
+    /// lineage headers added). Late events stay guarded by the ordering rule unless --force.
+    Replay(ReplayArgs),
+    /// Delete matching dead letters for good (asks for confirmation unless --yes).
+    Purge(PurgeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub filter: DeadFilter,
+    /// Count dead letters by failure cause instead of listing them.
+    #[arg(long, value_enum)]
+    pub group_by: Option<GroupBy>,
+    /// List replays and purges (who, when, why) instead of dead letters.
+    #[arg(long)]
+    pub actions: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum GroupBy {
+    /// The failure cause, with counts and ids left out so one outage is one line.
+    Reason,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// Delivery id.
+    pub id: uuid::Uuid,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub filter: DeadFilter,
+    /// Print, for each dead letter, what replaying it would do to its account now; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Apply even events older than what their account has already applied.
+    #[arg(long)]
+    pub force: bool,
+    /// Why, recorded with the replay and carried in the `x-replay-note` header.
+    #[arg(long)]
+    pub reason_note: Option<String>,
+    /// Who, recorded with the replay (default: $USER).
+    #[arg(long, env = "USER", default_value = "unknown", hide_env_values = true)]
+    pub actor: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    pub filter: DeadFilter,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    pub yes: bool,
+    /// Why, recorded with the purge.
+    #[arg(long)]
+    pub reason_note: Option<String>,
+    /// Who, recorded with the purge (default: $USER).
+    #[arg(long, env = "USER", default_value = "unknown", hide_env_values = true)]
+    pub actor: String,
+}
+
+pub async fn run(command: DlqCommand, pool: &PgPool, broker: &BrokerArgs) -> anyhow::Result<()> {
+    match command {
+        DlqCommand::List(args) => list::run(pool, &args).await,
+        DlqCommand::Show(args) => show::run(pool, broker, &args).await,
+        DlqCommand::Replay(args) if args.dry_run => predict::run(pool, &args).await,
+        DlqCommand::Replay(args) => replay::run_replay(pool, broker, &args).await,
+        DlqCommand::Purge(args) => replay::run_purge(pool, broker, &args).await,
+    }
+}

@@ -1,0 +1,140 @@
+//! `worker dlq replay --dry-run`: what replaying each dead letter would do to its account now,
+//! worked out with the same handlers the worker runs, against the account as it is. Nothing is
+//! changed and Mono is not called.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use super::ReplayArgs;
+use super::filter::DeadLetter;
+use crate::account::AccountState;
+use crate::event::IncomingEvent;
+use crate::handlers::{self, HandlerOutcome};
+use crate::mono::ReauthToken;
+use shared::delivery::{AttemptHistory, DeliveryId, DeliveryMeta};
+use shared::event::EventKind;
+
+pub async fn run(pool: &PgPool, args: &ReplayArgs) -> anyhow::Result<()> {
+    args.filter.require_selection()?;
+    let dead = args.filter.select(pool).await?;
+    for letter in &dead {
+        let prediction = predict(pool, letter, args.force).await?;
+        println!(
+            "{}  {:<24}  {:<24}  {prediction}",
+            letter.id,
+            letter.event.trim_start_matches("mono.events."),
+            letter.account_id.as_deref().unwrap_or("-")
+        );
+    }
+    eprintln!("dry run: {} dead letter(s) examined, nothing changed", dead.len());
+    Ok(())
+}
+
+/// One line saying what a replay of `letter` would do now.
+pub async fn predict(pool: &PgPool, letter: &DeadLetter, force: bool) -> anyhow::Result<String> {
+    let Some(payload) = &letter.payload else {
+        return Ok(
+            "would fail again: invalid payload, the body is not JSON (see `worker dlq show`)".to_owned()
+        );
+    };
+    let body = serde_json::to_vec(payload)?;
+    let mut meta = DeliveryMeta::stamp(&body);
+    meta.id = DeliveryId::from(letter.id);
+    meta.received_at = letter.received_at;
+    let history = AttemptHistory { previous_attempts: 0, first_attempt_at: None };
+    let event = match IncomingEvent::parse_with(&body, &meta, &history, force).1 {
+        Ok(event) => event,
+        Err(malformed) => return Ok(format!("would fail again: {malformed}")),
+    };
+    let duplicate_of: Option<uuid::Uuid> = sqlx::query_scalar(
+        "SELECT id FROM webhook_events WHERE body_sha256 = $1 AND id <> $2 AND status <> 'dead'
+           AND received_at BETWEEN $3 - interval '1 day' AND $3 + interval '1 day' LIMIT 1",
+    )
+    .bind(&event.record.body_sha256)
+    .bind(letter.id)
+    .bind(letter.received_at)
+    .fetch_optional(pool)
+    .await?;
+    if let Some(original) = duplicate_of {
+        return Ok(format!("no change: the same body was applied as {original}"));
+    }
+    let before: Option<AccountState> = match event.kind.needs_account() {
+        true => {
+            Some(load(pool, event.account()).await?.unwrap_or_else(|| AccountState::new(event.account())))
+        }
+        false => None,
+    };
+    let mut after = before.clone();
+    let token = ReauthToken::placeholder(Utc::now());
+    let asks_mono = event.kind == EventKind::ReauthorisationRequired;
+    let outcome = handlers::apply(after.as_mut(), &event, Some(&token));
+    let refused_before = letter.reason.as_deref().filter(|r| r.starts_with("Mono refused"));
+    Ok(match outcome {
+        HandlerOutcome::Applied => {
+            let changes = diff(before.as_ref(), after.as_ref());
+            let mono = match (asks_mono, refused_before) {
+                (true, Some(reason)) => {
+                    format!(" (after a token from Mono, which refused last time: {reason})")
+                }
+                (true, None) => " (after a token from Mono)".to_owned(),
+                _ => String::new(),
+            };
+            format!("apply{mono}: {changes}")
+        }
+        HandlerOutcome::Stale => {
+            let at = before.as_ref().and_then(|a| a.reauth_state_received_at.max(a.data_state_received_at));
+            format!(
+                "no change: stale, the account already applied an event received at {} (--force applies it)",
+                time(at)
+            )
+        }
+        HandlerOutcome::Ignored(why) => format!("no change: {why}"),
+        HandlerOutcome::NeedsToken => "would ask Mono for a token".to_owned(),
+    })
+}
+
+async fn load(pool: &PgPool, id: &str) -> sqlx::Result<Option<AccountState>> {
+    sqlx::query_as(
+        "SELECT id, reauth_required, reauth_token, reauth_token_issued_at, reauth_token_expires_at, reauthorized_at,
+             data_status, data_updated_at, last_sync_failed_at, customer_id, connected_at, unlinked_at,
+             reauth_state_received_at, data_state_received_at
+         FROM accounts WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// `reauth_required false → true, data_status - → AVAILABLE`, never showing a token.
+fn diff(before: Option<&AccountState>, after: Option<&AccountState>) -> String {
+    let (Some(before), Some(after)) = (before, after) else { return "nothing to change".to_owned() };
+    let mut changes = Vec::new();
+    let mut field = |name: &str, old: String, new: String| {
+        if old != new {
+            changes.push(format!("{name} {old} → {new}"));
+        }
+    };
+    field("reauth_required", before.reauth_required.to_string(), after.reauth_required.to_string());
+    let token =
+        |t: &Option<crate::account::StoredToken>| if t.is_some() { "held" } else { "none" }.to_owned();
+    let new_token =
+        if after.reauth_token.is_some() && after.reauth_token_issued_at != before.reauth_token_issued_at {
+            "new token".to_owned()
+        } else {
+            token(&after.reauth_token)
+        };
+    field("reauth_token", token(&before.reauth_token), new_token);
+    field("data_status", opt(&before.data_status), opt(&after.data_status));
+    field("unlinked_at", time(before.unlinked_at), time(after.unlinked_at));
+    field("customer_id", opt(&before.customer_id), opt(&after.customer_id));
+    field("last_sync_failed_at", time(before.last_sync_failed_at), time(after.last_sync_failed_at));
+    if changes.is_empty() { "nothing to change".to_owned() } else { changes.join(", ") }
+}
+
+fn opt(value: &Option<String>) -> String {
+    value.clone().unwrap_or_else(|| "-".to_owned())
+}
+
+fn time(at: Option<DateTime<Utc>>) -> String {
+    at.map_or_else(|| "-".to_owned(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}

@@ -1,0 +1,352 @@
+//! `worker dlq replay` and `worker dlq purge`: one walk over the dead-letter queue, acting on the
+//! messages that match.
+//!
+//! For each message, in this order: the action is recorded in `dead_letter_actions` and the dead
+//! journal row removed (one transaction); for a replay, a copy goes onto the work queue (same
+//! delivery id, attempts reset, lineage headers) and is confirmed; the message is acked off the
+//! dead-letter queue; the action is marked complete. A crash or Ctrl-C between any two steps leaves
+//! an unfinished action that the next run completes: a copy published twice carries the same
+//! delivery id, which the worker's journal applies once.
+
+use chrono::Utc;
+use indicatif::{ProgressBar, ProgressStyle};
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use lapin::types::FieldTable;
+use sqlx::PgPool;
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, Write};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::filter::{DeadFilter, DeadLetter};
+use super::queue::DeadQueue;
+use super::{PurgeArgs, ReplayArgs};
+use shared::config::BrokerArgs;
+use shared::delivery::{
+    DeliveryId, DeliveryMeta, HEADER_REPLAY_BATCH, HEADER_REPLAY_FORCE, HEADER_REPLAY_NOTE, HEADER_REPLAY_OF,
+    HEADER_REPLAYED_AT, HEADER_REPLAYED_BY, format_time, long_string,
+};
+
+/// Headers of the dead copy that must not follow a replay: attempts start again.
+const DEAD_HEADERS: [&str; 13] = [
+    "x-attempts",
+    "x-first-attempt-at",
+    "x-last-attempt-at",
+    "x-dead-reason",
+    "x-dead-class",
+    "x-last-error",
+    "x-death",
+    "x-delivery-count",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Replay,
+    Purge,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Replay => "replay",
+            Self::Purge => "purge",
+        }
+    }
+}
+
+/// An action being carried out, as recorded.
+#[derive(Clone, Debug, sqlx::FromRow)]
+struct Action {
+    delivery_id: Uuid,
+    batch_id: Uuid,
+    action: String,
+    actor: String,
+    note: Option<String>,
+    forced: bool,
+}
+
+struct Plan<'a> {
+    kind: Kind,
+    batch_id: Uuid,
+    actor: &'a str,
+    note: Option<&'a str>,
+    forced: bool,
+    filter: &'a DeadFilter,
+}
+
+pub async fn run_replay(pool: &PgPool, broker: &BrokerArgs, args: &ReplayArgs) -> anyhow::Result<()> {
+    args.filter.require_selection()?;
+    let plan = Plan {
+        kind: Kind::Replay,
+        batch_id: Uuid::now_v7(),
+        actor: &args.actor,
+        note: args.reason_note.as_deref(),
+        forced: args.force,
+        filter: &args.filter,
+    };
+    act(pool, broker, plan).await
+}
+
+pub async fn run_purge(pool: &PgPool, broker: &BrokerArgs, args: &PurgeArgs) -> anyhow::Result<()> {
+    args.filter.require_selection()?;
+    let selected = args.filter.select(pool).await?;
+    if !args.yes && !confirm(&format!("purge {} dead letter(s) for good?", selected.len()))? {
+        println!("nothing purged");
+        return Ok(());
+    }
+    let plan = Plan {
+        kind: Kind::Purge,
+        batch_id: Uuid::now_v7(),
+        actor: &args.actor,
+        note: args.reason_note.as_deref(),
+        forced: false,
+        filter: &args.filter,
+    };
+    act(pool, broker, plan).await
+}
+
+fn confirm(question: &str) -> anyhow::Result<bool> {
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
+async fn act(pool: &PgPool, broker: &BrokerArgs, plan: Plan<'_>) -> anyhow::Result<()> {
+    let selected: HashMap<Uuid, DeadLetter> =
+        plan.filter.select(pool).await?.into_iter().map(|letter| (letter.id, letter)).collect();
+    let unfinished: HashMap<Uuid, Action> = sqlx::query_as(
+        "SELECT delivery_id, batch_id, action, actor, note, forced FROM dead_letter_actions WHERE completed_at IS NULL",
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|action: Action| (action.delivery_id, action))
+    .collect();
+    let journaled_dead: HashSet<Uuid> = if plan.filter.all {
+        sqlx::query_scalar("SELECT id FROM webhook_events WHERE status = 'dead'")
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .collect()
+    } else {
+        HashSet::new()
+    };
+
+    let cancel = CancellationToken::new();
+    let interrupt = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\ninterrupted: finishing the current message, then stopping");
+            interrupt.cancel();
+        }
+    });
+
+    let queue = DeadQueue::open(broker).await?;
+    let mut walk = queue.walk().await?;
+    let progress = ProgressBar::new(u64::from(queue.depth().await?));
+    progress.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").expect("valid template"));
+    let (mut done, mut resumed) = (0u64, 0u64);
+    let mut seen = HashSet::new();
+    let limit = plan.filter.limit.map_or(u64::MAX, |l| l.max(0) as u64);
+    while !cancel.is_cancelled() {
+        let Some(delivery) = walk.next().await? else { break };
+        progress.inc(1);
+        let id = DeliveryMeta::from_properties(&delivery.properties, &delivery.data).id.as_uuid();
+        seen.insert(id);
+        if let Some(action) = unfinished.get(&id) {
+            finish_action(pool, &queue, &mut walk, &delivery, action).await?;
+            resumed += 1;
+            continue;
+        }
+        // A dead letter the journal does not know (e.g. dead-lettered by the broker itself) is only
+        // taken by --all.
+        let wanted = selected.contains_key(&id) || (plan.filter.all && !journaled_dead.contains(&id));
+        if !wanted || done >= limit {
+            walk.leave(&delivery);
+            continue;
+        }
+        let subject = selected.get(&id).map_or_else(|| Subject::of_message(id, &delivery), Subject::of);
+        let action = record(pool, &plan, subject).await?;
+        finish_action(pool, &queue, &mut walk, &delivery, &action).await?;
+        done += 1;
+        progress.set_message(format!("{} {done}", plan.kind.as_str()));
+    }
+    progress.finish_and_clear();
+    let left = walk.left;
+    walk.finish().await?;
+
+    if !cancel.is_cancelled() {
+        // Actions whose message is gone already (acked just before an interruption) are complete.
+        let gone: Vec<Uuid> = unfinished.keys().filter(|id| !seen.contains(id)).copied().collect();
+        sqlx::query("UPDATE dead_letter_actions SET completed_at = now() WHERE completed_at IS NULL AND delivery_id = ANY($1)")
+            .bind(&gone)
+            .execute(pool)
+            .await?;
+        // Journaled dead letters whose message is missing from the queue: a replay rebuilds the
+        // message from the journal, a purge forgets the row, so both sides agree again.
+        for letter in selected.values().filter(|l| !seen.contains(&l.id)) {
+            if done >= limit {
+                break;
+            }
+            let Some(payload) = &letter.payload else { continue };
+            let body = serde_json::to_vec(payload)?;
+            let mut meta = DeliveryMeta::stamp(&body);
+            meta.id = DeliveryId::from(letter.id);
+            meta.received_at = letter.received_at;
+            let action = record(pool, &plan, Subject::of(letter)).await?;
+            if plan.kind == Kind::Replay {
+                let properties = meta.to_properties();
+                let headers = lineage(&action, properties.headers().clone().unwrap_or_default());
+                queue.publish_to_work(&body, properties.with_headers(headers)).await?;
+            }
+            complete(pool, letter.id).await?;
+            done += 1;
+        }
+    }
+    queue.close().await;
+
+    let verb = match plan.kind {
+        Kind::Replay => "replayed",
+        Kind::Purge => "purged",
+    };
+    println!(
+        "{verb} {done} dead letter(s) in batch {}; finished {resumed} interrupted action(s); left {left} in the queue",
+        plan.batch_id
+    );
+    if cancel.is_cancelled() {
+        println!("interrupted: what was {verb} stays {verb}; run the same command again to continue");
+    }
+    Ok(())
+}
+
+fn plan_action(plan: &Plan<'_>, id: Uuid) -> Action {
+    Action {
+        delivery_id: id,
+        batch_id: plan.batch_id,
+        action: plan.kind.as_str().to_owned(),
+        actor: plan.actor.to_owned(),
+        note: plan.note.map(str::to_owned),
+        forced: plan.forced,
+    }
+}
+
+/// What an action is about, from the journal or, for a message it does not know, from the message.
+struct Subject {
+    id: Uuid,
+    event: String,
+    account: Option<String>,
+    reason: Option<String>,
+    attempts: i32,
+    dead_at: Option<chrono::DateTime<Utc>>,
+}
+
+impl Subject {
+    fn of(letter: &DeadLetter) -> Self {
+        Self {
+            id: letter.id,
+            event: letter.event.clone(),
+            account: letter.account_id.clone(),
+            reason: letter.reason.clone(),
+            attempts: letter.attempts,
+            dead_at: letter.dead_at,
+        }
+    }
+
+    fn of_message(id: Uuid, delivery: &Delivery) -> Self {
+        let envelope = shared::event::Envelope::parse(&delivery.data).ok();
+        Self {
+            id,
+            event: envelope.as_ref().map(|e| e.event_name().to_owned()).unwrap_or_default(),
+            account: envelope.and_then(|e| e.account_id()).map(|a| a.as_str().to_owned()),
+            reason: Some("not in the journal (dead-lettered by the broker?)".to_owned()),
+            attempts: 0,
+            dead_at: None,
+        }
+    }
+}
+
+/// Records the action and removes the dead journal row, in one transaction.
+async fn record(pool: &PgPool, plan: &Plan<'_>, subject: Subject) -> anyhow::Result<Action> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO dead_letter_actions
+             (batch_id, action, delivery_id, event, account_id, reason, attempts, dead_at, actor, note, forced)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(plan.batch_id)
+    .bind(plan.kind.as_str())
+    .bind(subject.id)
+    .bind(&subject.event)
+    .bind(&subject.account)
+    .bind(&subject.reason)
+    .bind(subject.attempts)
+    .bind(subject.dead_at)
+    .bind(plan.actor)
+    .bind(plan.note)
+    .bind(plan.forced)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM webhook_events WHERE id = $1 AND status = 'dead'")
+        .bind(subject.id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(plan_action(plan, subject.id))
+}
+
+/// Publishes (for a replay), acks the dead-letter message and completes the action.
+async fn finish_action(
+    pool: &PgPool,
+    queue: &DeadQueue,
+    walk: &mut super::queue::Walk,
+    delivery: &Delivery,
+    action: &Action,
+) -> anyhow::Result<()> {
+    if action.action == Kind::Replay.as_str() {
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let properties: BasicProperties = delivery.properties.clone().with_headers(lineage(action, headers));
+        queue.publish_to_work(&delivery.data, properties).await?;
+    }
+    walk.take(delivery).await?;
+    complete(pool, action.delivery_id).await
+}
+
+async fn complete(pool: &PgPool, id: Uuid) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE dead_letter_actions SET completed_at = now() WHERE delivery_id = $1 AND completed_at IS NULL",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The dead copy's headers without its attempt history, plus the replay's lineage.
+fn lineage(action: &Action, headers: FieldTable) -> FieldTable {
+    let kept: std::collections::BTreeMap<_, _> = headers
+        .inner()
+        .iter()
+        .filter(|(name, _)| !DEAD_HEADERS.contains(&name.as_str()))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    let mut headers = FieldTable::from(kept);
+    headers.insert(HEADER_REPLAY_OF.into(), long_string(&action.delivery_id.to_string()));
+    headers.insert(HEADER_REPLAY_BATCH.into(), long_string(&action.batch_id.to_string()));
+    headers.insert(HEADER_REPLAYED_BY.into(), long_string(&action.actor));
+    headers.insert(HEADER_REPLAYED_AT.into(), long_string(&format_time(Utc::now())));
+    if let Some(note) = &action.note {
+        headers.insert(HEADER_REPLAY_NOTE.into(), long_string(note));
+    }
+    if action.forced {
+        headers.insert(HEADER_REPLAY_FORCE.into(), long_string("true"));
+    }
+    headers
+}
