@@ -141,3 +141,110 @@ fn the_readme_documents_every_setting_of_both_binaries() {
         assert!(missing.is_empty(), "README.md does not document {binary}'s {missing:?}");
     }
 }
+
+fn compose() -> serde_yaml_ng::Value {
+    serde_yaml_ng::from_str(&read("docker-compose.yml")).unwrap()
+}
+
+/// A service's environment with `<<:` merges resolved.
+fn environment(service: &serde_yaml_ng::Value) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    if let Some(map) = service["environment"].as_mapping() {
+        for (key, value) in map {
+            match key.as_str() {
+                Some("<<") => {
+                    for (merged, _) in value.as_mapping().expect("a merged mapping") {
+                        keys.insert(merged.as_str().unwrap().to_owned());
+                    }
+                }
+                Some(key) => {
+                    keys.insert(key.to_owned());
+                }
+                None => {}
+            }
+        }
+    }
+    keys
+}
+
+fn env_value(service: &serde_yaml_ng::Value, key: &str) -> Option<String> {
+    let map = service["environment"].as_mapping()?;
+    let direct = map.get(key).and_then(|v| v.as_str().map(str::to_owned));
+    direct.or_else(|| map.get("<<")?.as_mapping()?.get(key)?.as_str().map(str::to_owned))
+}
+
+#[test]
+fn compose_gives_every_binary_every_setting_it_reads() {
+    let compose = compose();
+    for (service, binary) in [("ingest", "ingest"), ("worker", "worker")] {
+        let set = environment(&compose["services"][service]);
+        let missing: Vec<_> = env_vars_of(binary).into_iter().filter(|v| !set.contains(v)).collect();
+        assert!(missing.is_empty(), "compose service {service} does not set {missing:?}");
+    }
+    let sim = environment(&compose["services"]["mono-sim"]);
+    assert!(sim.contains("SIM_SECRET_KEY") && sim.contains("SIM_LISTEN_ADDR"));
+}
+
+#[test]
+fn compose_ports_and_health_checks_match_the_listen_addresses() {
+    let compose = compose();
+    let ingest = &compose["services"]["ingest"];
+    let listen = env_value(ingest, "LISTEN_ADDR").unwrap();
+    let port = listen.rsplit_once(':').unwrap().1;
+    let published: Vec<&str> = ingest["ports"].as_sequence().unwrap().iter().filter_map(|p| p.as_str()).collect();
+    assert!(published.iter().any(|p| p.ends_with(&format!(":{port}"))), "ingest listens on {listen} but publishes {published:?}");
+    assert!(listen.starts_with("0.0.0.0:"), "ingest must listen on all interfaces in a container");
+    let check = serde_yaml_ng::to_string(&ingest["healthcheck"]["test"]).unwrap();
+    assert!(check.contains(&format!(":{port}/readyz")), "{check}");
+
+    let worker = &compose["services"]["worker"];
+    let metrics = env_value(worker, "METRICS_ADDR").unwrap();
+    let port = metrics.rsplit_once(':').unwrap().1;
+    assert!(metrics.starts_with("0.0.0.0:"));
+    let check = serde_yaml_ng::to_string(&worker["healthcheck"]["test"]).unwrap();
+    assert!(check.contains(&format!(":{port}/readyz")), "{check}");
+    assert!(worker["ports"].is_null(), "a published worker port would stop `--scale worker=3`");
+
+    let sim = &compose["services"]["mono-sim"];
+    assert_eq!(sim["profiles"][0], "demo");
+    let amqp = env_value(ingest, "AMQP_URL").unwrap();
+    assert!(amqp.contains("@rabbitmq:5672/"), "{amqp}");
+    assert!(env_value(worker, "DATABASE_URL").unwrap().contains("@postgres:5432/"));
+}
+
+#[test]
+fn compose_starts_nothing_before_what_it_needs_and_builds_from_this_repository() {
+    let compose = compose();
+    for (service, needs) in [("ingest", vec!["rabbitmq"]), ("worker", vec!["postgres", "rabbitmq"])] {
+        let depends = &compose["services"][service]["depends_on"];
+        for need in needs {
+            assert_eq!(depends[need]["condition"], "service_healthy", "{service} must wait for {need}");
+            assert!(compose["services"][need]["healthcheck"]["test"].is_sequence(), "{need} has no health check");
+        }
+    }
+    for service in ["ingest", "worker", "mono-sim"] {
+        let context = compose["services"][service]["build"].as_str().unwrap_or_default();
+        assert!(root().join(context).join("Dockerfile").exists(), "{service} builds from {context:?}, which has no Dockerfile");
+    }
+    let dockerfile = read("Dockerfile");
+    for binary in ["ingest", "worker", "mono-sim"] {
+        assert!(dockerfile.contains(&format!("--bin {binary}")), "the Dockerfile does not build {binary}");
+    }
+    assert!(dockerfile.contains("USER monohook"), "the runtime image must not run as root");
+}
+
+#[test]
+fn every_secret_compose_interpolates_has_an_example_and_env_is_ignored() {
+    let text = read("docker-compose.yml");
+    let example = read(".env.example");
+    let mut referenced = BTreeSet::new();
+    for piece in text.split("${").skip(1) {
+        let name = piece.split(['}', ':', '-']).next().unwrap();
+        referenced.insert(name.to_owned());
+    }
+    assert!(referenced.contains("MONO_WEBHOOK_SECRET") && referenced.contains("MONO_SECRET_KEY"));
+    for name in &referenced {
+        assert!(example.lines().any(|l| l.starts_with(&format!("{name}="))), ".env.example lacks {name}");
+    }
+    assert!(read(".gitignore").lines().any(|l| l.trim() == ".env"), ".env must be git-ignored");
+}

@@ -40,6 +40,9 @@ pub enum EnvelopeError {
     /// `event` is longer than a routing key may be.
     #[error("`event` must be at most {MAX_EVENT_NAME_BYTES} bytes")]
     EventTooLong,
+    /// `event` holds characters no Mono event name has.
+    #[error("`event` may hold only letters, digits and . _ : -")]
+    EventHasOddCharacters,
     /// No `data` field.
     #[error("`data` is missing")]
     MissingData,
@@ -74,6 +77,11 @@ impl<'a> Envelope<'a> {
         if event.len() > MAX_EVENT_NAME_BYTES {
             return Err(EnvelopeError::EventTooLong);
         }
+        // Mono's names look like `mono.events.account_updated`; anything else in a routing key would
+        // only confuse bindings and logs.
+        if !event.bytes().all(is_event_name_byte) {
+            return Err(EnvelopeError::EventHasOddCharacters);
+        }
         let data = raw.data.ok_or(EnvelopeError::MissingData)?;
         if !data.get().starts_with('{') {
             return Err(EnvelopeError::DataNotAnObject);
@@ -106,6 +114,11 @@ impl<'a> Envelope<'a> {
             });
         from_account.or_else(|| data.id.and_then(AccountId::parse))
     }
+}
+
+/// The bytes an event name may hold (the `event` pattern of the OpenAPI document).
+pub fn is_event_name_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b':' | b'-')
 }
 
 #[derive(Deserialize)]
@@ -275,6 +288,10 @@ mod tests {
         for (body, expected) in cases {
             assert_eq!(Envelope::parse(body).unwrap_err(), expected, "{}", String::from_utf8_lossy(body));
         }
+        assert_eq!(
+            Envelope::parse(br#"{"event":"mono events/x","data":{}}"#).unwrap_err(),
+            EnvelopeError::EventHasOddCharacters
+        );
         let long = format!(r#"{{"event":"{}","data":{{}}}}"#, "e".repeat(256));
         assert_eq!(Envelope::parse(long.as_bytes()).unwrap_err(), EnvelopeError::EventTooLong);
     }
@@ -312,6 +329,7 @@ mod properties {
             any::<bool>().prop_map(serde_json::Value::from),
             any::<i64>().prop_map(serde_json::Value::from),
             ".{0,40}".prop_map(serde_json::Value::from),
+            "[a-z_.]{1,20}".prop_map(serde_json::Value::from),
         ];
         leaf.prop_recursive(3, 24, 4, |inner| {
             prop_oneof![
@@ -337,7 +355,9 @@ mod properties {
             extra in any_json(),
         ) {
             let body = serde_json::to_vec(&serde_json::json!({ "event": event, "data": data, "extra": extra })).unwrap();
-            let valid_event = event.as_str().is_some_and(|e| !e.is_empty() && e.len() <= MAX_EVENT_NAME_BYTES);
+            let valid_event = event
+                .as_str()
+                .is_some_and(|e| !e.is_empty() && e.len() <= MAX_EVENT_NAME_BYTES && e.bytes().all(is_event_name_byte));
             let parsed = Envelope::parse(&body);
             prop_assert_eq!(parsed.is_ok(), valid_event && data.is_object(), "{:?}", parsed.err());
             if let Ok(envelope) = parsed {

@@ -4,6 +4,7 @@
 mod authentication;
 mod broker_outage;
 mod cli;
+mod contract;
 mod hardening;
 mod helpers;
 mod publishing;
