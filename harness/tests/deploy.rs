@@ -191,8 +191,12 @@ fn compose_ports_and_health_checks_match_the_listen_addresses() {
     let ingest = &compose["services"]["ingest"];
     let listen = env_value(ingest, "LISTEN_ADDR").unwrap();
     let port = listen.rsplit_once(':').unwrap().1;
-    let published: Vec<&str> = ingest["ports"].as_sequence().unwrap().iter().filter_map(|p| p.as_str()).collect();
-    assert!(published.iter().any(|p| p.ends_with(&format!(":{port}"))), "ingest listens on {listen} but publishes {published:?}");
+    let published: Vec<&str> =
+        ingest["ports"].as_sequence().unwrap().iter().filter_map(|p| p.as_str()).collect();
+    assert!(
+        published.iter().any(|p| p.ends_with(&format!(":{port}"))),
+        "ingest listens on {listen} but publishes {published:?}"
+    );
     assert!(listen.starts_with("0.0.0.0:"), "ingest must listen on all interfaces in a container");
     let check = serde_yaml_ng::to_string(&ingest["healthcheck"]["test"]).unwrap();
     assert!(check.contains(&format!(":{port}/readyz")), "{check}");
@@ -219,12 +223,18 @@ fn compose_starts_nothing_before_what_it_needs_and_builds_from_this_repository()
         let depends = &compose["services"][service]["depends_on"];
         for need in needs {
             assert_eq!(depends[need]["condition"], "service_healthy", "{service} must wait for {need}");
-            assert!(compose["services"][need]["healthcheck"]["test"].is_sequence(), "{need} has no health check");
+            assert!(
+                compose["services"][need]["healthcheck"]["test"].is_sequence(),
+                "{need} has no health check"
+            );
         }
     }
     for service in ["ingest", "worker", "mono-sim"] {
         let context = compose["services"][service]["build"].as_str().unwrap_or_default();
-        assert!(root().join(context).join("Dockerfile").exists(), "{service} builds from {context:?}, which has no Dockerfile");
+        assert!(
+            root().join(context).join("Dockerfile").exists(),
+            "{service} builds from {context:?}, which has no Dockerfile"
+        );
     }
     let dockerfile = read("Dockerfile");
     for binary in ["ingest", "worker", "mono-sim"] {

@@ -15,7 +15,7 @@ async fn main() {
 }
 
 async fn run(config: IngestConfig) -> anyhow::Result<()> {
-    let _log_flush = telemetry::init(&config.telemetry)?;
+    telemetry::init(&config.telemetry)?;
     let cancel = CancellationToken::new();
     let application = Application::build(config, cancel.clone()).await?;
     tokio::spawn(shared::shutdown::cancel_on_signal(cancel));

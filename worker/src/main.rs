@@ -17,7 +17,7 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let _log_flush = telemetry::init(&cli.telemetry)?;
+    telemetry::init(&cli.telemetry)?;
     match cli.command {
         Some(Command::Migrate) => {
             db::connect_and_migrate(&cli.database).await?;

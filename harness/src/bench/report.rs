@@ -27,6 +27,12 @@ pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> Stri
     let consume_ref = med(runs.consume_ref.clone());
     let drain = med(runs.drain.iter().map(|r| r.events_per_sec).collect());
     let reauth = med(runs.reauth.iter().map(|r| r.events_per_sec).collect());
+    // Ratios are taken within each run (reference and subject measured minutes apart on the same
+    // machine), then the median of those ratios is reported.
+    let ingest_ratio =
+        med(runs.ingest.iter().zip(&runs.publish_ref).map(|(i, p)| i.requests_per_sec / p).collect());
+    let drain_ratio =
+        med(runs.drain.iter().zip(&runs.consume_ref).map(|(d, c)| d.events_per_sec / c).collect());
     let ingest_rss = runs.ingest.iter().map(|r| r.peak_rss_kib).max().unwrap_or_default();
     let worker_rss = runs.drain.iter().chain(&runs.reauth).map(|r| r.peak_rss_kib).max().unwrap_or_default();
     let mib = |kib: u64| kib as f64 / 1024.0;
@@ -49,8 +55,8 @@ pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> Stri
         ingest_rps,
         config.connections,
         publish_ref,
-        100.0 * ingest_rps / publish_ref,
-        verdict(ingest_rps / publish_ref >= 0.75)
+        100.0 * ingest_ratio,
+        verdict(ingest_ratio >= 0.75)
     );
     let _ = writeln!(
         out,
@@ -66,8 +72,8 @@ pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> Stri
         drain,
         config.prefetch,
         consume_ref,
-        100.0 * drain / consume_ref,
-        verdict(drain / consume_ref >= 0.5)
+        100.0 * drain_ratio,
+        verdict(drain_ratio >= 0.5)
     );
     let _ = writeln!(
         out,
@@ -94,9 +100,9 @@ pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> Stri
     let _ = writeln!(out, "\n## Every run\n");
     let _ = writeln!(
         out,
-        "| run | publish ref msg/s | ingest req/s | p50 ms | p99 ms | non-2xx | consume ref msg/s | drain events/s | re-auth events/s | RSS ingest MiB | RSS worker MiB |"
+        "| run | publish ref msg/s | ingest req/s | ratio | p50 ms | p99 ms | non-2xx | consume ref msg/s | drain events/s | ratio | re-auth events/s | RSS ingest MiB | RSS worker MiB |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for i in 0..config.runs {
         let (Some(load), Some(d), Some(r)) = (runs.ingest.get(i), runs.drain.get(i), runs.reauth.get(i))
         else {
@@ -104,15 +110,17 @@ pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> Stri
         };
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} |",
+            "| {} | {:.0} | {:.0} | {:.0} % | {:.2} | {:.2} | {} | {:.0} | {:.0} | {:.0} % | {:.0} | {:.1} | {:.1} |",
             i + 1,
             runs.publish_ref[i],
             load.requests_per_sec,
+            100.0 * load.requests_per_sec / runs.publish_ref[i],
             load.p50_ms,
             load.p99_ms,
             load.non_2xx,
             runs.consume_ref[i],
             d.events_per_sec,
+            100.0 * d.events_per_sec / runs.consume_ref[i],
             r.events_per_sec,
             mib(load.peak_rss_kib),
             mib(d.peak_rss_kib.max(r.peak_rss_kib))
