@@ -42,7 +42,8 @@ pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> Stri
     let _ = writeln!(out, "# monohook benchmark, {}\n", chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"));
     let _ = writeln!(
         out,
-        "Medians of {} runs; references and subjects interleaved within each run.\n",
+        "Medians of {} runs; references and subjects interleaved within each run; a ratio is the median \
+         of the runs' own ratios.\n",
         config.runs
     );
     let _ = writeln!(out, "| measure | monohook | reference | ratio | target | |");
