@@ -26,6 +26,31 @@ pub const HEADER_DEAD_REASON: &str = "x-dead-reason";
 /// Whether the dead-letter reason is `permanent` or `exhausted` (retries used up) or `poison`.
 pub const HEADER_DEAD_CLASS: &str = "x-dead-class";
 
+/// Headers the broker adds on dead-lettering and redelivery; they describe an earlier copy, so a
+/// republished copy drops them.
+pub const BROKER_HEADERS: [&str; 7] = [
+    "x-death",
+    "x-delivery-count",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+];
+
+/// Headers of a delivery's attempt history (the worker's), dropped when a replay starts it afresh.
+pub const ATTEMPT_HEADERS: [&str; 6] = [
+    HEADER_ATTEMPTS,
+    HEADER_FIRST_ATTEMPT_AT,
+    HEADER_LAST_ATTEMPT_AT,
+    HEADER_DEAD_REASON,
+    HEADER_DEAD_CLASS,
+    HEADER_LAST_ERROR,
+];
+
+/// The last failure of a delivery that moved to a retry tier.
+pub const HEADER_LAST_ERROR: &str = "x-last-error";
+
 /// Lineage of a dead letter an operator put back on the work queue (`worker dlq replay`): the
 /// delivery id replayed, the replay batch, who and why, when, and whether the ordering guard is
 /// overridden (`true`).

@@ -13,23 +13,11 @@ use lapin::{BasicProperties, Channel, Confirmation};
 
 use crate::pipeline::DeadClass;
 use shared::delivery::{
-    AttemptHistory, HEADER_ATTEMPTS, HEADER_DEAD_CLASS, HEADER_DEAD_REASON, HEADER_FIRST_ATTEMPT_AT,
-    HEADER_LAST_ATTEMPT_AT, format_time, long_string,
+    AttemptHistory, BROKER_HEADERS, HEADER_ATTEMPTS, HEADER_DEAD_CLASS, HEADER_DEAD_REASON,
+    HEADER_FIRST_ATTEMPT_AT, HEADER_LAST_ATTEMPT_AT, HEADER_LAST_ERROR, format_time, long_string,
 };
 use shared::topology::Topology;
 
-/// The last failure of a delivery that moved to a retry tier.
-pub const HEADER_LAST_ERROR: &str = "x-last-error";
-/// Headers the broker adds on dead-lettering and redelivery; they describe the old copy, not the new.
-const BROKER_HEADERS: [&str; 7] = [
-    "x-death",
-    "x-delivery-count",
-    "x-first-death-exchange",
-    "x-first-death-queue",
-    "x-first-death-reason",
-    "x-last-death-exchange",
-    "x-last-death-queue",
-];
 /// Longest reason kept in a header.
 const MAX_REASON_CHARS: usize = 1000;
 

@@ -256,14 +256,7 @@ impl Inner {
                 }
                 ItemOutcome::Refused { reason } => {
                     let span = work.span.clone();
-                    let task = self.clone().dead_letter(
-                        work.delivery,
-                        work.history,
-                        work.event.record,
-                        reason,
-                        DeadClass::Permanent,
-                        work.started,
-                    );
+                    let task = self.clone().dead_letter_work(work, reason, DeadClass::Permanent);
                     self.tasks.spawn(task.instrument(span));
                 }
                 ItemOutcome::Abandoned => {
@@ -296,27 +289,11 @@ impl Inner {
                     self.settle_move(work, moved.map(|()| "retried"), &reason, tier).await;
                 } else {
                     let reason = format!("retries exhausted: {reason}");
-                    self.dead_letter(
-                        work.delivery,
-                        work.history,
-                        work.event.record,
-                        reason,
-                        DeadClass::Exhausted,
-                        work.started,
-                    )
-                    .await;
+                    self.dead_letter_work(work, reason, DeadClass::Exhausted).await;
                 }
             }
             TokenOutcome::Refused { reason } => {
-                self.dead_letter(
-                    work.delivery,
-                    work.history,
-                    work.event.record,
-                    reason,
-                    DeadClass::Permanent,
-                    work.started,
-                )
-                .await;
+                self.dead_letter_work(work, reason, DeadClass::Permanent).await
             }
             TokenOutcome::Abandoned => {
                 tracing::info!("delivery abandoned; it returns to the queue");
@@ -342,6 +319,11 @@ impl Inner {
             }
             Err(error) => tracing::warn!(%error, "cannot move to a retry tier; the delivery will come back"),
         }
+    }
+
+    /// [`Inner::dead_letter`] for a delivery that was understood as an event.
+    async fn dead_letter_work(self: Arc<Self>, work: Work, reason: String, class: DeadClass) {
+        self.dead_letter(work.delivery, work.history, work.event.record, reason, class, work.started).await;
     }
 
     /// Copies the delivery into the dead-letter queue, journals it, then acks it.

@@ -24,26 +24,9 @@ use super::queue::DeadQueue;
 use super::{PurgeArgs, ReplayArgs};
 use shared::config::BrokerArgs;
 use shared::delivery::{
-    DeliveryId, DeliveryMeta, HEADER_REPLAY_BATCH, HEADER_REPLAY_FORCE, HEADER_REPLAY_NOTE, HEADER_REPLAY_OF,
-    HEADER_REPLAYED_AT, HEADER_REPLAYED_BY, format_time, long_string,
+    ATTEMPT_HEADERS, BROKER_HEADERS, DeliveryId, DeliveryMeta, HEADER_REPLAY_BATCH, HEADER_REPLAY_FORCE,
+    HEADER_REPLAY_NOTE, HEADER_REPLAY_OF, HEADER_REPLAYED_AT, HEADER_REPLAYED_BY, format_time, long_string,
 };
-
-/// Headers of the dead copy that must not follow a replay: attempts start again.
-const DEAD_HEADERS: [&str; 13] = [
-    "x-attempts",
-    "x-first-attempt-at",
-    "x-last-attempt-at",
-    "x-dead-reason",
-    "x-dead-class",
-    "x-last-error",
-    "x-death",
-    "x-delivery-count",
-    "x-first-death-exchange",
-    "x-first-death-queue",
-    "x-first-death-reason",
-    "x-last-death-exchange",
-    "x-last-death-queue",
-];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -334,7 +317,10 @@ fn lineage(action: &Action, headers: FieldTable) -> FieldTable {
     let kept: std::collections::BTreeMap<_, _> = headers
         .inner()
         .iter()
-        .filter(|(name, _)| !DEAD_HEADERS.contains(&name.as_str()))
+        // Attempts start again; the broker's dead-lettering headers described the old copy.
+        .filter(|(name, _)| {
+            !ATTEMPT_HEADERS.contains(&name.as_str()) && !BROKER_HEADERS.contains(&name.as_str())
+        })
         .map(|(name, value)| (name.clone(), value.clone()))
         .collect();
     let mut headers = FieldTable::from(kept);
