@@ -6,7 +6,7 @@
 //! serialised: a `multiple` ack must never be overtaken by the single ack of a tag it covers.
 
 use lapin::Channel;
-use lapin::options::BasicAckOptions;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
@@ -56,6 +56,19 @@ impl AckTracker {
         }
         for tag in singles {
             self.send(tag, false).await;
+        }
+    }
+
+    /// Returns a delivery to the queue (its copy could not be moved where it belongs). The broker
+    /// counts the return against the delivery limit, so a copy that can never move ends as poison
+    /// instead of circling forever.
+    pub async fn requeue(&self, tag: u64) {
+        let _sending = self.sending.lock().await;
+        self.lock().remove(&tag);
+        self.report();
+        let options = BasicNackOptions { multiple: false, requeue: true };
+        if let Err(error) = self.channel.basic_nack(tag, options).await {
+            tracing::warn!(%error, tag, "nack failed; the delivery will be redelivered");
         }
     }
 

@@ -317,7 +317,10 @@ impl Inner {
                 finished(&work.event, outcome, work.started);
                 self.acks.settle(&[work.delivery.delivery_tag]).await;
             }
-            Err(error) => tracing::warn!(%error, "cannot move to a retry tier; the delivery will come back"),
+            Err(error) => {
+                tracing::warn!(%error, "cannot move to a retry tier; returning the delivery to the queue");
+                self.acks.requeue(work.delivery.delivery_tag).await;
+            }
         }
     }
 
@@ -337,7 +340,8 @@ impl Inner {
         started: Instant,
     ) {
         if let Err(error) = self.republisher.to_dead_letters(&delivery, &history, &reason, class).await {
-            tracing::warn!(%error, "cannot dead-letter; the delivery will come back");
+            tracing::warn!(%error, "cannot dead-letter; returning the delivery to the queue");
+            self.acks.requeue(delivery.delivery_tag).await;
             return;
         }
         tracing::warn!(%reason, class = class.as_str(), "dead-lettered");

@@ -43,6 +43,11 @@ impl Worker {
             .ok_or_else(|| anyhow::anyhow!("MONO_SECRET_KEY is required to run the worker"))?;
         let mono = MonoClient::new(&run.mono_api_url, secret_key, run.mono_timeout())?;
         let topology = broker.topology();
+        // Parking and retrying need at least one tier to wait in.
+        anyhow::ensure!(
+            !topology.retry_delays().is_empty(),
+            "RETRY_DELAYS_SECS must list at least one delay"
+        );
         let breaker = CircuitBreaker::new(run.breaker_settings());
         let tokens =
             Arc::new(TokenFetcher::new(mono, breaker, run.mono_retry_policy(), run.mono_max_in_flight));

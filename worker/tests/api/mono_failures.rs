@@ -178,3 +178,27 @@ async fn a_mono_that_hangs_times_out_and_counts_as_transient(pool: PgPool) {
     assert_eq!(world.settled(&meta).await.status, "processed");
     assert_eq!(world.stored_token(ACCOUNT).await.as_deref(), Some("after-timeout"));
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_deleted_retry_tier_is_declared_again_and_the_delivery_goes_on(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    Mock::given(method("POST"))
+        .and(reauthorise_path())
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&world.mono)
+        .await;
+    world.start_worker_with(&["--mono-retry-budget-secs", "0"]).await;
+    // An operator deleted the first retry tier: moving there fails.
+    let tier = world.broker.topology.retry_queue(1);
+    world.broker.channel.queue_delete(tier.as_str().into(), Default::default()).await.unwrap();
+
+    let meta = world.publish(&body(REAUTH, ACCOUNT)).await;
+
+    // The failed move costs the session; the new one declares the topology again, and the delivery
+    // goes through every tier as usual instead of staying unacked in the worker.
+    let row = world.settled(&meta).await;
+    assert_eq!(row.status, "dead");
+    let reason = row.last_error.unwrap();
+    assert!(reason.starts_with("retries exhausted"), "{reason}");
+    assert!(world.broker.depths().await.iter().any(|d| d.queue == tier), "the tier was declared again");
+}
