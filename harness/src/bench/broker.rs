@@ -34,17 +34,54 @@ pub async fn delete_queue(channel: &Channel, name: &str) {
 
 /// Publishes persistent 1 KiB bodies with confirms for `duration`, keeping `in_flight` publishes
 /// outstanding over `channels` channels (as ingest does). Returns confirmed messages per second.
+/// What a reference publish looks like.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublishShape {
+    /// Straight to the queue through the default exchange, persistent, nothing else: the ceiling.
+    Bare,
+    /// What ingest publishes: through a topic exchange bound with `#`, routing key = event name,
+    /// with ingest's properties and headers. Separates the broker's share of ingest's cost from
+    /// ingest's own.
+    LikeIngest,
+}
+
 pub async fn publish_reference(
     url: &str,
     in_flight: usize,
     channels: usize,
     duration: Duration,
     body_bytes: usize,
+    shape: PublishShape,
 ) -> anyhow::Result<f64> {
     let connection = connect(url).await?;
     let setup = connection.create_channel().await?;
     let queue = format!("bench.publish.{}", uuid::Uuid::new_v4().simple());
     declare_quorum(&setup, &queue).await?;
+    let exchange = match shape {
+        PublishShape::Bare => String::new(),
+        PublishShape::LikeIngest => {
+            let exchange = format!("{queue}.topic");
+            let options = lapin::options::ExchangeDeclareOptions { durable: true, ..Default::default() };
+            setup
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    lapin::ExchangeKind::Topic,
+                    options,
+                    FieldTable::default(),
+                )
+                .await?;
+            setup
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    "#".into(),
+                    Default::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            exchange
+        }
+    };
     let mut pool = Vec::new();
     for _ in 0..channels {
         let channel = connection.create_channel().await?;
@@ -57,16 +94,22 @@ pub async fn publish_reference(
     let mut tasks = Vec::new();
     for worker in 0..in_flight {
         let channel = pool[worker % channels].clone();
-        let (queue, confirmed) = (queue.clone(), confirmed.clone());
+        let (queue, exchange, confirmed) = (queue.clone(), exchange.clone(), confirmed.clone());
         tasks.push(tokio::spawn(async move {
             let mut n = worker as u64;
             while Instant::now() < deadline {
                 let body = bodies::account_updated(&bodies::account_id(n % 10_000), n, body_bytes);
-                let properties = BasicProperties::default().with_delivery_mode(2);
+                let (properties, routing_key) = match shape {
+                    PublishShape::Bare => (BasicProperties::default().with_delivery_mode(2), queue.as_str()),
+                    PublishShape::LikeIngest => (
+                        shared::delivery::DeliveryMeta::stamp(&body).to_properties(),
+                        "mono.events.account_updated",
+                    ),
+                };
                 let confirm = channel
                     .basic_publish(
-                        "".into(),
-                        queue.as_str().into(),
+                        exchange.as_str().into(),
+                        routing_key.into(),
                         BasicPublishOptions { mandatory: true, immediate: false },
                         &body,
                         properties,
@@ -86,6 +129,9 @@ pub async fn publish_reference(
     }
     let elapsed = started.elapsed().as_secs_f64();
     delete_queue(&setup, &queue).await;
+    if !exchange.is_empty() {
+        let _ = setup.exchange_delete(exchange.as_str().into(), Default::default()).await;
+    }
     let _ = connection.close(200, "done".into()).await;
     Ok(confirmed.load(Ordering::Relaxed) as f64 / elapsed)
 }

@@ -11,6 +11,8 @@ use super::{BenchConfig, median};
 #[derive(Default)]
 pub struct Runs {
     pub publish_ref: Vec<f64>,
+    /// Raw publishes shaped like ingest's (topic exchange, ingest's headers).
+    pub publish_like_ingest: Vec<f64>,
     pub ingest: Vec<LoadResult>,
     pub consume_ref: Vec<f64>,
     pub drain: Vec<DrainResult>,
@@ -59,6 +61,20 @@ pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> Stri
         100.0 * ingest_ratio,
         verdict(ingest_ratio >= 0.75)
     );
+    if !runs.publish_like_ingest.is_empty() {
+        let like = med(runs.publish_like_ingest.clone());
+        let ratio = med(runs
+            .ingest
+            .iter()
+            .zip(&runs.publish_like_ingest)
+            .map(|(i, p)| i.requests_per_sec / p)
+            .collect());
+        let _ = writeln!(
+            out,
+            "| (same, against a raw publish shaped like ingest's: topic exchange, ingest's headers) | | {like:.0} msg/s | {:.0} % | (for analysis) | |",
+            100.0 * ratio
+        );
+    }
     let _ = writeln!(
         out,
         "| ingest latency | p50 {p50:.2} ms, p99 {p99:.2} ms | | | p99 ≤ 20 ms | {} |",

@@ -6,6 +6,7 @@ use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use harness::bench::broker::PublishShape;
 use harness::bench::report::{self, Runs};
 use harness::bench::worker_drain::Workload;
 use harness::bench::{BenchConfig, broker, ingest_load, worker_drain};
@@ -75,17 +76,23 @@ async fn main() -> anyhow::Result<()> {
     let wanted = |phase: &str| args.only.is_empty() || args.only.iter().any(|p| p == phase);
     for run in 1..=config.runs {
         if wanted("publish") {
-            eprintln!("run {run}/{}: raw publish reference", config.runs);
-            runs.publish_ref.push(
-                broker::publish_reference(
-                    &config.amqp_url,
-                    config.connections,
-                    4,
-                    config.load_duration,
-                    config.body_bytes,
-                )
-                .await?,
-            );
+            eprintln!("run {run}/{}: raw publish references", config.runs);
+            for (shape, results) in [
+                (PublishShape::Bare, &mut runs.publish_ref),
+                (PublishShape::LikeIngest, &mut runs.publish_like_ingest),
+            ] {
+                results.push(
+                    broker::publish_reference(
+                        &config.amqp_url,
+                        config.connections,
+                        4,
+                        config.load_duration,
+                        config.body_bytes,
+                        shape,
+                    )
+                    .await?,
+                );
+            }
         }
         if wanted("ingest") {
             eprintln!("run {run}/{}: ingest under HTTP load", config.runs);
