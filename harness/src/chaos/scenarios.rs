@@ -69,6 +69,33 @@ async fn set_mono(system: &System, failure_rate: f64, mode: &str, latency_ms: u6
     Ok(())
 }
 
+/// Posts `plan`'s load while Mono fails in `mode` for `fault` (after `lead` of normal traffic), then
+/// two more seconds of normal traffic.
+async fn load_through_mono_fault(
+    system: &System,
+    plan: LoadPlan,
+    mode: &str,
+    lead: Duration,
+    fault: Duration,
+) -> anyhow::Result<LoadResult> {
+    let load = Load::start(system.ingest_url(), plan);
+    tokio::time::sleep(lead).await;
+    set_mono(system, 1.0, mode, 0).await?;
+    tokio::time::sleep(fault).await;
+    set_mono(system, 0.0, mode, 0).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(load.stop().await)
+}
+
+/// Re-auth traffic: what Mono's failures are about.
+fn reauth_kinds() -> LoadPlan {
+    LoadPlan {
+        per_second: 30,
+        accounts: 30,
+        kinds: vec![Kind::ReauthorisationRequired, Kind::AccountReauthorized],
+    }
+}
+
 async fn ready(url: &str) -> bool {
     reqwest::get(url).await.is_ok_and(|r| r.status().is_success())
 }
@@ -236,14 +263,14 @@ async fn mono_500_for_30s(base: &SystemConfig) -> anyhow::Result<ScenarioReport>
     let config = with_worker_env(base, &[("MONO_RETRY_BUDGET_SECS", "2"), ("MONO_CIRCUIT_OPEN_SECS", "1")]);
     let system = System::start(config, 2).await?;
     let mut report = ScenarioReport::default();
-    let load = Load::start(system.ingest_url(), all_kinds(40, 60));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
-    set_mono(&system, 1.0, "500", 0).await?;
-    tokio::time::sleep(Duration::from_secs(30)).await;
-    set_mono(&system, 0.0, "500", 0).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let load = load.stop().await;
+    let load = load_through_mono_fault(
+        &system,
+        all_kinds(40, 60),
+        "500",
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    )
+    .await?;
     let breaker_opened = system.all_logs().contains("Mono circuit opened");
     let mut parked = 0.0;
     for index in 0..system.workers.len() {
@@ -266,19 +293,14 @@ async fn mono_429_retry_after(base: &SystemConfig) -> anyhow::Result<ScenarioRep
     let started = Instant::now();
     let system = System::start(base.clone(), 1).await?;
     let mut report = ScenarioReport::default();
-    let plan = LoadPlan {
-        per_second: 30,
-        accounts: 30,
-        kinds: vec![Kind::ReauthorisationRequired, Kind::AccountReauthorized],
-    };
-    let load = Load::start(system.ingest_url(), plan);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-
-    set_mono(&system, 1.0, "429", 0).await?;
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    set_mono(&system, 0.0, "429", 0).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let load = load.stop().await;
+    let load = load_through_mono_fault(
+        &system,
+        reauth_kinds(),
+        "429",
+        Duration::from_secs(1),
+        Duration::from_secs(6),
+    )
+    .await?;
 
     let calls: Vec<serde_json::Value> =
         reqwest::get(format!("{}/_sim/calls", system.mono_url)).await?.json().await?;
@@ -306,19 +328,14 @@ async fn mono_hangs(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     let config = with_worker_env(base, &[("MONO_TIMEOUT_MS", "1000"), ("MONO_CIRCUIT_OPEN_SECS", "1")]);
     let system = System::start(config, 1).await?;
     let mut report = ScenarioReport::default();
-    let plan = LoadPlan {
-        per_second: 30,
-        accounts: 30,
-        kinds: vec![Kind::ReauthorisationRequired, Kind::AccountReauthorized],
-    };
-    let load = Load::start(system.ingest_url(), plan);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-
-    set_mono(&system, 1.0, "hang", 0).await?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    set_mono(&system, 0.0, "hang", 0).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let load = load.stop().await;
+    let load = load_through_mono_fault(
+        &system,
+        reauth_kinds(),
+        "hang",
+        Duration::from_secs(1),
+        Duration::from_secs(5),
+    )
+    .await?;
     let metrics = system.worker_metrics(0).await.unwrap_or_default();
     let timeouts =
         metric_value(&metrics, "monohook_worker_mono_request_seconds_count", &["status_class=\"timeout\""])
