@@ -180,7 +180,7 @@ async fn a_mono_that_hangs_times_out_and_counts_as_transient(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn a_deleted_retry_tier_is_declared_again_and_the_delivery_goes_on(pool: PgPool) {
+async fn a_delivery_whose_retry_tier_was_deleted_is_not_stuck(pool: PgPool) {
     let mut world = TestWorld::new(pool).await;
     Mock::given(method("POST"))
         .and(reauthorise_path())
@@ -194,11 +194,14 @@ async fn a_deleted_retry_tier_is_declared_again_and_the_delivery_goes_on(pool: P
 
     let meta = world.publish(&body(REAUTH, ACCOUNT)).await;
 
-    // The failed move costs the session; the new one declares the topology again, and the delivery
-    // goes through every tier as usual instead of staying unacked in the worker.
+    // The broker answers the failed move in one of two ways, and both end the delivery's story:
+    // - it closes the connection (NOT_FOUND): the next session declares the tier again and the
+    //   delivery goes through every tier as usual;
+    // - it returns the copy: the delivery goes back to the queue each time, until the worker's
+    //   delivery-limit guard dead-letters it.
+    // What must not happen is the delivery staying unacked in the worker.
     let row = world.settled(&meta).await;
     assert_eq!(row.status, "dead");
     let reason = row.last_error.unwrap();
-    assert!(reason.starts_with("retries exhausted"), "{reason}");
-    assert!(world.broker.depths().await.iter().any(|d| d.queue == tier), "the tier was declared again");
+    assert!(reason.starts_with("retries exhausted") || reason.starts_with("handed out"), "{reason}");
 }
