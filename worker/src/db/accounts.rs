@@ -1,9 +1,33 @@
-//! `accounts` as operators and tests read it. The worker changes rows in batches (`db::batch`),
-//! always under the row lock.
+//! `accounts`: loading rows for the handlers, and reading them as operators and tests do. The
+//! worker changes rows in batches (`db::batch`), always under the row lock.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgExecutor, PgPool};
+
+use crate::account::AccountState;
+
+/// The accounts `ids` as the handlers change them, in id order; with `lock`, each row stays locked
+/// until the transaction ends (in id order, so that transactions sharing accounts never deadlock).
+pub async fn load_states<'e>(
+    conn: impl PgExecutor<'e>,
+    ids: &[&str],
+    lock: bool,
+) -> sqlx::Result<Vec<AccountState>> {
+    macro_rules! select_states {
+        ($tail:literal) => {
+            concat!(
+                "SELECT id, reauth_required, reauth_token, reauth_token_issued_at, reauth_token_expires_at,
+                     reauthorized_at, data_status, data_updated_at, last_sync_failed_at, customer_id, connected_at,
+                     unlinked_at, reauth_state_received_at, data_state_received_at
+                 FROM accounts WHERE id = ANY($1) ORDER BY id",
+                $tail
+            )
+        };
+    }
+    let query = if lock { select_states!(" FOR UPDATE") } else { select_states!("") };
+    sqlx::query_as(query).bind(ids).fetch_all(conn).await
+}
 
 /// An account as operators and tests see it: everything but the token itself.
 #[derive(Clone, Debug, Serialize, sqlx::FromRow)]

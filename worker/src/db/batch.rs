@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::account::AccountState;
 use crate::batch::{BatchState, Candidate};
+use crate::db::accounts;
 use crate::db::events::{EventRecord, EventStatus};
 use sqlx::PgConnection;
 
@@ -35,15 +36,7 @@ pub async fn load(
         .fetch_all(&mut *conn)
         .await?;
         state.created = created.into_iter().collect();
-        let rows: Vec<AccountState> = sqlx::query_as(
-            "SELECT id, reauth_required, reauth_token, reauth_token_issued_at, reauth_token_expires_at,
-                 reauthorized_at, data_status, data_updated_at, last_sync_failed_at, customer_id, connected_at,
-                 unlinked_at, reauth_state_received_at, data_state_received_at
-             FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-        )
-        .bind(&account_ids)
-        .fetch_all(&mut *conn)
-        .await?;
+        let rows = accounts::load_states(&mut *conn, &account_ids, true).await?;
         state.accounts = rows.into_iter().map(|row| (row.id.clone(), row)).collect();
     }
 
