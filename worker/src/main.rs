@@ -30,7 +30,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Dlq(command)) => {
             let pool = db::connect_and_migrate(&cli.database).await?;
-            commands::dlq::run(command, &pool, &cli.broker).await
+            commands::dlq::run(command, &pool, &cli.broker, cli.run.dedup_window()).await
         }
         Some(Command::Status(args)) => {
             let pool = db::connect(&cli.database).await?;

@@ -40,6 +40,9 @@ pub struct DeadLetter {
     pub reason: Option<String>,
     pub attempts: i32,
     pub received_at: DateTime<Utc>,
+    /// Digest of the body as received (the payload column is re-serialised JSON, which differs).
+    #[serde(skip)]
+    pub body_sha256: String,
     pub first_attempt_at: Option<DateTime<Utc>>,
     /// When it was dead-lettered (its last attempt).
     pub dead_at: Option<DateTime<Utc>>,
@@ -72,7 +75,7 @@ impl DeadFilter {
     /// The matching dead letters, oldest first.
     pub async fn select(&self, pool: &PgPool) -> sqlx::Result<Vec<DeadLetter>> {
         sqlx::query_as(
-            "SELECT id, event, account_id, last_error AS reason, attempts, received_at, first_attempt_at,
+            "SELECT id, event, account_id, last_error AS reason, attempts, received_at, body_sha256, first_attempt_at,
                  processed_at AS dead_at, payload
              FROM webhook_events
              WHERE status = 'dead'

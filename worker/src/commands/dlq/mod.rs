@@ -99,11 +99,18 @@ pub struct PurgeArgs {
     pub actor: String,
 }
 
-pub async fn run(command: DlqCommand, pool: &PgPool, broker: &BrokerArgs) -> anyhow::Result<()> {
+/// Runs a `worker dlq` command. `dedup_window` is the worker's `DEDUP_WINDOW_SECS`, so a dry run
+/// applies the same duplicate rule the worker will.
+pub async fn run(
+    command: DlqCommand,
+    pool: &PgPool,
+    broker: &BrokerArgs,
+    dedup_window: std::time::Duration,
+) -> anyhow::Result<()> {
     match command {
         DlqCommand::List(args) => list::run(pool, &args).await,
         DlqCommand::Show(args) => show::run(pool, broker, &args).await,
-        DlqCommand::Replay(args) if args.dry_run => predict::run(pool, &args).await,
+        DlqCommand::Replay(args) if args.dry_run => predict::run(pool, &args, dedup_window).await,
         DlqCommand::Replay(args) => replay::run_replay(pool, broker, &args).await,
         DlqCommand::Purge(args) => replay::run_purge(pool, broker, &args).await,
     }

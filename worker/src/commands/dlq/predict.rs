@@ -4,21 +4,23 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use std::time::Duration;
 
 use super::ReplayArgs;
 use super::filter::DeadLetter;
 use crate::account::AccountState;
+use crate::db::accounts;
 use crate::event::IncomingEvent;
 use crate::handlers::{self, HandlerOutcome};
 use crate::mono::ReauthToken;
 use shared::delivery::{AttemptHistory, DeliveryId, DeliveryMeta};
 use shared::event::EventKind;
 
-pub async fn run(pool: &PgPool, args: &ReplayArgs) -> anyhow::Result<()> {
+pub async fn run(pool: &PgPool, args: &ReplayArgs, dedup_window: Duration) -> anyhow::Result<()> {
     args.filter.require_selection()?;
     let dead = args.filter.select(pool).await?;
     for letter in &dead {
-        let prediction = predict(pool, letter, args.force).await?;
+        let prediction = predict(pool, letter, args.force, dedup_window).await?;
         println!(
             "{}  {:<24}  {:<24}  {prediction}",
             letter.id,
@@ -31,7 +33,12 @@ pub async fn run(pool: &PgPool, args: &ReplayArgs) -> anyhow::Result<()> {
 }
 
 /// One line saying what a replay of `letter` would do now.
-pub async fn predict(pool: &PgPool, letter: &DeadLetter, force: bool) -> anyhow::Result<String> {
+pub async fn predict(
+    pool: &PgPool,
+    letter: &DeadLetter,
+    force: bool,
+    dedup_window: Duration,
+) -> anyhow::Result<String> {
     let Some(payload) = &letter.payload else {
         return Ok(
             "would fail again: invalid payload, the body is not JSON (see `worker dlq show`)".to_owned()
@@ -46,13 +53,17 @@ pub async fn predict(pool: &PgPool, letter: &DeadLetter, force: bool) -> anyhow:
         Ok(event) => event,
         Err(malformed) => return Ok(format!("would fail again: {malformed}")),
     };
+    // The worker's duplicate rule: the same body (as received, not as re-serialised from jsonb)
+    // journaled, not dead, within the dedup window.
+    let window = chrono::Duration::from_std(dedup_window).unwrap_or(chrono::Duration::days(36_500));
     let duplicate_of: Option<uuid::Uuid> = sqlx::query_scalar(
         "SELECT id FROM webhook_events WHERE body_sha256 = $1 AND id <> $2 AND status <> 'dead'
-           AND received_at BETWEEN $3 - interval '1 day' AND $3 + interval '1 day' LIMIT 1",
+           AND received_at BETWEEN $3 AND $4 LIMIT 1",
     )
-    .bind(&event.record.body_sha256)
+    .bind(&letter.body_sha256)
     .bind(letter.id)
-    .bind(letter.received_at)
+    .bind(letter.received_at - window)
+    .bind(letter.received_at + window)
     .fetch_optional(pool)
     .await?;
     if let Some(original) = duplicate_of {
@@ -60,7 +71,8 @@ pub async fn predict(pool: &PgPool, letter: &DeadLetter, force: bool) -> anyhow:
     }
     let before: Option<AccountState> = match event.kind.needs_account() {
         true => {
-            Some(load(pool, event.account()).await?.unwrap_or_else(|| AccountState::new(event.account())))
+            let stored = accounts::load_states(pool, &[event.account()], false).await?.pop();
+            Some(stored.unwrap_or_else(|| AccountState::new(event.account())))
         }
         false => None,
     };
@@ -91,18 +103,6 @@ pub async fn predict(pool: &PgPool, letter: &DeadLetter, force: bool) -> anyhow:
         HandlerOutcome::Ignored(why) => format!("no change: {why}"),
         HandlerOutcome::NeedsToken => "would ask Mono for a token".to_owned(),
     })
-}
-
-async fn load(pool: &PgPool, id: &str) -> sqlx::Result<Option<AccountState>> {
-    sqlx::query_as(
-        "SELECT id, reauth_required, reauth_token, reauth_token_issued_at, reauth_token_expires_at, reauthorized_at,
-             data_status, data_updated_at, last_sync_failed_at, customer_id, connected_at, unlinked_at,
-             reauth_state_received_at, data_state_received_at
-         FROM accounts WHERE id = $1",
-    )
-    .bind(id)
-    .fetch_optional(pool)
-    .await
 }
 
 /// `reauth_required false → true, data_status - → AVAILABLE`, never showing a token.
