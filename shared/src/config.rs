@@ -41,9 +41,10 @@ pub struct BrokerArgs {
     )]
     pub retry_delays_secs: Vec<u64>,
 
-    /// How many times the broker may hand out one message before dead-lettering it (poison guard).
-    /// Part of the queue declarations, like the retry delays.
-    #[arg(long, global = true, env = "DELIVERY_LIMIT", default_value_t = 10)]
+    /// How many times the broker may hand out one message before dead-lettering it (poison guard;
+    /// at least 2, since the worker dead-letters one short of it). Part of the queue declarations,
+    /// like the retry delays.
+    #[arg(long, global = true, env = "DELIVERY_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..))]
     pub delivery_limit: u32,
 }
 
@@ -146,20 +147,44 @@ pub fn parse_secret(raw: &str) -> Result<SecretString, Infallible> {
     Ok(SecretString::from(raw))
 }
 
-/// A URL fit for logs: the password, if any, is replaced by `***`.
+/// A URL fit for logs: the password, if any, is replaced by `***`, in the user info and in any query
+/// parameter that carries a credential (`?password=`, `sslpassword=`, `token=`, ...).
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "<unparseable url>".to_owned();
     };
+    let rest = redact_query(rest);
+    let rest = rest.as_str();
     // Split at the last '@' rather than parsing: a malformed password (an unescaped '/' or '@') must
     // still end up on the hidden side.
     match rest.rsplit_once('@') {
         Some((userinfo, host_and_path)) => match userinfo.split_once(':') {
             Some((user, _password)) => format!("{scheme}://{user}:***@{host_and_path}"),
-            None => url.to_owned(),
+            None => format!("{scheme}://{rest}"),
         },
-        None => url.to_owned(),
+        None => format!("{scheme}://{rest}"),
     }
+}
+
+/// Replaces the value of every `?name=value` or `&name=value` whose name suggests a credential.
+fn redact_query(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(['?', '&']) {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let Some((name, _)) = rest.split_once('=') else { continue };
+        let lower = name.to_ascii_lowercase();
+        let plain = !name.contains(['&', '?', '/', '@', '#']);
+        if plain && ["pass", "pwd", "secret", "token", "key"].iter().any(|word| lower.contains(word)) {
+            let end = rest[name.len() + 1..].find(['&', '#']).map_or(rest.len(), |i| name.len() + 1 + i);
+            out.push_str(name);
+            out.push_str("=***");
+            rest = &rest[end..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -174,5 +199,14 @@ mod tests {
         assert_eq!(redact_url("postgres://db/monohook"), "postgres://db/monohook");
         assert_eq!(redact_url("postgres://app@db/monohook"), "postgres://app@db/monohook");
         assert_eq!(redact_url("not a url"), "<unparseable url>");
+        assert_eq!(
+            redact_url("postgres://db/monohook?user=app&password=s3cret&sslmode=require"),
+            "postgres://db/monohook?user=app&password=***&sslmode=require"
+        );
+        assert_eq!(redact_url("postgres://db/m?Password=a@b"), "postgres://db/m?Password=***");
+        assert_eq!(
+            redact_url("amqps://u:p@rabbit/%2f?sslpassword=x&heartbeat=5"),
+            "amqps://u:***@rabbit/%2f?sslpassword=***&heartbeat=5"
+        );
     }
 }

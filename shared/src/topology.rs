@@ -25,13 +25,21 @@ pub struct Topology {
     delivery_limit: u32,
 }
 
-/// A declaration the broker refused.
+/// How long the broker may take to answer one declaration: a broker that accepts the connection
+/// but never answers (a node stuck in an election) must not hang a process's start or reconnect.
+pub const DECLARE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A declaration the broker refused or left unanswered.
 #[derive(Debug, thiserror::Error)]
-#[error("declaring {object} failed: {source}")]
-pub struct TopologyError {
-    object: String,
-    #[source]
-    source: lapin::Error,
+pub enum TopologyError {
+    #[error("declaring {object} failed: {source}")]
+    Refused {
+        object: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("the broker did not answer the declaration of {object} within {timeout:?}")]
+    TimedOut { object: String, timeout: Duration },
 }
 
 /// Depth and consumers of one queue, as a passive declaration reports them.
@@ -87,15 +95,16 @@ impl Topology {
     /// Declares the exchange, the queues and the binding. Safe to call any number of times.
     pub async fn declare(&self, channel: &Channel) -> Result<(), TopologyError> {
         // Durable: the exchange must survive a broker restart or publishes would be unroutable.
-        channel
-            .exchange_declare(
+        self.answered(
+            || format!("exchange {}", self.exchange()),
+            channel.exchange_declare(
                 self.exchange().into(),
                 ExchangeKind::Topic,
                 ExchangeDeclareOptions { durable: true, ..Default::default() },
                 FieldTable::default(),
-            )
-            .await
-            .map_err(|source| self.error(format!("exchange {}", self.exchange()), source))?;
+            ),
+        )
+        .await?;
 
         let work = self.work_queue();
         let mut work_args = quorum_args();
@@ -105,17 +114,19 @@ impl Topology {
         work_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(self.delivery_limit.into()));
         dead_letter_to(&mut work_args, &self.dead_queue());
         self.declare_queue(channel, &work, work_args).await?;
-        channel
-            // "#" matches every event name, including ones Mono adds later.
-            .queue_bind(
-                work.as_str().into(),
-                self.exchange().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|source| self.error(format!("binding of {work}"), source))?;
+        self.answered(
+            || format!("binding of {work}"),
+            channel
+                // "#" matches every event name, including ones Mono adds later.
+                .queue_bind(
+                    work.as_str().into(),
+                    self.exchange().into(),
+                    "#".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                ),
+        )
+        .await?;
 
         for (index, delay) in self.retry_delays.iter().enumerate() {
             let mut args = quorum_args();
@@ -135,14 +146,16 @@ impl Topology {
     pub async fn depths(&self, channel: &Channel) -> Result<Vec<QueueDepth>, TopologyError> {
         let mut depths = Vec::new();
         for queue in self.queues() {
-            let declared = channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions { passive: true, ..Default::default() },
-                    FieldTable::default(),
+            let declared = self
+                .answered(
+                    || format!("queue {queue}"),
+                    channel.queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions { passive: true, ..Default::default() },
+                        FieldTable::default(),
+                    ),
                 )
-                .await
-                .map_err(|source| self.error(format!("queue {queue}"), source))?;
+                .await?;
             depths.push(QueueDepth {
                 queue,
                 messages: declared.message_count(),
@@ -155,15 +168,17 @@ impl Topology {
     /// Deletes every queue and the exchange (test clean-up and `dlq purge --all` style tooling).
     pub async fn delete(&self, channel: &Channel) -> Result<(), TopologyError> {
         for queue in self.queues() {
-            channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .map_err(|source| self.error(format!("queue {queue}"), source))?;
+            self.answered(
+                || format!("queue {queue}"),
+                channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()),
+            )
+            .await?;
         }
-        channel
-            .exchange_delete(self.exchange().into(), Default::default())
-            .await
-            .map_err(|source| self.error(format!("exchange {}", self.exchange()), source))
+        self.answered(
+            || format!("exchange {}", self.exchange()),
+            channel.exchange_delete(self.exchange().into(), Default::default()),
+        )
+        .await
     }
 
     async fn declare_queue(
@@ -172,15 +187,29 @@ impl Topology {
         queue: &str,
         args: FieldTable,
     ) -> Result<(), TopologyError> {
-        channel
-            .queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
-            .await
-            .map(drop)
-            .map_err(|source| self.error(format!("queue {queue}"), source))
+        self.answered(
+            || format!("queue {queue}"),
+            channel.queue_declare(
+                queue.into(),
+                QueueDeclareOptions { durable: true, ..Default::default() },
+                args,
+            ),
+        )
+        .await
+        .map(drop)
     }
 
-    fn error(&self, object: String, source: lapin::Error) -> TopologyError {
-        TopologyError { object, source }
+    /// Awaits one broker call about `object`, within [`DECLARE_TIMEOUT`].
+    async fn answered<T>(
+        &self,
+        object: impl FnOnce() -> String,
+        call: impl std::future::Future<Output = lapin::Result<T>>,
+    ) -> Result<T, TopologyError> {
+        match tokio::time::timeout(DECLARE_TIMEOUT, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(source)) => Err(TopologyError::Refused { object: object(), source }),
+            Err(_) => Err(TopologyError::TimedOut { object: object(), timeout: DECLARE_TIMEOUT }),
+        }
     }
 }
 
