@@ -82,6 +82,18 @@ impl AccountState {
         !event.forced && self.data_state_received_at.is_some_and(|applied| event.received_at < applied)
     }
 
+    /// Records that an event received at `at` decided the re-auth state. A forced replay of an older
+    /// event never moves the guard backwards.
+    pub fn advance_reauth_guard(&mut self, at: DateTime<Utc>) {
+        self.reauth_state_received_at =
+            Some(self.reauth_state_received_at.map_or(at, |applied| applied.max(at)));
+    }
+
+    /// [`AccountState::advance_reauth_guard`] for the data state.
+    pub fn advance_data_guard(&mut self, at: DateTime<Utc>) {
+        self.data_state_received_at = Some(self.data_state_received_at.map_or(at, |applied| applied.max(at)));
+    }
+
     /// Forgets the re-auth token and its times.
     pub fn clear_token(&mut self) {
         self.reauth_token = None;

@@ -6,27 +6,33 @@
 //! serialised: a `multiple` ack must never be overtaken by the single ack of a tag it covers.
 
 use lapin::Channel;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
-use std::collections::BTreeSet;
+use lapin::options::BasicAckOptions;
+use std::collections::BTreeMap;
 use std::sync::Mutex;
+use uuid::Uuid;
 
 pub struct AckTracker {
     channel: Channel,
-    /// Tags received and not yet settled.
-    outstanding: Mutex<BTreeSet<u64>>,
+    /// Tags received and not yet settled, with their delivery ids.
+    outstanding: Mutex<BTreeMap<u64, Uuid>>,
     /// Held while acks are computed and sent.
     sending: tokio::sync::Mutex<()>,
 }
 
 impl AckTracker {
     pub fn new(channel: Channel) -> Self {
-        Self { channel, outstanding: Mutex::new(BTreeSet::new()), sending: tokio::sync::Mutex::new(()) }
+        Self { channel, outstanding: Mutex::new(BTreeMap::new()), sending: tokio::sync::Mutex::new(()) }
     }
 
     /// Notes a delivery handed to this worker.
-    pub fn received(&self, tag: u64) {
-        self.lock().insert(tag);
+    pub fn received(&self, tag: u64, id: Uuid) {
+        self.lock().insert(tag, id);
         self.report();
+    }
+
+    /// Delivery ids of the deliveries not settled yet.
+    pub fn unsettled_ids(&self) -> Vec<Uuid> {
+        self.lock().values().copied().collect()
     }
 
     /// Deliveries handed out and not yet settled.
@@ -45,7 +51,7 @@ impl AckTracker {
             for tag in tags {
                 outstanding.remove(tag);
             }
-            let lowest_open = outstanding.first().copied().unwrap_or(u64::MAX);
+            let lowest_open = outstanding.keys().next().copied().unwrap_or(u64::MAX);
             let prefix_end = tags.iter().copied().filter(|t| *t < lowest_open).max();
             let singles: Vec<u64> = tags.iter().copied().filter(|t| *t > lowest_open).collect();
             (prefix_end, singles)
@@ -56,19 +62,6 @@ impl AckTracker {
         }
         for tag in singles {
             self.send(tag, false).await;
-        }
-    }
-
-    /// Returns a delivery to the queue (its copy could not be moved where it belongs). The broker
-    /// counts the return against the delivery limit, so a copy that can never move ends as poison
-    /// instead of circling forever.
-    pub async fn requeue(&self, tag: u64) {
-        let _sending = self.sending.lock().await;
-        self.lock().remove(&tag);
-        self.report();
-        let options = BasicNackOptions { multiple: false, requeue: true };
-        if let Err(error) = self.channel.basic_nack(tag, options).await {
-            tracing::warn!(%error, tag, "nack failed; the delivery will be redelivered");
         }
     }
 
@@ -84,7 +77,7 @@ impl AckTracker {
         metrics::gauge!("monohook_worker_deliveries_in_flight").set(self.outstanding() as f64);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Uuid>> {
         self.outstanding.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

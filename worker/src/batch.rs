@@ -1,8 +1,10 @@
 //! Deciding a batch of deliveries, in memory, against the state loaded (and locked) for it.
 //!
 //! The decision is what one worker taking the deliveries one by one, in order, would do: a delivery
-//! id already journaled is a redelivery; the same body within the dedup window is a duplicate (a copy
-//! earlier in the same batch counts); otherwise the event's handler runs against the account as the
+//! id already journaled is a redelivery; a copy of the same body within the dedup window is a
+//! duplicate, unless another event for the account was applied between the two copies (in receive
+//! order: then the body came again for a new reason, e.g. MFA failing again after a re-auth); a copy
+//! earlier in the same batch counts. Otherwise the event's handler runs against the account as the
 //! earlier events of the batch left it. Nothing here touches the database.
 
 use chrono::{DateTime, Utc};
@@ -34,6 +36,19 @@ pub struct BatchState {
     pub settled: HashSet<Uuid>,
     /// Journaled, not dead, deliveries with the same bodies as the batch's: body digest → (id, received).
     pub bodies: HashMap<String, Vec<(Uuid, DateTime<Utc>)>>,
+    /// Events applied to the accounts whose bodies have copies, around those copies: account →
+    /// (received, body digest).
+    pub applied: HashMap<String, Vec<(DateTime<Utc>, String)>>,
+}
+
+impl BatchState {
+    /// Whether an event other than `body` was applied to `account` strictly between `a` and `b`.
+    fn applied_between(&self, account: &str, body: &str, a: DateTime<Utc>, b: DateTime<Utc>) -> bool {
+        let (from, to) = if a <= b { (a, b) } else { (b, a) };
+        self.applied
+            .get(account)
+            .is_some_and(|events| events.iter().any(|(at, other)| *at > from && *at < to && other != body))
+    }
 }
 
 /// What to do with one delivery of the batch.
@@ -59,8 +74,14 @@ pub fn decide(state: &mut BatchState, candidates: &[Candidate<'_>], dedup_window
                 return Decision::AlreadySettled;
             }
             let received = event.received_at;
-            let duplicate = state.bodies.get(&event.record.body_sha256).is_some_and(|copies| {
-                copies.iter().any(|(other, at)| *other != id && (*at - received).abs() <= window)
+            let body = event.record.body_sha256.as_str();
+            let account = event.kind.needs_account().then(|| event.account());
+            let duplicate = state.bodies.get(body).is_some_and(|copies| {
+                copies.iter().any(|(other, at)| {
+                    *other != id
+                        && (*at - received).abs() <= window
+                        && !account.is_some_and(|account| state.applied_between(account, body, *at, received))
+                })
             });
             let (status, note) = if duplicate {
                 (EventStatus::Duplicate, None)
@@ -78,6 +99,9 @@ pub fn decide(state: &mut BatchState, candidates: &[Candidate<'_>], dedup_window
             };
             state.settled.insert(id);
             state.bodies.entry(event.record.body_sha256.clone()).or_default().push((id, received));
+            if let (EventStatus::Processed, Some(account)) = (status, account) {
+                state.applied.entry(account.to_owned()).or_default().push((received, body.to_owned()));
+            }
             Decision::Journal { status, note }
         })
         .collect()
@@ -114,6 +138,47 @@ mod tests {
 
         assert_eq!(decisions[0], Decision::Journal { status: EventStatus::Processed, note: None });
         assert_eq!(decisions[1], Decision::Journal { status: EventStatus::Duplicate, note: None });
+    }
+
+    #[test]
+    fn the_same_body_after_another_applied_event_is_new() {
+        let t0 = Utc::now();
+        let required = event_at("mono.events.reauthorisation_required", t0, serde_json::json!({}));
+        let reauthorized =
+            event_at("mono.events.account_reauthorized", t0 + Span::minutes(3), serde_json::json!({}));
+        let mut again =
+            event_at("mono.events.reauthorisation_required", t0 + Span::minutes(6), serde_json::json!({}));
+        again.record.body_sha256.clone_from(&required.record.body_sha256);
+        let token = ReauthToken::for_tests("tok", t0);
+        let events = [required, reauthorized, again];
+        let mut state = state_with_account();
+
+        let decisions = decide(&mut state, &candidates(&events, Some(&token)), WINDOW);
+
+        assert!(
+            decisions.iter().all(|d| *d == Decision::Journal { status: EventStatus::Processed, note: None }),
+            "{decisions:?}"
+        );
+        assert!(state.accounts["a1"].reauth_required, "flagged again");
+    }
+
+    #[test]
+    fn a_journaled_copy_with_another_event_applied_between_is_not_a_duplicate() {
+        let t0 = Utc::now();
+        let copy =
+            event_at("mono.events.reauthorisation_required", t0 + Span::minutes(6), serde_json::json!({}));
+        let mut state = state_with_account();
+        state.bodies.insert(copy.record.body_sha256.clone(), vec![(Uuid::now_v7(), t0)]);
+        state.applied.insert(
+            "a1".into(),
+            vec![(t0, copy.record.body_sha256.clone()), (t0 + Span::minutes(3), "other".into())],
+        );
+        let token = ReauthToken::for_tests("tok", t0);
+        let events = [copy];
+
+        let decisions = decide(&mut state, &candidates(&events, Some(&token)), WINDOW);
+
+        assert_eq!(decisions[0], Decision::Journal { status: EventStatus::Processed, note: None });
     }
 
     #[test]

@@ -2,11 +2,14 @@
 //!
 //! When Mono fails for many accounts at once (5xx, 429, timeouts, refused connections) that is an
 //! outage, not a bad event: spending each delivery's attempts on it would only fill the dead-letter
-//! queue. Closed, the breaker counts outcomes over a sliding window; past `failure_ratio` (with at
-//! least `min_calls`) it opens, and callers are refused at once (their deliveries wait in a retry
-//! tier without spending an attempt). After `open_for` it lets one probe through (half-open): success
-//! closes it, failure opens it again for twice as long, up to a minute. Every change is logged and
-//! exported as `monohook_worker_mono_circuit_state`.
+//! queue. Closed, the breaker opens on either of two signs of an outage: `consecutive_failures`
+//! failed calls in a row (so one slow trickle of re-auths trips it too), or `failure_ratio` of the
+//! calls over a sliding window (with at least `min_calls`). Mono refusing our secret key (401/403)
+//! and a 429 with `Retry-After` open it at once. Open, callers are refused (their deliveries wait in a
+//! retry tier without spending an attempt). After `open_for` it lets one probe through (half-open):
+//! success closes it, failure opens it again for twice as long, up to `max_open_for`. Every change is
+//! logged and exported as `monohook_worker_mono_circuit_state`; a refused key also sets
+//! `monohook_worker_mono_key_refused` until a call succeeds again.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -18,6 +21,8 @@ pub struct BreakerSettings {
     pub window: Duration,
     pub min_calls: usize,
     pub failure_ratio: f64,
+    /// Failed calls in a row that open the breaker, whatever the traffic.
+    pub consecutive_failures: usize,
     pub open_for: Duration,
     pub max_open_for: Duration,
 }
@@ -51,6 +56,19 @@ impl BreakerState {
     }
 }
 
+/// How a permitted call went, as far as Mono's availability is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallResult {
+    /// Mono answered (a token, or a refusal of one account).
+    Answered,
+    /// Mono is unavailable (5xx, timeout, connection error, ...).
+    Failed,
+    /// Mono asked every caller to wait this long (429 with `Retry-After`).
+    Throttled(Duration),
+    /// Mono refuses our secret key: nothing can succeed until an operator acts.
+    KeyRefused,
+}
+
 /// Leave to make one call; hand it back with the call's outcome.
 #[derive(Debug)]
 #[must_use = "report the call's outcome with CircuitBreaker::record"]
@@ -67,8 +85,12 @@ struct Inner {
     state: Phase,
     /// Outcomes of recent calls (time, succeeded), oldest first.
     calls: VecDeque<(Instant, bool)>,
+    /// Failed calls since the last success.
+    streak: usize,
     /// How long the next opening lasts.
     open_for: Duration,
+    /// Mono refused our key on the last call it answered.
+    key_refused: bool,
 }
 
 enum Phase {
@@ -81,7 +103,10 @@ impl CircuitBreaker {
     pub fn new(settings: BreakerSettings) -> Self {
         let open_for = settings.open_for;
         metrics::gauge!("monohook_worker_mono_circuit_state").set(0.0);
-        Self { settings, inner: Mutex::new(Inner { state: Phase::Closed, calls: VecDeque::new(), open_for }) }
+        metrics::gauge!("monohook_worker_mono_key_refused").set(0.0);
+        let inner =
+            Inner { state: Phase::Closed, calls: VecDeque::new(), streak: 0, open_for, key_refused: false };
+        Self { settings, inner: Mutex::new(inner) }
     }
 
     /// A permit to call Mono now, or `None` while the breaker is open (or its probe is out).
@@ -101,20 +126,38 @@ impl CircuitBreaker {
         }
     }
 
-    /// Reports how a permitted call went. Only failures that mean "Mono is unavailable" count as
-    /// failures; Mono refusing one account is a success for the breaker.
-    pub fn record(&self, permit: CallPermit, succeeded: bool) {
+    /// Reports how a permitted call went. Mono refusing one account is a success for the breaker:
+    /// Mono answered.
+    pub fn record(&self, permit: CallPermit, result: CallResult) {
         let mut inner = self.lock();
         let now = Instant::now();
+        let succeeded = result == CallResult::Answered;
+        inner.streak = if succeeded { 0 } else { inner.streak.saturating_add(1) };
+        if result == CallResult::KeyRefused {
+            if !inner.key_refused {
+                tracing::error!(
+                    "Mono refuses our secret key (MONO_SECRET_KEY): re-auth deliveries are parked, \
+                     none is dead-lettered, until Mono accepts it again"
+                );
+            }
+            inner.key_refused = true;
+            metrics::gauge!("monohook_worker_mono_key_refused").set(1.0);
+        } else if succeeded && inner.key_refused {
+            inner.key_refused = false;
+            metrics::gauge!("monohook_worker_mono_key_refused").set(0.0);
+            tracing::info!("Mono accepts our secret key again");
+        }
+        if let CallResult::Throttled(wait) = result {
+            self.throttle(&mut inner, permit, now, wait);
+            return;
+        }
         if permit.probe {
             if succeeded {
                 inner.calls.clear();
                 inner.open_for = self.settings.open_for;
                 self.change(&mut inner, Phase::Closed);
             } else {
-                let open_for = inner.open_for;
-                inner.open_for = (open_for * 2).min(self.settings.max_open_for);
-                self.change(&mut inner, Phase::Open { until: now + open_for });
+                self.open(&mut inner, now);
             }
             return;
         }
@@ -122,34 +165,40 @@ impl CircuitBreaker {
         while inner.calls.front().is_some_and(|(at, _)| now.duration_since(*at) > self.settings.window) {
             inner.calls.pop_front();
         }
-        if !matches!(inner.state, Phase::Closed) || inner.calls.len() < self.settings.min_calls {
+        if !matches!(inner.state, Phase::Closed) {
             return;
         }
         let failures = inner.calls.iter().filter(|(_, ok)| !ok).count();
-        if failures as f64 / inner.calls.len() as f64 >= self.settings.failure_ratio {
-            let open_for = inner.open_for;
-            inner.open_for = (open_for * 2).min(self.settings.max_open_for);
-            self.change(&mut inner, Phase::Open { until: now + open_for });
+        let ratio_tripped = inner.calls.len() >= self.settings.min_calls
+            && failures as f64 / inner.calls.len() as f64 >= self.settings.failure_ratio;
+        let streak_tripped = inner.streak >= self.settings.consecutive_failures.max(1);
+        if ratio_tripped || streak_tripped || result == CallResult::KeyRefused {
+            self.open(&mut inner, now);
         }
     }
 
-    /// Reports a call Mono answered with 429 and `Retry-After`: Mono asked every caller to wait, so
-    /// the breaker opens until then, whatever the failure ratio.
-    pub fn record_throttled(&self, permit: CallPermit, retry_after: Duration) {
-        let mut inner = self.lock();
-        let now = Instant::now();
+    /// Mono asked every caller to wait (429 with `Retry-After`): the breaker opens until then,
+    /// whatever the failure ratio.
+    fn throttle(&self, inner: &mut Inner, permit: CallPermit, now: Instant, wait: Duration) {
         if !permit.probe {
             inner.calls.push_back((now, false));
         }
-        let until = now + retry_after;
+        // A `Retry-After` too large to add to the clock is bounded by the longest opening.
+        let until = now.checked_add(wait).unwrap_or(now + self.settings.max_open_for);
         let later = match inner.state {
             Phase::Open { until: current } => until > current,
             _ => true,
         };
         if later {
-            tracing::warn!(retry_after = ?retry_after, "Mono asked to slow down (429)");
-            self.change(&mut inner, Phase::Open { until });
+            tracing::warn!(retry_after = ?wait, "Mono asked to slow down (429)");
+            self.change(inner, Phase::Open { until });
         }
+    }
+
+    fn open(&self, inner: &mut Inner, now: Instant) {
+        let open_for = inner.open_for;
+        inner.open_for = (open_for * 2).min(self.settings.max_open_for);
+        self.change(inner, Phase::Open { until: now + open_for });
     }
 
     /// Returns a permit whose call was never made (e.g. the worker is stopping): a probe may be
@@ -169,6 +218,11 @@ impl CircuitBreaker {
         }
     }
 
+    /// Whether Mono refused our secret key on the last call it answered.
+    pub fn key_refused(&self) -> bool {
+        self.lock().key_refused
+    }
+
     fn change(&self, inner: &mut Inner, next: Phase) {
         inner.state = next;
         let state = match inner.state {
@@ -181,6 +235,7 @@ impl CircuitBreaker {
             BreakerState::Open => tracing::warn!(
                 circuit = state.as_str(),
                 retry_in = ?inner.open_for.min(self.settings.max_open_for),
+                key_refused = inner.key_refused,
                 "Mono circuit opened: Mono looks unavailable; re-auth deliveries wait in the retry tier"
             ),
             BreakerState::HalfOpen => {
@@ -206,6 +261,7 @@ mod tests {
             window: Duration::from_secs(10),
             min_calls: 4,
             failure_ratio: 0.5,
+            consecutive_failures: 100,
             open_for: Duration::from_millis(open_for_ms),
             max_open_for: Duration::from_millis(open_for_ms * 4),
         })
@@ -214,7 +270,7 @@ mod tests {
     fn call(breaker: &CircuitBreaker, succeeded: bool) -> bool {
         match breaker.try_acquire() {
             Some(permit) => {
-                breaker.record(permit, succeeded);
+                breaker.record(permit, if succeeded { CallResult::Answered } else { CallResult::Failed });
                 true
             }
             None => false,
@@ -254,14 +310,14 @@ mod tests {
         let probe = breaker.try_acquire().expect("a probe after open_for");
         assert_eq!(breaker.state(), BreakerState::HalfOpen);
         assert!(breaker.try_acquire().is_none(), "only one probe at a time");
-        breaker.record(probe, false);
+        breaker.record(probe, CallResult::Failed);
         assert_eq!(breaker.state(), BreakerState::Open);
         std::thread::sleep(Duration::from_millis(40));
         assert!(breaker.try_acquire().is_none(), "the second opening lasts twice as long");
         std::thread::sleep(Duration::from_millis(30));
 
         let probe = breaker.try_acquire().expect("a probe after the longer opening");
-        breaker.record(probe, true);
+        breaker.record(probe, CallResult::Answered);
         assert_eq!(breaker.state(), BreakerState::Closed);
         assert!(call(&breaker, false), "closed again, with a clean window");
         assert_eq!(breaker.state(), BreakerState::Closed);
@@ -283,12 +339,12 @@ mod tests {
     fn a_429_with_retry_after_opens_the_breaker_until_then() {
         let breaker = breaker(10_000);
         let permit = breaker.try_acquire().unwrap();
-        breaker.record_throttled(permit, Duration::from_millis(30));
+        breaker.record(permit, CallResult::Throttled(Duration::from_millis(30)));
         assert_eq!(breaker.state(), BreakerState::Open);
         assert!(breaker.try_acquire().is_none(), "no call before Retry-After");
         std::thread::sleep(Duration::from_millis(40));
         let probe = breaker.try_acquire().expect("a probe once Retry-After has passed");
-        breaker.record(probe, true);
+        breaker.record(probe, CallResult::Answered);
         assert_eq!(breaker.state(), BreakerState::Closed);
     }
 
@@ -299,5 +355,47 @@ mod tests {
             call(&breaker, true);
         }
         assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn failures_in_a_row_open_it_at_any_traffic() {
+        let breaker = CircuitBreaker::new(BreakerSettings {
+            consecutive_failures: 3,
+            min_calls: 100,
+            ..breaker(10_000).settings
+        });
+        call(&breaker, false);
+        call(&breaker, true);
+        call(&breaker, false);
+        call(&breaker, false);
+        assert_eq!(breaker.state(), BreakerState::Closed, "a success broke the streak");
+        call(&breaker, false);
+        assert_eq!(breaker.state(), BreakerState::Open, "three failures in a row, below min_calls");
+    }
+
+    #[test]
+    fn a_refused_key_opens_it_at_once_until_a_call_succeeds() {
+        let breaker = breaker(10);
+        let permit = breaker.try_acquire().unwrap();
+        breaker.record(permit, CallResult::KeyRefused);
+        assert_eq!(breaker.state(), BreakerState::Open);
+        assert!(breaker.key_refused());
+        std::thread::sleep(Duration::from_millis(15));
+        let probe = breaker.try_acquire().expect("a probe");
+        breaker.record(probe, CallResult::KeyRefused);
+        assert_eq!(breaker.state(), BreakerState::Open, "still refused");
+        std::thread::sleep(Duration::from_millis(25));
+        let probe = breaker.try_acquire().expect("a probe");
+        breaker.record(probe, CallResult::Answered);
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        assert!(!breaker.key_refused());
+    }
+
+    #[test]
+    fn an_absurd_retry_after_cannot_panic() {
+        let breaker = breaker(10);
+        let permit = breaker.try_acquire().unwrap();
+        breaker.record(permit, CallResult::Throttled(Duration::MAX));
+        assert_eq!(breaker.state(), BreakerState::Open);
     }
 }

@@ -96,7 +96,16 @@ pub struct RunArgs {
     #[arg(long, env = "MONO_CIRCUIT_FAILURE_RATIO", default_value_t = 0.5)]
     pub mono_circuit_failure_ratio: f64,
 
-    /// Fewest Mono calls in the window before the breaker may open.
+    /// Failed Mono calls in a row that open the circuit breaker, however few calls there are (one
+    /// slow trickle of re-auths must park during an outage, not exhaust its retries).
+    #[arg(long, env = "MONO_CIRCUIT_CONSECUTIVE_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub mono_circuit_consecutive_failures: u64,
+
+    /// Longest wait a `Retry-After` from Mono can impose, in seconds; a longer one is capped.
+    #[arg(long, env = "MONO_RETRY_AFTER_MAX_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub mono_retry_after_max_secs: u64,
+
+    /// Fewest Mono calls in the window before the breaker may open on the failure ratio.
     #[arg(long, env = "MONO_CIRCUIT_MIN_CALLS", default_value_t = 10)]
     pub mono_circuit_min_calls: usize,
 
@@ -137,6 +146,10 @@ impl RunArgs {
         Duration::from_secs(self.dedup_window_secs)
     }
 
+    pub fn max_retry_after(&self) -> Duration {
+        Duration::from_secs(self.mono_retry_after_max_secs)
+    }
+
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
     }
@@ -147,6 +160,8 @@ impl RunArgs {
             window: Duration::from_secs(self.mono_circuit_window_secs),
             min_calls: self.mono_circuit_min_calls.max(1),
             failure_ratio: self.mono_circuit_failure_ratio,
+            consecutive_failures: usize::try_from(self.mono_circuit_consecutive_failures)
+                .unwrap_or(usize::MAX),
             open_for,
             max_open_for: open_for.max(Duration::from_secs(60)),
         }

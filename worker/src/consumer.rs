@@ -227,7 +227,7 @@ async fn consume(
         }
     };
     if let SessionEnd::Lost(_) = end {
-        pipeline.abandon().await;
+        pipeline.abandon_lost().await;
         return end;
     }
 

@@ -31,7 +31,12 @@ pub enum RepublishError {
     },
     #[error("the broker did not confirm the copy in {queue}")]
     NotConfirmed { queue: String },
+    #[error("the broker did not confirm the copy in {queue} within {timeout:?}")]
+    TimedOut { queue: String, timeout: std::time::Duration },
 }
+
+/// How long a copy may wait for the broker's confirm (a node in a leader election may never send it).
+pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Publishes copies on a confirm-mode channel of the current session.
 pub struct Republisher {
@@ -71,6 +76,12 @@ impl Republisher {
         self.publish(&self.topology.retry_queue(1), delivery, headers).await
     }
 
+    /// Declares the topology again on the republishing channel, so that a queue an operator deleted
+    /// exists again for the next try.
+    pub async fn redeclare(&self) -> Result<(), shared::topology::TopologyError> {
+        self.topology.declare(&self.channel).await
+    }
+
     /// Sends the delivery to the dead-letter queue with the reason.
     pub async fn to_dead_letters(
         &self,
@@ -94,19 +105,23 @@ impl Republisher {
         let properties: BasicProperties =
             delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
         let broker = |source| RepublishError::Broker { queue: queue.to_owned(), source };
-        let confirm = self
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions { mandatory: true, immediate: false },
-                &delivery.data,
-                properties,
-            )
+        let published = async {
+            self.channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions { mandatory: true, immediate: false },
+                    &delivery.data,
+                    properties,
+                )
+                .await
+                .map_err(broker)?
+                .await
+                .map_err(broker)
+        };
+        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, published)
             .await
-            .map_err(broker)?
-            .await
-            .map_err(broker)?;
+            .map_err(|_| RepublishError::TimedOut { queue: queue.to_owned(), timeout: CONFIRM_TIMEOUT })??;
         match confirm {
             Confirmation::Ack(None) => Ok(()),
             _ => Err(RepublishError::NotConfirmed { queue: queue.to_owned() }),

@@ -1,7 +1,7 @@
 //! The worker's own HTTP endpoint (`METRICS_ADDR`): `/metrics` for Prometheus, `/healthz` (the
 //! process is up) and `/readyz` (database reachable, broker connected, consumer alive; the Mono
-//! circuit is shown but does not make the worker unready, since deliveries wait safely while Mono
-//! is down).
+//! circuit and whether Mono accepts our key are shown but do not make the worker unready, since
+//! deliveries wait safely while Mono is down or refuses the key).
 
 use actix_web::dev::ServerHandle;
 use actix_web::{App, HttpResponse, HttpServer, web};
@@ -103,6 +103,8 @@ async fn readyz(health: web::Data<Health>) -> HttpResponse {
         "broker": if broker { "connected" } else { "disconnected" },
         "consumer": if consumer { "alive" } else { "stopped" },
         "mono_circuit": health.breaker_state().as_str(),
+        // Our outage, not Mono's: re-auth deliveries wait until MONO_SECRET_KEY is accepted again.
+        "mono_key": if health.tokens.key_refused() { "refused" } else { "accepted" },
     });
     if database && broker && consumer {
         HttpResponse::Ok().json(body)

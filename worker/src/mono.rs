@@ -1,9 +1,12 @@
 //! The Mono client: the one place that knows Mono's re-authorise endpoint, its headers and how its
 //! answers are classified. Another re-auth flow (Mono's v2 `initiate`) would be a change here alone.
 //!
-//! `POST {base}/accounts/{id}/reauthorise` with `mono-sec-key` answers `{"token": "..."}`. Connect
-//! errors, timeouts, 5xx and 429 (with its `Retry-After`) are transient; any other 4xx is permanent
-//! and carries Mono's `message` as the reason.
+//! `POST {base}/accounts/{id}/reauthorise` with `mono-sec-key` answers `{"token": "..."}`. Answers are
+//! classified by whose problem they are:
+//! - Mono's, for now: connect errors, timeouts, 5xx, 408, 425 and 429 (with its `Retry-After`, capped);
+//! - ours: 401/403 (Mono refuses our secret key) and any redirect (redirects are never followed, so
+//!   `mono-sec-key` cannot travel to another origin; a redirect means `MONO_API_URL` is wrong);
+//! - the account's, for good: any other 4xx, with Mono's `message` as the reason.
 
 use chrono::{DateTime, Utc};
 use reqwest::header::RETRY_AFTER;
@@ -25,6 +28,7 @@ pub struct MonoClient {
     http: reqwest::Client,
     base: Url,
     secret_key: SecretString,
+    max_retry_after: Duration,
 }
 
 /// A re-auth token. Its `Debug` never shows the value.
@@ -67,6 +71,10 @@ pub enum MonoError {
     /// (`5xx`, `429`, `timeout`, `connect_error`, `other`).
     #[error("Mono is unavailable: {reason}")]
     Unavailable { reason: String, retry_after: Option<Duration>, class: &'static str },
+    /// Mono refuses our secret key (401/403): every account fails alike until an operator fixes
+    /// `MONO_SECRET_KEY`, so this is our outage, never the event's fault.
+    #[error("Mono refuses our secret key ({status}): {message}")]
+    KeyRefused { status: u16, message: String },
     /// Mono refused this account; retrying cannot help.
     #[error("Mono refused ({status}): {message}")]
     Rejected { status: u16, message: String },
@@ -77,13 +85,20 @@ impl MonoError {
     pub fn status_class(&self) -> &'static str {
         match self {
             Self::Unavailable { class, .. } => class,
+            Self::KeyRefused { .. } => "key_refused",
             Self::Rejected { .. } => "4xx",
         }
     }
 }
 
 impl MonoClient {
-    pub fn new(base_url: &str, secret_key: SecretString, timeout: Duration) -> anyhow::Result<Self> {
+    /// `max_retry_after` caps the wait any `Retry-After` can ask for.
+    pub fn new(
+        base_url: &str,
+        secret_key: SecretString,
+        timeout: Duration,
+        max_retry_after: Duration,
+    ) -> anyhow::Result<Self> {
         let base =
             Url::parse(base_url).map_err(|e| anyhow::anyhow!("MONO_API_URL is not a valid URL ({e})"))?;
         if base.cannot_be_a_base() {
@@ -93,8 +108,10 @@ impl MonoClient {
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .user_agent(concat!("monohook-worker/", env!("CARGO_PKG_VERSION")))
+            // A redirect would carry `mono-sec-key` wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        Ok(Self { http, base, secret_key })
+        Ok(Self { http, base, secret_key, max_retry_after })
     }
 
     /// Asks Mono for a re-auth token for `account`.
@@ -117,8 +134,12 @@ impl MonoClient {
             }
         };
         let status = response.status();
-        let retry_after =
-            response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after)
+            .map(|wait| wait.min(self.max_retry_after));
         let body = match response.bytes().await {
             Ok(body) => body,
             Err(error) if error.is_timeout() => {
@@ -138,7 +159,25 @@ impl MonoClient {
                 _ => Err(unavailable("other", &format!("{status} without a token"))),
             };
         }
+        if status.is_redirection() {
+            return Err(unavailable(
+                "redirect",
+                &format!(
+                    "{status}: Mono answered with a redirect, which is not followed (is MONO_API_URL right?)"
+                ),
+            ));
+        }
         let message = mono_message(&body);
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            return Err(MonoError::KeyRefused { status: status.as_u16(), message });
+        }
+        if matches!(status, StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_EARLY) {
+            return Err(MonoError::Unavailable {
+                reason: format!("{status}: {message}"),
+                retry_after,
+                class: "retryable_4xx",
+            });
+        }
         if status == StatusCode::TOO_MANY_REQUESTS {
             return Err(MonoError::Unavailable {
                 reason: format!("rate limited (429): {message}"),
@@ -177,12 +216,14 @@ fn mono_message(body: &[u8]) -> String {
     text.chars().take(MAX_REASON_CHARS).collect()
 }
 
-/// `Retry-After` as seconds or as an HTTP date.
+/// `Retry-After` as seconds or as an HTTP date (the caller caps it).
 fn parse_retry_after(value: &str) -> Option<Duration> {
-    if let Ok(seconds) = value.trim().parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
+    let value = value.trim();
+    if value.bytes().all(|b| b.is_ascii_digit()) && !value.is_empty() {
+        // Any number of digits: an absurd value saturates instead of failing to parse.
+        return Some(Duration::from_secs(value.parse::<u64>().unwrap_or(u64::MAX)));
     }
-    let at = DateTime::parse_from_rfc2822(value.trim()).ok()?;
+    let at = DateTime::parse_from_rfc2822(value).ok()?;
     (at.with_timezone(&Utc) - Utc::now()).to_std().ok()
 }
 
@@ -210,6 +251,7 @@ mod tests {
         let parsed = parse_retry_after(&later).unwrap();
         assert!(parsed > Duration::from_secs(25) && parsed <= Duration::from_secs(30), "{parsed:?}");
         assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_retry_after("99999999999999999999999"), Some(Duration::from_secs(u64::MAX)));
     }
 
     #[test]

@@ -29,10 +29,15 @@ use crate::dlq::Republisher;
 use crate::event::IncomingEvent;
 use crate::mono::ReauthToken;
 use crate::processor::{ItemOutcome, Processor};
-use crate::tokens::{TokenFetcher, TokenOutcome};
+use crate::tokens::{Flight, TokenFetcher, TokenOutcome};
 use shared::delivery::{AttemptHistory, DeliveryMeta, HEADER_REPLAY_FORCE, as_u32, header_str};
 use shared::event::EventKind;
+use shared::retry::RetryPolicy;
 use shared::topology::Topology;
+
+/// Spacing of the tries to move a delivery whose copy the broker did not take.
+static MOVE_RETRY: std::sync::LazyLock<RetryPolicy> =
+    std::sync::LazyLock::new(|| RetryPolicy::forever(Duration::from_secs(1), Duration::from_secs(30)));
 
 /// What every session's pipeline shares.
 pub struct PipelineSettings {
@@ -42,6 +47,36 @@ pub struct PipelineSettings {
     pub topology: Topology,
     pub batch_max: usize,
     pub batch_concurrency: usize,
+    /// Deliveries this process held when a broker session was lost.
+    pub returns: ReturnsOnLoss,
+}
+
+/// How many times each delivery went back to the queue because this process lost its broker session
+/// while holding it. RabbitMQ counts those returns in `x-delivery-count` like any other, so the poison
+/// guard takes them off: several broker restarts must not make a healthy delivery look like poison.
+#[derive(Default)]
+pub struct ReturnsOnLoss {
+    counts: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, u32>>,
+}
+
+impl ReturnsOnLoss {
+    /// Ids remembered at most; past that the memory starts over (bounded memory through any number
+    /// of outages, at the price of counting older returns again).
+    const CAPACITY: usize = 200_000;
+
+    pub fn note(&self, ids: &[uuid::Uuid]) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if counts.len() + ids.len() > Self::CAPACITY {
+            counts.clear();
+        }
+        for id in ids {
+            *counts.entry(*id).or_default() += 1;
+        }
+    }
+
+    fn of(&self, id: uuid::Uuid) -> u32 {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).get(&id).copied().unwrap_or(0)
+    }
 }
 
 /// Why a delivery is dead (the `x-dead-class` header and the metric label).
@@ -71,6 +106,8 @@ struct Work {
     history: AttemptHistory,
     event: IncomingEvent,
     token: Option<ReauthToken>,
+    /// Keeps the token's fetch on offer to copies of this delivery until it is settled.
+    flight: Option<Flight>,
     span: tracing::Span,
     started: Instant,
 }
@@ -111,8 +148,8 @@ impl Pipeline {
     /// Takes one delivery from the consumer.
     pub fn accept(&self, delivery: Delivery) {
         let inner = &self.inner;
-        inner.acks.received(delivery.delivery_tag);
         let meta = DeliveryMeta::from_properties(&delivery.properties, &delivery.data);
+        inner.acks.received(delivery.delivery_tag, meta.id.as_uuid());
         let history = AttemptHistory::from_properties(&delivery.properties);
         let handed_out = delivery
             .properties
@@ -157,19 +194,19 @@ impl Pipeline {
             }
         };
         // The broker dead-letters at the delivery limit on its own, but then nothing records why.
-        // Stopping one short keeps the dead-letter queue and the journal in agreement.
+        // Stopping one short keeps the dead-letter queue and the journal in agreement. Returns this
+        // process saw its own broker session lose do not count: they say nothing about the delivery.
         let limit = inner.settings.topology.delivery_limit();
+        let handed_out = handed_out.saturating_sub(inner.settings.returns.of(meta.id.as_uuid()));
         if handed_out + 1 >= limit {
-            let reason = format!(
-                "handed out {} times without being settled (does it crash the worker?)",
-                handed_out + 1
+            let task = inner.clone().poison_guard(
+                Work { delivery, history, event, token: None, flight: None, span: span.clone(), started },
+                handed_out + 1,
             );
-            let task =
-                inner.clone().dead_letter(delivery, history, record, reason, DeadClass::Poison, started);
             inner.tasks.spawn(task.instrument(span));
             return;
         }
-        let _ = inner.input.send(Work { delivery, history, event, token: None, span, started });
+        let _ = inner.input.send(Work { delivery, history, event, token: None, flight: None, span, started });
     }
 
     /// Deliveries received and not yet settled.
@@ -187,6 +224,13 @@ impl Pipeline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         true
+    }
+
+    /// Stops all work of this session after it was lost; unsettled deliveries return to the queue, and
+    /// the poison guard is told they did so through no fault of theirs.
+    pub async fn abandon_lost(&self) {
+        self.inner.settings.returns.note(&self.inner.acks.unsettled_ids());
+        self.abandon().await;
     }
 
     /// Stops all work of this session; unsettled deliveries return to the queue when it closes.
@@ -268,25 +312,50 @@ impl Inner {
         self.acks.settle(&acks).await;
     }
 
+    /// A delivery handed out too often: one already journaled was applied (its ack was lost), so it
+    /// is acked; any other is dead-lettered as poison.
+    async fn poison_guard(self: Arc<Self>, work: Work, handed_out: u32) {
+        match self.settings.processor.is_journaled(work.event.record.id, &self.abandon).await {
+            None => finished(&work.event, "abandoned", work.started),
+            Some(true) => {
+                tracing::info!(handed_out, "delivery was settled before (redelivery); no effect");
+                finished(&work.event, "redelivered", work.started);
+                self.acks.settle(&[work.delivery.delivery_tag]).await;
+            }
+            Some(false) => {
+                let reason = format!(
+                    "handed out {handed_out} times without being settled (does it crash the worker?)"
+                );
+                self.dead_letter_work(work, reason, DeadClass::Poison).await;
+            }
+        }
+    }
+
     async fn fetch_token(self: Arc<Self>, mut work: Work) {
         let account = work.event.account_id.clone().expect("re-auth events carry an account id");
-        match self.settings.tokens.fetch(&account, &self.abandon).await {
+        let (outcome, flight) = self.settings.tokens.fetch(&account, &self.abandon).await;
+        work.flight = flight;
+        match outcome {
             TokenOutcome::Token(token) => {
                 work.token = Some(token);
                 let _ = self.input.send(work);
             }
             TokenOutcome::Park { reason } => {
-                let moved = self.republisher.park(&work.delivery, &work.history, &reason).await;
-                self.settle_move(work, moved.map(|()| "parked"), &reason, 1).await;
+                let moved =
+                    self.patiently(|| self.republisher.park(&work.delivery, &work.history, &reason)).await;
+                self.settle_move(work, moved.then_some("parked"), &reason, 1).await;
             }
             TokenOutcome::Retry { reason } => {
                 let tier = (work.history.previous_attempts + 1) as usize;
                 if tier <= self.settings.topology.retry_delays().len() {
-                    let moved =
-                        self.republisher.to_retry_tier(&work.delivery, tier, &work.history, &reason).await;
+                    let moved = self
+                        .patiently(|| {
+                            self.republisher.to_retry_tier(&work.delivery, tier, &work.history, &reason)
+                        })
+                        .await;
                     metrics::counter!("monohook_worker_retries_total", "tier" => tier.to_string())
                         .increment(1);
-                    self.settle_move(work, moved.map(|()| "retried"), &reason, tier).await;
+                    self.settle_move(work, moved.then_some("retried"), &reason, tier).await;
                 } else {
                     let reason = format!("retries exhausted: {reason}");
                     self.dead_letter_work(work, reason, DeadClass::Exhausted).await;
@@ -302,24 +371,46 @@ impl Inner {
         }
     }
 
-    /// Acks a delivery moved to a retry tier, or leaves it if the move failed.
-    async fn settle_move(
-        &self,
-        work: Work,
-        moved: Result<&'static str, crate::dlq::RepublishError>,
-        reason: &str,
-        tier: usize,
-    ) {
+    /// Acks a delivery moved to a retry tier; one whose move was abandoned stays unacked and returns
+    /// to the queue with the session.
+    async fn settle_move(&self, work: Work, moved: Option<&'static str>, reason: &str, tier: usize) {
         match moved {
-            Ok(outcome) => {
+            Some(outcome) => {
                 let delay = self.settings.topology.retry_delays().get(tier - 1).copied().unwrap_or_default();
                 tracing::warn!(%reason, tier, retry_in = ?delay, outcome, "moved to a retry tier");
                 finished(&work.event, outcome, work.started);
                 self.acks.settle(&[work.delivery.delivery_tag]).await;
             }
-            Err(error) => {
-                tracing::warn!(%error, "cannot move to a retry tier; returning the delivery to the queue");
-                self.acks.requeue(work.delivery.delivery_tag).await;
+            None => {
+                tracing::info!("delivery abandoned before it could be moved; it returns to the queue");
+                finished(&work.event, "abandoned", work.started);
+            }
+        }
+    }
+
+    /// Publishes a delivery's copy, holding the delivery and trying again with backoff (declaring the
+    /// topology again in between) while the move fails. A nack instead would send it straight back,
+    /// burning its delivery limit in milliseconds. `false` once the session is abandoned.
+    async fn patiently<F, Fut>(&self, mut publish: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), crate::dlq::RepublishError>>,
+    {
+        let mut schedule = MOVE_RETRY.schedule();
+        loop {
+            let error = match publish().await {
+                Ok(()) => return true,
+                Err(error) => error,
+            };
+            let delay = schedule.next_delay().unwrap_or(MOVE_RETRY.max_interval);
+            tracing::warn!(%error, retry_in = ?delay, "cannot move the delivery; holding it and trying again");
+            metrics::counter!("monohook_worker_move_failures_total").increment(1);
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.abandon.cancelled() => return false,
+            }
+            if let Err(error) = self.republisher.redeclare().await {
+                tracing::warn!(%error, "declaring the topology again failed");
             }
         }
     }
@@ -339,9 +430,8 @@ impl Inner {
         class: DeadClass,
         started: Instant,
     ) {
-        if let Err(error) = self.republisher.to_dead_letters(&delivery, &history, &reason, class).await {
-            tracing::warn!(%error, "cannot dead-letter; returning the delivery to the queue");
-            self.acks.requeue(delivery.delivery_tag).await;
+        if !self.patiently(|| self.republisher.to_dead_letters(&delivery, &history, &reason, class)).await {
+            tracing::info!("delivery abandoned before it could be dead-lettered; it returns to the queue");
             return;
         }
         tracing::warn!(%reason, class = class.as_str(), "dead-lettered");
@@ -354,6 +444,10 @@ impl Inner {
             .record(started.elapsed().as_secs_f64());
         if self.settings.processor.record_dead(&record, &reason, &self.abandon).await {
             self.acks.settle(&[delivery.delivery_tag]).await;
+        } else if !self.abandon.is_cancelled() {
+            // Without its journal row the dead letter would be invisible to `worker dlq`: keep the
+            // delivery unacked, so it comes back with the next session and is tried again.
+            tracing::error!("the dead letter could not be journaled; the delivery is held, not acked");
         }
     }
 }

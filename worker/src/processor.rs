@@ -96,7 +96,24 @@ impl Processor {
     }
 
     async fn apply_once(&self, candidates: &[Candidate<'_>]) -> Result<Vec<ItemOutcome>, BatchError> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.pool.acquire().await?;
+        let result = self.apply_on(&mut conn, candidates).await;
+        if let Err(BatchError::Database(error)) = &result
+            && db::poisons_connection(error)
+        {
+            // A session on a replica (or with stale credentials) would fail the same way forever.
+            conn.close_on_drop();
+        }
+        result
+    }
+
+    async fn apply_on(
+        &self,
+        conn: &mut sqlx::pool::PoolConnection<sqlx::Postgres>,
+        candidates: &[Candidate<'_>],
+    ) -> Result<Vec<ItemOutcome>, BatchError> {
+        use sqlx::Connection;
+        let mut tx = conn.begin().await?;
         let mut state = db::batch::load(&mut tx, candidates, self.dedup_window).await?;
         let decisions = batch::decide(&mut state, candidates, self.dedup_window);
         let journal: Vec<JournalEntry<'_>> = decisions
@@ -146,27 +163,73 @@ impl Processor {
             .collect())
     }
 
-    /// Journals a dead letter, retrying while the database is unreachable. `false` if abandoned.
+    /// Whether delivery `id` is journaled, retrying while the database is unreachable; `None` if
+    /// abandoned meanwhile.
+    pub async fn is_journaled(&self, id: uuid::Uuid, abandon: &CancellationToken) -> Option<bool> {
+        let attempt = || async {
+            sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM webhook_events WHERE id = $1)")
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(classify)
+        };
+        let on_retry = |error: &sqlx::Error, delay: Duration| {
+            tracing::warn!(%error, retry_in = ?delay, "database unavailable; poison guard waiting");
+        };
+        match retry::retry(&self.db_retry, abandon, attempt, on_retry).await {
+            Ok(journaled) => Some(journaled),
+            Err(RetryError::Cancelled(_)) => None,
+            // Cannot know: the guard does its job (the dead letter can be replayed; its id is applied once).
+            Err(_) => Some(false),
+        }
+    }
+
+    /// Journals a dead letter, retrying while the database is unreachable. `false` if abandoned or if
+    /// no journal row can be written at all: then the delivery must not be acked.
     pub async fn record_dead(
         &self,
         record: &db::events::EventRecord,
         reason: &str,
         abandon: &CancellationToken,
     ) -> bool {
+        match self.record_dead_once(record, reason, abandon).await {
+            Some(true) => return true,
+            None => return false,
+            Some(false) => {}
+        }
+        // The body itself may be what the database refuses (jsonb rejects some valid JSON): keep
+        // the row, reason and all, without it; the message in the dead-letter queue has the body.
+        let bare = db::events::EventRecord { payload: None, ..record.clone() };
+        let reason = format!("{reason} (body not journaled: the database refused it)");
+        self.record_dead_once(&bare, &reason, abandon).await == Some(true)
+    }
+
+    /// One journaling try: `Some(true)` written, `Some(false)` refused for good, `None` abandoned.
+    async fn record_dead_once(
+        &self,
+        record: &db::events::EventRecord,
+        reason: &str,
+        abandon: &CancellationToken,
+    ) -> Option<bool> {
         let attempt = || async {
             let mut conn = self.pool.acquire().await.map_err(classify)?;
-            db::events::record_dead(&mut conn, record, reason).await.map_err(classify)
+            let written = db::events::record_dead(&mut conn, record, reason).await;
+            if let Err(error) = &written
+                && db::poisons_connection(error)
+            {
+                conn.close_on_drop();
+            }
+            written.map_err(classify)
         };
         let on_retry = |error: &sqlx::Error, delay: Duration| {
             tracing::warn!(%error, retry_in = ?delay, "database unavailable; dead letter not journaled yet");
         };
         match retry::retry(&self.db_retry, abandon, attempt, on_retry).await {
-            Ok(()) => true,
-            Err(RetryError::Cancelled(_)) => false,
+            Ok(()) => Some(true),
+            Err(RetryError::Cancelled(_)) => None,
             Err(RetryError::Permanent(error) | RetryError::Exhausted { last: error, .. }) => {
-                // The message is in the dead-letter queue either way; only the journal row is missing.
                 tracing::error!(%error, "cannot journal the dead letter");
-                true
+                Some(false)
             }
         }
     }

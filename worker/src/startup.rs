@@ -41,7 +41,7 @@ impl Worker {
             .mono_secret_key
             .clone()
             .ok_or_else(|| anyhow::anyhow!("MONO_SECRET_KEY is required to run the worker"))?;
-        let mono = MonoClient::new(&run.mono_api_url, secret_key, run.mono_timeout())?;
+        let mono = MonoClient::new(&run.mono_api_url, secret_key, run.mono_timeout(), run.max_retry_after())?;
         let topology = broker.topology();
         // Parking and retrying need at least one tier to wait in.
         anyhow::ensure!(
@@ -59,6 +59,7 @@ impl Worker {
             topology: topology.clone(),
             batch_max: run.batch_max.max(1),
             batch_concurrency: run.batch_concurrency.max(1),
+            returns: Default::default(),
         };
         let settings = ConsumerSettings {
             amqp_url: broker.amqp_url.clone(),
@@ -84,8 +85,11 @@ impl Worker {
             self.pipeline.health.clone(),
             cancel.clone(),
         ));
+        let report =
+            tokio::spawn(crate::tokens::report_key_refused(self.pipeline.tokens.clone(), cancel.clone()));
         consumer::run(self.pipeline.clone(), self.settings, self.session, cancel).await;
         let _ = watch.await;
+        let _ = report.await;
         self.metrics_server.stop(true).await;
         tracing::info!("worker stopped");
         Ok(())

@@ -1,25 +1,36 @@
-//! Getting a re-auth token for one delivery: the circuit breaker and the in-process retries around
-//! the Mono client.
+//! Getting a re-auth token for one delivery: the circuit breaker, the in-process retries and the
+//! single flight around the Mono client.
 //!
 //! Each call first asks the breaker. While it is open the delivery is parked (moved to the first
-//! retry tier without spending an attempt) instead of calling a Mono that is down. Otherwise
-//! transient failures are retried with backoff and jitter (honouring `Retry-After`) within the
-//! budget; when it runs out the delivery moves to the next retry tier, spending an attempt.
+//! retry tier without spending an attempt) instead of calling a Mono that is down, or that refuses
+//! our key. Otherwise transient failures are retried with backoff and jitter (honouring
+//! `Retry-After`) within the budget; when it runs out the delivery moves to the next retry tier,
+//! spending an attempt, unless the breaker has opened meanwhile (then it is an outage: parked).
+//!
+//! Single flight: concurrent deliveries for one account (Mono retrying a webhook) share one call.
+//! The first one's outcome stays on offer until that delivery is settled, so a copy that needs a token
+//! in the meantime gets the same one instead of calling Mono again.
 
-use std::time::Instant;
-use tokio::sync::Semaphore;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::circuit::{BreakerState, CircuitBreaker};
+use crate::circuit::{BreakerState, CallResult, CircuitBreaker};
 use crate::mono::{MonoClient, MonoError, ReauthToken};
 use shared::event::AccountId;
 use shared::retry::RetryPolicy;
 
+/// How often a refused key is logged again while it stays refused.
+const KEY_REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
+
 /// How the attempt to get a token ended.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum TokenOutcome {
     Token(ReauthToken),
-    /// Mono is down for everyone (the breaker is open): wait in the retry tier, attempt not spent.
+    /// Mono is down for everyone, or refuses our key (the breaker is open): wait in the retry tier,
+    /// attempt not spent.
     Park {
         reason: String,
     },
@@ -35,29 +46,116 @@ pub enum TokenOutcome {
     Abandoned,
 }
 
+type Flights = Arc<Mutex<HashMap<String, (u64, watch::Receiver<Option<TokenOutcome>>)>>>;
+
+/// Keeps a fetch's outcome on offer for its account while held; dropping it withdraws the offer.
+pub struct Flight {
+    flights: Flights,
+    account: String,
+    id: u64,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        let mut flights = lock(&self.flights);
+        if flights.get(&self.account).is_some_and(|(id, _)| *id == self.id) {
+            flights.remove(&self.account);
+        }
+    }
+}
+
 pub struct TokenFetcher {
     mono: MonoClient,
     breaker: CircuitBreaker,
     policy: RetryPolicy,
     /// Bounds the calls in flight to Mono, whatever the prefetch.
     in_flight: Semaphore,
+    flights: Flights,
+    next_flight: std::sync::atomic::AtomicU64,
 }
 
 impl TokenFetcher {
     pub fn new(mono: MonoClient, breaker: CircuitBreaker, policy: RetryPolicy, max_in_flight: usize) -> Self {
-        Self { mono, breaker, policy, in_flight: Semaphore::new(max_in_flight.max(1)) }
+        Self {
+            mono,
+            breaker,
+            policy,
+            in_flight: Semaphore::new(max_in_flight.max(1)),
+            flights: Flights::default(),
+            next_flight: Default::default(),
+        }
     }
 
     pub fn breaker_state(&self) -> BreakerState {
         self.breaker.state()
     }
 
-    pub async fn fetch(&self, account: &AccountId, abandon: &CancellationToken) -> TokenOutcome {
+    /// Whether Mono refused our secret key on the last call it answered.
+    pub fn key_refused(&self) -> bool {
+        self.breaker.key_refused()
+    }
+
+    /// A token for `account`, shared with any fetch for it still on offer. The [`Flight`] (for the
+    /// delivery that made the call) keeps the outcome on offer until it is dropped.
+    pub async fn fetch(
+        &self,
+        account: &AccountId,
+        abandon: &CancellationToken,
+    ) -> (TokenOutcome, Option<Flight>) {
+        loop {
+            let joined = {
+                let mut flights = lock(&self.flights);
+                match flights.get(account.as_str()) {
+                    Some((_, offer)) => Err(offer.clone()),
+                    None => {
+                        let id = self.next_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let (sender, offer) = watch::channel(None);
+                        flights.insert(account.as_str().to_owned(), (id, offer));
+                        let flight = Flight {
+                            flights: self.flights.clone(),
+                            account: account.as_str().to_owned(),
+                            id,
+                        };
+                        Ok((sender, flight))
+                    }
+                }
+            };
+            match joined {
+                Ok((sender, flight)) => {
+                    let outcome = self.fetch_alone(account, abandon).await;
+                    sender.send_replace(Some(outcome.clone()));
+                    if matches!(outcome, TokenOutcome::Abandoned) {
+                        return (outcome, None);
+                    }
+                    return (outcome, Some(flight));
+                }
+                Err(mut offer) => {
+                    let shared = tokio::select! {
+                        shared = offer.wait_for(Option::is_some) => shared.ok().and_then(|s| s.clone()),
+                        () = abandon.cancelled() => return (TokenOutcome::Abandoned, None),
+                    };
+                    match shared {
+                        // The caller gave up (its session went): try again, maybe as the caller.
+                        None | Some(TokenOutcome::Abandoned) => {
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
+                        Some(outcome) => {
+                            metrics::counter!("monohook_worker_mono_calls_shared_total").increment(1);
+                            return (outcome, None);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fetch_alone(&self, account: &AccountId, abandon: &CancellationToken) -> TokenOutcome {
         let mut schedule = self.policy.schedule();
         let mut calls = 0;
         loop {
             let Some(permit) = self.breaker.try_acquire() else {
-                return TokenOutcome::Park { reason: "Mono circuit is open".to_owned() };
+                return TokenOutcome::Park { reason: self.park_reason(None) };
             };
             calls += 1;
             let started = Instant::now();
@@ -76,20 +174,25 @@ impl TokenFetcher {
                 .record(started.elapsed().as_secs_f64());
             let (error, retry_after) = match answer {
                 Ok(token) => {
-                    self.breaker.record(permit, true);
+                    self.breaker.record(permit, CallResult::Answered);
                     return TokenOutcome::Token(token);
                 }
                 Err(error @ MonoError::Rejected { .. }) => {
                     // Mono answered: it is up, whatever it thinks of this account.
-                    self.breaker.record(permit, true);
+                    self.breaker.record(permit, CallResult::Answered);
                     return TokenOutcome::Refused { reason: error.to_string() };
                 }
+                Err(error @ MonoError::KeyRefused { .. }) => {
+                    // No retry can help until an operator fixes the key: park at once.
+                    self.breaker.record(permit, CallResult::KeyRefused);
+                    return TokenOutcome::Park { reason: self.park_reason(Some(&error)) };
+                }
                 Err(error @ MonoError::Unavailable { retry_after: Some(wait), class: "429", .. }) => {
-                    self.breaker.record_throttled(permit, wait);
+                    self.breaker.record(permit, CallResult::Throttled(wait));
                     (error, Some(wait))
                 }
                 Err(error @ MonoError::Unavailable { retry_after, .. }) => {
-                    self.breaker.record(permit, false);
+                    self.breaker.record(permit, CallResult::Failed);
                     (error, retry_after)
                 }
             };
@@ -99,11 +202,12 @@ impl TokenFetcher {
                 None => schedule.next_delay(),
             };
             let Some(delay) = delay else {
+                // An open or probing breaker means an outage, not this delivery's failure.
                 return match self.breaker.state() {
-                    BreakerState::Open => {
-                        TokenOutcome::Park { reason: format!("{error}; Mono circuit is open") }
+                    BreakerState::Closed => {
+                        TokenOutcome::Retry { reason: format!("{error} (after {calls} calls)") }
                     }
-                    _ => TokenOutcome::Retry { reason: format!("{error} (after {calls} calls)") },
+                    _ => TokenOutcome::Park { reason: self.park_reason(Some(&error)) },
                 };
             };
             tracing::warn!(%error, retry_in = ?delay, "Mono call failed; retrying");
@@ -113,4 +217,37 @@ impl TokenFetcher {
             }
         }
     }
+
+    fn park_reason(&self, error: Option<&MonoError>) -> String {
+        let cause = if self.breaker.key_refused() {
+            "Mono refuses our secret key (MONO_SECRET_KEY)"
+        } else {
+            "Mono circuit is open"
+        };
+        match error {
+            Some(error) => format!("{error}; {cause}"),
+            None => cause.to_owned(),
+        }
+    }
+}
+
+/// Logs once a minute while Mono refuses our key, so the outage cannot scroll out of sight.
+pub async fn report_key_refused(tokens: Arc<TokenFetcher>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(KEY_REFUSED_LOG_EVERY);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => return,
+        }
+        if tokens.key_refused() {
+            tracing::error!(
+                "Mono still refuses our secret key (MONO_SECRET_KEY): re-auth deliveries stay parked until it is fixed"
+            );
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

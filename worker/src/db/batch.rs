@@ -63,6 +63,30 @@ pub async fn load(
     for (id, body, received_at) in copies {
         state.bodies.entry(body).or_default().push((id, received_at));
     }
+
+    // Whether a copy is a duplicate depends on what was applied to its account between the copies:
+    // only the accounts whose bodies have copies need that (none, in the common case).
+    let mut with_copies: Vec<&str> = candidates
+        .iter()
+        .filter(|c| c.event.kind.needs_account() && state.bodies.contains_key(&c.event.record.body_sha256))
+        .map(|c| c.event.account())
+        .collect();
+    with_copies.sort_unstable();
+    with_copies.dedup();
+    if !with_copies.is_empty() {
+        let applied: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT account_id, body_sha256, received_at FROM webhook_events
+             WHERE account_id = ANY($1) AND status = 'processed' AND received_at BETWEEN $2 AND $3",
+        )
+        .bind(&with_copies)
+        .bind(earliest)
+        .bind(latest)
+        .fetch_all(&mut *conn)
+        .await?;
+        for (account, body, received_at) in applied {
+            state.applied.entry(account).or_default().push((received_at, body));
+        }
+    }
     Ok(state)
 }
 

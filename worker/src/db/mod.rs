@@ -60,8 +60,9 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await.context("applying database migrations failed")
 }
 
-/// Whether `error` means the database is unavailable for now (retry) rather than that this statement
-/// can never succeed.
+/// Whether `error` says "not now" rather than "never": the database is unreachable, restarting,
+/// failing over, overloaded, or refusing our credentials for the moment. Deliveries are held and the
+/// statement retried; none of these may ever dead-letter an event.
 pub fn is_transient(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_)
@@ -70,16 +71,39 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 08: connection exception; 53: insufficient resources; 57P: operator intervention
-            // (shutdown, restart); 58: system error; 40001/40P01: serialization failure, deadlock.
-            code.starts_with("08")
-                || code.starts_with("53")
-                || code.starts_with("57P")
-                || code.starts_with("58")
-                || code == "40001"
-                || code == "40P01"
-        }),
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| is_transient_code(&code)),
         _ => false,
+    }
+}
+
+/// The SQLSTATE classes and codes of [`is_transient`].
+fn is_transient_code(code: &str) -> bool {
+    // 08: connection exception; 53: insufficient resources (too many connections, disk full);
+    // 57P: operator intervention (admin shutdown, crash shutdown, cannot connect now); 58: system
+    // error; 28: invalid authorisation (a rotated password); 40001/40P01: serialization failure,
+    // deadlock; 25006: read-only transaction (a failover landed on a replica); 57014: statement
+    // timeout or cancel; 55P03: lock timeout; 55006: object in use.
+    ["08", "53", "57P", "58", "28"].iter().any(|class| code.starts_with(class))
+        || ["40001", "40P01", "25006", "57014", "55P03", "55006"].contains(&code)
+}
+
+/// Whether the connection that saw `error` should be closed rather than reused: its session is on
+/// the wrong server (a read-only replica) or holds settings or credentials that are stale now.
+pub fn poisons_connection(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().is_some_and(|code| code == "25006" || code.starts_with("28")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outages_of_ours_are_transient_and_bad_data_is_not() {
+        for code in ["08006", "53300", "57P01", "28P01", "28000", "25006", "57014", "55P03", "40001"] {
+            assert!(is_transient_code(code), "{code} must be transient");
+        }
+        for code in ["22P02", "23505", "22021", "42P01", "22P05"] {
+            assert!(!is_transient_code(code), "{code} must not be transient");
+        }
     }
 }

@@ -11,7 +11,7 @@ pub fn apply(account: &mut AccountState, event: &IncomingEvent) -> HandlerOutcom
     account.reauth_required = false;
     account.clear_token();
     account.reauthorized_at = Some(event.received_at);
-    account.reauth_state_received_at = Some(event.received_at);
+    account.advance_reauth_guard(event.received_at);
     HandlerOutcome::Applied
 }
 

@@ -19,7 +19,7 @@ pub fn apply(account: &mut AccountState, event: &IncomingEvent) -> HandlerOutcom
         account.snapshot_body.clone_from(&event.record.payload);
     }
     account.data_updated_at = Some(event.received_at);
-    account.data_state_received_at = Some(event.received_at);
+    account.advance_data_guard(event.received_at);
     HandlerOutcome::Applied
 }
 

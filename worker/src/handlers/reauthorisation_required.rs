@@ -22,10 +22,15 @@ pub fn apply(
         return HandlerOutcome::NeedsToken;
     };
     account.reauth_required = true;
-    account.reauth_token = Some(StoredToken(token.expose().to_owned()));
-    account.reauth_token_issued_at = Some(token.issued_at);
-    account.reauth_token_expires_at = Some(token.issued_at + REAUTH_TOKEN_LIFETIME);
-    account.reauth_state_received_at = Some(event.received_at);
+    // Another worker may have stored a token Mono issued after this one: the later one stays.
+    let later_stored = account.reauth_token.is_some()
+        && account.reauth_token_issued_at.is_some_and(|stored| stored > token.issued_at);
+    if !later_stored {
+        account.reauth_token = Some(StoredToken(token.expose().to_owned()));
+        account.reauth_token_issued_at = Some(token.issued_at);
+        account.reauth_token_expires_at = Some(token.issued_at + REAUTH_TOKEN_LIFETIME);
+    }
+    account.advance_reauth_guard(event.received_at);
     HandlerOutcome::Applied
 }
 
@@ -67,5 +72,32 @@ mod tests {
             AccountState { unlinked_at: Some(now - Duration::seconds(5)), ..AccountState::new("a1") };
         let event = event_at(NAME, now, serde_json::json!({}));
         assert_eq!(apply(&mut account, &event, None), HandlerOutcome::Ignored("account is unlinked"));
+    }
+
+    #[test]
+    fn a_token_never_replaces_one_issued_later() {
+        let now = Utc::now();
+        let mut account = AccountState {
+            reauth_required: true,
+            reauth_token: Some(StoredToken("later".into())),
+            reauth_token_issued_at: Some(now),
+            ..AccountState::new("a1")
+        };
+        let event = event_at(NAME, now, serde_json::json!({}));
+        let earlier = ReauthToken::for_tests("earlier", now - Duration::seconds(2));
+        assert_eq!(apply(&mut account, &event, Some(&earlier)), HandlerOutcome::Applied);
+        assert_eq!(account.reauth_token, Some(StoredToken("later".into())));
+        assert_eq!(account.reauth_token_issued_at, Some(now));
+    }
+
+    #[test]
+    fn a_forced_replay_never_moves_the_guard_backwards() {
+        let now = Utc::now();
+        let mut account = AccountState { reauth_state_received_at: Some(now), ..AccountState::new("a1") };
+        let mut old = event_at(NAME, now - Duration::hours(1), serde_json::json!({}));
+        old.forced = true;
+        let token = ReauthToken::for_tests("tok", now);
+        assert_eq!(apply(&mut account, &old, Some(&token)), HandlerOutcome::Applied);
+        assert_eq!(account.reauth_state_received_at, Some(now), "the guard keeps the later time");
     }
 }

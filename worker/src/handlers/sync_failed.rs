@@ -11,7 +11,7 @@ pub fn apply(account: &mut AccountState, event: &IncomingEvent) -> HandlerOutcom
     }
     account.data_status = Some(event.data_status.clone().unwrap_or_else(|| "FAILED".to_owned()));
     account.last_sync_failed_at = Some(event.received_at);
-    account.data_state_received_at = Some(event.received_at);
+    account.advance_data_guard(event.received_at);
     HandlerOutcome::Applied
 }
 

@@ -29,6 +29,8 @@ pub struct TestWorld {
     pub broker: TestBroker,
     pub mono: MockServer,
     workers: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
+    /// Where each started worker serves `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_addrs: Vec<std::net::SocketAddr>,
 }
 
 /// A journal row as the tests check it.
@@ -44,7 +46,13 @@ pub struct JournalRow {
 impl TestWorld {
     pub async fn new(pool: PgPool) -> Self {
         init_test_logging();
-        Self { pool, broker: TestBroker::new().await, mono: MockServer::start().await, workers: Vec::new() }
+        Self {
+            pool,
+            broker: TestBroker::new().await,
+            mono: MockServer::start().await,
+            workers: Vec::new(),
+            metrics_addrs: Vec::new(),
+        }
     }
 
     /// The worker's command line for this world, plus `extra` flags.
@@ -84,6 +92,7 @@ impl TestWorld {
     /// Starts a worker with a given command line and pool (e.g. a pool that goes through a proxy).
     pub async fn start_worker_on(&mut self, cli: Cli, pool: PgPool) {
         let worker = Worker::build(&cli.broker, &cli.run, pool).await.expect("worker failed to build");
+        self.metrics_addrs.push(worker.metrics_addr());
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(worker.run(cancel.clone()));
         self.workers.push((cancel, handle));

@@ -80,7 +80,8 @@ async fn a_dead_copy_does_not_make_a_later_copy_a_duplicate(pool: PgPool) {
     Mock::given(method("POST"))
         .and(path(format!("/accounts/{ACCOUNT}/reauthorise")))
         .respond_with(
-            ResponseTemplate::new(403).set_body_json(serde_json::json!({ "message": "key revoked" })),
+            ResponseTemplate::new(400)
+                .set_body_json(serde_json::json!({ "message": "This account can not be re-authorised." })),
         )
         .up_to_n_times(1)
         .mount(&world.mono)

@@ -3,6 +3,7 @@
 
 mod cli;
 mod dlq;
+mod edges;
 mod events;
 mod helpers;
 mod idempotency;
