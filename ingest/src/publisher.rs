@@ -216,6 +216,6 @@ async fn open_session(settings: &PublisherSettings) -> Result<Session, SessionEr
         channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(SessionError::Channel)?;
         channels.push(channel);
     }
-    settings.topology.declare(&channels[0]).await?;
+    settings.topology.declare_on(&connection).await?;
     Ok(Session { connection, channels, next_channel: AtomicUsize::new(0) })
 }

@@ -51,7 +51,7 @@ pub fn fixtures_dir() -> PathBuf {
 pub struct TestBroker {
     pub prefix: String,
     pub topology: Topology,
-    connection: Connection,
+    pub connection: Connection,
     pub channel: Channel,
 }
 
@@ -66,8 +66,8 @@ impl TestBroker {
         let topology = Topology::new(&prefix, retry_delays, 10);
         let connection =
             amqp::connect(&amqp_url(), "monohook-test").await.expect("RabbitMQ is not reachable");
+        topology.declare_on(&connection).await.expect("cannot declare the test topology");
         let channel = connection.create_channel().await.expect("cannot open a channel");
-        topology.declare(&channel).await.expect("cannot declare the test topology");
         Self { prefix, topology, connection, channel }
     }
 

@@ -42,6 +42,20 @@ pub enum TopologyError {
     TimedOut { object: String, timeout: Duration },
 }
 
+impl TopologyError {
+    /// Whether the broker refused because the object exists with other arguments (406).
+    fn is_inequivalent(&self) -> bool {
+        matches!(self, Self::Refused { source, .. }
+            if matches!(source.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 406))
+    }
+}
+
+/// `x-delivery-limit` of the dead-letter queue: explicit, so that RabbitMQ 4's default of 20 (which
+/// drops a message at the limit when, as here, no dead-letter target is set) never applies. Every
+/// look at a dead letter by `worker dlq` returns it to the queue and counts as a delivery. A positive
+/// number, because RabbitMQ 3.x reads -1 as "drop at the first return".
+pub const DEAD_QUEUE_DELIVERY_LIMIT: i64 = 1_000_000;
+
 /// Depth and consumers of one queue, as a passive declaration reports them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueDepth {
@@ -138,8 +152,47 @@ impl Topology {
             self.declare_queue(channel, &self.retry_queue(index + 1), args).await?;
         }
 
-        // The dead queue has no TTL and no limit: dead letters stay until an operator acts.
-        self.declare_queue(channel, &self.dead_queue(), quorum_args()).await
+        // Dead letters stay until an operator acts: no TTL, and a delivery limit no walk reaches.
+        let mut dead_args = quorum_args();
+        dead_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DEAD_QUEUE_DELIVERY_LIMIT));
+        self.declare_queue(channel, &self.dead_queue(), dead_args).await
+    }
+
+    /// [`Topology::declare`] on channels of its own, accepting a dead-letter queue that an earlier
+    /// version declared without its delivery limit (the broker refuses to change a queue's
+    /// arguments): that one is kept, with a warning that says how to set the limit by policy.
+    pub async fn declare_on(&self, connection: &lapin::Connection) -> Result<(), TopologyError> {
+        let channel = self
+            .answered(|| "a channel for the declarations".to_owned(), connection.create_channel())
+            .await?;
+        let declared = self.declare(&channel).await;
+        let _ = channel.close(200, "declared".into()).await;
+        match declared {
+            Err(error) if error.is_inequivalent() => {}
+            other => return other,
+        }
+        let dead = self.dead_queue();
+        let check = self
+            .answered(|| "a channel for the declarations".to_owned(), connection.create_channel())
+            .await?;
+        let existing = self
+            .answered(
+                || format!("queue {dead}"),
+                check.queue_declare(
+                    dead.as_str().into(),
+                    QueueDeclareOptions { passive: true, ..Default::default() },
+                    FieldTable::default(),
+                ),
+            )
+            .await;
+        let _ = check.close(200, "declared".into()).await;
+        existing?;
+        tracing::warn!(
+            queue = %dead,
+            "the dead-letter queue was declared by an earlier version without x-delivery-limit; on RabbitMQ 4 \
+             set it by policy (see docs/operations.md) or dead letters are dropped after 20 looks"
+        );
+        Ok(())
     }
 
     /// Reports depth and consumers of every queue without changing anything (passive declarations).

@@ -61,8 +61,8 @@ pub struct Session {
 impl Session {
     pub async fn open(settings: &ConsumerSettings) -> Result<Self, SessionError> {
         let connection = amqp::connect(&settings.amqp_url, "monohook-worker").await?;
+        settings.topology.declare_on(&connection).await?;
         let consume_channel = connection.create_channel().await.map_err(SessionError::Channel)?;
-        settings.topology.declare(&consume_channel).await?;
         // Prefetch bounds the deliveries this process holds unacked, hence the work in flight.
         consume_channel
             .basic_qos(settings.prefetch, BasicQosOptions::default())

@@ -37,8 +37,8 @@ pub async fn run(config: &BenchConfig, workload: Workload, log_dir: &Path) -> an
     recreate_database(config, log_dir).await?;
 
     let connection = super::broker::connect(&config.amqp_url).await?;
+    topology.declare_on(&connection).await?;
     let channel = connection.create_channel().await?;
-    topology.declare(&channel).await?;
     let (events, prefetch) = match workload {
         Workload::AccountUpdates => (config.drain_events, config.prefetch),
         Workload::Reauths => (config.reauth_events, config.reauth_prefetch),

@@ -3,6 +3,7 @@
 
 mod cli;
 mod dlq;
+mod dlq_walks;
 mod edges;
 mod events;
 mod helpers;

@@ -54,16 +54,26 @@ pub async fn predict(
         Err(malformed) => return Ok(format!("would fail again: {malformed}")),
     };
     // The worker's duplicate rule: the same body (as received, not as re-serialised from jsonb)
-    // journaled, not dead, within the dedup window.
+    // journaled, not dead, within the dedup window, with no other event applied to the account
+    // between the two copies.
     let window = chrono::Duration::from_std(dedup_window).unwrap_or(chrono::Duration::days(36_500));
+    let account = event.kind.needs_account().then(|| event.account());
     let duplicate_of: Option<uuid::Uuid> = sqlx::query_scalar(
-        "SELECT id FROM webhook_events WHERE body_sha256 = $1 AND id <> $2 AND status <> 'dead'
-           AND received_at BETWEEN $3 AND $4 LIMIT 1",
+        "SELECT c.id FROM webhook_events c
+         WHERE c.body_sha256 = $1 AND c.id <> $2 AND c.status <> 'dead' AND c.received_at BETWEEN $3 AND $4
+           AND NOT EXISTS (
+               SELECT 1 FROM webhook_events o
+               WHERE $5::text IS NOT NULL AND o.account_id = $5 AND o.status = 'processed'
+                 AND o.body_sha256 <> $1
+                 AND o.received_at > LEAST(c.received_at, $6) AND o.received_at < GREATEST(c.received_at, $6))
+         LIMIT 1",
     )
     .bind(&letter.body_sha256)
     .bind(letter.id)
     .bind(letter.received_at - window)
     .bind(letter.received_at + window)
+    .bind(account)
+    .bind(letter.received_at)
     .fetch_optional(pool)
     .await?;
     if let Some(original) = duplicate_of {

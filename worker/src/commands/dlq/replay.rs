@@ -1,12 +1,19 @@
 //! `worker dlq replay` and `worker dlq purge`: one walk over the dead-letter queue, acting on the
 //! messages that match.
 //!
-//! For each message, in this order: the action is recorded in `dead_letter_actions` and the dead
-//! journal row removed (one transaction); for a replay, a copy goes onto the work queue (same
-//! delivery id, attempts reset, lineage headers) and is confirmed; the message is acked off the
-//! dead-letter queue; the action is marked complete. A crash or Ctrl-C between any two steps leaves
-//! an unfinished action that the next run completes: a copy published twice carries the same
-//! delivery id, which the worker's journal applies once.
+//! For each message, in this order. A replay: the action is recorded in `dead_letter_actions` and the
+//! dead journal row removed (one transaction; the worker would take the copy for a redelivery of a
+//! settled id otherwise); a copy goes onto the work queue (same delivery id, attempts reset, lineage
+//! headers) and is confirmed; the message is acked off the dead-letter queue; the action is marked
+//! complete. A purge: the action is recorded; the message is acked; the journal row is removed and
+//! the action completed (one transaction), so a purge never removes a row whose message it did not
+//! remove. A crash or Ctrl-C between any two steps leaves an unfinished action that the next run
+//! completes: a copy published twice carries the same delivery id, which the worker applies once.
+//!
+//! Only a walk that saw the whole queue (see `queue`) acts on what it did not see: it completes
+//! unfinished actions whose message is gone, and reconciles journaled dead letters whose message is
+//! missing (a replay rebuilds the message from the journal, a purge forgets the row). An incomplete
+//! walk says so, leaves all that alone, and exits non-zero.
 
 use chrono::Utc;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -20,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::filter::{DeadFilter, DeadLetter};
-use super::queue::DeadQueue;
+use super::queue::{DeadQueue, Seen};
 use super::{PurgeArgs, ReplayArgs};
 use shared::config::BrokerArgs;
 use shared::delivery::{
@@ -140,12 +147,13 @@ async fn act(pool: &PgPool, broker: &BrokerArgs, plan: Plan<'_>) -> anyhow::Resu
     let mut seen = HashSet::new();
     let limit = plan.filter.limit.map_or(u64::MAX, |l| l.max(0) as u64);
     while !cancel.is_cancelled() {
-        let Some(delivery) = walk.next().await? else { break };
+        let Some(message) = walk.next().await? else { break };
         progress.inc(1);
+        let delivery = &message.delivery;
         let id = DeliveryMeta::from_properties(&delivery.properties, &delivery.data).id.as_uuid();
         seen.insert(id);
         if let Some(action) = unfinished.get(&id) {
-            finish_action(pool, &queue, &mut walk, &delivery, action).await?;
+            finish_action(pool, &queue, &mut walk, &message, action).await?;
             resumed += 1;
             continue;
         }
@@ -153,45 +161,35 @@ async fn act(pool: &PgPool, broker: &BrokerArgs, plan: Plan<'_>) -> anyhow::Resu
         // taken by --all.
         let wanted = selected.contains_key(&id) || (plan.filter.all && !journaled_dead.contains(&id));
         if !wanted || done >= limit {
-            walk.leave(&delivery);
+            walk.leave(&message);
             continue;
         }
-        let subject = selected.get(&id).map_or_else(|| Subject::of_message(id, &delivery), Subject::of);
+        let subject = selected.get(&id).map_or_else(|| Subject::of_message(id, delivery), Subject::of);
         let action = record(pool, &plan, subject).await?;
-        finish_action(pool, &queue, &mut walk, &delivery, &action).await?;
+        finish_action(pool, &queue, &mut walk, &message, &action).await?;
         done += 1;
         progress.set_message(format!("{} {done}", plan.kind.as_str()));
     }
     progress.finish_and_clear();
-    let left = walk.left;
+    // Asked while the walk still holds what it left: did it see everything?
+    let complete = !cancel.is_cancelled() && queue.fully_seen(&walk).await?;
+    let (left, looked_at) = (walk.left, walk.seen);
     walk.finish().await?;
 
-    if !cancel.is_cancelled() {
-        // Actions whose message is gone already (acked just before an interruption) are complete.
-        let gone: Vec<Uuid> = unfinished.keys().filter(|id| !seen.contains(id)).copied().collect();
-        sqlx::query("UPDATE dead_letter_actions SET completed_at = now() WHERE completed_at IS NULL AND delivery_id = ANY($1)")
-            .bind(&gone)
-            .execute(pool)
-            .await?;
+    if complete {
+        for action in unfinished.values().filter(|a| !seen.contains(&a.delivery_id)) {
+            // Its message is gone: acked just before an interruption.
+            complete_action(pool, action).await?;
+        }
         // Journaled dead letters whose message is missing from the queue: a replay rebuilds the
         // message from the journal, a purge forgets the row, so both sides agree again.
         for letter in selected.values().filter(|l| !seen.contains(&l.id)) {
             if done >= limit {
                 break;
             }
-            let Some(payload) = &letter.payload else { continue };
-            let body = serde_json::to_vec(payload)?;
-            let mut meta = DeliveryMeta::stamp(&body);
-            meta.id = DeliveryId::from(letter.id);
-            meta.received_at = letter.received_at;
-            let action = record(pool, &plan, Subject::of(letter)).await?;
-            if plan.kind == Kind::Replay {
-                let properties = meta.to_properties();
-                let headers = lineage(&action, properties.headers().clone().unwrap_or_default());
-                queue.publish_to_work(&body, properties.with_headers(headers)).await?;
+            if reconcile_missing(pool, &queue, &plan, letter).await? {
+                done += 1;
             }
-            complete(pool, letter.id).await?;
-            done += 1;
         }
     }
     queue.close().await;
@@ -206,8 +204,58 @@ async fn act(pool: &PgPool, broker: &BrokerArgs, plan: Plan<'_>) -> anyhow::Resu
     );
     if cancel.is_cancelled() {
         println!("interrupted: what was {verb} stays {verb}; run the same command again to continue");
+        return Ok(());
+    }
+    if !complete {
+        let unseen = selected.keys().filter(|id| !seen.contains(*id)).count();
+        println!(
+            "incomplete: the walk saw {looked_at} message(s) but not the whole dead-letter queue (another \
+             `worker dlq` holds messages, or new ones arrived); {unseen} selected dead letter(s) were not \
+             seen and were left as they are. Run the same command again."
+        );
+        anyhow::bail!(
+            "the dead-letter queue could not be seen whole; {unseen} selected dead letter(s) untouched"
+        );
     }
     Ok(())
+}
+
+/// A journaled dead letter whose message is not in the queue (the walk saw it whole): a replay
+/// publishes a copy rebuilt from the journal, a purge forgets the row. Skipped (`false`) if the row
+/// is no longer a dead letter (another run handled it meanwhile).
+async fn reconcile_missing(
+    pool: &PgPool,
+    queue: &DeadQueue,
+    plan: &Plan<'_>,
+    letter: &DeadLetter,
+) -> anyhow::Result<bool> {
+    if plan.kind == Kind::Replay && letter.payload.is_none() {
+        return Ok(false);
+    }
+    let mut tx = pool.begin().await?;
+    insert_action(&mut tx, plan, &Subject::of(letter)).await?;
+    let removed = sqlx::query("DELETE FROM webhook_events WHERE id = $1 AND status = 'dead'")
+        .bind(letter.id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if removed == 0 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    tx.commit().await?;
+    if let (Kind::Replay, Some(payload)) = (plan.kind, &letter.payload) {
+        let body = serde_json::to_vec(payload)?;
+        let mut meta = DeliveryMeta::stamp(&body);
+        meta.id = DeliveryId::from(letter.id);
+        meta.received_at = letter.received_at;
+        let properties = meta.to_properties();
+        let headers =
+            lineage(&plan_action(plan, letter.id), properties.headers().clone().unwrap_or_default());
+        queue.publish_to_work(&body, properties.with_headers(headers)).await?;
+    }
+    complete(pool, letter.id).await?;
+    Ok(true)
 }
 
 fn plan_action(plan: &Plan<'_>, id: Uuid) -> Action {
@@ -256,9 +304,26 @@ impl Subject {
     }
 }
 
-/// Records the action and removes the dead journal row, in one transaction.
+/// Records the action; a replay also removes the dead journal row (one transaction), so the worker
+/// takes the copy for a new delivery rather than a redelivery of a settled id.
 async fn record(pool: &PgPool, plan: &Plan<'_>, subject: Subject) -> anyhow::Result<Action> {
     let mut tx = pool.begin().await?;
+    insert_action(&mut tx, plan, &subject).await?;
+    if plan.kind == Kind::Replay {
+        sqlx::query("DELETE FROM webhook_events WHERE id = $1 AND status = 'dead'")
+            .bind(subject.id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(plan_action(plan, subject.id))
+}
+
+async fn insert_action(
+    tx: &mut sqlx::PgConnection,
+    plan: &Plan<'_>,
+    subject: &Subject,
+) -> anyhow::Result<()> {
     sqlx::query(
         "INSERT INTO dead_letter_actions
              (batch_id, action, delivery_id, event, account_id, reason, attempts, dead_at, actor, note, forced)
@@ -275,14 +340,9 @@ async fn record(pool: &PgPool, plan: &Plan<'_>, subject: Subject) -> anyhow::Res
     .bind(plan.actor)
     .bind(plan.note)
     .bind(plan.forced)
-    .execute(&mut *tx)
+    .execute(tx)
     .await?;
-    sqlx::query("DELETE FROM webhook_events WHERE id = $1 AND status = 'dead'")
-        .bind(subject.id)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(plan_action(plan, subject.id))
+    Ok(())
 }
 
 /// Publishes (for a replay), acks the dead-letter message and completes the action.
@@ -290,16 +350,38 @@ async fn finish_action(
     pool: &PgPool,
     queue: &DeadQueue,
     walk: &mut super::queue::Walk,
-    delivery: &Delivery,
+    message: &Seen,
     action: &Action,
 ) -> anyhow::Result<()> {
+    let delivery = &message.delivery;
     if action.action == Kind::Replay.as_str() {
         let headers = delivery.properties.headers().clone().unwrap_or_default();
         let properties: BasicProperties = delivery.properties.clone().with_headers(lineage(action, headers));
         queue.publish_to_work(&delivery.data, properties).await?;
     }
-    walk.take(delivery).await?;
-    complete(pool, action.delivery_id).await
+    walk.take(message).await?;
+    complete_action(pool, action).await
+}
+
+/// Completes an action whose message is off the dead-letter queue; for a purge, the journal row
+/// goes with it (in the same transaction).
+async fn complete_action(pool: &PgPool, action: &Action) -> anyhow::Result<()> {
+    if action.action != Kind::Purge.as_str() {
+        return complete(pool, action.delivery_id).await;
+    }
+    let mut tx = pool.begin().await?;
+    sqlx::query("DELETE FROM webhook_events WHERE id = $1 AND status = 'dead'")
+        .bind(action.delivery_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE dead_letter_actions SET completed_at = now() WHERE delivery_id = $1 AND completed_at IS NULL",
+    )
+    .bind(action.delivery_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 async fn complete(pool: &PgPool, id: Uuid) -> anyhow::Result<()> {

@@ -43,6 +43,8 @@ struct Record {
     journal: Option<JournalRow>,
     /// Headers of the message in the dead-letter queue, if it is there.
     queue_headers: Option<BTreeMap<String, String>>,
+    /// Whether the walk saw the whole queue: when it did not, a missing `queue_headers` proves nothing.
+    queue_fully_seen: bool,
     actions: Vec<ActionRow>,
 }
 
@@ -65,11 +67,11 @@ pub async fn run(pool: &PgPool, broker: &BrokerArgs, args: &ShowArgs) -> anyhow:
     .bind(args.id)
     .fetch_all(pool)
     .await?;
-    let queue_headers = peek(broker, args.id).await?;
-    if journal.is_none() && queue_headers.is_none() && actions.is_empty() {
+    let (queue_headers, queue_fully_seen) = peek(broker, args.id).await?;
+    if journal.is_none() && queue_headers.is_none() && actions.is_empty() && queue_fully_seen {
         anyhow::bail!("no dead letter {}", args.id);
     }
-    let record = Record { journal, queue_headers, actions };
+    let record = Record { journal, queue_headers, queue_fully_seen, actions };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&record)?);
     } else {
@@ -78,13 +80,18 @@ pub async fn run(pool: &PgPool, broker: &BrokerArgs, args: &ShowArgs) -> anyhow:
     Ok(())
 }
 
-/// The headers of the message with delivery id `id` in the dead-letter queue, leaving it there.
-async fn peek(broker: &BrokerArgs, id: uuid::Uuid) -> anyhow::Result<Option<BTreeMap<String, String>>> {
+/// The headers of the message with delivery id `id` in the dead-letter queue, leaving it there, and
+/// whether the walk saw the whole queue.
+async fn peek(
+    broker: &BrokerArgs,
+    id: uuid::Uuid,
+) -> anyhow::Result<(Option<BTreeMap<String, String>>, bool)> {
     let queue = DeadQueue::open(broker).await?;
     let mut walk = queue.walk().await?;
     let mut found = None;
-    while let Some(delivery) = walk.next().await? {
-        walk.leave(&delivery);
+    while let Some(seen) = walk.next().await? {
+        walk.leave(&seen);
+        let delivery = &seen.delivery;
         if DeliveryMeta::from_properties(&delivery.properties, &delivery.data).id.as_uuid() == id {
             let headers = delivery.properties.headers().clone().unwrap_or_default();
             let mut shown: BTreeMap<String, String> =
@@ -96,9 +103,10 @@ async fn peek(broker: &BrokerArgs, id: uuid::Uuid) -> anyhow::Result<Option<BTre
             break;
         }
     }
+    let fully_seen = found.is_some() || queue.fully_seen(&walk).await?;
     walk.finish().await?;
     queue.close().await;
-    Ok(found)
+    Ok((found, fully_seen))
 }
 
 /// A header value as text.
@@ -153,7 +161,10 @@ fn print_record(record: &Record) {
                 println!("  {name}: {value}");
             }
         }
-        None => println!("not in the dead-letter queue"),
+        None if record.queue_fully_seen => println!("not in the dead-letter queue"),
+        None => println!(
+            "not seen in the dead-letter queue, which could not be seen whole (another `worker dlq` holds messages?)"
+        ),
     }
     for action in &record.actions {
         println!(
