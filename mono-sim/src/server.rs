@@ -2,7 +2,8 @@
 //!
 //! Like Mono: `mono-sec-key` must match (else 401), a fresh 20-character token per call, and
 //! `{"message": "This account can not be re-authorised."}` with 400 for rejected accounts. Knobs:
-//! latency, a failure rate with a mode (500, 429 with `Retry-After`, or a hang), and rejected
+//! latency, a failure rate with a mode (500, 429 with `Retry-After`, 401 as for a revoked key, or a
+//! hang), and rejected
 //! accounts. `GET/POST /_sim/config` reads and changes the knobs while running; `GET /_sim/stats`
 //! counts the answers given.
 
@@ -53,6 +54,10 @@ pub enum FailureMode {
     RateLimited,
     /// No answer for ten minutes.
     Hang,
+    /// 401, as Mono answers a revoked or wrong secret key.
+    #[value(name = "401")]
+    #[serde(rename = "401")]
+    KeyRevoked,
 }
 
 /// The knobs that can change at run time.
@@ -144,6 +149,9 @@ async fn reauthorise(
                     .insert_header(("retry-after", knobs.retry_after_secs.to_string()))
                     .json(json!({ "message": "Too many requests" })),
             ),
+            FailureMode::KeyRevoked => {
+                ("failed_401", HttpResponse::Unauthorized().json(json!({ "message": "Invalid secret key" })))
+            }
             FailureMode::Hang => {
                 count(&state, "hung");
                 remember(&state, &id, arrived_ms, "hung");

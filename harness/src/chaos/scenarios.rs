@@ -9,7 +9,7 @@ use super::services::{self, RestoreServices};
 use super::{DRAIN_PATIENCE, ScenarioReport};
 use crate::system::{System, SystemConfig, metric_value};
 
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 13] = [
     "rabbitmq_restart",
     "postgres_restart",
     "worker_sigkill",
@@ -20,6 +20,9 @@ pub const ALL: [&str; 10] = [
     "three_workers_interleaved",
     "duplicates_and_reordering",
     "poison_messages",
+    "database_read_only",
+    "mono_key_revoked",
+    "rabbitmq_restarted_5_times",
 ];
 
 pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
@@ -34,6 +37,9 @@ pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioRepo
         "three_workers_interleaved" => three_workers_interleaved(base).await,
         "duplicates_and_reordering" => duplicates_and_reordering(base).await,
         "poison_messages" => poison_messages(base).await,
+        "database_read_only" => database_read_only(base).await,
+        "mono_key_revoked" => mono_key_revoked(base).await,
+        "rabbitmq_restarted_5_times" => rabbitmq_restarted_5_times(base).await,
         other => anyhow::bail!("no scenario {other}"),
     }
 }
@@ -453,4 +459,103 @@ async fn poison_messages(base: &SystemConfig) -> anyhow::Result<ScenarioReport> 
     report.check("each with a reason", dead.iter().all(|(_, reason)| reason.starts_with("invalid payload")));
     let _ = connection.close(200, "done".into()).await;
     finish("poison_messages", started, system, load, report).await
+}
+
+/// Turns the system's database read-only (or back) and ends its sessions, as a failover that lands
+/// the workers on a replica does.
+async fn set_read_only(system: &System, read_only: bool) -> anyhow::Result<()> {
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", system.config.database_server)).await?;
+    let setting = if read_only {
+        "SET default_transaction_read_only = on"
+    } else {
+        "RESET default_transaction_read_only"
+    };
+    sqlx::query(&format!("ALTER DATABASE {} {setting}", system.database)).execute(&admin).await?;
+    if read_only {
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+            .bind(&system.database)
+            .execute(&admin)
+            .await?;
+    }
+    admin.close().await;
+    Ok(())
+}
+
+async fn database_read_only(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let system = System::start(base.clone(), 2).await?;
+    let mut report = ScenarioReport::default();
+    let load = Load::start(system.ingest_url(), all_kinds(100, 40));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    set_read_only(&system, true).await?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    set_read_only(&system, false).await?;
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let load = load.stop().await;
+    report.check(
+        "the workers held deliveries while read-only",
+        system.all_logs().contains("read-only transaction"),
+    );
+    let mut report = finish("database_read_only", started, system, load, report).await?;
+    report.check("nothing was dead-lettered", report.dead_lettered == 0);
+    Ok(report)
+}
+
+async fn mono_key_revoked(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let config = with_worker_env(base, &[("MONO_CIRCUIT_OPEN_SECS", "1")]);
+    let system = System::start(config, 2).await?;
+    let mut report = ScenarioReport::default();
+    let load = Load::start(system.ingest_url(), reauth_kinds());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    set_mono(&system, 1.0, "401", 0).await?;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut refused = 0.0;
+    let mut readyz_says_so = true;
+    for (index, (_, port)) in system.workers.iter().enumerate() {
+        let metrics = system.worker_metrics(index).await.unwrap_or_default();
+        refused += metric_value(&metrics, "monohook_worker_mono_key_refused", &[]).unwrap_or(0.0);
+        let body: serde_json::Value =
+            reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await?.json().await?;
+        readyz_says_so &= body["mono_key"] == "refused";
+    }
+    report.check("every worker reports the refused key (metric)", refused == system.workers.len() as f64);
+    report.check("every worker reports the refused key (/readyz)", readyz_says_so);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    set_mono(&system, 0.0, "401", 0).await?;
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let load = load.stop().await;
+    let mut report = finish("mono_key_revoked", started, system, load, report).await?;
+    report.check("nothing was dead-lettered", report.dead_lettered == 0);
+    Ok(report)
+}
+
+async fn rabbitmq_restarted_5_times(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let _restore = RestoreServices;
+    let system = System::start(base.clone(), 2).await?;
+    let mut report = ScenarioReport::default();
+    let load = Load::start(system.ingest_url(), all_kinds(100, 40));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    for _ in 0..5 {
+        services::stop_rabbitmq()?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        services::start_rabbitmq()?;
+        // Long enough for every process to reconnect and take deliveries again.
+        let mut back = wait_ready(&format!("{}/readyz", system.ingest_url()), Duration::from_secs(30)).await;
+        for (_, port) in &system.workers {
+            back &= wait_ready(&format!("http://127.0.0.1:{port}/readyz"), Duration::from_secs(30)).await;
+        }
+        report.check("every process reconnects after each restart", back);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let load = load.stop().await;
+    let mut report = finish("rabbitmq_restarted_5_times", started, system, load, report).await?;
+    report.check("no healthy delivery was dead-lettered as poison", report.dead_lettered == 0);
+    Ok(report)
 }

@@ -41,6 +41,29 @@ fn a_missing_secret_key_stops_the_worker_naming_it() {
 }
 
 #[test]
+fn a_delivery_limit_below_two_is_refused_at_start() {
+    let output = worker().env("MONO_SECRET_KEY", "sk").env("DELIVERY_LIMIT", "1").output().unwrap();
+
+    assert_eq!(output.status.code(), Some(2), "a usage error");
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("--delivery-limit") && stderr.contains("2.."), "{stderr}");
+}
+
+#[test]
+fn a_password_in_the_query_string_never_reaches_the_output() {
+    let output = worker()
+        .env("MONO_SECRET_KEY", "sk")
+        .env("DATABASE_URL", "postgres://app@127.0.0.1:1/monohook?password=hunter2")
+        .output()
+        .unwrap();
+
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("password=***"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[test]
 fn an_unreachable_database_stops_the_worker_with_one_line_and_no_password() {
     let output = worker()
         .env("MONO_SECRET_KEY", "sk")
