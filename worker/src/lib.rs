@@ -4,7 +4,6 @@
 pub mod account;
 pub mod acks;
 pub mod batch;
-pub mod circuit;
 pub mod commands;
 pub mod config;
 pub mod consumer;
@@ -13,9 +12,11 @@ pub mod dlq;
 pub mod event;
 pub mod handlers;
 pub mod health;
-pub mod mono;
 pub mod pipeline;
 pub mod processor;
 pub mod queue_watch;
 pub mod startup;
-pub mod tokens;
+
+// The Mono client lives in its own crate, shared with the app's API.
+pub use mono_client::client as mono;
+pub use mono_client::{circuit, tokens};

@@ -361,7 +361,7 @@ impl Inner {
                     self.dead_letter_work(work, reason, DeadClass::Exhausted).await;
                 }
             }
-            TokenOutcome::Refused { reason } => {
+            TokenOutcome::Refused { reason, .. } => {
                 self.dead_letter_work(work, reason, DeadClass::Permanent).await
             }
             TokenOutcome::Abandoned => {

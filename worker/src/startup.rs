@@ -18,6 +18,7 @@ use crate::mono::MonoClient;
 use crate::pipeline::{DeadClass, PipelineSettings};
 use crate::processor::Processor;
 use crate::tokens::TokenFetcher;
+use mono_client::MetricNames;
 use shared::config::BrokerArgs;
 
 pub struct Worker {
@@ -48,9 +49,14 @@ impl Worker {
             !topology.retry_delays().is_empty(),
             "RETRY_DELAYS_SECS must list at least one delay"
         );
-        let breaker = CircuitBreaker::new(run.breaker_settings());
-        let tokens =
-            Arc::new(TokenFetcher::new(mono, breaker, run.mono_retry_policy(), run.mono_max_in_flight));
+        let breaker = CircuitBreaker::new(run.breaker_settings(), MetricNames::WORKER);
+        let tokens = Arc::new(TokenFetcher::new(
+            mono,
+            breaker,
+            run.mono_retry_policy(),
+            run.mono_max_in_flight,
+            MetricNames::WORKER,
+        ));
         let health = Arc::new(Health::new(tokens.clone()));
         let pipeline = PipelineSettings {
             processor: Arc::new(Processor::new(pool, run.dedup_window())),

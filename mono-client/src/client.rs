@@ -43,7 +43,8 @@ impl ReauthToken {
         self.value.expose_secret()
     }
 
-    #[cfg(test)]
+    /// A token with a known value, for tests.
+    #[doc(hidden)]
     pub fn for_tests(value: &str, issued_at: DateTime<Utc>) -> Self {
         Self { value: SecretString::from(value), issued_at }
     }
@@ -107,7 +108,7 @@ impl MonoClient {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .user_agent(concat!("monohook-worker/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("monohook/", env!("CARGO_PKG_VERSION")))
             // A redirect would carry `mono-sec-key` wherever it points.
             .redirect(reqwest::redirect::Policy::none())
             .build()?;

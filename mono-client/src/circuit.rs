@@ -8,12 +8,14 @@
 //! and a 429 with `Retry-After` open it at once. Open, callers are refused (their deliveries wait in a
 //! retry tier without spending an attempt). After `open_for` it lets one probe through (half-open):
 //! success closes it, failure opens it again for twice as long, up to `max_open_for`. Every change is
-//! logged and exported as `monohook_worker_mono_circuit_state`; a refused key also sets
-//! `monohook_worker_mono_key_refused` until a call succeeds again.
+//! logged and exported as `monohook_<binary>_mono_circuit_state`; a refused key also sets
+//! `monohook_<binary>_mono_key_refused` until a call succeeds again.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::MetricNames;
 
 /// The breaker's thresholds.
 #[derive(Clone, Debug)]
@@ -78,6 +80,7 @@ pub struct CallPermit {
 
 pub struct CircuitBreaker {
     settings: BreakerSettings,
+    names: MetricNames,
     inner: Mutex<Inner>,
 }
 
@@ -100,13 +103,13 @@ enum Phase {
 }
 
 impl CircuitBreaker {
-    pub fn new(settings: BreakerSettings) -> Self {
+    pub fn new(settings: BreakerSettings, names: MetricNames) -> Self {
         let open_for = settings.open_for;
-        metrics::gauge!("monohook_worker_mono_circuit_state").set(0.0);
-        metrics::gauge!("monohook_worker_mono_key_refused").set(0.0);
+        metrics::gauge!(names.circuit_state).set(0.0);
+        metrics::gauge!(names.key_refused).set(0.0);
         let inner =
             Inner { state: Phase::Closed, calls: VecDeque::new(), streak: 0, open_for, key_refused: false };
-        Self { settings, inner: Mutex::new(inner) }
+        Self { settings, names, inner: Mutex::new(inner) }
     }
 
     /// A permit to call Mono now, or `None` while the breaker is open (or its probe is out).
@@ -141,10 +144,10 @@ impl CircuitBreaker {
                 );
             }
             inner.key_refused = true;
-            metrics::gauge!("monohook_worker_mono_key_refused").set(1.0);
+            metrics::gauge!(self.names.key_refused).set(1.0);
         } else if succeeded && inner.key_refused {
             inner.key_refused = false;
-            metrics::gauge!("monohook_worker_mono_key_refused").set(0.0);
+            metrics::gauge!(self.names.key_refused).set(0.0);
             tracing::info!("Mono accepts our secret key again");
         }
         if let CallResult::Throttled(wait) = result {
@@ -218,6 +221,15 @@ impl CircuitBreaker {
         }
     }
 
+    /// How long until a call may go through again: `None` while closed, zero while a probe may go.
+    pub fn retry_in(&self) -> Option<Duration> {
+        match self.lock().state {
+            Phase::Closed => None,
+            Phase::Open { until } => Some(until.saturating_duration_since(Instant::now())),
+            Phase::HalfOpen { .. } => Some(Duration::ZERO),
+        }
+    }
+
     /// Whether Mono refused our secret key on the last call it answered.
     pub fn key_refused(&self) -> bool {
         self.lock().key_refused
@@ -230,7 +242,7 @@ impl CircuitBreaker {
             Phase::Open { .. } => BreakerState::Open,
             Phase::HalfOpen { .. } => BreakerState::HalfOpen,
         };
-        metrics::gauge!("monohook_worker_mono_circuit_state").set(state.metric_value());
+        metrics::gauge!(self.names.circuit_state).set(state.metric_value());
         match state {
             BreakerState::Open => tracing::warn!(
                 circuit = state.as_str(),
@@ -247,6 +259,11 @@ impl CircuitBreaker {
         }
     }
 
+    #[cfg(test)]
+    fn with_names(settings: BreakerSettings) -> Self {
+        Self::new(settings, MetricNames::WORKER)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -257,7 +274,7 @@ mod tests {
     use super::*;
 
     fn breaker(open_for_ms: u64) -> CircuitBreaker {
-        CircuitBreaker::new(BreakerSettings {
+        CircuitBreaker::with_names(BreakerSettings {
             window: Duration::from_secs(10),
             min_calls: 4,
             failure_ratio: 0.5,
@@ -359,7 +376,7 @@ mod tests {
 
     #[test]
     fn failures_in_a_row_open_it_at_any_traffic() {
-        let breaker = CircuitBreaker::new(BreakerSettings {
+        let breaker = CircuitBreaker::with_names(BreakerSettings {
             consecutive_failures: 3,
             min_calls: 100,
             ..breaker(10_000).settings

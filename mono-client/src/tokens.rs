@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::MetricNames;
 use crate::circuit::{BreakerState, CallResult, CircuitBreaker};
-use crate::mono::{MonoClient, MonoError, ReauthToken};
+use crate::client::{MonoClient, MonoError, ReauthToken};
 use shared::event::AccountId;
 use shared::retry::RetryPolicy;
 
@@ -38,9 +39,10 @@ pub enum TokenOutcome {
     Retry {
         reason: String,
     },
-    /// Mono refused the account for good.
+    /// Mono refused the account for good: `reason` for logs and journals, `message` as Mono put it.
     Refused {
         reason: String,
+        message: String,
     },
     /// Stopped waiting (shutdown or lost session).
     Abandoned,
@@ -72,11 +74,19 @@ pub struct TokenFetcher {
     in_flight: Semaphore,
     flights: Flights,
     next_flight: std::sync::atomic::AtomicU64,
+    names: MetricNames,
 }
 
 impl TokenFetcher {
-    pub fn new(mono: MonoClient, breaker: CircuitBreaker, policy: RetryPolicy, max_in_flight: usize) -> Self {
+    pub fn new(
+        mono: MonoClient,
+        breaker: CircuitBreaker,
+        policy: RetryPolicy,
+        max_in_flight: usize,
+        names: MetricNames,
+    ) -> Self {
         Self {
+            names,
             mono,
             breaker,
             policy,
@@ -93,6 +103,11 @@ impl TokenFetcher {
     /// Whether Mono refused our secret key on the last call it answered.
     pub fn key_refused(&self) -> bool {
         self.breaker.key_refused()
+    }
+
+    /// How long until the breaker lets a call through again (`None` while it is closed).
+    pub fn retry_in(&self) -> Option<Duration> {
+        self.breaker.retry_in()
     }
 
     /// A token for `account`, shared with any fetch for it still on offer. The [`Flight`] (for the
@@ -141,7 +156,7 @@ impl TokenFetcher {
                             continue;
                         }
                         Some(outcome) => {
-                            metrics::counter!("monohook_worker_mono_calls_shared_total").increment(1);
+                            metrics::counter!(self.names.calls_shared).increment(1);
                             return (outcome, None);
                         }
                     }
@@ -170,17 +185,18 @@ impl TokenFetcher {
                 self.mono.reauthorise(account).await
             };
             let class = answer.as_ref().map_or_else(MonoError::status_class, |_| "2xx");
-            metrics::histogram!("monohook_worker_mono_request_seconds", "status_class" => class)
+            metrics::histogram!(self.names.request_seconds, "status_class" => class)
                 .record(started.elapsed().as_secs_f64());
             let (error, retry_after) = match answer {
                 Ok(token) => {
                     self.breaker.record(permit, CallResult::Answered);
                     return TokenOutcome::Token(token);
                 }
-                Err(error @ MonoError::Rejected { .. }) => {
+                Err(MonoError::Rejected { status, message }) => {
                     // Mono answered: it is up, whatever it thinks of this account.
                     self.breaker.record(permit, CallResult::Answered);
-                    return TokenOutcome::Refused { reason: error.to_string() };
+                    let reason = MonoError::Rejected { status, message: message.clone() }.to_string();
+                    return TokenOutcome::Refused { reason, message };
                 }
                 Err(error @ MonoError::KeyRefused { .. }) => {
                     // No retry can help until an operator fixes the key: park at once.
