@@ -12,6 +12,8 @@ use shared::topology::Topology;
 
 pub const WEBHOOK_SECRET: &str = "sys-webhook-secret-4d1c9a";
 pub const MONO_KEY: &str = "sys-mono-key-77f2e0";
+/// The app's API key of every system (label `app`).
+pub const APP_API_KEY: &str = "sys-app-api-key-5e0b2c91";
 
 /// Settings of one system.
 #[derive(Clone, Debug)]
@@ -54,6 +56,8 @@ pub struct System {
     pub ingest: Option<Service>,
     pub ingest_port: u16,
     pub workers: Vec<(Service, u16)>,
+    /// The app's API, once started, with its port.
+    pub api: Option<(Service, u16)>,
     http: reqwest::Client,
 }
 
@@ -89,6 +93,7 @@ impl System {
             ingest: None,
             ingest_port,
             workers: Vec::new(),
+            api: None,
             http: reqwest::Client::new(),
         };
         for _ in 0..workers {
@@ -144,6 +149,26 @@ impl System {
         Ok(())
     }
 
+    /// Starts the app's API (the worker has migrated the database by then) and waits until ready.
+    pub async fn start_api(&mut self) -> anyhow::Result<String> {
+        let port = free_port();
+        let env = vec![
+            ("DATABASE_URL", format!("{}/{}", self.config.database_server, self.database)),
+            ("APP_API_KEYS", format!("app:{APP_API_KEY}")),
+            ("MONO_SECRET_KEY", MONO_KEY.to_owned()),
+            ("MONO_API_URL", self.mono_url.clone()),
+            ("LISTEN_ADDR", format!("127.0.0.1:{port}")),
+            ("METRICS_ADDR", format!("127.0.0.1:{}", free_port())),
+            ("LOG_FORMAT", "json".into()),
+            ("RUST_LOG", "debug".into()),
+        ];
+        let mut api = Service::spawn("api", "api", &[], &env, &self.config.log_dir)?;
+        let url = format!("http://127.0.0.1:{port}");
+        wait_until_ready(&mut api, &format!("{url}/readyz"), Duration::from_secs(30)).await?;
+        self.api = Some((api, port));
+        Ok(url)
+    }
+
     pub fn ingest_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.ingest_port)
     }
@@ -187,6 +212,9 @@ impl System {
         for (worker, _) in &self.workers {
             logs.push_str(&worker.logs());
         }
+        if let Some((api, _)) = &self.api {
+            logs.push_str(&api.logs());
+        }
         logs
     }
 
@@ -222,6 +250,10 @@ impl System {
         for (worker, _) in &mut self.workers {
             worker.terminate();
             worker.wait_exit(Duration::from_secs(30));
+        }
+        if let Some((api, _)) = self.api.as_mut() {
+            api.terminate();
+            api.wait_exit(Duration::from_secs(15));
         }
         self.mono.kill();
         self.pool.close().await;

@@ -49,7 +49,7 @@ fn exported_metrics() -> BTreeSet<String> {
         }
     }
     let mut sources = String::new();
-    for crate_dir in ["ingest/src", "worker/src", "shared/src"] {
+    for crate_dir in ["ingest/src", "worker/src", "shared/src", "mono-client/src", "api/src"] {
         walk(&root().join(crate_dir), &mut sources);
     }
     sources
@@ -132,9 +132,9 @@ fn env_vars_of(binary: &str) -> BTreeSet<String> {
 }
 
 #[test]
-fn the_readme_documents_every_setting_of_both_binaries() {
+fn the_readme_documents_every_setting_of_every_binary() {
     let readme = read("README.md");
-    for binary in ["ingest", "worker"] {
+    for binary in ["ingest", "worker", "api"] {
         let vars = env_vars_of(binary);
         assert!(vars.len() >= 10, "{binary} --help lists too few settings: {vars:?}");
         let missing: Vec<_> = vars.iter().filter(|v| !readme.contains(&format!("`{v}`"))).collect();
@@ -176,7 +176,7 @@ fn env_value(service: &serde_yaml_ng::Value, key: &str) -> Option<String> {
 #[test]
 fn compose_gives_every_binary_every_setting_it_reads() {
     let compose = compose();
-    for (service, binary) in [("ingest", "ingest"), ("worker", "worker")] {
+    for (service, binary) in [("ingest", "ingest"), ("worker", "worker"), ("api", "api")] {
         let set = environment(&compose["services"][service]);
         let missing: Vec<_> = env_vars_of(binary).into_iter().filter(|v| !set.contains(v)).collect();
         assert!(missing.is_empty(), "compose service {service} does not set {missing:?}");
@@ -208,6 +208,22 @@ fn compose_ports_and_health_checks_match_the_listen_addresses() {
     let check = serde_yaml_ng::to_string(&worker["healthcheck"]["test"]).unwrap();
     assert!(check.contains(&format!(":{port}/readyz")), "{check}");
     assert!(worker["ports"].is_null(), "a published worker port would stop `--scale worker=3`");
+
+    let api = &compose["services"]["api"];
+    let listen = env_value(api, "LISTEN_ADDR").unwrap();
+    let port = listen.rsplit_once(':').unwrap().1;
+    assert!(listen.starts_with("0.0.0.0:"));
+    let published: Vec<&str> =
+        api["ports"].as_sequence().unwrap().iter().filter_map(|p| p.as_str()).collect();
+    assert!(published.iter().any(|p| p.ends_with(&format!(":{port}"))), "api publishes {published:?}");
+    let metrics = env_value(api, "METRICS_ADDR").unwrap();
+    assert!(
+        !published.iter().any(|p| p.ends_with(metrics.rsplit_once(':').unwrap().1)),
+        "metrics stay private"
+    );
+    let check = serde_yaml_ng::to_string(&api["healthcheck"]["test"]).unwrap();
+    assert!(check.contains(&format!(":{port}/readyz")), "{check}");
+    assert_eq!(api["depends_on"]["worker"]["condition"], "service_healthy", "the worker migrates first");
 
     let sim = &compose["services"]["mono-sim"];
     assert_eq!(sim["profiles"][0], "demo");

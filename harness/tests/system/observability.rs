@@ -95,7 +95,10 @@ async fn worker_readiness_reports_each_dependency() {
 
     assert_eq!(
         ready,
-        serde_json::json!({ "status": "ready", "database": "up", "broker": "connected", "consumer": "alive", "mono_circuit": "closed" })
+        serde_json::json!({
+            "status": "ready", "database": "up", "broker": "connected", "consumer": "alive", "mono_circuit": "closed",
+            "mono_key": "accepted"
+        })
     );
     system.shut_down().await.unwrap();
 }

@@ -1,0 +1,103 @@
+//! `api`'s settings: every one an environment variable and a flag, listed by `api --help`.
+
+use clap::Parser;
+use secrecy::SecretString;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::auth::ApiKeys;
+use shared::config::{DatabaseArgs, TelemetryArgs, parse_secret};
+
+/// Serves the app's side of monohook: whether an account needs re-authorisation, and a re-auth token
+/// that still works when the customer signs in (fetched from Mono when the stored one is about to
+/// expire). Reads and writes PostgreSQL; never touches RabbitMQ. Run any number of processes.
+#[derive(Debug, Parser)]
+#[command(name = "api", version, args_override_self = true)]
+pub struct ApiConfig {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+
+    /// Address the HTTP API listens on (port 0 picks a free port).
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8081")]
+    pub listen_addr: SocketAddr,
+
+    /// Address of `/metrics`, kept off the API's port (port 0 picks a free port).
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9092")]
+    pub metrics_addr: SocketAddr,
+
+    /// The app's API keys, `label:key` comma-separated (at least 16 characters each; a key without a
+    /// label is labelled `key<n>`). Several at once let a key rotate with no downtime; the label is
+    /// recorded with every token handed out.
+    #[arg(long, env = "APP_API_KEYS", hide_env_values = true)]
+    pub app_api_keys: ApiKeys,
+
+    /// Mono secret key, sent as `mono-sec-key` when a fresh re-auth token is needed.
+    #[arg(long, env = "MONO_SECRET_KEY", value_parser = parse_secret, hide_env_values = true)]
+    pub mono_secret_key: SecretString,
+
+    /// Base URL of Mono's API.
+    #[arg(long, env = "MONO_API_URL", default_value = "https://api.withmono.com")]
+    pub mono_api_url: String,
+
+    /// Time limit of one call to Mono, in ms.
+    #[arg(long, env = "MONO_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub mono_timeout_ms: u64,
+
+    /// How long one request keeps retrying a failing Mono before it answers 503, in ms.
+    #[arg(long, env = "MONO_RETRY_BUDGET_MS", default_value_t = 3_000)]
+    pub mono_retry_budget_ms: u64,
+
+    /// Longest wait a `Retry-After` from Mono can impose, in seconds.
+    #[arg(long, env = "MONO_RETRY_AFTER_MAX_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub mono_retry_after_max_secs: u64,
+
+    /// A stored token is handed out only if it works at least this much longer, in seconds;
+    /// otherwise a fresh one is fetched from Mono (its tokens live 10 minutes).
+    #[arg(long, env = "TOKEN_MIN_REMAINING_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..600))]
+    pub token_min_remaining_secs: u64,
+
+    /// HTTP worker threads (0 = one per CPU).
+    #[arg(long, env = "HTTP_WORKERS", default_value_t = 0)]
+    pub http_workers: usize,
+
+    /// On SIGTERM, how long in-flight requests may take to finish, in seconds.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl ApiConfig {
+    pub fn token_min_remaining(&self) -> chrono::Duration {
+        chrono::Duration::seconds(i64::try_from(self.token_min_remaining_secs).unwrap_or(i64::MAX))
+    }
+
+    pub fn mono_timeout(&self) -> Duration {
+        Duration::from_millis(self.mono_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_shows_no_key_and_no_password() {
+        let config = ApiConfig::parse_from([
+            "api",
+            "--app-api-keys",
+            "mobile:app-key-0123456789abcdef",
+            "--mono-secret-key",
+            "live_sk_verysecret",
+            "--database-url",
+            "postgres://app:db-pass@db/monohook",
+        ]);
+
+        let shown = format!("{config:?}");
+
+        for secret in ["app-key-0123456789abcdef", "live_sk_verysecret", "db-pass"] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+    }
+}

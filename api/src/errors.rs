@@ -1,0 +1,99 @@
+//! Every answer that is not a success, as the app sees it: a status and `{"error": <code>}` (plus
+//! `detail` where there is more to say), and `Retry-After` on 503.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing or wrong API key")]
+    Unauthorized,
+    #[error("no such account")]
+    NotFound,
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
+    #[error("the account does not need re-authorisation")]
+    ReauthNotRequired,
+    #[error("the account is unlinked")]
+    AccountUnlinked,
+    #[error("Mono refused the account: {0}")]
+    MonoRefused(String),
+    #[error("Mono is unavailable: {reason}")]
+    MonoUnavailable { reason: String, retry_after: Duration },
+    #[error("the database is unavailable: {0}")]
+    DatabaseUnavailable(sqlx::Error),
+    #[error("database error: {0}")]
+    Database(sqlx::Error),
+}
+
+impl ApiError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthorized => "unauthorized",
+            Self::NotFound => "not_found",
+            Self::InvalidQuery(_) => "invalid_query",
+            Self::ReauthNotRequired => "reauth_not_required",
+            Self::AccountUnlinked => "account_unlinked",
+            Self::MonoRefused(_) => "mono_refused",
+            Self::MonoUnavailable { .. } => "mono_unavailable",
+            Self::DatabaseUnavailable(_) => "database_unavailable",
+            Self::Database(_) => "internal",
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    /// A database that is down, restarting, failing over or overloaded is a 503 the app retries; only
+    /// an error in what was asked (SQLSTATE classes 22, 23, 42) is our bug, a 500.
+    fn from(error: sqlx::Error) -> Self {
+        let ours = matches!(&error, sqlx::Error::Database(db)
+            if db.code().is_some_and(|code| ["22", "23", "42"].iter().any(|class| code.starts_with(class))))
+            || matches!(
+                error,
+                sqlx::Error::ColumnDecode { .. } | sqlx::Error::ColumnNotFound(_) | sqlx::Error::Decode(_)
+            );
+        if ours { Self::Database(error) } else { Self::DatabaseUnavailable(error) }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::InvalidQuery(_) => StatusCode::BAD_REQUEST,
+            Self::ReauthNotRequired | Self::AccountUnlinked => StatusCode::CONFLICT,
+            Self::MonoRefused(_) => StatusCode::BAD_GATEWAY,
+            Self::MonoUnavailable { .. } | Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        let body = match self {
+            Self::MonoRefused(detail) | Self::InvalidQuery(detail) => {
+                json!({ "error": self.code(), "detail": detail })
+            }
+            _ => json!({ "error": self.code() }),
+        };
+        match self {
+            Self::Unauthorized => {
+                response.insert_header(("www-authenticate", "Bearer"));
+            }
+            Self::MonoUnavailable { retry_after, .. } => {
+                response.insert_header(("retry-after", retry_after.as_secs().max(1).to_string()));
+            }
+            Self::DatabaseUnavailable(_) => {
+                response.insert_header(("retry-after", "1"));
+            }
+            _ => {}
+        }
+        if matches!(self, Self::Database(_) | Self::DatabaseUnavailable(_)) {
+            tracing::warn!(error = %self, "request failed on the database");
+        }
+        response.json(body)
+    }
+}

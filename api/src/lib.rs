@@ -1,0 +1,12 @@
+//! `api`: the app's side of monohook. It answers whether an account needs re-authorisation and hands
+//! out a re-auth token that works now, fetching a fresh one from Mono when the stored one is about to
+//! expire. It shares PostgreSQL with the worker and never touches RabbitMQ.
+
+pub mod auth;
+pub mod caller;
+pub mod config;
+pub mod db;
+pub mod errors;
+pub mod locks;
+pub mod routes;
+pub mod startup;

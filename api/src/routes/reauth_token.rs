@@ -1,0 +1,122 @@
+//! `POST /v1/accounts/{id}/reauth-token`: a token for `connect.reauthorise(token)` that works now.
+//!
+//! The stored token is handed out if it works at least `TOKEN_MIN_REMAINING_SECS` longer (one
+//! statement, which also records the issuance). Otherwise, under the account's advisory lock (and a
+//! lock per account within the process, so waiting requests hold no database connection), the state
+//! is read again (another request may have just refreshed it), a fresh token is fetched from Mono and
+//! stored only if the account still needs re-auth and no later-issued token is stored, and whatever
+//! token is stored then is handed out. Every token handed out is recorded in `token_issuances`.
+
+use actix_web::{HttpResponse, web};
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use sqlx::Connection;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::caller::Caller;
+use crate::db::{self, Issuance, TokenState};
+use crate::errors::ApiError;
+use crate::startup::AppState;
+use mono_client::tokens::TokenOutcome;
+use shared::event::AccountId;
+
+/// Mono's re-auth tokens expire this long after they are issued.
+const TOKEN_LIFETIME: chrono::Duration = chrono::Duration::minutes(10);
+/// `Retry-After` when Mono failed and the breaker gives no better estimate.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+pub async fn reauth_token(
+    caller: Caller,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let account = AccountId::parse(id.into_inner()).ok_or(ApiError::NotFound)?;
+    let issuance =
+        Issuance { account: account.as_str(), key_label: &caller.key_label, request_id: &caller.request_id };
+    let until = Utc::now() + state.token_min_remaining;
+    let (token_state, served) =
+        db::serve_stored(&state.pool, &issuance, until).await?.ok_or(ApiError::NotFound)?;
+    if served {
+        let (token, _, expires) = token_state.token_working_until(until).expect("served, so it works");
+        return Ok(handed_out(token, expires, "stored"));
+    }
+    refuse_unless_needed(&token_state)?;
+    fresh(&state, &account, &issuance).await
+}
+
+fn refuse_unless_needed(state: &TokenState) -> Result<(), ApiError> {
+    if state.unlinked {
+        return Err(ApiError::AccountUnlinked);
+    }
+    if !state.reauth_required {
+        return Err(ApiError::ReauthNotRequired);
+    }
+    Ok(())
+}
+
+async fn fresh(
+    state: &AppState,
+    account: &AccountId,
+    issuance: &Issuance<'_>,
+) -> Result<HttpResponse, ApiError> {
+    let _in_process = state.account_locks.lock(account.as_str()).await;
+    let mut conn = state.pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    db::lock_account(&mut tx, account.as_str()).await?;
+    let current = db::token_state(&mut tx, account.as_str()).await?.ok_or(ApiError::NotFound)?;
+    refuse_unless_needed(&current)?;
+    // Re-read under the lock: a concurrent request (here or in another process) may have refreshed it.
+    let until = Utc::now() + state.token_min_remaining;
+    if let Some((token, issued, expires)) = current.token_working_until(until) {
+        db::record_issuance(&mut tx, issuance, "stored", issued, expires).await?;
+        tx.commit().await?;
+        return Ok(handed_out(token, expires, "stored"));
+    }
+
+    let (outcome, _flight) = state.tokens.fetch(account, &CancellationToken::new()).await;
+    let token = match outcome {
+        TokenOutcome::Token(token) => token,
+        TokenOutcome::Refused { message, .. } => return Err(ApiError::MonoRefused(message)),
+        TokenOutcome::Park { reason } | TokenOutcome::Retry { reason } => {
+            let retry_after = state.tokens.retry_in().filter(|d| !d.is_zero()).unwrap_or(DEFAULT_RETRY_AFTER);
+            return Err(ApiError::MonoUnavailable { reason, retry_after });
+        }
+        TokenOutcome::Abandoned => {
+            return Err(ApiError::MonoUnavailable {
+                reason: "stopping".into(),
+                retry_after: DEFAULT_RETRY_AFTER,
+            });
+        }
+    };
+    let expires = token.issued_at + TOKEN_LIFETIME;
+    if db::store_fresh(&mut tx, account.as_str(), token.expose(), token.issued_at, expires).await? {
+        db::record_issuance(&mut tx, issuance, "fresh", token.issued_at, expires).await?;
+        tx.commit().await?;
+        return Ok(handed_out(token.expose(), expires, "fresh"));
+    }
+    // Not stored: the account changed while Mono answered (re-authorised, unlinked), or the worker
+    // stored a token Mono issued later, which is the one to hand out.
+    let now = db::token_state(&mut tx, account.as_str()).await?.ok_or(ApiError::NotFound)?;
+    refuse_unless_needed(&now)?;
+    let response = match now.token_working_until(Utc::now()) {
+        Some((stored, issued, stored_expires)) => {
+            db::record_issuance(&mut tx, issuance, "stored", issued, stored_expires).await?;
+            handed_out(stored, stored_expires, "stored")
+        }
+        None => {
+            db::record_issuance(&mut tx, issuance, "fresh", token.issued_at, expires).await?;
+            handed_out(token.expose(), expires, "fresh")
+        }
+    };
+    tx.commit().await?;
+    Ok(response)
+}
+
+fn handed_out(token: &str, expires_at: DateTime<Utc>, source: &'static str) -> HttpResponse {
+    metrics::counter!("monohook_api_tokens_served_total", "source" => source).increment(1);
+    tracing::info!(source, expires_at = %expires_at.to_rfc3339(), "re-auth token handed out");
+    HttpResponse::Ok()
+        .insert_header(("cache-control", "no-store"))
+        .json(json!({ "token": token, "expires_at": expires_at, "source": source }))
+}

@@ -1,0 +1,8 @@
+//! api's integration tests: each test gets its own migrated database (`#[sqlx::test]`), its own Mono
+//! (wiremock) and its own API on a free port.
+
+mod accounts;
+mod cli;
+mod contract;
+mod helpers;
+mod reauth_token;
