@@ -14,6 +14,8 @@ use shared::event::AccountId;
 /// Most accounts one page holds.
 pub const MAX_LIMIT: i64 = 1000;
 const DEFAULT_LIMIT: i64 = 100;
+/// Longest account id there is (`AccountId`).
+const MAX_ID_CHARS: usize = 128;
 
 pub async fn get_account(
     _caller: Caller,
@@ -38,6 +40,9 @@ pub async fn list_accounts(
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let query = query.into_inner();
+    if query.after.as_ref().is_some_and(|after| after.chars().count() > MAX_ID_CHARS) {
+        return Err(ApiError::InvalidQuery(format!("after is an account id: at most {MAX_ID_CHARS} characters")));
+    }
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(ApiError::InvalidQuery(format!("limit must be between 1 and {MAX_LIMIT}")));

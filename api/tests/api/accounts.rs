@@ -108,7 +108,8 @@ async fn a_limit_out_of_range_or_a_bad_parameter_is_400(pool: PgPool) {
     let mono = MockServer::start().await;
     let app = spawn_app(pool, &mono).await;
 
-    for query in ["limit=0", "limit=1001", "limit=ten", "reauth_required=maybe"] {
+    let long_cursor = format!("after={}", "0".repeat(129));
+    for query in ["limit=0", "limit=1001", "limit=ten", "reauth_required=maybe", &long_cursor] {
         let response = app.get(&format!("/v1/accounts?{query}")).await;
         assert_eq!(response.status().as_u16(), 400, "{query}");
         assert_eq!(json(response).await["error"], "invalid_query", "{query}");
