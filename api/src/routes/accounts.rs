@@ -41,7 +41,9 @@ pub async fn list_accounts(
 ) -> Result<HttpResponse, ApiError> {
     let query = query.into_inner();
     if query.after.as_ref().is_some_and(|after| after.chars().count() > MAX_ID_CHARS) {
-        return Err(ApiError::InvalidQuery(format!("after is an account id: at most {MAX_ID_CHARS} characters")));
+        return Err(ApiError::InvalidQuery(format!(
+            "after is an account id: at most {MAX_ID_CHARS} characters"
+        )));
     }
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {

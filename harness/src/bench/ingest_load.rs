@@ -98,7 +98,7 @@ end
     )
 }
 
-fn parse_wrk(report: &str, peak_rss_kib: u64) -> anyhow::Result<LoadResult> {
+pub(crate) fn parse_wrk(report: &str, peak_rss_kib: u64) -> anyhow::Result<LoadResult> {
     let field = |prefix: &str| {
         report.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_owned()))
     };

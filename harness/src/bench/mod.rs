@@ -1,6 +1,7 @@
 //! The benchmark: monohook against the broker's own ceiling, measured in one run so that ratios hold
 //! on a noisy machine. Each figure is the median of `runs` runs; see `scripts/bench`.
 
+pub mod api_load;
 pub mod broker;
 pub mod ingest_load;
 pub mod report;

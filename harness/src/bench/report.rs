@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::process::Command;
 
+use super::api_load::ApiResult;
 use super::ingest_load::LoadResult;
 use super::worker_drain::DrainResult;
 use super::{BenchConfig, median};
@@ -17,6 +18,7 @@ pub struct Runs {
     pub consume_ref: Vec<f64>,
     pub drain: Vec<DrainResult>,
     pub reauth: Vec<DrainResult>,
+    pub api: Vec<ApiResult>,
 }
 
 pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> String {
@@ -114,6 +116,10 @@ pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> Stri
         verdict(mib(worker_rss) < 64.0)
     );
 
+    if !runs.api.is_empty() {
+        render_api(&mut out, config, &runs.api);
+    }
+
     let _ = writeln!(out, "\n## Every run\n");
     let _ = writeln!(
         out,
@@ -171,6 +177,53 @@ pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> Stri
         config.body_bytes
     );
     out
+}
+
+/// The api's rows: each endpoint against the bare actix + sqlx single-row read of the same run.
+fn render_api(out: &mut String, config: &BenchConfig, api: &[ApiResult]) {
+    let med = |values: Vec<f64>| median(&mut values.clone());
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    let reference = med(api.iter().map(|r| r.reference.requests_per_sec).collect());
+    for (name, pick) in [
+        ("api `GET /v1/accounts/{id}`", (|r: &ApiResult| r.get.clone()) as fn(&ApiResult) -> LoadResult),
+        ("api `POST /v1/accounts/{id}/reauth-token`, stored token", |r: &ApiResult| r.post_stored.clone()),
+    ] {
+        let rps = med(api.iter().map(|r| pick(r).requests_per_sec).collect());
+        let ratio =
+            med(api.iter().map(|r| pick(r).requests_per_sec / r.reference.requests_per_sec).collect());
+        let p99 = med(api.iter().map(|r| pick(r).p99_ms).collect());
+        let p50 = med(api.iter().map(|r| pick(r).p50_ms).collect());
+        let failed: u64 = api.iter().map(|r| pick(r).non_2xx).sum();
+        let _ = writeln!(
+            out,
+            "| {name}, {} connections, {} s | {rps:.0} req/s | bare actix + sqlx single-row read: {reference:.0} req/s | {:.0} % | ≥ 80 % | {} |",
+            config.connections,
+            config.load_duration.as_secs(),
+            100.0 * ratio,
+            verdict(ratio >= 0.8)
+        );
+        let _ = writeln!(
+            out,
+            "| (latency, non-2xx) | p50 {p50:.2} ms, p99 {p99:.2} ms, {failed} non-2xx | | | p99 ≤ 20 ms, 0 | {} |",
+            verdict(p99 <= 20.0 && failed == 0)
+        );
+    }
+    let rss = api.iter().map(|r| r.get.peak_rss_kib).max().unwrap_or_default() as f64 / 1024.0;
+    let _ = writeln!(out, "| peak RSS api | {rss:.1} MiB | | | < 48 MiB | {} |", verdict(rss < 48.0));
+    let _ = writeln!(out, "\n| run | reference req/s | GET req/s | ratio | POST (stored) req/s | ratio |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for (i, r) in api.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.0} | {:.0} % | {:.0} | {:.0} % |",
+            i + 1,
+            r.reference.requests_per_sec,
+            r.get.requests_per_sec,
+            100.0 * r.get.requests_per_sec / r.reference.requests_per_sec,
+            r.post_stored.requests_per_sec,
+            100.0 * r.post_stored.requests_per_sec / r.reference.requests_per_sec
+        );
+    }
 }
 
 fn command_line(program: &str, args: &[&str]) -> String {
