@@ -1,5 +1,5 @@
-//! The API's queries. Reading an account is one statement; so is handing out a stored token that
-//! still works (read, check and record the issuance together). A fresh token is fetched and stored in
+//! The API's queries. Reading an account is one statement; so is reading a stored token (its record
+//! is written in batches, `recorder`). A fresh token is fetched and stored in
 //! one transaction holding the account's advisory lock, so concurrent requests for one account, in any
 //! number of processes, make one call to Mono and hand out the same token. The advisory lock is not
 //! the row lock: the worker's batches never wait on a call to Mono.
@@ -79,40 +79,6 @@ pub struct Issuance<'a> {
     pub request_id: &'a str,
 }
 
-/// The account's token state, and whether its stored token (working until `until`) was handed out:
-/// recorded in `token_issuances` in the same statement. `None` if there is no such account.
-pub async fn serve_stored(
-    pool: &PgPool,
-    issuance: &Issuance<'_>,
-    until: DateTime<Utc>,
-) -> sqlx::Result<Option<(TokenState, bool)>> {
-    #[derive(sqlx::FromRow)]
-    struct Row {
-        #[sqlx(flatten)]
-        state: TokenState,
-        served: bool,
-    }
-    let row: Option<Row> = sqlx::query_as(
-        "WITH a AS (
-             SELECT reauth_required, unlinked_at IS NOT NULL AS unlinked, reauth_token, reauth_token_issued_at,
-                    reauth_token_expires_at
-             FROM accounts WHERE id = $1),
-         served AS (
-             INSERT INTO token_issuances (account_id, key_label, source, token_issued_at, expires_at, request_id)
-             SELECT $1, $2, 'stored', reauth_token_issued_at, reauth_token_expires_at, $3 FROM a
-             WHERE reauth_required AND NOT unlinked AND reauth_token IS NOT NULL AND reauth_token_expires_at >= $4
-             RETURNING 1)
-         SELECT a.*, EXISTS (SELECT 1 FROM served) AS served FROM a",
-    )
-    .bind(issuance.account)
-    .bind(issuance.key_label)
-    .bind(issuance.request_id)
-    .bind(until)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.map(|row| (row.state, row.served)))
-}
-
 /// Takes the account's advisory lock until the transaction ends.
 pub async fn lock_account(conn: &mut PgConnection, id: &str) -> sqlx::Result<()> {
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('monohook.reauth-token:' || $1, 0))")
@@ -122,7 +88,7 @@ pub async fn lock_account(conn: &mut PgConnection, id: &str) -> sqlx::Result<()>
         .map(drop)
 }
 
-pub async fn token_state(conn: &mut PgConnection, id: &str) -> sqlx::Result<Option<TokenState>> {
+pub async fn token_state<'e>(conn: impl sqlx::PgExecutor<'e>, id: &str) -> sqlx::Result<Option<TokenState>> {
     sqlx::query_as(
         "SELECT reauth_required, unlinked_at IS NOT NULL AS unlinked, reauth_token, reauth_token_issued_at,
                 reauth_token_expires_at

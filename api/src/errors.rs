@@ -23,9 +23,9 @@ pub enum ApiError {
     #[error("Mono is unavailable: {reason}")]
     MonoUnavailable { reason: String, retry_after: Duration },
     #[error("the database is unavailable: {0}")]
-    DatabaseUnavailable(sqlx::Error),
+    DatabaseUnavailable(String),
     #[error("database error: {0}")]
-    Database(sqlx::Error),
+    Database(String),
 }
 
 impl ApiError {
@@ -54,7 +54,7 @@ impl From<sqlx::Error> for ApiError {
                 error,
                 sqlx::Error::ColumnDecode { .. } | sqlx::Error::ColumnNotFound(_) | sqlx::Error::Decode(_)
             );
-        if ours { Self::Database(error) } else { Self::DatabaseUnavailable(error) }
+        if ours { Self::Database(error.to_string()) } else { Self::DatabaseUnavailable(error.to_string()) }
     }
 }
 

@@ -8,5 +8,6 @@ pub mod config;
 pub mod db;
 pub mod errors;
 pub mod locks;
+pub mod recorder;
 pub mod routes;
 pub mod startup;

@@ -20,6 +20,7 @@ use crate::caller::RequestId;
 use crate::config::ApiConfig;
 use crate::errors::ApiError;
 use crate::locks::AccountLocks;
+use crate::recorder::IssuanceRecorder;
 use crate::routes;
 use mono_client::MetricNames;
 use mono_client::circuit::{BreakerSettings, CircuitBreaker};
@@ -34,6 +35,7 @@ pub struct AppState {
     pub tokens: Arc<TokenFetcher>,
     pub token_min_remaining: chrono::Duration,
     pub account_locks: AccountLocks,
+    pub recorder: IssuanceRecorder,
 }
 
 /// A built, not yet running, API.
@@ -76,7 +78,9 @@ impl Application {
             max_elapsed: Some(Duration::from_millis(config.mono_retry_budget_ms)),
         };
         let tokens = Arc::new(TokenFetcher::new(mono, breaker, policy, 64, MetricNames::API));
+        let recorder = IssuanceRecorder::start(pool.clone());
         let state = web::Data::new(AppState {
+            recorder,
             pool,
             keys: config.app_api_keys.clone(),
             tokens,

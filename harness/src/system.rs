@@ -56,8 +56,8 @@ pub struct System {
     pub ingest: Option<Service>,
     pub ingest_port: u16,
     pub workers: Vec<(Service, u16)>,
-    /// The app's API, once started, with its port.
-    pub api: Option<(Service, u16)>,
+    /// The app's API processes started, with their ports.
+    pub apis: Vec<(Service, u16)>,
     http: reqwest::Client,
 }
 
@@ -93,7 +93,7 @@ impl System {
             ingest: None,
             ingest_port,
             workers: Vec::new(),
-            api: None,
+            apis: Vec::new(),
             http: reqwest::Client::new(),
         };
         for _ in 0..workers {
@@ -149,7 +149,8 @@ impl System {
         Ok(())
     }
 
-    /// Starts the app's API (the worker has migrated the database by then) and waits until ready.
+    /// Starts one more api process (the worker has migrated the database by then), waits until it
+    /// is ready, and returns its URL.
     pub async fn start_api(&mut self) -> anyhow::Result<String> {
         let port = free_port();
         let env = vec![
@@ -165,7 +166,7 @@ impl System {
         let mut api = Service::spawn("api", "api", &[], &env, &self.config.log_dir)?;
         let url = format!("http://127.0.0.1:{port}");
         wait_until_ready(&mut api, &format!("{url}/readyz"), Duration::from_secs(30)).await?;
-        self.api = Some((api, port));
+        self.apis.push((api, port));
         Ok(url)
     }
 
@@ -212,7 +213,7 @@ impl System {
         for (worker, _) in &self.workers {
             logs.push_str(&worker.logs());
         }
-        if let Some((api, _)) = &self.api {
+        for (api, _) in &self.apis {
             logs.push_str(&api.logs());
         }
         logs
@@ -251,7 +252,7 @@ impl System {
             worker.terminate();
             worker.wait_exit(Duration::from_secs(30));
         }
-        if let Some((api, _)) = self.api.as_mut() {
+        for (api, _) in &mut self.apis {
             api.terminate();
             api.wait_exit(Duration::from_secs(15));
         }

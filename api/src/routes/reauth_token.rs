@@ -1,7 +1,7 @@
 //! `POST /v1/accounts/{id}/reauth-token`: a token for `connect.reauthorise(token)` that works now.
 //!
-//! The stored token is handed out if it works at least `TOKEN_MIN_REMAINING_SECS` longer (one
-//! statement, which also records the issuance). Otherwise, under the account's advisory lock (and a
+//! The stored token is handed out if it works at least `TOKEN_MIN_REMAINING_SECS` longer, once its
+//! issuance is recorded (`recorder`, batched). Otherwise, under the account's advisory lock (and a
 //! lock per account within the process, so waiting requests hold no database connection), the state
 //! is read again (another request may have just refreshed it), a fresh token is fetched from Mono and
 //! stored only if the account still needs re-auth and no later-issued token is stored, and whatever
@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::caller::Caller;
 use crate::db::{self, Issuance, TokenState};
 use crate::errors::ApiError;
+use crate::recorder::IssuanceRecord;
 use crate::startup::AppState;
 use mono_client::tokens::TokenOutcome;
 use shared::event::AccountId;
@@ -35,13 +36,22 @@ pub async fn reauth_token(
     let issuance =
         Issuance { account: account.as_str(), key_label: &caller.key_label, request_id: &caller.request_id };
     let until = Utc::now() + state.token_min_remaining;
-    let (token_state, served) =
-        db::serve_stored(&state.pool, &issuance, until).await?.ok_or(ApiError::NotFound)?;
-    if served {
-        let (token, _, expires) = token_state.token_working_until(until).expect("served, so it works");
+    let token_state = db::token_state(&state.pool, account.as_str()).await?.ok_or(ApiError::NotFound)?;
+    refuse_unless_needed(&token_state)?;
+    if let Some((token, issued, expires)) = token_state.token_working_until(until) {
+        state
+            .recorder
+            .record(IssuanceRecord {
+                account: account.as_str().to_owned(),
+                key_label: caller.key_label.clone(),
+                source: "stored",
+                token_issued_at: issued,
+                expires_at: expires,
+                request_id: caller.request_id.clone(),
+            })
+            .await?;
         return Ok(handed_out(token, expires, "stored"));
     }
-    refuse_unless_needed(&token_state)?;
     fresh(&state, &account, &issuance).await
 }
 
@@ -64,7 +74,7 @@ async fn fresh(
     let mut conn = state.pool.acquire().await?;
     let mut tx = conn.begin().await?;
     db::lock_account(&mut tx, account.as_str()).await?;
-    let current = db::token_state(&mut tx, account.as_str()).await?.ok_or(ApiError::NotFound)?;
+    let current = db::token_state(&mut *tx, account.as_str()).await?.ok_or(ApiError::NotFound)?;
     refuse_unless_needed(&current)?;
     // Re-read under the lock: a concurrent request (here or in another process) may have refreshed it.
     let until = Utc::now() + state.token_min_remaining;
@@ -97,7 +107,7 @@ async fn fresh(
     }
     // Not stored: the account changed while Mono answered (re-authorised, unlinked), or the worker
     // stored a token Mono issued later, which is the one to hand out.
-    let now = db::token_state(&mut tx, account.as_str()).await?.ok_or(ApiError::NotFound)?;
+    let now = db::token_state(&mut *tx, account.as_str()).await?.ok_or(ApiError::NotFound)?;
     refuse_unless_needed(&now)?;
     let response = match now.token_working_until(Utc::now()) {
         Some((stored, issued, stored_expires)) => {

@@ -82,6 +82,12 @@ async fn prepare_database(config: &BenchConfig, log_dir: &Path) -> anyhow::Resul
         _ => bail!("worker migrate failed; see {}", migrate.log_path().display()),
     }
     let pool = PgPool::connect(&format!("{}/{DATABASE}", config.database_server)).await?;
+    // BENCH_API_ASYNC_COMMIT=1 measures what the durable commit of each issuance record costs.
+    if std::env::var("BENCH_API_ASYNC_COMMIT").is_ok_and(|v| v == "1") {
+        sqlx::query(&format!("ALTER DATABASE {DATABASE} SET synchronous_commit = off"))
+            .execute(&pool)
+            .await?;
+    }
     sqlx::query(
         "INSERT INTO accounts (id, reauth_required, reauth_token, reauth_token_issued_at, reauth_token_expires_at,
                                data_status, reauth_state_received_at)

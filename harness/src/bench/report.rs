@@ -52,70 +52,73 @@ pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> Stri
     );
     let _ = writeln!(out, "| measure | monohook | reference | ratio | target | |");
     let _ = writeln!(out, "|---|---|---|---|---|---|");
-    let _ = writeln!(
-        out,
-        "| ingest, {} connections, {} s | {:.0} req/s | raw publish with confirms, {} in flight: {:.0} msg/s | {:.0} % | ≥ 75 % | {} |",
-        config.connections,
-        config.load_duration.as_secs(),
-        ingest_rps,
-        config.connections,
-        publish_ref,
-        100.0 * ingest_ratio,
-        verdict(ingest_ratio >= 0.75)
-    );
-    if !runs.publish_like_ingest.is_empty() {
-        let like = med(runs.publish_like_ingest.clone());
-        let ratio = med(runs
-            .ingest
-            .iter()
-            .zip(&runs.publish_like_ingest)
-            .map(|(i, p)| i.requests_per_sec / p)
-            .collect());
+    // A phase left out with --only has no row.
+    if !runs.ingest.is_empty() && !runs.drain.is_empty() && !runs.reauth.is_empty() {
         let _ = writeln!(
             out,
-            "| (same, against a raw publish shaped like ingest's: topic exchange, ingest's headers) | | {like:.0} msg/s | {:.0} % | (for analysis) | |",
-            100.0 * ratio
+            "| ingest, {} connections, {} s | {:.0} req/s | raw publish with confirms, {} in flight: {:.0} msg/s | {:.0} % | ≥ 75 % | {} |",
+            config.connections,
+            config.load_duration.as_secs(),
+            ingest_rps,
+            config.connections,
+            publish_ref,
+            100.0 * ingest_ratio,
+            verdict(ingest_ratio >= 0.75)
+        );
+        if !runs.publish_like_ingest.is_empty() {
+            let like = med(runs.publish_like_ingest.clone());
+            let ratio = med(runs
+                .ingest
+                .iter()
+                .zip(&runs.publish_like_ingest)
+                .map(|(i, p)| i.requests_per_sec / p)
+                .collect());
+            let _ = writeln!(
+                out,
+                "| (same, against a raw publish shaped like ingest's: topic exchange, ingest's headers) | | {like:.0} msg/s | {:.0} % | (for analysis) | |",
+                100.0 * ratio
+            );
+        }
+        let _ = writeln!(
+            out,
+            "| ingest latency | p50 {p50:.2} ms, p99 {p99:.2} ms | | | p99 ≤ 20 ms | {} |",
+            verdict(p99 <= 20.0)
+        );
+        let _ =
+            writeln!(out, "| ingest non-2xx (all runs) | {non_2xx} | | | 0 | {} |", verdict(non_2xx == 0));
+        let _ = writeln!(
+            out,
+            "| worker drain, {} events over {} accounts | {:.0} events/s | raw consume with manual acks, prefetch {}: {:.0} msg/s | {:.0} % | ≥ 50 % | {} |",
+            config.drain_events,
+            config.drain_accounts,
+            drain,
+            config.prefetch,
+            consume_ref,
+            100.0 * drain_ratio,
+            verdict(drain_ratio >= 0.5)
+        );
+        let _ = writeln!(
+            out,
+            "| re-auth, {} events, Mono answering after {} ms, PREFETCH {} | {:.0} events/s | | | ≥ 1000/s | {} |",
+            config.reauth_events,
+            config.mono_latency_ms,
+            config.reauth_prefetch,
+            reauth,
+            verdict(reauth >= 1000.0)
+        );
+        let _ = writeln!(
+            out,
+            "| peak RSS ingest | {:.1} MiB | | | < 32 MiB | {} |",
+            mib(ingest_rss),
+            verdict(mib(ingest_rss) < 32.0)
+        );
+        let _ = writeln!(
+            out,
+            "| peak RSS worker | {:.1} MiB | | | < 64 MiB | {} |",
+            mib(worker_rss),
+            verdict(mib(worker_rss) < 64.0)
         );
     }
-    let _ = writeln!(
-        out,
-        "| ingest latency | p50 {p50:.2} ms, p99 {p99:.2} ms | | | p99 ≤ 20 ms | {} |",
-        verdict(p99 <= 20.0)
-    );
-    let _ = writeln!(out, "| ingest non-2xx (all runs) | {non_2xx} | | | 0 | {} |", verdict(non_2xx == 0));
-    let _ = writeln!(
-        out,
-        "| worker drain, {} events over {} accounts | {:.0} events/s | raw consume with manual acks, prefetch {}: {:.0} msg/s | {:.0} % | ≥ 50 % | {} |",
-        config.drain_events,
-        config.drain_accounts,
-        drain,
-        config.prefetch,
-        consume_ref,
-        100.0 * drain_ratio,
-        verdict(drain_ratio >= 0.5)
-    );
-    let _ = writeln!(
-        out,
-        "| re-auth, {} events, Mono answering after {} ms, PREFETCH {} | {:.0} events/s | | | ≥ 1000/s | {} |",
-        config.reauth_events,
-        config.mono_latency_ms,
-        config.reauth_prefetch,
-        reauth,
-        verdict(reauth >= 1000.0)
-    );
-    let _ = writeln!(
-        out,
-        "| peak RSS ingest | {:.1} MiB | | | < 32 MiB | {} |",
-        mib(ingest_rss),
-        verdict(mib(ingest_rss) < 32.0)
-    );
-    let _ = writeln!(
-        out,
-        "| peak RSS worker | {:.1} MiB | | | < 64 MiB | {} |",
-        mib(worker_rss),
-        verdict(mib(worker_rss) < 64.0)
-    );
-
     if !runs.api.is_empty() {
         render_api(&mut out, config, &runs.api);
     }
