@@ -38,6 +38,12 @@ async fn dead_queue_depth(world: &TestWorld) -> u32 {
     world.broker.depth(&world.dead_queue()).await
 }
 
+/// Waits until the dead-letter queue holds `expected` ready messages: what a walk left returns to
+/// the queue's ready count a moment after the walk closes its channels.
+async fn dead_queue_settles_at(world: &TestWorld, expected: u32, why: &str) {
+    eventually(why, PATIENCE, || async { dead_queue_depth(world).await == expected }).await;
+}
+
 #[sqlx::test(migrations = "../migrations")]
 async fn list_shows_each_dead_letter_and_filters_narrow_it(pool: PgPool) {
     let world = world_with_dead_letters(pool, &["acct-a", "acct-b"]).await;
@@ -109,7 +115,7 @@ async fn show_prints_the_whole_record_including_the_queued_headers(pool: PgPool)
     let headers = &record["queue_headers"];
     assert!(headers["x-dead-reason"].as_str().unwrap().contains("can not be re-authorised"), "{headers}");
     assert_eq!(headers["x-attempts"], "1");
-    assert_eq!(dead_queue_depth(&world).await, 2, "show leaves the message in the queue");
+    dead_queue_settles_at(&world, 2, "show leaves the message in the queue").await;
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -132,7 +138,7 @@ async fn replay_moves_dead_letters_back_and_leaves_queue_and_journal_in_agreemen
     })
     .await;
     assert_eq!(world.stored_token("acct-a").await.as_deref(), Some("after-replay"));
-    assert_eq!(dead_queue_depth(&world).await, 2, "acct-b and the poison stay dead");
+    dead_queue_settles_at(&world, 2, "acct-b and the poison stay dead").await;
     assert_eq!(world.count_status("dead").await, 2, "the journal agrees with the queue");
     let (status, attempts): (String, i32) =
         sqlx::query_as("SELECT status, attempts FROM webhook_events WHERE account_id = 'acct-a'")
@@ -169,7 +175,7 @@ async fn a_dry_run_predicts_each_change_and_changes_nothing(pool: PgPool) {
             .await
             .unwrap();
     assert_eq!(journal_before, journal_after);
-    assert_eq!(dead_queue_depth(&world).await, 2);
+    dead_queue_settles_at(&world, 2, "the rest stays dead").await;
     assert_eq!(world.mono.received_requests().await.unwrap().len(), 1, "a dry run never calls Mono");
 }
 
@@ -215,7 +221,7 @@ async fn purge_asks_first_and_records_what_it_removed(pool: PgPool) {
 
     let declined = stdout(&world.run_cli(&["dlq", "purge", "--all"], "n\n").await);
     assert!(declined.contains("nothing purged"), "{declined}");
-    assert_eq!(dead_queue_depth(&world).await, 3);
+    dead_queue_settles_at(&world, 3, "every dead letter is back").await;
 
     let purged = stdout(
         &world
@@ -226,7 +232,7 @@ async fn purge_asks_first_and_records_what_it_removed(pool: PgPool) {
             .await,
     );
     assert!(purged.contains("purged 1 dead letter(s)"), "{purged}");
-    assert_eq!(dead_queue_depth(&world).await, 2);
+    dead_queue_settles_at(&world, 2, "the rest stays dead").await;
     assert_eq!(world.count_status("dead").await, 2);
     let recorded: (String, String) =
         sqlx::query_as("SELECT action, note FROM dead_letter_actions WHERE completed_at IS NOT NULL")
@@ -359,7 +365,7 @@ async fn assert_everything_replayed_once(world: &TestWorld, count: i64) {
             .await
             .unwrap();
     assert_eq!(flagged, count);
-    assert_eq!(dead_queue_depth(world).await, 0, "the dead-letter queue is empty");
+    dead_queue_settles_at(world, 0, "the dead-letter queue is empty").await;
     let unfinished: i64 =
         sqlx::query_scalar("SELECT count(*) FROM dead_letter_actions WHERE completed_at IS NULL")
             .fetch_one(&world.pool)

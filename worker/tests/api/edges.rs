@@ -402,3 +402,54 @@ async fn an_attempt_header_survives_parking(pool: PgPool) {
     assert_eq!(headers.inner().get(HEADER_ATTEMPTS).and_then(as_u32), Some(0));
     world.stop_workers().await;
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_dead_letter_whose_body_the_database_refuses_is_journaled_without_it(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    // The journal refuses any row with a body: the event itself cannot be stored, and neither can a
+    // dead letter's body.
+    sqlx::query("ALTER TABLE webhook_events ADD CONSTRAINT no_bodies CHECK (payload IS NULL)")
+        .execute(&world.pool)
+        .await
+        .unwrap();
+    world.start_worker().await;
+
+    let meta = world.publish(&body("mono.events.account_updated", ACCOUNT)).await;
+
+    let row = world.settled(&meta).await;
+    assert_eq!(row.status, "dead");
+    let reason = row.last_error.unwrap();
+    assert!(
+        reason.contains("the database refused the event") && reason.contains("body not journaled"),
+        "{reason}"
+    );
+    assert_eq!(
+        world.dead_letters(1).await.len(),
+        1,
+        "the message, body and all, is in the dead-letter queue"
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_dead_letter_that_cannot_be_journaled_at_all_is_not_acked(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    sqlx::query("ALTER TABLE webhook_events ADD CONSTRAINT nothing_dead CHECK (status <> 'dead')")
+        .execute(&world.pool)
+        .await
+        .unwrap();
+    world.start_worker_with(&["--shutdown-grace-secs", "1"]).await;
+    // Poison: dead-lettered at once, and its journal row is refused.
+    let work = world.broker.topology.work_queue();
+    world.broker.publish_to_queue(&work, b"not json", lapin::BasicProperties::default()).await;
+
+    let copies = world.dead_letters(1).await;
+    assert_eq!(copies.len(), 1, "the copy reached the dead-letter queue");
+    world.stop_workers().await;
+
+    // Unacked, the original went back to the work queue when the worker stopped.
+    eventually("the original is back in the work queue", PATIENCE, || async {
+        world.broker.depth(&work).await == 1
+    })
+    .await;
+    assert_eq!(world.journal_count().await, 0);
+}

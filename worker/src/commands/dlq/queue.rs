@@ -122,8 +122,16 @@ impl DeadQueue {
     /// Whether `walk` has seen the whole queue: nothing is ready and nobody but the walk consumes
     /// (asked while the walk still holds what it left).
     pub async fn fully_seen(&self, walk: &Walk) -> anyhow::Result<bool> {
-        let (ready, consumers) = self.counts().await?;
-        Ok(ready == 0 && consumers as usize == walk.lanes.len())
+        // Messages another walk just returned reach the ready count a moment after it closed: ask
+        // twice, a moment apart.
+        for pause in [Duration::ZERO, SETTLE] {
+            tokio::time::sleep(pause).await;
+            let (ready, consumers) = self.counts().await?;
+            if ready != 0 || consumers as usize != walk.lanes.len() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Publishes a copy of `properties`/`body` onto the work queue and waits for the confirm.
