@@ -1,8 +1,10 @@
 //! The deploy artefacts agree with the code: alerts and the dashboard use only metrics the binaries
-//! export, every alert links to a section of docs/operations.md, and every exported metric is
-//! documented there.
+//! export, every alert links to a section of docs/operations.md, every exported metric is documented
+//! there, and the compose file and the Kubernetes manifests give each binary settings it reads, at
+//! the ports it serves.
 
-use std::collections::BTreeSet;
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
@@ -273,4 +275,184 @@ fn every_secret_compose_interpolates_has_an_example_and_env_is_ignored() {
         assert!(example.lines().any(|l| l.starts_with(&format!("{name}="))), ".env.example lacks {name}");
     }
     assert!(read(".gitignore").lines().any(|l| l.trim() == ".env"), ".env must be git-ignored");
+}
+
+/// Every object of every manifest under deploy/kubernetes (kustomizations aside), with its file.
+fn kubernetes_objects() -> Vec<(String, serde_yaml_ng::Value)> {
+    fn walk(dir: &Path, out: &mut Vec<(String, serde_yaml_ng::Value)>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "yaml") && !path.ends_with("kustomization.yaml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for document in serde_yaml_ng::Deserializer::from_str(&text) {
+                    let value = serde_yaml_ng::Value::deserialize(document).unwrap();
+                    if !value.is_null() {
+                        out.push((path.display().to_string(), value));
+                    }
+                }
+            }
+        }
+    }
+    let mut objects = Vec::new();
+    walk(&root().join("deploy/kubernetes"), &mut objects);
+    objects
+}
+
+fn object<'a>(
+    objects: &'a [(String, serde_yaml_ng::Value)],
+    kind: &str,
+    name: &str,
+) -> &'a serde_yaml_ng::Value {
+    objects
+        .iter()
+        .map(|(_, o)| o)
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in deploy/kubernetes"))
+}
+
+fn port_of(address: &str) -> u64 {
+    address.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+#[test]
+fn kubernetes_deployments_run_each_binary_as_the_code_serves_it() {
+    let objects = kubernetes_objects();
+    let config = object(&objects, "ConfigMap", "monohook-config")["data"].as_mapping().unwrap().clone();
+    let secret = object(&objects, "Secret", "monohook-secrets")["stringData"].as_mapping().unwrap().clone();
+    let dockerfile = read("Dockerfile");
+    let uid: u64 =
+        dockerfile.split("--uid ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let every_setting: BTreeSet<String> =
+        ["ingest", "worker", "api"].iter().flat_map(|b| env_vars_of(b)).collect();
+    for key in config.keys() {
+        let key = key.as_str().unwrap();
+        assert!(every_setting.contains(key), "the ConfigMap sets {key}, which no binary reads");
+    }
+
+    for (name, binary, health_setting) in [
+        ("monohook-ingest", "ingest", "LISTEN_ADDR"),
+        ("monohook-worker", "worker", "METRICS_ADDR"),
+        ("monohook-api", "api", "LISTEN_ADDR"),
+    ] {
+        let deployment = object(&objects, "Deployment", name);
+        let pod = &deployment["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        assert_eq!(container["command"][0], binary, "{name}");
+        let settings = env_vars_of(binary);
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        for var in container["env"].as_sequence().unwrap() {
+            let var_name = var["name"].as_str().unwrap();
+            assert!(
+                settings.contains(var_name),
+                "{name} sets {var_name}, which `{binary} --help` does not list"
+            );
+            if let Some(key) = var["valueFrom"]["secretKeyRef"]["key"].as_str() {
+                assert!(
+                    secret.contains_key(key),
+                    "{name} reads secret key {key}, missing from secret.example.yaml"
+                );
+            }
+            env.insert(var_name.to_owned(), var["value"].as_str().unwrap_or_default().to_owned());
+        }
+        // Probes and scraping at the ports the code serves.
+        let ports: BTreeMap<&str, u64> = container["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|p| (p["name"].as_str().unwrap(), p["containerPort"].as_u64().unwrap()))
+            .collect();
+        let health_port = port_of(&env[health_setting]);
+        for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+            assert_eq!(container[probe]["httpGet"]["path"], path, "{name} {probe}");
+            let port = container[probe]["httpGet"]["port"].as_str().unwrap();
+            assert_eq!(ports[port], health_port, "{name} {probe} must hit {health_setting}");
+        }
+        let metrics_port = port_of(env.get("METRICS_ADDR").unwrap_or_else(|| &env["LISTEN_ADDR"]));
+        let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/port"].as_str().unwrap(), metrics_port.to_string(), "{name}");
+        assert!(ports.values().any(|p| *p == metrics_port), "{name} declares no port for /metrics");
+        // Hardening, sizing, shutdown.
+        assert_eq!(
+            pod["securityContext"]["runAsUser"].as_u64(),
+            Some(uid),
+            "{name} runs as the image's user"
+        );
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true, "{name}");
+        assert_eq!(container["securityContext"]["capabilities"]["drop"][0], "ALL", "{name}");
+        for bound in ["requests", "limits"] {
+            assert!(container["resources"][bound]["memory"].is_string(), "{name} has no memory {bound}");
+        }
+        let grace: u64 = env["SHUTDOWN_GRACE_SECS"].parse().unwrap();
+        let termination = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+        assert!(
+            termination > grace,
+            "{name}: terminationGracePeriodSeconds {termination} <= SHUTDOWN_GRACE_SECS {grace}"
+        );
+    }
+
+    // Services expose the request ports only; nothing exposes /metrics.
+    for (service, deployment) in [("monohook-ingest", "monohook-ingest"), ("monohook-api", "monohook-api")] {
+        let container =
+            &object(&objects, "Deployment", deployment)["spec"]["template"]["spec"]["containers"][0];
+        let listen =
+            container["env"].as_sequence().unwrap().iter().find(|v| v["name"] == "LISTEN_ADDR").unwrap();
+        let ports: Vec<u64> = object(&objects, "Service", service)["spec"]["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|p| p["port"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ports, [port_of(listen["value"].as_str().unwrap())], "{service}");
+    }
+    assert!(
+        !objects.iter().any(|(_, o)| o["kind"] == "Service" && o["metadata"]["name"] == "monohook-worker")
+    );
+    for pdb in ["monohook-ingest", "monohook-worker"] {
+        object(&objects, "PodDisruptionBudget", pdb);
+    }
+    let job = object(&objects, "Job", "monohook-migrate");
+    let command: Vec<&str> = job["spec"]["template"]["spec"]["containers"][0]["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(command, ["worker", "migrate"]);
+}
+
+#[test]
+fn the_autoscalers_watch_the_queue_the_topology_declares_and_scale_the_worker() {
+    let objects = kubernetes_objects();
+    let config = &object(&objects, "ConfigMap", "monohook-config")["data"];
+    let topology = shared::topology::Topology::new(config["QUEUE_PREFIX"].as_str().unwrap(), Vec::new(), 10);
+    let scaled = object(&objects, "ScaledObject", "monohook-worker");
+    assert_eq!(scaled["spec"]["scaleTargetRef"]["name"], "monohook-worker");
+    assert!(scaled["spec"]["minReplicaCount"].as_u64().unwrap() >= 1);
+    let trigger = &scaled["spec"]["triggers"][0];
+    assert_eq!(trigger["type"], "rabbitmq");
+    assert_eq!(trigger["metadata"]["queueName"].as_str().unwrap(), topology.work_queue());
+    assert!(trigger["metadata"]["value"].as_str().unwrap().parse::<u64>().unwrap() > 0);
+    let auth =
+        object(&objects, "TriggerAuthentication", trigger["authenticationRef"]["name"].as_str().unwrap());
+    let secret = object(&objects, "Secret", "monohook-secrets");
+    for target in auth["spec"]["secretTargetRef"].as_sequence().unwrap() {
+        assert_eq!(target["name"], "monohook-secrets");
+        assert!(secret["stringData"][target["key"].as_str().unwrap()].is_string());
+    }
+    let hpa = object(&objects, "HorizontalPodAutoscaler", "monohook-worker");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "monohook-worker");
+    // Every kustomization lists files that exist.
+    for overlay in ["base", "keda", "hpa"] {
+        let dir = root().join("deploy/kubernetes").join(overlay);
+        let kustomization: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap())
+                .unwrap();
+        for resource in kustomization["resources"].as_sequence().unwrap() {
+            let resource = dir.join(resource.as_str().unwrap());
+            assert!(resource.exists(), "{} lists the missing {}", overlay, resource.display());
+        }
+    }
 }
