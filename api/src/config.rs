@@ -39,7 +39,7 @@ pub struct ApiConfig {
     pub mono_secret_key: SecretString,
 
     /// Base URL of Mono's API.
-    #[arg(long, env = "MONO_API_URL", default_value = "https://api.withmono.com")]
+    #[arg(long, env = "MONO_API_URL", default_value = "https://api.withmono.com", value_parser = shared::config::http_url)]
     pub mono_api_url: String,
 
     /// Time limit of one call to Mono, in ms.
@@ -64,7 +64,7 @@ pub struct ApiConfig {
     pub http_workers: usize,
 
     /// On SIGTERM, how long in-flight requests may take to finish, in seconds.
-    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub shutdown_grace_secs: u64,
 }
 

@@ -55,6 +55,8 @@ pub struct System {
     pub mono_url: String,
     pub ingest: Option<Service>,
     pub ingest_port: u16,
+    /// Where ingest serves `/metrics`.
+    pub ingest_metrics_port: u16,
     pub workers: Vec<(Service, u16)>,
     /// The app's API processes started, with their ports.
     pub apis: Vec<(Service, u16)>,
@@ -92,6 +94,7 @@ impl System {
             mono_url,
             ingest: None,
             ingest_port,
+            ingest_metrics_port: free_port(),
             workers: Vec::new(),
             apis: Vec::new(),
             http: reqwest::Client::new(),
@@ -140,6 +143,7 @@ impl System {
         env.extend([
             ("MONO_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
             ("LISTEN_ADDR", format!("127.0.0.1:{}", self.ingest_port)),
+            ("METRICS_ADDR", format!("127.0.0.1:{}", self.ingest_metrics_port)),
         ]);
         env.extend(self.config.ingest_env.iter().cloned());
         let mut ingest = Service::spawn("ingest", "ingest", &[], &env, &self.config.log_dir)?;
@@ -201,7 +205,8 @@ impl System {
 
     /// ingest's `/metrics` text.
     pub async fn ingest_metrics(&self) -> anyhow::Result<String> {
-        Ok(self.http.get(format!("{}/metrics", self.ingest_url())).send().await?.text().await?)
+        let url = format!("http://127.0.0.1:{}/metrics", self.ingest_metrics_port);
+        Ok(self.http.get(url).send().await?.text().await?)
     }
 
     /// Everything every process logged so far.

@@ -200,6 +200,11 @@ fn compose_ports_and_health_checks_match_the_listen_addresses() {
         "ingest listens on {listen} but publishes {published:?}"
     );
     assert!(listen.starts_with("0.0.0.0:"), "ingest must listen on all interfaces in a container");
+    let metrics_port = env_value(ingest, "METRICS_ADDR").unwrap().rsplit_once(':').unwrap().1.to_owned();
+    assert!(
+        !published.iter().any(|p| p.ends_with(&format!(":{metrics_port}"))),
+        "ingest's /metrics must not be published: {published:?}"
+    );
     let check = serde_yaml_ng::to_string(&ingest["healthcheck"]["test"]).unwrap();
     assert!(check.contains(&format!(":{port}/readyz")), "{check}");
 

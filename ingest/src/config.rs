@@ -22,21 +22,26 @@ pub struct IngestConfig {
     #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
     pub listen_addr: SocketAddr,
 
+    /// Address of `/metrics`, kept off the webhook port that the internet reaches (port 0 picks a
+    /// free port).
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9091")]
+    pub metrics_addr: SocketAddr,
+
     /// The secret Mono sends in `mono-webhook-secret`. A comma-separated list is accepted so a secret
     /// can be rotated with no downtime: add the new one, switch Mono's dashboard, remove the old one.
     #[arg(long, env = "MONO_WEBHOOK_SECRET", hide_env_values = true)]
     pub mono_webhook_secret: WebhookSecrets,
 
     /// Largest webhook body accepted, in bytes; larger ones get 413.
-    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 262_144)]
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 262_144, value_parser = shared::config::at_least_one)]
     pub max_body_bytes: usize,
 
     /// How long a publish may wait for the broker's confirm before the request gets 503, in ms.
-    #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 800)]
+    #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 800, value_parser = clap::value_parser!(u64).range(1..))]
     pub publish_timeout_ms: u64,
 
     /// AMQP channels that publishes are spread over; each carries many unconfirmed publishes at once.
-    #[arg(long, env = "PUBLISH_CHANNELS", default_value_t = 4)]
+    #[arg(long, env = "PUBLISH_CHANNELS", default_value_t = 4, value_parser = shared::config::at_least_one)]
     pub publish_channels: usize,
 
     /// HTTP worker threads (0 = one per CPU).
@@ -44,15 +49,15 @@ pub struct IngestConfig {
     pub http_workers: usize,
 
     /// Most open connections per HTTP worker thread; more wait in the accept backlog.
-    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 2048)]
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 2048, value_parser = shared::config::at_least_one)]
     pub max_connections: usize,
 
     /// Time a client has to send a request's headers, and its body, in ms (slow clients get 408).
-    #[arg(long, env = "CLIENT_TIMEOUT_MS", default_value_t = 5000)]
+    #[arg(long, env = "CLIENT_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     pub client_timeout_ms: u64,
 
     /// On SIGTERM, how long in-flight requests may take to finish before the server stops, in seconds.
-    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub shutdown_grace_secs: u64,
 }
 

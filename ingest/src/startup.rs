@@ -28,7 +28,9 @@ pub struct AppState {
 /// A built, not yet running, ingest.
 pub struct Application {
     port: u16,
+    metrics_addr: std::net::SocketAddr,
     server: Server,
+    metrics_server: Server,
     publisher: Publisher,
     cancel: CancellationToken,
 }
@@ -70,7 +72,6 @@ impl Application {
                 // Resources, not bare routes: another method on a known path gets 405, not 404.
                 .service(web::resource("/healthz").route(web::get().to(routes::healthz)))
                 .service(web::resource("/readyz").route(web::get().to(routes::readyz)))
-                .service(web::resource("/metrics").route(web::get().to(routes::metrics)))
                 .service(web::resource("/openapi.json").route(web::get().to(routes::openapi)))
         })
         .workers(workers)
@@ -82,7 +83,22 @@ impl Application {
         .listen(listener)?
         .run();
 
-        Ok(Self { port, server, publisher, cancel })
+        let metrics_listener = TcpListener::bind(config.metrics_addr)
+            .with_context(|| format!("cannot listen on METRICS_ADDR {}", config.metrics_addr))?;
+        let metrics_addr = metrics_listener.local_addr()?;
+        let metrics_server = HttpServer::new(|| App::new().route("/metrics", web::get().to(routes::metrics)))
+            .workers(1)
+            .shutdown_timeout(1)
+            .shutdown_signal(cancel.clone().cancelled_owned())
+            .listen(metrics_listener)?
+            .run();
+
+        Ok(Self { port, metrics_addr, server, metrics_server, publisher, cancel })
+    }
+
+    /// Where `/metrics` is served.
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.metrics_addr
     }
 
     /// The port the server is bound to (useful with `LISTEN_ADDR=...:0`).
@@ -97,8 +113,10 @@ impl Application {
             let cancel = self.cancel.clone();
             tokio::spawn(async move { publisher.supervise(cancel).await })
         };
-        tracing::info!(port = self.port, "ingest listening");
+        tracing::info!(port = self.port, metrics = %self.metrics_addr, "ingest listening");
+        let metrics = tokio::spawn(self.metrics_server);
         let served = self.server.await.context("HTTP server failed");
+        let _ = metrics.await;
         // The server has drained; nothing publishes any more.
         self.cancel.cancel();
         let _ = supervisor.await;

@@ -17,6 +17,9 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+
+    #[command(flatten)]
+    telemetry: shared::config::TelemetryArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -33,10 +36,11 @@ enum Command {
 #[actix_web::main]
 async fn main() {
     let cli = Cli::parse();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .try_init();
+    // LOG_FORMAT and RUST_LOG as in the other binaries: JSON lines for a log collector.
+    if let Err(error) = shared::telemetry::init(&cli.telemetry) {
+        eprintln!("mono-sim: {error:#}");
+        std::process::exit(2);
+    }
     let result = match cli.command {
         Command::Serve(args) => server::serve(args).await,
         Command::Send(args) => webhooks::send(args).await,

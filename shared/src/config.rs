@@ -37,7 +37,8 @@ pub struct BrokerArgs {
         global = true,
         env = "RETRY_DELAYS_SECS",
         value_delimiter = ',',
-        default_value = "30,300,1800,7200"
+        default_value = "30,300,1800,7200",
+        value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub retry_delays_secs: Vec<u64>,
 
@@ -73,7 +74,7 @@ pub struct DatabaseArgs {
     pub database_url: SecretString,
 
     /// Most connections the pool opens to PostgreSQL.
-    #[arg(long, global = true, env = "DB_MAX_CONNECTIONS", default_value_t = 16)]
+    #[arg(long, global = true, env = "DB_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub db_max_connections: u32,
 }
 
@@ -101,18 +102,57 @@ pub enum LogFormat {
     Pretty,
 }
 
-/// Parses the command line and environment. A missing required setting stops the process with one
-/// line naming its environment variable and flag; every other error (and `--help`) is clap's own.
+/// Parses the command line and environment. A missing or invalid setting stops the process with one
+/// line naming its environment variable and flag (and, for an invalid one, what is accepted), exit
+/// 2; every other error (and `--help`) is clap's own.
 pub fn parse_or_exit<T: clap::Parser>() -> T {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
     match T::try_parse() {
         Ok(parsed) => parsed,
-        Err(error) if error.kind() == clap::error::ErrorKind::MissingRequiredArgument => {
+        Err(error) if error.kind() == ErrorKind::MissingRequiredArgument => {
             let command = T::command();
             let missing = missing_settings(&command, &error);
             eprintln!("{}: missing required setting: {missing}", command.get_name());
             std::process::exit(2);
         }
+        Err(error) if matches!(error.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue) => {
+            let command = T::command();
+            let setting = missing_settings(&command, &error);
+            // The reason, never the value itself (it may be a secret).
+            let reason = match (std::error::Error::source(&error), error.get(ContextKind::ValidValue)) {
+                (Some(reason), _) => reason.to_string(),
+                (None, Some(ContextValue::Strings(valid))) => format!("accepted: {}", valid.join(", ")),
+                _ => "not an accepted value".to_owned(),
+            };
+            eprintln!("{}: invalid {setting}: {reason}", command.get_name());
+            std::process::exit(2);
+        }
         Err(error) => error.exit(),
+    }
+}
+
+/// A share in (0, 1].
+pub fn ratio(raw: &str) -> Result<f64, String> {
+    match raw.trim().parse::<f64>() {
+        Ok(value) if value > 0.0 && value <= 1.0 => Ok(value),
+        _ => Err("must be a number in (0, 1]".to_owned()),
+    }
+}
+
+/// A count of at least one.
+pub fn at_least_one(raw: &str) -> Result<usize, String> {
+    match raw.trim().parse::<usize>() {
+        Ok(value) if value >= 1 => Ok(value),
+        _ => Err("must be a whole number of at least 1".to_owned()),
+    }
+}
+
+/// An `http://` or `https://` URL with a host.
+pub fn http_url(raw: &str) -> Result<String, String> {
+    let host = raw.strip_prefix("https://").or_else(|| raw.strip_prefix("http://"));
+    match host.and_then(|rest| rest.split(['/', '?', '#']).next()) {
+        Some(host) if !host.is_empty() && !host.contains(char::is_whitespace) => Ok(raw.to_owned()),
+        _ => Err("must be an http:// or https:// URL with a host".to_owned()),
     }
 }
 

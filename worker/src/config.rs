@@ -56,11 +56,11 @@ pub struct RunArgs {
     pub mono_secret_key: Option<SecretString>,
 
     /// Base URL of Mono's API.
-    #[arg(long, env = "MONO_API_URL", default_value = "https://api.withmono.com")]
+    #[arg(long, env = "MONO_API_URL", default_value = "https://api.withmono.com", value_parser = shared::config::http_url)]
     pub mono_api_url: String,
 
     /// Time limit of one call to Mono, in ms; a call that takes longer counts as a transient failure.
-    #[arg(long, env = "MONO_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "MONO_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub mono_timeout_ms: u64,
 
     /// How long one delivery keeps retrying Mono in process (exponential backoff with jitter) before
@@ -69,31 +69,31 @@ pub struct RunArgs {
     pub mono_retry_budget_secs: u64,
 
     /// First in-process retry delay after a transient Mono failure, in ms (doubles up to 5 s).
-    #[arg(long, env = "MONO_RETRY_INITIAL_MS", default_value_t = 500)]
+    #[arg(long, env = "MONO_RETRY_INITIAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
     pub mono_retry_initial_ms: u64,
 
     /// Deliveries a worker process holds and works on at once (the AMQP prefetch). It must cover
     /// the broker's ack-to-redelivery delay as well as the work in progress: at 64 a worker drains a
     /// third as fast as at 256 (see bench/results).
-    #[arg(long, env = "PREFETCH", default_value_t = 256)]
+    #[arg(long, env = "PREFETCH", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
 
     /// Calls to Mono a worker process has in flight at most. Re-auth throughput is about this many
     /// per Mono round trip.
-    #[arg(long, env = "MONO_MAX_IN_FLIGHT", default_value_t = 200)]
+    #[arg(long, env = "MONO_MAX_IN_FLIGHT", default_value_t = 200, value_parser = shared::config::at_least_one)]
     pub mono_max_in_flight: usize,
 
     /// Most deliveries applied in one database transaction. Batches form from whatever is waiting, so
     /// a lone delivery is never delayed to fill one.
-    #[arg(long, env = "BATCH_MAX", default_value_t = 128)]
+    #[arg(long, env = "BATCH_MAX", default_value_t = 128, value_parser = shared::config::at_least_one)]
     pub batch_max: usize,
 
     /// Database transactions a worker process runs at once.
-    #[arg(long, env = "BATCH_CONCURRENCY", default_value_t = 2)]
+    #[arg(long, env = "BATCH_CONCURRENCY", default_value_t = 2, value_parser = shared::config::at_least_one)]
     pub batch_concurrency: usize,
 
     /// Share of failed Mono calls (over the window) that opens the circuit breaker.
-    #[arg(long, env = "MONO_CIRCUIT_FAILURE_RATIO", default_value_t = 0.5)]
+    #[arg(long, env = "MONO_CIRCUIT_FAILURE_RATIO", default_value_t = 0.5, value_parser = shared::config::ratio)]
     pub mono_circuit_failure_ratio: f64,
 
     /// Failed Mono calls in a row that open the circuit breaker, however few calls there are (one
@@ -106,20 +106,20 @@ pub struct RunArgs {
     pub mono_retry_after_max_secs: u64,
 
     /// Fewest Mono calls in the window before the breaker may open on the failure ratio.
-    #[arg(long, env = "MONO_CIRCUIT_MIN_CALLS", default_value_t = 10)]
+    #[arg(long, env = "MONO_CIRCUIT_MIN_CALLS", default_value_t = 10, value_parser = shared::config::at_least_one)]
     pub mono_circuit_min_calls: usize,
 
     /// Sliding window of the breaker, in seconds.
-    #[arg(long, env = "MONO_CIRCUIT_WINDOW_SECS", default_value_t = 10)]
+    #[arg(long, env = "MONO_CIRCUIT_WINDOW_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub mono_circuit_window_secs: u64,
 
     /// How long the breaker stays open before a probe call, in seconds (doubles on each failed
     /// probe, up to 60 s).
-    #[arg(long, env = "MONO_CIRCUIT_OPEN_SECS", default_value_t = 5)]
+    #[arg(long, env = "MONO_CIRCUIT_OPEN_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub mono_circuit_open_secs: u64,
 
     /// The same body received again within this many seconds is a duplicate and changes nothing.
-    #[arg(long, env = "DEDUP_WINDOW_SECS", default_value_t = 600)]
+    #[arg(long, env = "DEDUP_WINDOW_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub dedup_window_secs: u64,
 
     /// Address of the worker's own HTTP endpoint: `/metrics`, `/healthz`, `/readyz` (port 0 picks a
@@ -128,12 +128,12 @@ pub struct RunArgs {
     pub metrics_addr: std::net::SocketAddr,
 
     /// How often queue depths and ages are polled for the metrics, in seconds.
-    #[arg(long, env = "QUEUE_POLL_SECS", default_value_t = 15)]
+    #[arg(long, env = "QUEUE_POLL_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
     pub queue_poll_secs: u64,
 
     /// On SIGTERM, how long in-flight deliveries may take to finish, in seconds; the rest return to
     /// the queue.
-    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     pub shutdown_grace_secs: u64,
 }
 

@@ -37,7 +37,7 @@ async fn the_served_document_is_the_contract_and_matches_the_routes() {
     assert_eq!(
         documented,
         BTreeSet::from(
-            ["post /webhooks/mono", "get /healthz", "get /readyz", "get /metrics", "get /openapi.json"]
+            ["post /webhooks/mono", "get /healthz", "get /readyz", "get /openapi.json"]
                 .map(String::from)
         )
     );
@@ -64,4 +64,14 @@ async fn every_answer_of_the_webhook_is_documented() {
     for status in ["200", "400", "401", "408", "413", "503"] {
         assert!(documented.contains(status), "{status} is missing from the document");
     }
+}
+
+#[tokio::test]
+async fn metrics_are_served_on_their_own_address_and_not_on_the_webhook_port() {
+    let app = spawn_app().await;
+    app.post_webhook(shared::testing::fixture("account_updated.json")).await;
+
+    assert_eq!(app.get("/metrics").await.status().as_u16(), 404, "the public port serves no metrics");
+    let metrics = app.http.get(&app.metrics).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("monohook_ingest_requests_total{outcome=\"accepted\"}"), "{metrics}");
 }

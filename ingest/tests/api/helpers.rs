@@ -14,6 +14,8 @@ pub const SECRET: &str = "test-webhook-secret";
 /// A running ingest on a free port, publishing to a queue prefix of its own.
 pub struct TestApp {
     pub address: String,
+    /// `http://<METRICS_ADDR>/metrics`.
+    pub metrics: String,
     pub broker: TestBroker,
     pub http: reqwest::Client,
     cancel: CancellationToken,
@@ -38,8 +40,9 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut IngestConfig)) -> TestAp
     let cancel = CancellationToken::new();
     let application = Application::build(config, cancel.clone()).await.expect("ingest failed to build");
     let address = format!("http://127.0.0.1:{}", application.port());
+    let metrics = format!("http://{}/metrics", application.metrics_addr());
     let server = tokio::spawn(application.run_until_stopped());
-    TestApp { address, broker, http: reqwest::Client::new(), cancel, server: Some(server) }
+    TestApp { address, metrics, broker, http: reqwest::Client::new(), cancel, server: Some(server) }
 }
 
 pub async fn spawn_app_behind_proxy() -> ProxiedApp {
@@ -63,6 +66,8 @@ pub fn config_for(broker: &TestBroker) -> IngestConfig {
         "--mono-webhook-secret",
         SECRET,
         "--listen-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
         "127.0.0.1:0",
         "--queue-prefix",
         &broker.prefix,

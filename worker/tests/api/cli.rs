@@ -157,3 +157,26 @@ async fn database_url(pool: &PgPool) -> String {
     let name: String = sqlx::query_scalar("SELECT current_database()::text").fetch_one(pool).await.unwrap();
     format!("{}/{name}", server_url())
 }
+
+#[test]
+fn a_setting_out_of_its_range_is_refused_with_one_line_naming_it() {
+    for (env, value, accepted) in [
+        ("PREFETCH", "0", "1.."),
+        ("MONO_CIRCUIT_FAILURE_RATIO", "1.5", "(0, 1]"),
+        ("MONO_CIRCUIT_FAILURE_RATIO", "0", "(0, 1]"),
+        ("BATCH_MAX", "0", "at least 1"),
+        ("MONO_TIMEOUT_MS", "0", "1.."),
+        ("RETRY_DELAYS_SECS", "30,0", "1.."),
+        ("DB_MAX_CONNECTIONS", "0", "1.."),
+        ("MONO_API_URL", "api.withmono.com", "http://"),
+        ("LOG_FORMAT", "xml", "accepted: auto, json, pretty"),
+    ] {
+        let output = worker().env("MONO_SECRET_KEY", "sk").env(env, value).output().unwrap();
+
+        assert_eq!(output.status.code(), Some(2), "{env}={value}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{env}={value}: {stderr}");
+        assert!(stderr.starts_with(&format!("worker: invalid {env} (--")), "{env}={value}: {stderr}");
+        assert!(stderr.contains(accepted), "{env}={value}: {stderr}");
+    }
+}
