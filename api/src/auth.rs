@@ -3,30 +3,21 @@
 //! the label of the key that asked (never the key).
 
 use secrecy::{ExposeSecret, SecretString};
-use sha2::{Digest, Sha256};
 use std::fmt;
 use std::str::FromStr;
-use subtle::ConstantTimeEq;
 
-/// The configured keys, kept only as SHA-256 digests: the comparison takes the same time whatever
-/// the guess, and every key is compared.
+use shared::credentials::Credentials;
+
+/// The configured keys, kept only as digests (see `shared::credentials`).
 #[derive(Clone)]
 pub struct ApiKeys {
-    keys: Vec<(String, [u8; 32])>,
+    keys: Credentials,
 }
 
 impl ApiKeys {
     /// The label of the key `provided` equals, if any.
     pub fn verify(&self, provided: &[u8]) -> Option<&str> {
-        let guess = digest(provided);
-        let mut found = None;
-        for (label, key) in &self.keys {
-            let matched: bool = key.ct_eq(&guess).into();
-            if matched && found.is_none() {
-                found = Some(label.as_str());
-            }
-        }
-        found
+        self.keys.verify(provided)
     }
 
     /// The label of the bearer key in an `Authorization` header value.
@@ -51,7 +42,7 @@ impl FromStr for ApiKeys {
     /// `label:key,label:key`; a key without a label is labelled by its position (`key1`, ...).
     fn from_str(raw: &str) -> Result<Self, Self::Err> {
         let raw = SecretString::from(raw);
-        let mut keys = Vec::new();
+        let mut entries = Vec::new();
         for (index, entry) in
             raw.expose_secret().split(',').map(str::trim).filter(|s| !s.is_empty()).enumerate()
         {
@@ -62,11 +53,9 @@ impl FromStr for ApiKeys {
             if key.len() < 16 {
                 return Err(format!("APP_API_KEYS: the key labelled {label} is shorter than 16 characters"));
             }
-            if keys.iter().any(|(other, _)| *other == label) {
-                return Err(format!("APP_API_KEYS: the label {label} is used twice"));
-            }
-            keys.push((label, digest(key.as_bytes())));
+            entries.push((label, key));
         }
+        let keys = Credentials::new(entries).map_err(|e| format!("APP_API_KEYS: {e}"))?;
         if keys.is_empty() {
             return Err("APP_API_KEYS must hold at least one key".into());
         }
@@ -76,13 +65,8 @@ impl FromStr for ApiKeys {
 
 impl fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let labels: Vec<&str> = self.keys.iter().map(|(label, _)| label.as_str()).collect();
-        write!(f, "ApiKeys({labels:?}, keys [REDACTED])")
+        write!(f, "ApiKeys({:?})", self.keys)
     }
-}
-
-fn digest(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
 }
 
 #[cfg(test)]

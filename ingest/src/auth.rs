@@ -2,34 +2,29 @@
 //! dashboard. Several secrets may be configured at once, so one can be rotated without downtime.
 
 use secrecy::{ExposeSecret, SecretString};
-use sha2::{Digest, Sha256};
 use std::fmt;
 use std::str::FromStr;
-use subtle::ConstantTimeEq;
 
-/// The configured secrets, kept only as SHA-256 digests so that the comparison takes the same time
-/// whatever the length or content of the guess.
+use shared::credentials::Credentials;
+
+/// The configured secrets, kept only as digests (see `shared::credentials`).
 #[derive(Clone)]
 pub struct WebhookSecrets {
-    digests: Vec<[u8; 32]>,
+    secrets: Credentials,
 }
 
 impl WebhookSecrets {
     /// Whether `provided` equals one of the secrets. Every secret is compared, in constant time.
     pub fn verify(&self, provided: &[u8]) -> bool {
-        let guess = digest(provided);
-        self.digests
-            .iter()
-            .fold(subtle::Choice::from(0), |matched, secret| matched | secret.ct_eq(&guess))
-            .into()
+        self.secrets.verify(provided).is_some()
     }
 
     pub fn len(&self) -> usize {
-        self.digests.len()
+        self.secrets.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.digests.is_empty()
+        self.secrets.is_empty()
     }
 }
 
@@ -38,28 +33,25 @@ impl FromStr for WebhookSecrets {
 
     fn from_str(raw: &str) -> Result<Self, Self::Err> {
         let raw = SecretString::from(raw);
-        let digests: Vec<_> = raw
+        let entries = raw
             .expose_secret()
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
-            .map(|s| digest(s.as_bytes()))
-            .collect();
-        if digests.is_empty() {
+            .enumerate()
+            .map(|(index, secret)| (format!("secret{}", index + 1), secret));
+        let secrets = Credentials::new(entries)?;
+        if secrets.is_empty() {
             return Err("MONO_WEBHOOK_SECRET must hold at least one non-empty secret".into());
         }
-        Ok(Self { digests })
+        Ok(Self { secrets })
     }
 }
 
 impl fmt::Debug for WebhookSecrets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "WebhookSecrets([REDACTED] x{})", self.digests.len())
+        write!(f, "WebhookSecrets([REDACTED] x{})", self.secrets.len())
     }
-}
-
-fn digest(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 pub mod amqp;
 pub mod config;
+pub mod credentials;
 pub mod delivery;
 pub mod event;
 pub mod metrics;

@@ -166,11 +166,7 @@ async fn a_fresh_token_never_overwrites_one_issued_later(pool: PgPool) {
     Seed::flagged("acct-1").with_token("expiring", issued_ago(9)).insert(&pool).await;
     let app = spawn_app(pool.clone(), &mono).await;
 
-    let request = tokio::spawn({
-        let http = app.http.clone();
-        let url = format!("{}/v1/accounts/acct-1/reauth-token", app.address);
-        async move { http.post(url).bearer_auth(crate::helpers::MOBILE_KEY).send().await.unwrap() }
-    });
+    let request = asked_in_background(&app, "acct-1");
     // While Mono answers, the worker stores a token Mono issued after the API's.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     sqlx::query(
@@ -193,11 +189,7 @@ async fn an_account_reauthorised_while_mono_answers_gets_409_and_no_token_is_sto
     Seed::flagged("acct-1").insert(&pool).await;
     let app = spawn_app(pool.clone(), &mono).await;
 
-    let request = tokio::spawn({
-        let http = app.http.clone();
-        let url = format!("{}/v1/accounts/acct-1/reauth-token", app.address);
-        async move { http.post(url).bearer_auth(crate::helpers::MOBILE_KEY).send().await.unwrap() }
-    });
+    let request = asked_in_background(&app, "acct-1");
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     sqlx::query("UPDATE accounts SET reauth_required = false WHERE id = 'acct-1'")
         .execute(&pool)
@@ -208,4 +200,14 @@ async fn an_account_reauthorised_while_mono_answers_gets_409_and_no_token_is_sto
     assert_eq!(response.status().as_u16(), 409);
     assert_eq!(json(response).await["error"], "reauth_not_required");
     assert_eq!(stored_token(&pool, "acct-1").await, None);
+}
+
+/// A token request under way while the test changes the account.
+fn asked_in_background(
+    app: &crate::helpers::TestApp,
+    account: &str,
+) -> tokio::task::JoinHandle<reqwest::Response> {
+    let http = app.http.clone();
+    let url = format!("{}/v1/accounts/{account}/reauth-token", app.address);
+    tokio::spawn(async move { http.post(url).bearer_auth(crate::helpers::MOBILE_KEY).send().await.unwrap() })
 }

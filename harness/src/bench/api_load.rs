@@ -2,14 +2,13 @@
 //! account holding a stored token that still works, so no call reaches Mono) over 10,000 accounts,
 //! against a bare actix-web + sqlx single-row read (`bench-ref-api`) measured in the same run.
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use sqlx::PgPool;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use super::BenchConfig;
-use super::ingest_load::{LoadResult, parse_wrk};
+use super::ingest_load::{LoadResult, parse_wrk, run_wrk};
 use crate::process::{Service, free_port, wait_until_ready};
 
 const DATABASE: &str = "monohook_bench_api";
@@ -122,18 +121,7 @@ end
 "#
         ),
     )?;
-    let output = Command::new("wrk")
-        .args([
-            "-t2",
-            &format!("-c{}", config.connections),
-            &format!("-d{}s", config.load_duration.as_secs()),
-        ])
-        .args(["--latency", "-s"])
-        .arg(&script)
-        .arg(base)
-        .output()
-        .context("cannot run wrk (scripts/bench installs it)")?;
-    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    let report = run_wrk(config, &script, base)?;
     std::fs::write(log_dir.join(format!("wrk-api-{}.txt", method.to_lowercase())), &report)?;
     parse_wrk(&report, 0)
 }

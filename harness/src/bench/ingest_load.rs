@@ -51,18 +51,7 @@ pub async fn run(config: &BenchConfig, log_dir: &Path) -> anyhow::Result<LoadRes
 
     let script = log_dir.join("wrk-post.lua");
     std::fs::write(&script, wrk_script(config.body_bytes))?;
-    let output = Command::new("wrk")
-        .args([
-            "-t2",
-            &format!("-c{}", config.connections),
-            &format!("-d{}s", config.load_duration.as_secs()),
-        ])
-        .args(["--latency", "-s"])
-        .arg(&script)
-        .arg(format!("http://127.0.0.1:{port}/webhooks/mono"))
-        .output()
-        .context("cannot run wrk (scripts/bench installs it)")?;
-    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    let report = run_wrk(config, &script, &format!("http://127.0.0.1:{port}/webhooks/mono"))?;
     std::fs::write(log_dir.join("wrk.txt"), &report)?;
     let peak_rss_kib = ingest.peak_rss_kib().unwrap_or_default();
     ingest.terminate();
@@ -78,6 +67,23 @@ pub async fn run(config: &BenchConfig, log_dir: &Path) -> anyhow::Result<LoadRes
     let _ = connection.close(200, "done".into()).await;
 
     parse_wrk(&report, peak_rss_kib)
+}
+
+/// Runs wrk with the benchmark's threads, connections and duration, `script` making the requests;
+/// returns its report.
+pub(crate) fn run_wrk(config: &BenchConfig, script: &Path, url: &str) -> anyhow::Result<String> {
+    let output = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{}", config.connections),
+            &format!("-d{}s", config.load_duration.as_secs()),
+        ])
+        .args(["--latency", "-s"])
+        .arg(script)
+        .arg(url)
+        .output()
+        .context("cannot run wrk (scripts/bench installs it)")?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// A wrk script posting 1 KiB bodies, each for one of 10,000 accounts in turn.

@@ -37,8 +37,7 @@ async fn the_served_document_is_the_contract_and_matches_the_routes() {
     assert_eq!(
         documented,
         BTreeSet::from(
-            ["post /webhooks/mono", "get /healthz", "get /readyz", "get /openapi.json"]
-                .map(String::from)
+            ["post /webhooks/mono", "get /healthz", "get /readyz", "get /openapi.json"].map(String::from)
         )
     );
     assert_eq!(app.get("/nowhere").await.status().as_u16(), 404);
