@@ -54,14 +54,15 @@ fn exported_metrics() -> BTreeSet<String> {
     for crate_dir in ["ingest/src", "worker/src", "shared/src", "mono-client/src", "api/src"] {
         walk(&root().join(crate_dir), &mut sources);
     }
+    // A string literal that is a whole metric name: `"monohook_…"`, quote to quote. (Splitting the
+    // sources at every quote would pair the wrong quotes after an escaped one.)
     sources
-        .split('"')
-        .skip(1)
-        .step_by(2)
-        .filter(|literal| {
-            literal.starts_with("monohook_") && literal.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        .match_indices("\"monohook_")
+        .filter_map(|(start, _)| {
+            let rest = &sources[start + 1..];
+            let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
+            rest[end..].starts_with('"').then(|| rest[..end].to_owned())
         })
-        .map(str::to_owned)
         .collect()
 }
 
