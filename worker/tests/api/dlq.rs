@@ -164,7 +164,15 @@ async fn a_dry_run_predicts_each_change_and_changes_nothing(pool: PgPool) {
             .await
             .unwrap();
 
-    let output = stdout(&world.run_cli(&["dlq", "replay", "--all", "--dry-run"], "").await);
+    let run = world.run_cli(&["dlq", "replay", "--all", "--dry-run"], "").await;
+    let output = stdout(&run);
+    // Piped, the progress bar draws nothing: stderr has the summary line alone.
+    assert_eq!(
+        String::from_utf8_lossy(&run.stderr).lines().count(),
+        1,
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
 
     assert!(output.contains("apply (after a token from Mono, which refused last time"), "{output}");
     assert!(output.contains("reauth_required false → true, reauth_token none → new token"), "{output}");

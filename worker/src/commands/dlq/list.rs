@@ -11,7 +11,9 @@ pub async fn run(pool: &PgPool, args: &ListArgs) -> anyhow::Result<()> {
     if args.actions {
         return list_actions(pool, args).await;
     }
+    let reading = super::progress::spinner("reading the dead letters");
     let dead = args.filter.select(pool).await?;
+    reading.finish_and_clear();
     if let Some(GroupBy::Reason) = args.group_by {
         let groups = group_by_reason(&dead);
         if args.json {

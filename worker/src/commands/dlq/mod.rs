@@ -9,6 +9,7 @@
 mod filter;
 mod list;
 mod predict;
+mod progress;
 mod queue;
 mod replay;
 mod show;

@@ -19,15 +19,21 @@ use shared::event::EventKind;
 pub async fn run(pool: &PgPool, args: &ReplayArgs, dedup_window: Duration) -> anyhow::Result<()> {
     args.filter.require_selection()?;
     let dead = args.filter.select(pool).await?;
+    let progress = super::progress::bar(dead.len() as u64);
     for letter in &dead {
         let prediction = predict(pool, letter, args.force, dedup_window).await?;
-        println!(
-            "{}  {:<24}  {:<24}  {prediction}",
-            letter.id,
-            letter.event.trim_start_matches("mono.events."),
-            letter.account_id.as_deref().unwrap_or("-")
-        );
+        progress.inc(1);
+        // Lines go out between two draws of the bar, never through it.
+        progress.suspend(|| {
+            println!(
+                "{}  {:<24}  {:<24}  {prediction}",
+                letter.id,
+                letter.event.trim_start_matches("mono.events."),
+                letter.account_id.as_deref().unwrap_or("-")
+            )
+        });
     }
+    progress.finish_and_clear();
     eprintln!("dry run: {} dead letter(s) examined, nothing changed", dead.len());
     Ok(())
 }

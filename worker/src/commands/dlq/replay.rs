@@ -16,7 +16,6 @@
 //! walk says so, leaves all that alone, and exits non-zero.
 
 use chrono::Utc;
-use indicatif::{ProgressBar, ProgressStyle};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::FieldTable;
@@ -141,8 +140,7 @@ async fn act(pool: &PgPool, broker: &BrokerArgs, plan: Plan<'_>) -> anyhow::Resu
 
     let queue = DeadQueue::open(broker).await?;
     let mut walk = queue.walk().await?;
-    let progress = ProgressBar::new(u64::from(queue.depth().await?));
-    progress.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}").expect("valid template"));
+    let progress = super::progress::bar(u64::from(queue.depth().await?));
     let (mut done, mut resumed) = (0u64, 0u64);
     let mut seen = HashSet::new();
     let limit = plan.filter.limit.map_or(u64::MAX, |l| l.max(0) as u64);

@@ -88,8 +88,11 @@ async fn peek(
 ) -> anyhow::Result<(Option<BTreeMap<String, String>>, bool)> {
     let queue = DeadQueue::open(broker).await?;
     let mut walk = queue.walk().await?;
+    let progress = super::progress::bar(u64::from(queue.depth().await?));
+    progress.set_message("looking for it in the dead-letter queue");
     let mut found = None;
     while let Some(seen) = walk.next().await? {
+        progress.inc(1);
         walk.leave(&seen);
         let delivery = &seen.delivery;
         if DeliveryMeta::from_properties(&delivery.properties, &delivery.data).id.as_uuid() == id {
@@ -103,6 +106,7 @@ async fn peek(
             break;
         }
     }
+    progress.finish_and_clear();
     let fully_seen = found.is_some() || queue.fully_seen(&walk).await?;
     walk.finish().await?;
     queue.close().await;
