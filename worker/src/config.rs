@@ -158,7 +158,7 @@ impl RunArgs {
         let open_for = Duration::from_secs(self.mono_circuit_open_secs);
         crate::circuit::BreakerSettings {
             window: Duration::from_secs(self.mono_circuit_window_secs),
-            min_calls: self.mono_circuit_min_calls.max(1),
+            min_calls: self.mono_circuit_min_calls,
             failure_ratio: self.mono_circuit_failure_ratio,
             consecutive_failures: usize::try_from(self.mono_circuit_consecutive_failures)
                 .unwrap_or(usize::MAX),

@@ -63,8 +63,8 @@ impl Worker {
             health: health.clone(),
             tokens,
             topology: topology.clone(),
-            batch_max: run.batch_max.max(1),
-            batch_concurrency: run.batch_concurrency.max(1),
+            batch_max: run.batch_max,
+            batch_concurrency: run.batch_concurrency,
             returns: Default::default(),
         };
         let settings = ConsumerSettings {
@@ -72,7 +72,7 @@ impl Worker {
             topology,
             prefetch: run.prefetch,
             shutdown_grace: run.shutdown_grace(),
-            queue_poll: std::time::Duration::from_secs(run.queue_poll_secs.max(1)),
+            queue_poll: std::time::Duration::from_secs(run.queue_poll_secs),
         };
         let session = Session::open(&settings).await?;
         let (metrics_addr, metrics_server) = health::serve(run.metrics_addr, health)?;
