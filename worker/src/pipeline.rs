@@ -197,7 +197,11 @@ impl Pipeline {
         // Stopping one short keeps the dead-letter queue and the journal in agreement. Returns this
         // process saw its own broker session lose do not count: they say nothing about the delivery.
         let limit = inner.settings.topology.delivery_limit();
-        let handed_out = handed_out.saturating_sub(inner.settings.returns.of(meta.id.as_uuid()));
+        // A first delivery (the common case) has nothing to discount: no lock taken for it.
+        let handed_out = match handed_out {
+            0 => 0,
+            n => n.saturating_sub(inner.settings.returns.of(meta.id.as_uuid())),
+        };
         if handed_out + 1 >= limit {
             let task = inner.clone().poison_guard(
                 Work { delivery, history, event, token: None, flight: None, span: span.clone(), started },
