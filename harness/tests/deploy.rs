@@ -283,6 +283,25 @@ fn every_secret_compose_interpolates_has_an_example_and_env_is_ignored() {
     assert!(read(".gitignore").lines().any(|l| l.trim() == ".env"), ".env must be git-ignored");
 }
 
+#[test]
+fn every_image_from_a_registry_is_pinned_to_a_version() {
+    let compose = compose();
+    for (name, service) in compose["services"].as_mapping().unwrap() {
+        if service["build"].is_string() {
+            continue;
+        }
+        let name = name.as_str().unwrap();
+        let image = service["image"].as_str().unwrap_or_else(|| panic!("{name} has no image"));
+        let (_, tag) = image.rsplit_once(':').unwrap_or_else(|| panic!("{name}: {image} has no tag"));
+        let version = tag.strip_prefix('v').unwrap_or(tag).split('-').next().unwrap();
+        let parts: Vec<&str> = version.split('.').collect();
+        assert!(
+            parts.len() >= 2 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())),
+            "{name}: {image} is not pinned to a version (major.minor at least)"
+        );
+    }
+}
+
 /// Every object of every manifest under deploy/kubernetes (kustomizations aside), with its file.
 fn kubernetes_objects() -> Vec<(String, serde_yaml_ng::Value)> {
     fn walk(dir: &Path, out: &mut Vec<(String, serde_yaml_ng::Value)>) {
