@@ -283,6 +283,190 @@ fn every_secret_compose_interpolates_has_an_example_and_env_is_ignored() {
     assert!(read(".gitignore").lines().any(|l| l.trim() == ".env"), ".env must be git-ignored");
 }
 
+/// The `--help` of a compose service's command (`mono-sim serve --help` for `[mono-sim, serve]`).
+fn help_of(command: &[&str]) -> String {
+    let path = harness::process::bin_dir().join(command[0]);
+    let output = std::process::Command::new(&path)
+        .args(&command[1..])
+        .arg("--help")
+        .env_clear()
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (build the binaries first)", path.display()));
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The default `--help` gives the option read from `var`, taken from that option's own lines.
+fn default_of(help: &str, var: &str) -> Option<String> {
+    let lines: Vec<&str> = help.lines().collect();
+    let env_line = lines.iter().position(|l| l.contains(&format!("[env: {var}=")))?;
+    let is_option = |l: &&str| l.trim_start().starts_with('-');
+    let start = lines[..=env_line].iter().rposition(is_option)?;
+    let end = lines[env_line..].iter().position(is_option).map_or(lines.len(), |e| env_line + e);
+    let block = lines[start..end].join("\n");
+    Some(block.split("[default: ").nth(1)?.split(']').next()?.to_owned())
+}
+
+/// Prometheus's scrape jobs, each with the hosts and ports it scrapes: DNS names (one target per
+/// address the name has, so per replica) or static targets.
+fn scrape_jobs() -> BTreeMap<String, BTreeSet<(String, u64)>> {
+    let config: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&read("deploy/prometheus/prometheus.yml")).unwrap();
+    let mut jobs = BTreeMap::new();
+    for job in config["scrape_configs"].as_sequence().expect("no scrape_configs") {
+        let name = job["job_name"].as_str().expect("a job without a name").to_owned();
+        assert!(job["metrics_path"].is_null() || job["metrics_path"] == "/metrics", "{name}");
+        let mut targets = BTreeSet::new();
+        for sd in job["dns_sd_configs"].as_sequence().into_iter().flatten() {
+            assert_eq!(sd["type"], "A", "{name}: an A lookup gives one target per replica");
+            let port = sd["port"].as_u64().unwrap_or_else(|| panic!("{name}: a DNS lookup without a port"));
+            for host in sd["names"].as_sequence().unwrap() {
+                targets.insert((host.as_str().unwrap().to_owned(), port));
+            }
+        }
+        for sc in job["static_configs"].as_sequence().into_iter().flatten() {
+            for target in sc["targets"].as_sequence().unwrap() {
+                let (host, port) = target.as_str().unwrap().rsplit_once(':').unwrap();
+                targets.insert((host.to_owned(), port.parse().unwrap()));
+            }
+        }
+        assert!(!targets.is_empty(), "job {name} scrapes nothing");
+        assert!(jobs.insert(name.clone(), targets).is_none(), "job {name} is defined twice");
+    }
+    jobs
+}
+
+/// The compose services built from this repository, with the command each runs.
+fn monohook_services(compose: &serde_yaml_ng::Value) -> Vec<(String, Vec<String>)> {
+    compose["services"]
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .filter(|(_, service)| service["build"].is_string())
+        .map(|(name, service)| {
+            let command = service["command"].as_sequence().expect("a monohook service without a command");
+            (
+                name.as_str().unwrap().to_owned(),
+                command.iter().map(|c| c.as_str().unwrap().to_owned()).collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn prometheus_scrapes_every_binary_at_the_port_the_code_serves() {
+    let compose = compose();
+    let jobs = scrape_jobs();
+    let mut scraped = BTreeSet::new();
+    for (service, command) in monohook_services(&compose) {
+        let command: Vec<&str> = command.iter().map(String::as_str).collect();
+        let help = help_of(&command);
+        assert!(help.contains("[env: "), "`{} --help` lists no setting", command.join(" "));
+        let Some(default) = default_of(&help, "METRICS_ADDR") else { continue };
+        let code_port = port_of(&default);
+        let definition = &compose["services"][service.as_str()];
+        let set = env_value(definition, "METRICS_ADDR")
+            .unwrap_or_else(|| panic!("compose service {service} does not set METRICS_ADDR"));
+        assert!(
+            set.starts_with("0.0.0.0:"),
+            "{service}: METRICS_ADDR {set} is not reachable from Prometheus"
+        );
+        assert_eq!(
+            port_of(&set),
+            code_port,
+            "compose moves {service}'s METRICS_ADDR off the port the code serves by default ({default})"
+        );
+        let exposed: Vec<u64> = definition["expose"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .map(|p| p.as_str().map_or_else(|| p.as_u64().unwrap(), |p| p.parse().unwrap()))
+            .collect();
+        assert!(exposed.contains(&code_port), "{service} does not expose its metrics port {code_port}");
+        let job = format!("monohook-{service}");
+        let targets = jobs.get(&job).unwrap_or_else(|| {
+            panic!("prometheus.yml has no job {job} for {service}'s METRICS_ADDR {default}")
+        });
+        assert_eq!(
+            targets,
+            &BTreeSet::from([(service.clone(), code_port)]),
+            "job {job} must scrape {service}:{code_port}, where `{} --help` says /metrics is",
+            command.join(" ")
+        );
+        scraped.insert(job);
+    }
+    for binary in ["ingest", "worker", "api"] {
+        assert!(scraped.contains(&format!("monohook-{binary}")), "no job scrapes {binary}: {scraped:?}");
+    }
+    for job in jobs.keys().filter(|j| j.starts_with("monohook-")) {
+        assert!(scraped.contains(job), "job {job} scrapes no compose service that serves /metrics");
+    }
+}
+
+/// The container path a service mounts `source` (a path in this repository) at.
+fn mount_of(service: &serde_yaml_ng::Value, source: &str) -> String {
+    service["volumes"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+        .find_map(|v| {
+            let mut parts = v.split(':');
+            (parts.next() == Some(source)).then(|| parts.next().unwrap().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no volume mounts {source}"))
+}
+
+#[test]
+fn the_observability_profile_runs_prometheus_and_grafana_on_the_repository_files() {
+    let compose = compose();
+    let services = &compose["services"];
+    for name in ["prometheus", "grafana", "jaeger"] {
+        let service = &services[name];
+        assert_eq!(service["profiles"][0], "observability", "{name}");
+        for port in service["ports"].as_sequence().into_iter().flatten() {
+            let port = port.as_str().unwrap();
+            assert!(port.starts_with("127.0.0.1:"), "{name} publishes {port} beyond this host");
+        }
+    }
+
+    // Prometheus reads this repository's configuration, which finds its rule files beside it.
+    let prometheus = &services["prometheus"];
+    let config_dir = mount_of(prometheus, "./deploy/prometheus");
+    let flags: Vec<&str> =
+        prometheus["command"].as_sequence().unwrap().iter().filter_map(|f| f.as_str()).collect();
+    assert!(flags.contains(&format!("--config.file={config_dir}/prometheus.yml").as_str()), "{flags:?}");
+    let config: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&read("deploy/prometheus/prometheus.yml")).unwrap();
+    let rule_files: Vec<&str> =
+        config["rule_files"].as_sequence().unwrap().iter().filter_map(|f| f.as_str()).collect();
+    assert_eq!(rule_files, ["alerts.yml"]);
+    for file in rule_files {
+        assert!(root().join("deploy/prometheus").join(file).exists(), "rule file {file} is missing");
+    }
+
+    // Grafana: the datasource is that Prometheus, and the dashboard is the repository's.
+    let grafana = &services["grafana"];
+    let grafana_dir = mount_of(grafana, "./deploy/grafana");
+    assert_eq!(env_value(grafana, "GF_PATHS_PROVISIONING").unwrap(), format!("{grafana_dir}/provisioning"));
+    let datasources: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&read("deploy/grafana/provisioning/datasources/prometheus.yml")).unwrap();
+    let datasource = &datasources["datasources"][0];
+    assert_eq!(datasource["type"], "prometheus");
+    assert_eq!(datasource["isDefault"], true, "the dashboard's datasource variable picks the default");
+    let prometheus_port = prometheus["ports"][0].as_str().unwrap().rsplit(':').next().unwrap();
+    assert_eq!(datasource["url"].as_str().unwrap(), format!("http://prometheus:{prometheus_port}"));
+    let dashboards: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&read("deploy/grafana/provisioning/dashboards/monohook.yml")).unwrap();
+    let path = dashboards["providers"][0]["options"]["path"].as_str().unwrap();
+    let relative = path.strip_prefix(&grafana_dir).expect("the dashboards come from the mounted folder");
+    let folder = root().join("deploy/grafana").join(relative.trim_start_matches('/'));
+    assert!(folder.join("monohook.json").exists(), "no monohook.json in {}", folder.display());
+    assert_eq!(
+        env_value(grafana, "GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH").unwrap(),
+        format!("{grafana_dir}/monohook.json")
+    );
+}
+
 #[test]
 fn every_image_from_a_registry_is_pinned_to_a_version() {
     let compose = compose();
