@@ -85,29 +85,55 @@ fn every_exported_metric_is_documented() {
     assert!(undocumented.is_empty(), "docs/operations.md does not describe {undocumented:?}");
 }
 
+/// The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces as hyphens.
+fn anchor_of(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+fn alert_rules() -> Vec<serde_yaml_ng::Value> {
+    let rules: serde_yaml_ng::Value = serde_yaml_ng::from_str(&read("deploy/prometheus/alerts.yml")).unwrap();
+    rules["groups"][0]["rules"].as_sequence().expect("no rules").clone()
+}
+
 #[test]
 fn every_alert_is_complete_and_links_to_its_runbook() {
-    let rules: serde_yaml_ng::Value = serde_yaml_ng::from_str(&read("deploy/prometheus/alerts.yml")).unwrap();
     let operations = read("docs/operations.md");
-    let anchors: BTreeSet<String> = operations
-        .lines()
-        .filter_map(|l| l.strip_prefix("### "))
-        .map(|heading| heading.trim().to_lowercase().replace(' ', "-"))
-        .collect();
-    let alerts = rules["groups"][0]["rules"].as_sequence().expect("no rules");
+    let anchors: BTreeSet<String> =
+        operations.lines().filter_map(|l| l.strip_prefix("### ")).map(anchor_of).collect();
+    let alerts = alert_rules();
     assert!(alerts.len() >= 7);
-    for alert in alerts {
+    let mut bases = BTreeSet::new();
+    for alert in &alerts {
         let name = alert["alert"].as_str().expect("an alert without a name");
         assert!(alert["expr"].as_str().is_some_and(|e| !e.trim().is_empty()), "{name} has no expr");
         assert!(alert["labels"]["severity"].as_str().is_some(), "{name} has no severity");
         for field in ["summary", "description"] {
             assert!(alert["annotations"][field].as_str().is_some(), "{name} has no {field}");
         }
-        let runbook = alert["annotations"]["runbook"].as_str().unwrap_or_default();
-        let anchor = runbook
-            .strip_prefix("docs/operations.md#")
-            .unwrap_or_else(|| panic!("{name}: runbook {runbook}"));
+        // An absolute link, as Alertmanager's receivers (chat, pager) show it outside Prometheus.
+        let runbook = alert["annotations"]["runbook_url"].as_str().unwrap_or_default();
+        let (base, anchor) =
+            runbook.split_once('#').unwrap_or_else(|| panic!("{name}: runbook_url {runbook:?}"));
+        assert!(
+            base.starts_with("https://") && base.ends_with("/docs/operations.md"),
+            "{name}: runbook_url {runbook:?} is not an absolute link to docs/operations.md"
+        );
         assert!(anchors.contains(anchor), "{name} links to a missing section #{anchor}");
+        bases.insert(base.to_owned());
+    }
+    // One base, the one docs/operations.md tells operators how to rewrite.
+    assert_eq!(bases.len(), 1, "the alerts link to several bases: {bases:?}");
+    let base = bases.pop_first().unwrap();
+    assert!(operations.contains(&base), "docs/operations.md does not name the runbook base {base}");
+    let tests = read("deploy/prometheus/alerts_test.yml");
+    for line in tests.lines().filter_map(|l| l.trim().strip_prefix("runbook_url: ")) {
+        assert!(line.trim_matches('"').starts_with(&format!("{base}#")), "alerts_test.yml: {line}");
     }
 }
 
@@ -399,6 +425,22 @@ fn prometheus_scrapes_every_binary_at_the_port_the_code_serves() {
     }
     for job in jobs.keys().filter(|j| j.starts_with("monohook-")) {
         assert!(scraped.contains(job), "job {job} scrapes no compose service that serves /metrics");
+    }
+}
+
+#[test]
+fn every_scrape_job_has_an_alert_for_when_it_stops_reporting() {
+    let exprs: Vec<String> = alert_rules()
+        .iter()
+        .map(|a| a["expr"].as_str().unwrap().split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert!(
+        exprs.iter().any(|e| e == r#"up{job=~"monohook-.*"} == 0"#),
+        "no alert for an instance Prometheus cannot scrape"
+    );
+    for job in scrape_jobs().keys().filter(|j| j.starts_with("monohook-")) {
+        let absent = format!(r#"absent(up{{job="{job}"}} == 1)"#);
+        assert!(exprs.contains(&absent), "no alert fires when {job} has no healthy target: {absent}");
     }
 }
 
