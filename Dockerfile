@@ -2,7 +2,10 @@
 # unprivileged user. Dependencies are compiled in a layer of their own (cargo-chef), so changing the
 # code does not rebuild them.
 
-FROM lukemathwalker/cargo-chef:latest-rust-1-bookworm AS chef
+# Pinned: the Rust release of rust-toolchain.toml, and cargo-chef at a fixed version, so that an
+# image built next year is built the way CI built this one.
+FROM rust:1.95.0-bookworm AS chef
+RUN cargo install cargo-chef --locked --version 0.1.78
 WORKDIR /app
 
 FROM chef AS planner
@@ -14,8 +17,14 @@ COPY --from=planner /app/recipe.json recipe.json
 # The dependency layer: cached until Cargo.toml or Cargo.lock change.
 RUN cargo chef cook --release --locked --recipe-path recipe.json
 COPY . .
+# The build context leaves .git out, so `--version` learns the revision from this argument:
+# `docker build --build-arg VERGEN_GIT_SHA=$(git rev-parse --short HEAD) .`
+ARG VERGEN_GIT_SHA
 RUN cargo build --release --locked --bin ingest --bin worker --bin api --bin mono-sim
+# Man pages, generated from the same clap definitions as `--help`.
+RUN for bin in ingest worker api; do target/release/$bin man --out-dir /app/man/man1; done
 
+# Deliberately the moving Debian 12 tag: the runtime takes Debian's security updates on rebuild.
 FROM debian:bookworm-slim AS runtime
 # ca-certificates for TLS to Mono (and amqps/postgres TLS); curl for the compose health checks.
 RUN apt-get update \
@@ -24,6 +33,7 @@ RUN apt-get update \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin monohook
 COPY --from=builder /app/target/release/ingest /app/target/release/worker /app/target/release/api \
      /app/target/release/mono-sim /usr/local/bin/
+COPY --from=builder /app/man/man1 /usr/local/share/man/man1/
 USER monohook
 # JSON logs for a log collector; each binary is chosen by the command (see docker-compose.yml).
 ENV LOG_FORMAT=json

@@ -105,19 +105,50 @@ pub enum LogFormat {
 /// Parses the command line and environment. A missing or invalid setting stops the process with one
 /// line naming its environment variable and flag (and, for an invalid one, what is accepted), exit
 /// 2; every other error (and `--help`) is clap's own.
+///
+/// Every binary also answers `completions <shell>` and `man` (see [`crate::cli_docs`]), and its
+/// `--version` names the git revision it was built from.
 pub fn parse_or_exit<T: clap::Parser>() -> T {
+    let command = crate::cli_docs::with_doc_commands(T::command()).version(version());
+    let mut matches = match command.clone().try_get_matches() {
+        Ok(matches) => matches,
+        Err(error) => exit_on_parse_error(&command, error),
+    };
+    if let Some(doc) = crate::cli_docs::DocCommand::from_matches(&matches) {
+        let written = doc.run(command.clone(), &mut std::io::stdout().lock());
+        if let Err(error) = written {
+            eprintln!("{}: {error}", command.get_name());
+            std::process::exit(1);
+        }
+        std::process::exit(0);
+    }
+    T::from_arg_matches_mut(&mut matches).unwrap_or_else(|error| exit_on_parse_error(&command, error))
+}
+
+/// The crate version and the git revision of the build, e.g. `0.1.0 (git 1a2b3c4)`.
+pub fn version() -> &'static str {
+    static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        // vergen's placeholder when the build had no repository; empty from a Docker build that
+        // was not given the revision.
+        let revision = match env!("VERGEN_GIT_SHA") {
+            "VERGEN_IDEMPOTENT_OUTPUT" | "" => "unknown",
+            sha => sha,
+        };
+        format!("{} (git {revision})", env!("CARGO_PKG_VERSION"))
+    });
+    &VERSION
+}
+
+fn exit_on_parse_error(command: &clap::Command, error: clap::Error) -> ! {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
-    match T::try_parse() {
-        Ok(parsed) => parsed,
-        Err(error) if error.kind() == ErrorKind::MissingRequiredArgument => {
-            let command = T::command();
-            let missing = missing_settings(&command, &error);
+    match error {
+        error if error.kind() == ErrorKind::MissingRequiredArgument => {
+            let missing = missing_settings(command, &error);
             eprintln!("{}: missing required setting: {missing}", command.get_name());
             std::process::exit(2);
         }
-        Err(error) if matches!(error.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue) => {
-            let command = T::command();
-            let setting = missing_settings(&command, &error);
+        error if matches!(error.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue) => {
+            let setting = missing_settings(command, &error);
             // The reason, never the value itself (it may be a secret).
             let reason = match (std::error::Error::source(&error), error.get(ContextKind::ValidValue)) {
                 (Some(reason), _) => reason.to_string(),
@@ -127,7 +158,7 @@ pub fn parse_or_exit<T: clap::Parser>() -> T {
             eprintln!("{}: invalid {setting}: {reason}", command.get_name());
             std::process::exit(2);
         }
-        Err(error) => error.exit(),
+        error => error.exit(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! `scripts/test` does), each test with its own database and queue prefix.
 
 mod api;
+mod command_line;
 mod observability;
 mod secrets;
 mod story;
