@@ -20,7 +20,8 @@ async fn main() {
 }
 
 async fn run(config: ApiConfig) -> anyhow::Result<()> {
-    telemetry::init(&config.telemetry)?;
+    // Kept to the end of `run`: dropping it flushes the spans still buffered.
+    let _telemetry = telemetry::init(&config.telemetry, "api")?;
     let url = config.database.database_url.expose_secret();
     let pool = PgPoolOptions::new()
         .max_connections(config.database.db_max_connections)

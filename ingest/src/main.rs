@@ -15,7 +15,8 @@ async fn main() {
 }
 
 async fn run(config: IngestConfig) -> anyhow::Result<()> {
-    telemetry::init(&config.telemetry)?;
+    // Kept to the end of `run`: dropping it flushes the spans still buffered.
+    let _telemetry = telemetry::init(&config.telemetry, "ingest")?;
     let cancel = CancellationToken::new();
     let application = Application::build(config, cancel.clone()).await?;
     tokio::spawn(shared::shutdown::cancel_on_signal(cancel));

@@ -37,10 +37,13 @@ enum Command {
 async fn main() {
     let cli = Cli::parse();
     // LOG_FORMAT and RUST_LOG as in the other binaries: JSON lines for a log collector.
-    if let Err(error) = shared::telemetry::init(&cli.telemetry) {
-        eprintln!("mono-sim: {error:#}");
-        std::process::exit(2);
-    }
+    let _telemetry = match shared::telemetry::init(&cli.telemetry, "mono-sim") {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("mono-sim: {:#}", anyhow::Error::from(error));
+            std::process::exit(2);
+        }
+    };
     let result = match cli.command {
         Command::Serve(args) => server::serve(args).await,
         Command::Send(args) => webhooks::send(args).await,

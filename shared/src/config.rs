@@ -93,6 +93,27 @@ pub struct TelemetryArgs {
         default_value = "info,sqlx::postgres::notice=warn"
     )]
     pub log_filter: String,
+
+    /// Base URL of an OTLP/HTTP collector for traces, e.g. `http://jaeger:4318`; traces are off when it
+    /// is unset or empty. The other standard `OTEL_*` variables (`OTEL_SERVICE_NAME`,
+    /// `OTEL_TRACES_SAMPLER`, `OTEL_EXPORTER_OTLP_HEADERS`, ...) are honoured too.
+    #[arg(
+        long = "otel-exporter-otlp-endpoint",
+        global = true,
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT",
+        value_parser = parse_otlp_endpoint
+    )]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// An OTLP endpoint must be an http(s) URL: a typo would otherwise only show as spans that never
+/// arrive. Empty is accepted and means off, as Compose's `${OTEL_EXPORTER_OTLP_ENDPOINT:-}` passes it.
+fn parse_otlp_endpoint(raw: &str) -> Result<String, String> {
+    match raw.split_once("://") {
+        _ if raw.is_empty() => Ok(String::new()),
+        Some(("http" | "https", rest)) if !rest.is_empty() => Ok(raw.to_owned()),
+        _ => Err("expected an http:// or https:// URL".to_owned()),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

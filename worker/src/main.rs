@@ -17,7 +17,8 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    telemetry::init(&cli.telemetry)?;
+    // Kept to the end of `run`: dropping it flushes the spans still buffered.
+    let _telemetry = telemetry::init(&cli.telemetry, "worker")?;
     match cli.command {
         Some(Command::Migrate) => {
             db::connect_and_migrate(&cli.database).await?;
