@@ -15,6 +15,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use std::fmt;
 use std::time::Duration;
+use tracing::Instrument;
 
 use shared::event::AccountId;
 
@@ -116,7 +117,29 @@ impl MonoClient {
     }
 
     /// Asks Mono for a re-auth token for `account`.
+    ///
+    /// Each call (each retry too) is a `mono.reauthorise` span with the account, the HTTP status and
+    /// the answer's class; never the key, the token or a body. No trace context is sent to Mono: it
+    /// is not ours to trace.
     pub async fn reauthorise(&self, account: &AccountId) -> Result<ReauthToken, MonoError> {
+        let span = tracing::info_span!(
+            "mono.reauthorise",
+            otel.kind = "client",
+            account = account.as_str(),
+            http.request.method = "POST",
+            http.response.status_code = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let answer = self.call_reauthorise(account).instrument(span.clone()).await;
+        span.record("outcome", answer.as_ref().map_or_else(MonoError::status_class, |_| "2xx"));
+        if answer.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
+        answer
+    }
+
+    async fn call_reauthorise(&self, account: &AccountId) -> Result<ReauthToken, MonoError> {
         let mut url = self.base.clone();
         url.path_segments_mut()
             .map_err(|()| unavailable("other", "MONO_API_URL cannot take a path"))?
@@ -135,6 +158,7 @@ impl MonoClient {
             }
         };
         let status = response.status();
+        tracing::Span::current().record("http.response.status_code", status.as_u16());
         let retry_after = response
             .headers()
             .get(RETRY_AFTER)

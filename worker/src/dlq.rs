@@ -58,7 +58,7 @@ impl Republisher {
         history: &AttemptHistory,
         reason: &str,
     ) -> Result<(), RepublishError> {
-        let mut headers = attempt_headers(delivery, history, history.previous_attempts + 1);
+        let mut headers = attempt_headers(&delivery.properties, history, history.previous_attempts + 1);
         headers.insert(HEADER_LAST_ERROR.into(), long_string(&truncate(reason)));
         self.publish(&self.topology.retry_queue(tier), delivery, headers).await
     }
@@ -71,7 +71,7 @@ impl Republisher {
         history: &AttemptHistory,
         reason: &str,
     ) -> Result<(), RepublishError> {
-        let mut headers = attempt_headers(delivery, history, history.previous_attempts);
+        let mut headers = attempt_headers(&delivery.properties, history, history.previous_attempts);
         headers.insert(HEADER_LAST_ERROR.into(), long_string(&truncate(reason)));
         self.publish(&self.topology.retry_queue(1), delivery, headers).await
     }
@@ -90,7 +90,7 @@ impl Republisher {
         reason: &str,
         class: DeadClass,
     ) -> Result<(), RepublishError> {
-        let mut headers = attempt_headers(delivery, history, history.previous_attempts + 1);
+        let mut headers = attempt_headers(&delivery.properties, history, history.previous_attempts + 1);
         headers.insert(HEADER_DEAD_REASON.into(), long_string(&truncate(reason)));
         headers.insert(HEADER_DEAD_CLASS.into(), long_string(class.as_str()));
         self.publish(&self.topology.dead_queue(), delivery, headers).await
@@ -129,9 +129,10 @@ impl Republisher {
     }
 }
 
-/// The original headers minus the broker's, plus the attempts made so far and their times.
-fn attempt_headers(delivery: &Delivery, history: &AttemptHistory, attempts: u32) -> FieldTable {
-    let mut headers: FieldTable = delivery.properties.headers().clone().unwrap_or_default();
+/// The original headers minus the broker's, plus the attempts made so far and their times. Everything
+/// else stays, the trace context (`traceparent`) included: each attempt joins the webhook's trace.
+fn attempt_headers(properties: &BasicProperties, history: &AttemptHistory, attempts: u32) -> FieldTable {
+    let mut headers: FieldTable = properties.headers().clone().unwrap_or_default();
     let kept: std::collections::BTreeMap<_, _> = headers
         .inner()
         .iter()
@@ -149,4 +150,29 @@ fn attempt_headers(delivery: &Delivery, history: &AttemptHistory, attempts: u32)
 
 fn truncate(reason: &str) -> String {
     reason.chars().take(MAX_REASON_CHARS).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::delivery::long_string;
+    use shared::telemetry::propagation::{HEADER_TRACEPARENT, HEADER_TRACESTATE};
+
+    #[test]
+    fn a_moved_copy_keeps_the_trace_context_and_drops_the_brokers_headers() {
+        let traceparent = long_string("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let mut original = FieldTable::default();
+        original.insert(HEADER_TRACEPARENT.into(), traceparent.clone());
+        original.insert(HEADER_TRACESTATE.into(), long_string("monohook=1"));
+        original.insert("x-delivery-count".into(), AMQPValue::LongLongInt(3));
+        let properties = BasicProperties::default().with_headers(original);
+        let history = AttemptHistory { previous_attempts: 1, first_attempt_at: None };
+
+        let headers = attempt_headers(&properties, &history, 2);
+
+        assert_eq!(headers.inner().get(HEADER_TRACEPARENT), Some(&traceparent));
+        assert_eq!(headers.inner().get(HEADER_TRACESTATE), Some(&long_string("monohook=1")));
+        assert!(!headers.inner().contains_key("x-delivery-count"));
+        assert_eq!(headers.inner().get(HEADER_ATTEMPTS), Some(&AMQPValue::LongLongInt(2)));
+    }
 }

@@ -33,6 +33,7 @@ use crate::tokens::{Flight, TokenFetcher, TokenOutcome};
 use shared::delivery::{AttemptHistory, DeliveryMeta, HEADER_REPLAY_FORCE, as_u32, header_str};
 use shared::event::EventKind;
 use shared::retry::RetryPolicy;
+use shared::telemetry::{self, propagation};
 use shared::topology::Topology;
 
 /// Spacing of the tries to move a delivery whose copy the broker did not take.
@@ -177,6 +178,8 @@ impl Pipeline {
             account = record.account_id.as_deref().unwrap_or_default(),
             attempt = history.previous_attempts + 1,
         );
+        // The webhook's trace, begun by ingest, continues here (a no-op while tracing is off).
+        propagation::set_parent(&span, delivery.properties.headers().as_ref());
         let started = Instant::now();
         let event = match parsed {
             Ok(event) => event,
@@ -276,9 +279,17 @@ impl Inner {
     async fn run_batch(self: &Arc<Self>, batch: Vec<Work>) {
         let candidates: Vec<Candidate<'_>> =
             batch.iter().map(|work| Candidate { event: &work.event, token: work.token.as_ref() }).collect();
+        let transaction_spans = transaction_spans(&batch);
         let applying = Instant::now();
         let outcomes = self.settings.processor.apply_batch(&candidates, &self.abandon).await;
         let elapsed_ms = applying.elapsed().as_millis() as u64;
+        for (span, outcome) in transaction_spans.iter().zip(&outcomes) {
+            span.record("outcome", outcome.as_str());
+            if matches!(outcome, ItemOutcome::Refused { .. }) {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        drop(transaction_spans);
         tracing::debug!(deliveries = candidates.len(), elapsed_ms, "batch applied");
         drop(candidates);
         let committed_at = chrono::Utc::now();
@@ -454,6 +465,29 @@ impl Inner {
             tracing::error!("the dead letter could not be journaled; the delivery is held, not acked");
         }
     }
+}
+
+/// One span per delivery over the batch's shared transaction (load, decide, write, commit), each a
+/// child of its delivery's span: a batch holds deliveries of many traces, and a span has one parent.
+/// Each says how big the batch was and what became of its delivery. None while tracing is off.
+fn transaction_spans(batch: &[Work]) -> Vec<tracing::Span> {
+    if !telemetry::tracing_enabled() {
+        return Vec::new();
+    }
+    batch
+        .iter()
+        .map(|work| {
+            tracing::info_span!(
+                parent: &work.span,
+                "db.transaction",
+                otel.kind = "client",
+                db.system.name = "postgresql",
+                batch.size = batch.len(),
+                outcome = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        })
+        .collect()
 }
 
 /// Counts a delivery's outcome and how long it took.

@@ -31,6 +31,19 @@ pub enum ItemOutcome {
     Abandoned,
 }
 
+impl ItemOutcome {
+    /// A short name for traces.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Settled(_) => "committed",
+            Self::AlreadySettled => "already_settled",
+            Self::NeedsToken => "needs_token",
+            Self::Refused { .. } => "refused",
+            Self::Abandoned => "abandoned",
+        }
+    }
+}
+
 pub struct Processor {
     pool: PgPool,
     db_retry: RetryPolicy,
