@@ -157,10 +157,12 @@ async fn one_webhook_is_one_trace_from_ingest_through_the_worker(pool: PgPool) {
     let publish = the_span(&spans, "publish", None);
     let delivery = the_span(&spans, "delivery", None);
     let mono_call = the_span(&spans, "mono.reauthorise", None);
+    // A re-auth leaves its first batch for the token (nothing written), then comes back and commits.
+    let waiting = the_span(&spans, "db.transaction", Some(("outcome", "needs_token")));
     let commit = the_span(&spans, "db.transaction", Some(("outcome", "committed")));
 
     let trace: TraceId = request.span_context.trace_id();
-    for span in [publish, delivery, mono_call, commit] {
+    for span in [publish, delivery, mono_call, waiting, commit] {
         assert_eq!(span.span_context.trace_id(), trace, "{} is in another trace", span.name);
     }
     assert_eq!(request.parent_span_id, SpanId::INVALID, "the request starts the trace");
@@ -168,7 +170,9 @@ async fn one_webhook_is_one_trace_from_ingest_through_the_worker(pool: PgPool) {
     assert_eq!(delivery.parent_span_id, publish.span_context.span_id(), "the worker continues the publish");
     assert!(delivery.parent_span_is_remote, "the parent came through the queue");
     assert_eq!(mono_call.parent_span_id, delivery.span_context.span_id());
+    assert_eq!(waiting.parent_span_id, delivery.span_context.span_id());
     assert_eq!(commit.parent_span_id, delivery.span_context.span_id());
+    assert!(waiting.end_time <= mono_call.start_time && mono_call.end_time <= commit.start_time);
 
     assert_eq!(attribute(delivery, "account").as_deref(), Some(ACCOUNT));
     assert_eq!(attribute(delivery, "event").as_deref(), Some("mono.events.reauthorisation_required"));
