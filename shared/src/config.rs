@@ -15,6 +15,10 @@ use crate::topology::Topology;
 #[derive(Args, Clone, Debug)]
 pub struct BrokerArgs {
     /// RabbitMQ URL (`amqp://` or `amqps://`); add `?heartbeat=N` to change the 10 s default heartbeat.
+    /// For a cluster, a comma-separated list of its nodes' URLs: each process tries them in an order
+    /// of its own (shuffled once per process), connects to the first that answers, and after losing a
+    /// node starts again from the next one, with the usual reconnect backoff. One URL (a load balancer
+    /// in front of the cluster) works as well.
     #[arg(
         long,
         global = true,
@@ -47,6 +51,13 @@ pub struct BrokerArgs {
     /// like the retry delays.
     #[arg(long, global = true, env = "DELIVERY_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..))]
     pub delivery_limit: u32,
+
+    /// Replicas of each quorum queue when it is first declared (`x-quorum-initial-group-size`): 3 on
+    /// a three-node cluster, so that every queue survives the loss of any one node. Unset, the broker
+    /// decides (RabbitMQ 3.x: every node of the cluster). Part of the queue declarations, like the
+    /// retry delays: every process must use the same value.
+    #[arg(long, global = true, env = "QUORUM_INITIAL_GROUP_SIZE", value_parser = clap::value_parser!(u32).range(1..))]
+    pub quorum_initial_group_size: Option<u32>,
 }
 
 impl BrokerArgs {
@@ -56,6 +67,7 @@ impl BrokerArgs {
             self.retry_delays_secs.iter().map(|s| Duration::from_secs(*s)).collect(),
             self.delivery_limit,
         )
+        .with_initial_group_size(self.quorum_initial_group_size)
     }
 }
 

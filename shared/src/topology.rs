@@ -23,6 +23,8 @@ pub struct Topology {
     prefix: String,
     retry_delays: Vec<Duration>,
     delivery_limit: u32,
+    /// Replicas of each quorum queue at declaration; `None` leaves it to the broker.
+    initial_group_size: Option<u32>,
 }
 
 /// How long the broker may take to answer one declaration: a broker that accepts the connection
@@ -66,7 +68,14 @@ pub struct QueueDepth {
 
 impl Topology {
     pub fn new(prefix: &str, retry_delays: Vec<Duration>, delivery_limit: u32) -> Self {
-        Self { prefix: prefix.to_owned(), retry_delays, delivery_limit }
+        Self { prefix: prefix.to_owned(), retry_delays, delivery_limit, initial_group_size: None }
+    }
+
+    /// Declares each quorum queue with this many replicas (`x-quorum-initial-group-size`), e.g. 3
+    /// on a three-node cluster.
+    pub fn with_initial_group_size(mut self, replicas: Option<u32>) -> Self {
+        self.initial_group_size = replicas;
+        self
     }
 
     /// The topic exchange ingest publishes to.
@@ -121,7 +130,7 @@ impl Topology {
         .await?;
 
         let work = self.work_queue();
-        let mut work_args = quorum_args();
+        let mut work_args = self.quorum_args();
         // Poison guard: a message that keeps coming back (e.g. it crashes the worker) stops after
         // this many deliveries. Outages never count against it: the worker holds deliveries while
         // Postgres is down and moves Mono failures to a retry tier instead of requeueing them.
@@ -143,7 +152,7 @@ impl Topology {
         .await?;
 
         for (index, delay) in self.retry_delays.iter().enumerate() {
-            let mut args = quorum_args();
+            let mut args = self.quorum_args();
             // Nobody consumes a retry queue: a message waits out the TTL, then the broker
             // dead-letters it back onto the work queue.
             let ttl_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
@@ -153,7 +162,7 @@ impl Topology {
         }
 
         // Dead letters stay until an operator acts: no TTL, and a delivery limit no walk reaches.
-        let mut dead_args = quorum_args();
+        let mut dead_args = self.quorum_args();
         dead_args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DEAD_QUEUE_DELIVERY_LIMIT));
         self.declare_queue(channel, &self.dead_queue(), dead_args).await
     }
@@ -266,11 +275,16 @@ impl Topology {
     }
 }
 
-/// Quorum queues: replicated, and their messages survive a broker restart once confirmed.
-fn quorum_args() -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), string("quorum"));
-    args
+impl Topology {
+    /// Quorum queues: replicated, and their messages survive a broker restart once confirmed.
+    fn quorum_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), string("quorum"));
+        if let Some(replicas) = self.initial_group_size {
+            args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongUInt(replicas));
+        }
+        args
+    }
 }
 
 /// Dead-letters into `queue` through the default exchange, at least once: the broker keeps a
@@ -285,4 +299,22 @@ fn dead_letter_to(args: &mut FieldTable, queue: &str) {
 
 fn string(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topology() -> Topology {
+        Topology::new("t", vec![Duration::from_secs(1)], 10)
+    }
+
+    #[test]
+    fn the_replica_count_is_declared_only_when_set() {
+        let unset = topology().quorum_args();
+        assert!(!unset.inner().contains_key("x-quorum-initial-group-size"));
+        let three = topology().with_initial_group_size(Some(3)).quorum_args();
+        assert_eq!(three.inner().get("x-quorum-initial-group-size"), Some(&AMQPValue::LongUInt(3)));
+        assert_eq!(three.inner().get("x-queue-type"), Some(&string("quorum")));
+    }
 }
