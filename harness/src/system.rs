@@ -60,6 +60,8 @@ pub struct System {
     pub workers: Vec<(Service, u16)>,
     /// The app's API processes started, with their ports.
     pub apis: Vec<(Service, u16)>,
+    /// Further ingest processes (behind the same load balancer, as it were), with their ports.
+    pub more_ingests: Vec<(Service, u16)>,
     http: reqwest::Client,
 }
 
@@ -97,6 +99,7 @@ impl System {
             ingest_metrics_port: free_port(),
             workers: Vec::new(),
             apis: Vec::new(),
+            more_ingests: Vec::new(),
             http: reqwest::Client::new(),
         };
         for _ in 0..workers {
@@ -151,6 +154,25 @@ impl System {
             .await?;
         self.ingest = Some(ingest);
         Ok(())
+    }
+
+    /// Starts one more ingest process on ports of its own, waits until it is ready, and returns its
+    /// URL.
+    pub async fn start_another_ingest(&mut self) -> anyhow::Result<String> {
+        let port = free_port();
+        let mut env = self.common_env();
+        env.extend([
+            ("MONO_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
+            ("LISTEN_ADDR", format!("127.0.0.1:{port}")),
+            ("METRICS_ADDR", format!("127.0.0.1:{}", free_port())),
+        ]);
+        env.extend(self.config.ingest_env.iter().cloned());
+        let name = format!("ingest-{}", self.more_ingests.len() + 2);
+        let mut ingest = Service::spawn(&name, "ingest", &[], &env, &self.config.log_dir)?;
+        let url = format!("http://127.0.0.1:{port}");
+        wait_until_ready(&mut ingest, &format!("{url}/readyz"), Duration::from_secs(30)).await?;
+        self.more_ingests.push((ingest, port));
+        Ok(url)
     }
 
     /// Starts one more api process (the worker has migrated the database by then), waits until it
@@ -250,6 +272,10 @@ impl System {
     /// Stops everything and removes the database and the queues.
     pub async fn shut_down(mut self) -> anyhow::Result<()> {
         if let Some(ingest) = self.ingest.as_mut() {
+            ingest.terminate();
+            ingest.wait_exit(Duration::from_secs(15));
+        }
+        for (ingest, _) in &mut self.more_ingests {
             ingest.terminate();
             ingest.wait_exit(Duration::from_secs(15));
         }

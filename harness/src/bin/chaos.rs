@@ -5,7 +5,8 @@
 
 use clap::Parser;
 
-use harness::chaos::{ScenarioReport, scenarios};
+use harness::chaos::cluster::Cluster;
+use harness::chaos::{ScenarioReport, on_cluster, scenarios};
 use harness::system::SystemConfig;
 
 #[derive(Debug, Parser)]
@@ -19,19 +20,34 @@ struct Args {
 async fn main() {
     let args = Args::parse();
     let names: Vec<String> = if args.scenarios.is_empty() {
-        scenarios::ALL.iter().map(|s| s.to_string()).collect()
+        scenarios::ALL.iter().chain(&on_cluster::ALL).map(|s| s.to_string()).collect()
     } else {
         args.scenarios
     };
     let base = SystemConfig::default();
+    // The three-node cluster runs only while its scenarios do, and is always stopped again.
+    let mut cluster = None;
     println!("{}", ScenarioReport::header());
     let mut failed = Vec::new();
     for name in &names {
+        if on_cluster::ALL.contains(&name.as_str()) && cluster.is_none() {
+            match Cluster::up() {
+                Ok(up) => cluster = Some(up),
+                Err(error) => {
+                    println!("{name:<34} error: {error:#}");
+                    failed.push(name.clone());
+                    continue;
+                }
+            }
+        }
         match scenarios::run(name, &base).await {
             Ok(report) => {
                 println!("{}", report.line());
                 for (check, ok) in &report.checks {
                     println!("    {} {check}", if *ok { "ok    " } else { "FAILED" });
+                }
+                for note in &report.notes {
+                    println!("    note   {note}");
                 }
                 if !report.passed() {
                     failed.push(name.clone());
@@ -43,6 +59,7 @@ async fn main() {
             }
         }
     }
+    drop(cluster);
     if !failed.is_empty() {
         eprintln!("chaos suite failed: {}", failed.join(", "));
         std::process::exit(1);

@@ -4,7 +4,7 @@
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -55,6 +55,37 @@ pub struct LoadResult {
     pub statuses: BTreeMap<u16, u64>,
     /// Requests that got no HTTP answer at all (connection refused or reset).
     pub no_answer: u64,
+    /// Every webhook that got no 200 (an error status or no answer): ingest promised nothing for
+    /// them, yet the broker may have taken one whose confirm came too late, so it may be processed.
+    pub uncertain: Vec<Posted>,
+    /// When each answer other than 200 came (or the request gave up).
+    pub refused_at: Vec<Instant>,
+    /// The longest any request waited for its answer.
+    pub slowest: Duration,
+}
+
+impl LoadResult {
+    /// How long ingest refused webhooks, in all: the quarter-seconds in which any answer other than
+    /// 200 came, so two faults far apart do not count the healthy time between them.
+    pub fn unavailable_secs(&self) -> f64 {
+        let Some(first) = self.refused_at.iter().min() else { return 0.0 };
+        let quarters: std::collections::BTreeSet<u128> =
+            self.refused_at.iter().map(|at| (*at - *first).as_millis() / 250).collect();
+        quarters.len() as f64 * 0.25
+    }
+
+    /// Two loads (e.g. one per ingest) as one.
+    pub fn merge(mut self, other: Self) -> Self {
+        self.accepted.extend(other.accepted);
+        for (status, count) in other.statuses {
+            *self.statuses.entry(status).or_default() += count;
+        }
+        self.no_answer += other.no_answer;
+        self.uncertain.extend(other.uncertain);
+        self.refused_at.extend(other.refused_at);
+        self.slowest = self.slowest.max(other.slowest);
+        self
+    }
 }
 
 pub struct Load {
@@ -84,6 +115,12 @@ impl Posted {
 impl Load {
     /// Starts posting to `ingest_url` until [`Load::stop`].
     pub fn start(ingest_url: String, plan: LoadPlan) -> Self {
+        Self::start_at(ingest_url, plan, 0)
+    }
+
+    /// As [`Load::start`], numbering the webhooks from `first_seq` (two loads at once must not post
+    /// the same bodies).
+    pub fn start_at(ingest_url: String, plan: LoadPlan, first_seq: u64) -> Self {
         let stop = CancellationToken::new();
         let token = stop.clone();
         let task = tokio::spawn(async move {
@@ -91,7 +128,7 @@ impl Load {
             let result = Arc::new(Mutex::new(LoadResult::default()));
             let in_flight = Arc::new(Semaphore::new(64));
             let mut tick = tokio::time::interval(Duration::from_secs(1) / plan.per_second.max(1));
-            let mut seq = 0;
+            let mut seq = first_seq;
             let mut requests = tokio::task::JoinSet::new();
             loop {
                 tokio::select! {
@@ -104,25 +141,38 @@ impl Load {
                 let (http, url, result) =
                     (http.clone(), format!("{ingest_url}/webhooks/mono"), result.clone());
                 requests.spawn(async move {
+                    let sent_at = Instant::now();
                     let sent = http
                         .post(&url)
                         .header("mono-webhook-secret", WEBHOOK_SECRET)
                         .body(posted.body.clone())
                         .send()
                         .await;
+                    let answered_at = Instant::now();
                     let mut result = result.lock().await;
-                    match sent {
+                    result.slowest = result.slowest.max(answered_at - sent_at);
+                    let id = match sent {
                         Ok(response) => {
                             let status = response.status().as_u16();
                             *result.statuses.entry(status).or_default() += 1;
-                            if status == 200
-                                && let Ok(answer) = response.json::<serde_json::Value>().await
-                                && let Some(id) = answer["id"].as_str()
-                            {
-                                result.accepted.insert(id.to_owned(), posted);
+                            match response.json::<serde_json::Value>().await {
+                                Ok(answer) if status == 200 => answer["id"].as_str().map(str::to_owned),
+                                _ => None,
                             }
                         }
-                        Err(_) => result.no_answer += 1,
+                        Err(_) => {
+                            result.no_answer += 1;
+                            None
+                        }
+                    };
+                    match id {
+                        Some(id) => {
+                            result.accepted.insert(id, posted);
+                        }
+                        None => {
+                            result.refused_at.push(answered_at);
+                            result.uncertain.push(posted);
+                        }
                     }
                     drop(permit);
                 });

@@ -3,8 +3,10 @@
 //! checks every delivery that got a 200 against the database. Run it with `./scripts/chaos` (it
 //! restarts the shared services, so it runs alone, after the other tests).
 
+pub mod cluster;
 pub mod load;
 pub mod model;
+pub mod on_cluster;
 pub mod scenarios;
 pub mod services;
 
@@ -22,6 +24,8 @@ pub struct ScenarioReport {
     pub seconds: f64,
     /// What this scenario checks beyond the common columns, and whether each held.
     pub checks: Vec<(String, bool)>,
+    /// Figures worth printing that are not pass/fail (e.g. how long ingest answered 503).
+    pub notes: Vec<String>,
 }
 
 impl ScenarioReport {
@@ -31,6 +35,10 @@ impl ScenarioReport {
 
     pub fn check(&mut self, what: impl Into<String>, ok: bool) {
         self.checks.push((what.into(), ok));
+    }
+
+    pub fn note(&mut self, what: impl Into<String>) {
+        self.notes.push(what.into());
     }
 
     pub fn header() -> String {

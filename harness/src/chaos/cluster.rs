@@ -1,0 +1,80 @@
+//! The three-node RabbitMQ cluster of `scripts/cluster`, driven from the chaos suite: its own ports,
+//! node names and data under `target/`, never the machine's main broker.
+
+use anyhow::{Context, bail};
+use std::process::{Command, Stdio};
+
+fn script() -> Command {
+    Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/cluster"))
+}
+
+/// Runs `scripts/cluster <args>` and returns what it printed.
+fn cluster(args: &[&str]) -> anyhow::Result<String> {
+    // No pipe for stderr: a node started by the script must not keep it open.
+    let output =
+        script().args(args).stderr(Stdio::inherit()).output().context("cannot run scripts/cluster")?;
+    if !output.status.success() {
+        bail!("scripts/cluster {} failed", args.join(" "));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// The cluster, up while this lives; stopped and its data deleted when dropped.
+pub struct Cluster;
+
+impl Cluster {
+    /// Starts the three nodes (or keeps those already running) and waits until all three run.
+    pub fn up() -> anyhow::Result<Self> {
+        let log =
+            std::fs::File::create(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/rabbitmq-cluster.log"))
+                .context("cannot create target/rabbitmq-cluster.log")?;
+        let status = script()
+            .arg("up")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()
+            .context("cannot run scripts/cluster")?;
+        if !status.success() {
+            bail!("scripts/cluster up failed (target/rabbitmq-cluster.log)");
+        }
+        Ok(Self)
+    }
+
+    /// `AMQP_URL` listing the three nodes.
+    pub fn url() -> anyhow::Result<String> {
+        cluster(&["url"])
+    }
+
+    /// The node (1 to 3) that leads quorum queue `queue`.
+    pub fn leader_of(queue: &str) -> anyhow::Result<u8> {
+        cluster(&["leader", queue])?.parse().context("unexpected answer from scripts/cluster leader")
+    }
+
+    /// The nodes holding connections named `name`.
+    pub fn hosting(name: &str) -> anyhow::Result<Vec<u8>> {
+        cluster(&["hosting", name])?
+            .split_whitespace()
+            .map(|n| n.parse().context("unexpected answer from scripts/cluster hosting"))
+            .collect()
+    }
+
+    pub fn kill(node: u8) -> anyhow::Result<()> {
+        cluster(&["kill", &node.to_string()]).map(drop)
+    }
+
+    pub fn stop(node: u8) -> anyhow::Result<()> {
+        cluster(&["stop", &node.to_string()]).map(drop)
+    }
+
+    pub fn start(node: u8) -> anyhow::Result<()> {
+        cluster(&["start", &node.to_string()]).map(drop)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Err(error) = cluster(&["down"]) {
+            eprintln!("could not stop the test cluster: {error:#}");
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Scenarios on the three-node cluster of `scripts/cluster`: two ingest processes and two workers,
+//! each given the list of the three nodes, under load from both ingests, while nodes die.
+
+use std::time::{Duration, Instant};
+
+use super::ScenarioReport;
+use super::cluster::Cluster;
+use super::load::{Load, LoadResult};
+use super::scenarios::{all_kinds, finish, wait_ready};
+use crate::system::{System, SystemConfig};
+
+pub const ALL: [&str; 3] =
+    ["cluster_leader_killed", "cluster_ingest_nodes_stopped", "cluster_rolling_restart"];
+
+pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    match name {
+        "cluster_leader_killed" => leader_killed(base).await,
+        "cluster_ingest_nodes_stopped" => ingest_nodes_stopped(base).await,
+        "cluster_rolling_restart" => rolling_restart(base).await,
+        other => anyhow::bail!("no scenario {other}"),
+    }
+}
+
+/// A system on the cluster, with both ingests under load.
+struct OnCluster {
+    system: System,
+    ingest_urls: [String; 2],
+    loads: [Load; 2],
+}
+
+impl OnCluster {
+    async fn start(base: &SystemConfig) -> anyhow::Result<Self> {
+        let mut config = base.clone();
+        config.amqp_url = Cluster::url()?;
+        // Every queue on all three nodes, so that it survives the loss of any one.
+        for env in [&mut config.worker_env, &mut config.ingest_env] {
+            env.push(("QUORUM_INITIAL_GROUP_SIZE", "3".into()));
+        }
+        let mut system = System::start(config, 2).await?;
+        let second = system.start_another_ingest().await?;
+        let ingest_urls = [system.ingest_url(), second];
+        let plan = all_kinds(50, 40);
+        let loads = [
+            Load::start_at(ingest_urls[0].clone(), plan.clone(), 0),
+            Load::start_at(ingest_urls[1].clone(), plan, 1_000_000_000),
+        ];
+        Ok(Self { system, ingest_urls, loads })
+    }
+
+    fn work_queue(&self) -> String {
+        self.system.topology().work_queue()
+    }
+
+    /// Whether every ingest and worker is ready (again) within `within`.
+    async fn all_ready(&self, within: Duration) -> bool {
+        let mut ready = true;
+        for url in &self.ingest_urls {
+            ready &= wait_ready(&format!("{url}/readyz"), within).await;
+        }
+        for (_, port) in &self.system.workers {
+            ready &= wait_ready(&format!("http://127.0.0.1:{port}/readyz"), within).await;
+        }
+        ready
+    }
+
+    /// Stops the load and checks what every node loss must leave true of ingest's answers.
+    async fn stop_load(self, report: &mut ScenarioReport) -> (System, LoadResult) {
+        let [first, second] = self.loads;
+        let load = first.stop().await.merge(second.stop().await);
+        report
+            .check("ingest never hung: every answer came within 5 s", load.slowest < Duration::from_secs(5));
+        report.check("every webhook got an answer", load.no_answer == 0);
+        let refused: u64 = load.statuses.iter().filter(|(s, _)| **s != 200).map(|(_, n)| n).sum();
+        report.note(format!(
+            "ingest answered {refused} webhook(s) with 503, within {:.2} s in all; {} got 200; slowest answer {} ms",
+            load.unavailable_secs(),
+            load.accepted.len(),
+            load.slowest.as_millis()
+        ));
+        (self.system, load)
+    }
+}
+
+/// The node leading the work queue dies (`kill -9` of its VM) mid-load, and comes back later.
+async fn leader_killed(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let run = OnCluster::start(base).await?;
+    let mut report = ScenarioReport::default();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let leader = Cluster::leader_of(&run.work_queue())?;
+    Cluster::kill(leader)?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let new_leader = Cluster::leader_of(&run.work_queue()).ok();
+    report.check("another node took over the work queue", new_leader.is_some_and(|n| n != leader));
+    report
+        .check("every process works on while the node is dead", run.all_ready(Duration::from_secs(30)).await);
+    Cluster::start(leader)?;
+    report
+        .check("every process is ready once the node is back", run.all_ready(Duration::from_secs(30)).await);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let (system, load) = run.stop_load(&mut report).await;
+    let mut report = finish("cluster_leader_killed", started, system, load, report).await?;
+    report.check("nothing was dead-lettered", report.dead_lettered == 0);
+    Ok(report)
+}
+
+/// The node each ingest is connected to is stopped, one after the other, and started again.
+async fn ingest_nodes_stopped(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let run = OnCluster::start(base).await?;
+    let mut report = ScenarioReport::default();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let mut stopped = Vec::new();
+    for round in 1..=2 {
+        let hosting = Cluster::hosting("monohook-ingest")?;
+        // The node of an ingest connection not stopped yet, else any node holding one.
+        let Some(&node) = hosting.iter().find(|n| !stopped.contains(*n)).or(hosting.first()) else {
+            report.check(format!("round {round}: an ingest connection was found"), false);
+            break;
+        };
+        Cluster::stop(node)?;
+        stopped.push(node);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let moved = Cluster::hosting("monohook-ingest").is_ok_and(|now| !now.contains(&node));
+        report.check(format!("round {round}: ingest left node {node} for the others"), moved);
+        report.check(
+            format!("round {round}: every process is ready without node {node}"),
+            run.all_ready(Duration::from_secs(30)).await,
+        );
+        Cluster::start(node)?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    report.check("every process is ready at the end", run.all_ready(Duration::from_secs(30)).await);
+
+    let (system, load) = run.stop_load(&mut report).await;
+    let mut report = finish("cluster_ingest_nodes_stopped", started, system, load, report).await?;
+    report.check("nothing was dead-lettered", report.dead_lettered == 0);
+    Ok(report)
+}
+
+/// Each node in turn is stopped and started again, as an upgrade would do.
+async fn rolling_restart(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let run = OnCluster::start(base).await?;
+    let mut report = ScenarioReport::default();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    for node in 1..=3 {
+        Cluster::stop(node)?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        Cluster::start(node)?;
+        report.check(
+            format!("every process is ready after node {node} restarted"),
+            run.all_ready(Duration::from_secs(30)).await,
+        );
+        // Time for the restarted member to catch up before the next one goes.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+
+    let (system, load) = run.stop_load(&mut report).await;
+    let mut report = finish("cluster_rolling_restart", started, system, load, report).await?;
+    report.check("nothing was dead-lettered", report.dead_lettered == 0);
+    Ok(report)
+}
