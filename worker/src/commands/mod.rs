@@ -1,5 +1,7 @@
-//! Operator commands of the worker binary (`worker <command>`), one file or folder each.
+//! Operator commands of the worker binary (`worker <command>`), one file or folder each. Every
+//! command that prints takes `--json`; `output` holds what they share, exit codes included.
 
 pub mod account;
 pub mod dlq;
+pub mod output;
 pub mod status;

@@ -1,92 +1,407 @@
-//! `worker status`: what an operator checks first.
+//! `worker status`: what an operator checks first. `--check` turns it into a probe for cron jobs and
+//! monitors: exit 1 when a worker is not ready, Mono's circuit is open or refuses the key, or dead
+//! letters are waiting.
 
 use chrono::{DateTime, Utc};
 use clap::Args;
+use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgPool;
 use std::time::Duration;
 
 use super::dlq::list_age as age;
+use super::output;
 use shared::config::BrokerArgs;
+use shared::topology::Topology;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// A worker's METRICS_ADDR to ask for its Mono circuit state (repeatable).
+    /// A worker's METRICS_ADDR, asked for its readiness and Mono circuit (`/readyz`; repeatable).
     #[arg(long = "worker-url", default_value = "http://127.0.0.1:9090")]
     pub worker_urls: Vec<String>,
+    /// Exit 1 when a worker is unreachable or not ready, a worker's Mono circuit is open or Mono
+    /// refuses its key, or dead letters are waiting (the `problems` say which).
+    #[arg(long)]
+    pub check: bool,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
-#[derive(sqlx::FromRow)]
-struct LastEvent {
-    event: String,
-    status: String,
-    processed_at: Option<DateTime<Utc>>,
-    received_at: DateTime<Utc>,
+/// `worker status --json`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// Every queue of the topology, in the order an operator reads them; empty if they could not be
+    /// read (`queues_error` says why).
+    pub queues: Vec<QueueState>,
+    pub queues_error: Option<String>,
+    pub dead_letters: DeadLetters,
+    /// The newest event processed (any status but `dead`); `null` before the first.
+    pub last_processed: Option<LastProcessed>,
+    /// Replays and purges recorded but not completed (the same `dlq` command finishes them).
+    pub unfinished_actions: i64,
+    pub workers: Vec<WorkerState>,
+    /// What `--check` fails on; empty when all is well. Computed with or without `--check`.
+    pub problems: Vec<Problem>,
+    /// Whether `problems` is empty (what `--check` exits 0 on).
+    pub ok: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QueueState {
+    pub queue: String,
+    /// `work`, `retry` or `dead`.
+    pub role: &'static str,
+    /// Ready messages (not those a consumer holds unacked).
+    pub messages: u32,
+    pub consumers: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeadLetters {
+    /// Rows with status `dead` in the journal.
+    pub in_journal: i64,
+    /// Ready messages in the dead-letter queue; `null` if the queues could not be read.
+    pub in_queue: Option<u32>,
+    /// When the oldest journaled dead letter was dead-lettered.
+    pub oldest_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct LastProcessed {
+    pub event: String,
+    pub status: String,
+    pub received_at: DateTime<Utc>,
+    pub processed_at: Option<DateTime<Utc>>,
+    /// Milliseconds from ingest's receipt to processing.
+    #[sqlx(skip)]
+    pub lag_ms: Option<i64>,
+}
+
+/// A worker's `/readyz`, as it answered.
+#[derive(Debug, Serialize)]
+pub struct WorkerState {
+    pub url: String,
+    /// Whether `/readyz` answered at all (within a second).
+    pub reachable: bool,
+    /// Whether it answered `status: ready`.
+    pub ready: bool,
+    /// The fields of `/readyz`; `null` when unreachable or missing from the answer.
+    pub status: Option<String>,
+    pub database: Option<String>,
+    pub broker: Option<String>,
+    pub consumer: Option<String>,
+    pub mono_circuit: Option<String>,
+    pub mono_key: Option<String>,
+}
+
+/// One reason `--check` fails.
+#[derive(Debug, Serialize)]
+pub struct Problem {
+    /// `worker_unreachable`, `worker_not_ready`, `mono_circuit_open`, `mono_key_refused`,
+    /// `dead_letters_waiting` or `queues_unreadable`.
+    pub check: &'static str,
+    /// What it is about: a worker URL, or a queue.
+    pub subject: String,
+    pub detail: String,
 }
 
 pub async fn run(pool: &PgPool, broker: &BrokerArgs, args: &StatusArgs) -> anyhow::Result<()> {
     let topology = broker.topology();
+    let status = gather(pool, broker, &topology, args).await?;
+    if args.json {
+        output::document(&status)?;
+    } else {
+        print_text(&status, args.check);
+    }
+    if args.check && !status.ok {
+        let checks: Vec<&str> = status.problems.iter().map(|p| p.check).collect();
+        anyhow::bail!("status check failed: {}", checks.join(", "));
+    }
+    Ok(())
+}
+
+async fn gather(
+    pool: &PgPool,
+    broker: &BrokerArgs,
+    topology: &Topology,
+    args: &StatusArgs,
+) -> anyhow::Result<Status> {
     let connection = shared::amqp::connect(&broker.amqp_url, "monohook-status").await?;
     let channel = connection.create_channel().await?;
     let depths = topology.depths(&channel).await;
     let _ = connection.close(200, "done".into()).await;
-    println!("{:<40} {:>9} {:>10}", "queue", "messages", "consumers");
-    match depths {
+    let (queues, queues_error) = match depths {
         Ok(depths) => {
-            for depth in depths {
-                println!("{:<40} {:>9} {:>10}", depth.queue, depth.messages, depth.consumers);
-            }
+            let queues = depths
+                .into_iter()
+                .map(|depth| QueueState {
+                    role: role(topology, &depth.queue),
+                    queue: depth.queue,
+                    messages: depth.messages,
+                    consumers: depth.consumers,
+                })
+                .collect();
+            (queues, None)
         }
-        Err(error) => println!("queues not declared yet ({error})"),
-    }
+        Err(error) => (Vec::new(), Some(error.to_string())),
+    };
 
-    let (dead, oldest_dead): (i64, Option<DateTime<Utc>>) =
+    let (in_journal, oldest_at): (i64, Option<DateTime<Utc>>) =
         sqlx::query_as("SELECT count(*), min(processed_at) FROM webhook_events WHERE status = 'dead'")
             .fetch_one(pool)
             .await?;
-    println!("\ndead letters in the journal   {dead} (oldest {})", age(oldest_dead));
-    let last: Option<LastEvent> = sqlx::query_as(
-        "SELECT event, status, processed_at, received_at FROM webhook_events WHERE status <> 'dead'
+    let in_queue = queues.iter().find(|q| q.role == "dead").map(|q| q.messages);
+    let dead_letters = DeadLetters { in_journal, in_queue, oldest_at };
+    let mut last_processed: Option<LastProcessed> = sqlx::query_as(
+        "SELECT event, status, received_at, processed_at FROM webhook_events WHERE status <> 'dead'
          ORDER BY processed_at DESC NULLS LAST LIMIT 1",
     )
     .fetch_optional(pool)
     .await?;
-    match last {
-        Some(LastEvent { event, status, processed_at, received_at }) => {
-            let lag = processed_at.map(|p| (p - received_at).num_milliseconds()).unwrap_or_default();
-            println!(
-                "last processed event          {event} ({status}) {} ago, {lag} ms after ingest received it",
-                age(processed_at)
-            );
-        }
-        None => println!("last processed event          none yet"),
+    if let Some(last) = last_processed.as_mut() {
+        last.lag_ms = last.processed_at.map(|p| (p - last.received_at).num_milliseconds());
     }
-    let unfinished: i64 =
+    let unfinished_actions: i64 =
         sqlx::query_scalar("SELECT count(*) FROM dead_letter_actions WHERE completed_at IS NULL")
             .fetch_one(pool)
             .await?;
-    if unfinished > 0 {
-        println!(
-            "unfinished replays/purges     {unfinished} (run the same dlq command again to finish them)"
-        );
-    }
 
     let http = reqwest::Client::builder().timeout(Duration::from_secs(1)).build()?;
+    let mut workers = Vec::new();
     for url in &args.worker_urls {
-        let answer = http.get(format!("{}/readyz", url.trim_end_matches('/'))).send().await;
-        match answer {
-            Ok(response) => {
-                let body: Value = response.json().await.unwrap_or_default();
-                println!(
-                    "worker {url:<24} {} (Mono circuit {}, database {}, broker {})",
-                    body["status"].as_str().unwrap_or("?"),
-                    body["mono_circuit"].as_str().unwrap_or("?"),
-                    body["database"].as_str().unwrap_or("?"),
-                    body["broker"].as_str().unwrap_or("?"),
-                );
-            }
-            Err(_) => println!("worker {url:<24} not reachable"),
+        workers.push(ask_worker(&http, url).await);
+    }
+
+    let mut status = Status {
+        queues,
+        queues_error,
+        dead_letters,
+        last_processed,
+        unfinished_actions,
+        workers,
+        problems: Vec::new(),
+        ok: true,
+    };
+    status.problems = problems(&status, topology);
+    status.ok = status.problems.is_empty();
+    Ok(status)
+}
+
+fn role(topology: &Topology, queue: &str) -> &'static str {
+    if queue == topology.work_queue() {
+        "work"
+    } else if queue == topology.dead_queue() {
+        "dead"
+    } else {
+        "retry"
+    }
+}
+
+async fn ask_worker(http: &reqwest::Client, url: &str) -> WorkerState {
+    let answer = http.get(format!("{}/readyz", url.trim_end_matches('/'))).send().await;
+    let body: Option<Value> = match answer {
+        Ok(response) => Some(response.json().await.unwrap_or_default()),
+        Err(_) => None,
+    };
+    let field = |name: &str| body.as_ref().and_then(|b| b[name].as_str()).map(str::to_owned);
+    let status = field("status");
+    WorkerState {
+        url: url.to_owned(),
+        reachable: body.is_some(),
+        ready: status.as_deref() == Some("ready"),
+        database: field("database"),
+        broker: field("broker"),
+        consumer: field("consumer"),
+        mono_circuit: field("mono_circuit"),
+        mono_key: field("mono_key"),
+        status,
+    }
+}
+
+/// What `--check` fails on.
+fn problems(status: &Status, topology: &Topology) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for worker in &status.workers {
+        let subject = worker.url.clone();
+        if !worker.reachable {
+            problems.push(Problem {
+                check: "worker_unreachable",
+                subject,
+                detail: "/readyz did not answer (nothing listens there, or no answer within 1 s)".to_owned(),
+            });
+            continue;
+        }
+        if !worker.ready {
+            let unhealthy: Vec<String> = [
+                ("database", &worker.database, "up"),
+                ("broker", &worker.broker, "connected"),
+                ("consumer", &worker.consumer, "alive"),
+            ]
+            .into_iter()
+            .filter(|(_, value, good)| value.as_deref() != Some(*good))
+            .map(|(name, value, _)| format!("{name} {}", value.as_deref().unwrap_or("?")))
+            .collect();
+            let detail = if unhealthy.is_empty() {
+                format!("status {}", worker.status.as_deref().unwrap_or("?"))
+            } else {
+                unhealthy.join(", ")
+            };
+            problems.push(Problem { check: "worker_not_ready", subject: subject.clone(), detail });
+        }
+        if worker.mono_circuit.as_deref() == Some("open") {
+            problems.push(Problem {
+                check: "mono_circuit_open",
+                subject: subject.clone(),
+                detail: "the worker stopped calling Mono; re-auth deliveries are parked".to_owned(),
+            });
+        }
+        if worker.mono_key.as_deref() == Some("refused") {
+            problems.push(Problem {
+                check: "mono_key_refused",
+                subject,
+                detail: "Mono answers 401/403 to the worker's MONO_SECRET_KEY".to_owned(),
+            });
         }
     }
-    Ok(())
+    let dead = &status.dead_letters;
+    if dead.in_journal > 0 || dead.in_queue.unwrap_or(0) > 0 {
+        let in_queue = dead.in_queue.map_or_else(|| "?".to_owned(), |n| n.to_string());
+        problems.push(Problem {
+            check: "dead_letters_waiting",
+            subject: topology.dead_queue(),
+            detail: format!("{in_queue} in the dead-letter queue, {} in the journal", dead.in_journal),
+        });
+    }
+    if let Some(error) = &status.queues_error {
+        problems.push(Problem {
+            check: "queues_unreadable",
+            subject: topology.work_queue(),
+            detail: error.clone(),
+        });
+    }
+    problems
+}
+
+fn print_text(status: &Status, check: bool) {
+    println!("{:<40} {:>9} {:>10}", "queue", "messages", "consumers");
+    for queue in &status.queues {
+        println!("{:<40} {:>9} {:>10}", queue.queue, queue.messages, queue.consumers);
+    }
+    if let Some(error) = &status.queues_error {
+        println!("queues not declared yet ({error})");
+    }
+    let dead = &status.dead_letters;
+    println!("\ndead letters in the journal   {} (oldest {})", dead.in_journal, age(dead.oldest_at));
+    match &status.last_processed {
+        Some(last) => println!(
+            "last processed event          {} ({}) {} ago, {} ms after ingest received it",
+            last.event,
+            last.status,
+            age(last.processed_at),
+            last.lag_ms.unwrap_or_default()
+        ),
+        None => println!("last processed event          none yet"),
+    }
+    if status.unfinished_actions > 0 {
+        println!(
+            "unfinished replays/purges     {} (run the same dlq command again to finish them)",
+            status.unfinished_actions
+        );
+    }
+    for worker in &status.workers {
+        if worker.reachable {
+            let field = |value: &Option<String>| value.clone().unwrap_or_else(|| "?".to_owned());
+            println!(
+                "worker {:<24} {} (Mono circuit {}, database {}, broker {})",
+                worker.url,
+                field(&worker.status),
+                field(&worker.mono_circuit),
+                field(&worker.database),
+                field(&worker.broker),
+            );
+        } else {
+            println!("worker {:<24} not reachable", worker.url);
+        }
+    }
+    if check {
+        if status.ok {
+            println!("\ncheck passed");
+        } else {
+            println!("\ncheck failed:");
+            for problem in &status.problems {
+                println!("  {:<22} {}: {}", problem.check, problem.subject, problem.detail);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(url: &str, readyz: Option<Value>) -> WorkerState {
+        let field = |name: &str| readyz.as_ref().and_then(|b| b[name].as_str()).map(str::to_owned);
+        WorkerState {
+            url: url.to_owned(),
+            reachable: readyz.is_some(),
+            ready: field("status").as_deref() == Some("ready"),
+            status: field("status"),
+            database: field("database"),
+            broker: field("broker"),
+            consumer: field("consumer"),
+            mono_circuit: field("mono_circuit"),
+            mono_key: field("mono_key"),
+        }
+    }
+
+    fn status(workers: Vec<WorkerState>, dead_in_journal: i64) -> Status {
+        Status {
+            queues: Vec::new(),
+            queues_error: None,
+            dead_letters: DeadLetters { in_journal: dead_in_journal, in_queue: Some(0), oldest_at: None },
+            last_processed: None,
+            unfinished_actions: 0,
+            workers,
+            problems: Vec::new(),
+            ok: true,
+        }
+    }
+
+    fn readyz(status: &str, database: &str, circuit: &str, key: &str) -> Option<Value> {
+        Some(serde_json::json!({
+            "status": status, "database": database, "broker": "connected", "consumer": "alive",
+            "mono_circuit": circuit, "mono_key": key,
+        }))
+    }
+
+    #[test]
+    fn each_check_names_its_worker_and_a_healthy_fleet_has_none() {
+        let topology = Topology::new("t", vec![Duration::from_secs(1)], 10);
+        let healthy = status(vec![worker("http://a", readyz("ready", "up", "closed", "accepted"))], 0);
+        assert!(problems(&healthy, &topology).is_empty());
+        // Half-open is a probe under way, not a stop.
+        let probing = status(vec![worker("http://a", readyz("ready", "up", "half_open", "accepted"))], 0);
+        assert!(problems(&probing, &topology).is_empty());
+
+        let troubled = status(
+            vec![
+                worker("http://a", readyz("not_ready", "down", "open", "refused")),
+                worker("http://b", None),
+            ],
+            1,
+        );
+        let found = problems(&troubled, &topology);
+        assert_eq!(
+            found.iter().map(|p| (p.check, p.subject.as_str())).collect::<Vec<_>>(),
+            [
+                ("worker_not_ready", "http://a"),
+                ("mono_circuit_open", "http://a"),
+                ("mono_key_refused", "http://a"),
+                ("worker_unreachable", "http://b"),
+                ("dead_letters_waiting", "t.dead"),
+            ]
+        );
+        assert_eq!(found[0].detail, "database down");
+    }
 }

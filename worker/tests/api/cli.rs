@@ -145,6 +145,69 @@ async fn account_prints_the_record_without_the_token(pool: PgPool) {
     assert!(!stdout.contains("VwxcfeLRZvq1UlD5WiuN"), "{stdout}");
 }
 
+#[sqlx::test(migrations = "../migrations")]
+async fn account_json_is_one_document_without_the_token(pool: PgPool) {
+    sqlx::query(
+        "INSERT INTO accounts (id, reauth_required, reauth_token, reauth_token_issued_at)
+         VALUES ('acc-1', true, 'VwxcfeLRZvq1UlD5WiuN', now())",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let database = database_url(&pool).await;
+
+    let output =
+        worker().args(["account", "acc-1", "--json"]).env("DATABASE_URL", &database).output().unwrap();
+
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("VwxcfeLRZvq1UlD5WiuN"));
+    let account: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let fields: std::collections::BTreeSet<&str> =
+        account.as_object().unwrap().keys().map(String::as_str).collect();
+    let expected = std::collections::BTreeSet::from([
+        "id",
+        "reauth_required",
+        "has_reauth_token",
+        "reauth_token_issued_at",
+        "reauth_token_expires_at",
+        "reauthorized_at",
+        "data_status",
+        "data_updated_at",
+        "last_sync_failed_at",
+        "customer_id",
+        "connected_at",
+        "unlinked_at",
+        "created_at",
+        "updated_at",
+    ]);
+    assert_eq!(fields, expected);
+    assert_eq!(account["id"], "acc-1");
+    assert_eq!(account["reauth_required"], true);
+    assert_eq!(account["has_reauth_token"], true);
+    assert!(account["reauth_token_issued_at"].is_string() && account["data_status"].is_null());
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_unknown_account_is_an_error_on_stderr_with_exit_1_even_with_json(pool: PgPool) {
+    let database = database_url(&pool).await;
+
+    let output =
+        worker().args(["account", "nope", "--json"]).env("DATABASE_URL", &database).output().unwrap();
+
+    assert_eq!(output.status.code(), Some(1));
+    assert!(output.stdout.is_empty(), "{}", String::from_utf8_lossy(&output.stdout));
+    assert_eq!(String::from_utf8_lossy(&output.stderr).lines().last(), Some("worker: no account nope"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [&["dlq", "list", "--no-such-flag"][..], &["status", "--check=maybe"], &["account"]] {
+        let output = worker().args(args).output().unwrap();
+
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+}
+
 /// The server part of `DATABASE_URL` (what `#[sqlx::test]` uses), without a database name.
 fn server_url() -> String {
     let url = std::env::var("DATABASE_URL")

@@ -14,7 +14,7 @@ fn stdout(output: &std::process::Output) -> String {
 }
 
 /// Dead-letters a re-auth event for each of `accounts` (Mono refuses them) and a poison message.
-async fn world_with_dead_letters(pool: PgPool, accounts: &[&str]) -> TestWorld {
+pub(crate) async fn world_with_dead_letters(pool: PgPool, accounts: &[&str]) -> TestWorld {
     let mut world = TestWorld::new(pool).await;
     for account in accounts {
         world.mono_refuses(account).await;
@@ -40,7 +40,7 @@ async fn dead_queue_depth(world: &TestWorld) -> u32 {
 
 /// Waits until the dead-letter queue holds `expected` ready messages: what a walk left returns to
 /// the queue's ready count a moment after the walk closes its channels.
-async fn dead_queue_settles_at(world: &TestWorld, expected: u32, why: &str) {
+pub(crate) async fn dead_queue_settles_at(world: &TestWorld, expected: u32, why: &str) {
     eventually(why, PATIENCE, || async { dead_queue_depth(world).await == expected }).await;
 }
 

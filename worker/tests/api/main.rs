@@ -8,6 +8,7 @@ mod edges;
 mod events;
 mod helpers;
 mod idempotency;
+mod json_output;
 mod mono_failures;
 mod ordering;
 mod outages;

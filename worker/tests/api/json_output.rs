@@ -1,0 +1,175 @@
+//! `--json` on the operator commands and `worker status --check`, run as a script or a probe runs
+//! them: the binary against the real RabbitMQ and PostgreSQL, stdout parsed as JSON, exit codes
+//! checked. The shapes are the ones docs/operations.md documents.
+
+use serde_json::Value;
+use sqlx::PgPool;
+use std::collections::BTreeSet;
+use std::process::Output;
+
+use crate::dlq::world_with_dead_letters;
+use crate::helpers::{PATIENCE, TestWorld, body};
+use shared::testing::eventually;
+
+/// The field names of a JSON object.
+fn keys(value: &Value) -> BTreeSet<&str> {
+    value.as_object().unwrap_or_else(|| panic!("not an object: {value}")).keys().map(String::as_str).collect()
+}
+
+fn set<'a>(names: &[&'a str]) -> BTreeSet<&'a str> {
+    names.iter().copied().collect()
+}
+
+/// stdout of a run that succeeded, parsed as one JSON document.
+fn document(output: &Output) -> Value {
+    assert!(output.status.success(), "failed: {}", String::from_utf8_lossy(&output.stderr));
+    parse(output)
+}
+
+fn parse(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!("stdout is not one JSON document ({e}): {}", String::from_utf8_lossy(&output.stdout))
+    })
+}
+
+/// A URL where no worker listens.
+fn nobody_listens() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    url
+}
+
+fn worker_url(world: &TestWorld) -> String {
+    format!("http://{}", world.metrics_addrs.last().expect("a worker was started"))
+}
+
+fn checks(status: &Value) -> BTreeSet<&str> {
+    status["problems"].as_array().unwrap().iter().map(|p| p["check"].as_str().unwrap()).collect()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn status_json_is_one_document_with_queues_dead_letters_workers_and_problems(pool: PgPool) {
+    let mut world = world_with_dead_letters(pool, &["acct-a"]).await;
+    world.start_worker().await;
+    let updated = world.publish(&body("mono.events.account_updated", "acct-z")).await;
+    world.settled(&updated).await;
+    let (ready, gone) = (worker_url(&world), nobody_listens());
+
+    let status = document(
+        &world.run_cli(&["status", "--json", "--worker-url", &ready, "--worker-url", &gone], "").await,
+    );
+
+    assert_eq!(
+        keys(&status),
+        set(&[
+            "queues",
+            "queues_error",
+            "dead_letters",
+            "last_processed",
+            "unfinished_actions",
+            "workers",
+            "problems",
+            "ok"
+        ])
+    );
+    let queues = status["queues"].as_array().unwrap();
+    assert_eq!(queues.len(), world.broker.topology.queues().len(), "{queues:?}");
+    assert_eq!(keys(&queues[0]), set(&["queue", "role", "messages", "consumers"]));
+    assert_eq!(
+        (&queues[0]["queue"], &queues[0]["role"]),
+        (&Value::from(world.broker.topology.work_queue()), &Value::from("work"))
+    );
+    assert_eq!(queues[1]["role"], "retry");
+    let dead = queues.last().unwrap();
+    assert_eq!(
+        (&dead["queue"], &dead["role"], &dead["messages"]),
+        (&Value::from(world.dead_queue()), &Value::from("dead"), &Value::from(2))
+    );
+    assert!(status["queues_error"].is_null());
+    assert_eq!(keys(&status["dead_letters"]), set(&["in_journal", "in_queue", "oldest_at"]));
+    assert_eq!(status["dead_letters"]["in_journal"], 2);
+    assert_eq!(status["dead_letters"]["in_queue"], 2);
+    assert!(status["dead_letters"]["oldest_at"].is_string());
+    let last = &status["last_processed"];
+    assert_eq!(keys(last), set(&["event", "status", "received_at", "processed_at", "lag_ms"]));
+    assert_eq!(
+        (&last["event"], &last["status"]),
+        (&Value::from("mono.events.account_updated"), &Value::from("processed"))
+    );
+    assert!(last["lag_ms"].is_i64(), "{last}");
+    assert_eq!(status["unfinished_actions"], 0);
+    let workers = status["workers"].as_array().unwrap();
+    let worker_fields = set(&[
+        "url",
+        "reachable",
+        "ready",
+        "status",
+        "database",
+        "broker",
+        "consumer",
+        "mono_circuit",
+        "mono_key",
+    ]);
+    assert_eq!(keys(&workers[0]), worker_fields);
+    assert_eq!(workers[0]["url"], ready.as_str());
+    assert_eq!(
+        (&workers[0]["reachable"], &workers[0]["ready"]),
+        (&Value::Bool(true), &Value::Bool(true)),
+        "{}",
+        workers[0]
+    );
+    assert_eq!(workers[0]["status"], "ready");
+    assert_eq!(workers[0]["mono_circuit"], "closed");
+    assert_eq!(workers[0]["mono_key"], "accepted");
+    assert_eq!(keys(&workers[1]), worker_fields);
+    assert_eq!((&workers[1]["reachable"], &workers[1]["ready"]), (&Value::Bool(false), &Value::Bool(false)));
+    assert!(workers[1]["status"].is_null() && workers[1]["mono_circuit"].is_null());
+    // Without --check, problems are reported but the command succeeds.
+    assert_eq!(checks(&status), set(&["dead_letters_waiting", "worker_unreachable"]));
+    for problem in status["problems"].as_array().unwrap() {
+        assert_eq!(keys(problem), set(&["check", "subject", "detail"]));
+    }
+    assert_eq!(status["problems"][0]["subject"], gone.as_str(), "workers first, in the order given");
+    assert_eq!(status["ok"], false);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn status_check_exits_0_when_healthy_and_1_naming_what_is_wrong(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    world.start_worker().await;
+    let updated = world.publish(&body("mono.events.account_updated", "acct-z")).await;
+    world.settled(&updated).await;
+    let (ready, gone) = (worker_url(&world), nobody_listens());
+
+    let healthy = world.run_cli(&["status", "--check", "--worker-url", &ready], "").await;
+    assert_eq!(healthy.status.code(), Some(0), "{}", String::from_utf8_lossy(&healthy.stdout));
+    assert!(String::from_utf8_lossy(&healthy.stdout).contains("check passed"));
+    let healthy =
+        document(&world.run_cli(&["status", "--check", "--json", "--worker-url", &ready], "").await);
+    assert_eq!((&healthy["ok"], &healthy["problems"]), (&Value::Bool(true), &serde_json::json!([])));
+
+    // A worker nobody answers for.
+    let unready =
+        world.run_cli(&["status", "--check", "--worker-url", &ready, "--worker-url", &gone], "").await;
+    assert_eq!(unready.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&unready.stdout);
+    assert!(
+        text.contains("check failed") && text.contains("worker_unreachable") && text.contains(&gone),
+        "{text}"
+    );
+    let stderr = String::from_utf8_lossy(&unready.stderr);
+    assert_eq!(stderr, "worker: status check failed: worker_unreachable\n");
+
+    // A dead letter waiting.
+    let work = world.broker.topology.work_queue();
+    world.broker.publish_to_queue(&work, b"not json", lapin::BasicProperties::default()).await;
+    eventually("the poison is dead-lettered", PATIENCE, || async { world.count_status("dead").await == 1 })
+        .await;
+    let dead = world.run_cli(&["status", "--check", "--json", "--worker-url", &ready], "").await;
+    assert_eq!(dead.status.code(), Some(1), "{}", String::from_utf8_lossy(&dead.stderr));
+    let dead = parse(&dead);
+    assert_eq!(checks(&dead), set(&["dead_letters_waiting"]));
+    assert_eq!(dead["problems"][0]["subject"], world.dead_queue());
+    assert_eq!(dead["ok"], false);
+}
