@@ -110,6 +110,7 @@ async fn show_prints_the_whole_record_including_the_queued_headers(pool: PgPool)
         serde_json::from_str(&stdout(&world.run_cli(&["dlq", "show", &id.to_string(), "--json"], "").await))
             .unwrap();
 
+    assert_eq!(record["id"], id.to_string());
     assert_eq!(record["journal"]["status"], "dead");
     assert_eq!(record["journal"]["payload"]["data"]["account"]["_id"], "acct-a");
     let headers = &record["queue_headers"];
@@ -224,12 +225,28 @@ async fn a_stale_dead_letter_stays_guarded_unless_forced(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn purge_asks_first_and_records_what_it_removed(pool: PgPool) {
+async fn purge_without_a_terminal_or_yes_refuses_as_a_usage_error(pool: PgPool) {
     let world = world_with_dead_letters(pool, &["acct-a", "acct-b"]).await;
 
-    let declined = stdout(&world.run_cli(&["dlq", "purge", "--all"], "n\n").await);
-    assert!(declined.contains("nothing purged"), "{declined}");
-    dead_queue_settles_at(&world, 3, "every dead letter is back").await;
+    // Piped: nobody can answer the question, whatever stdin holds.
+    for stdin in ["y\n", ""] {
+        let refused = world.run_cli(&["dlq", "purge", "--all"], stdin).await;
+
+        assert_eq!(refused.status.code(), Some(2), "{}", String::from_utf8_lossy(&refused.stderr));
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains("stdin is not a terminal") && stderr.contains("--yes"), "{stderr}");
+        assert!(refused.stdout.is_empty(), "{}", String::from_utf8_lossy(&refused.stdout));
+    }
+    assert_eq!(world.count_status("dead").await, 3, "nothing purged");
+    assert_eq!(dead_queue_depth(&world).await, 3, "the purge never walked the queue");
+    let actions: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM dead_letter_actions").fetch_one(&world.pool).await.unwrap();
+    assert_eq!(actions, 0);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn purge_with_yes_records_what_it_removed(pool: PgPool) {
+    let world = world_with_dead_letters(pool, &["acct-a", "acct-b"]).await;
 
     let purged = stdout(
         &world
@@ -254,10 +271,12 @@ async fn purge_asks_first_and_records_what_it_removed(pool: PgPool) {
 async fn a_bulk_action_needs_a_filter_or_all(pool: PgPool) {
     let world = TestWorld::new(pool).await;
 
-    let output = world.run_cli(&["dlq", "replay"], "").await;
+    for command in [&["dlq", "replay"][..], &["dlq", "replay", "--dry-run"], &["dlq", "purge", "--yes"]] {
+        let output = world.run_cli(command, "").await;
 
-    assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--all"));
+        assert_eq!(output.status.code(), Some(2), "{command:?}: a usage error");
+        assert!(String::from_utf8_lossy(&output.stderr).contains("--all"), "{command:?}");
+    }
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -336,8 +355,12 @@ async fn world_with_many_dead_letters(pool: PgPool, count: usize) -> TestWorld {
     world
 }
 
-/// Starts `worker dlq replay --all`, and stops it with `signal` once it has acted on a few messages.
-async fn interrupt_a_replay(world: &TestWorld, signal: nix::sys::signal::Signal) -> i64 {
+/// Starts `worker dlq replay --all`, and stops it with `signal` once it has acted on a few messages;
+/// returns the actions completed and how the command ended.
+async fn interrupt_a_replay(
+    world: &TestWorld,
+    signal: nix::sys::signal::Signal,
+) -> (i64, std::process::ExitStatus) {
     let mut child =
         world.cli_command(&["dlq", "replay", "--all"], &world.database_url().await).spawn().unwrap();
     let started = std::time::Instant::now();
@@ -352,11 +375,13 @@ async fn interrupt_a_replay(world: &TestWorld, signal: nix::sys::signal::Signal)
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
-    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
-    sqlx::query_scalar("SELECT count(*) FROM dead_letter_actions WHERE completed_at IS NOT NULL")
-        .fetch_one(&world.pool)
-        .await
-        .unwrap()
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let completed =
+        sqlx::query_scalar("SELECT count(*) FROM dead_letter_actions WHERE completed_at IS NOT NULL")
+            .fetch_one(&world.pool)
+            .await
+            .unwrap();
+    (completed, exit)
 }
 
 async fn assert_everything_replayed_once(world: &TestWorld, count: i64) {
@@ -386,7 +411,7 @@ async fn assert_everything_replayed_once(world: &TestWorld, count: i64) {
 async fn a_replay_killed_midway_loses_nothing_and_duplicates_nothing(pool: PgPool) {
     let world = world_with_many_dead_letters(pool, 300).await;
 
-    let completed_before_kill = interrupt_a_replay(&world, nix::sys::signal::Signal::SIGKILL).await;
+    let (completed_before_kill, _) = interrupt_a_replay(&world, nix::sys::signal::Signal::SIGKILL).await;
     assert!(completed_before_kill < 300, "the replay finished before it could be killed");
     let output = stdout(&world.run_cli(&["dlq", "replay", "--all"], "").await);
 
@@ -398,8 +423,9 @@ async fn a_replay_killed_midway_loses_nothing_and_duplicates_nothing(pool: PgPoo
 async fn ctrl_c_stops_a_replay_cleanly_and_the_next_run_continues(pool: PgPool) {
     let world = world_with_many_dead_letters(pool, 300).await;
 
-    let completed = interrupt_a_replay(&world, nix::sys::signal::Signal::SIGINT).await;
+    let (completed, exit) = interrupt_a_replay(&world, nix::sys::signal::Signal::SIGINT).await;
     assert!(completed < 300, "the replay finished before Ctrl-C");
+    assert_eq!(exit.code(), Some(1), "an interrupted replay is not done");
     let unfinished: i64 =
         sqlx::query_scalar("SELECT count(*) FROM dead_letter_actions WHERE completed_at IS NULL")
             .fetch_one(&world.pool)

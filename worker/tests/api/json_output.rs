@@ -7,7 +7,7 @@ use sqlx::PgPool;
 use std::collections::BTreeSet;
 use std::process::Output;
 
-use crate::dlq::world_with_dead_letters;
+use crate::dlq::{dead_queue_settles_at, world_with_dead_letters};
 use crate::helpers::{PATIENCE, TestWorld, body};
 use shared::testing::eventually;
 
@@ -47,6 +47,11 @@ fn worker_url(world: &TestWorld) -> String {
 fn checks(status: &Value) -> BTreeSet<&str> {
     status["problems"].as_array().unwrap().iter().map(|p| p["check"].as_str().unwrap()).collect()
 }
+
+const DEAD_LETTER_FIELDS: &[&str] =
+    &["id", "event", "account_id", "reason", "attempts", "received_at", "first_attempt_at", "dead_at"];
+const REPORT_FIELDS: &[&str] =
+    &["action", "outcome", "batch_id", "selected", "acted", "resumed", "seen", "left_in_queue", "unseen"];
 
 #[sqlx::test(migrations = "../migrations")]
 async fn status_json_is_one_document_with_queues_dead_letters_workers_and_problems(pool: PgPool) {
@@ -172,4 +177,129 @@ async fn status_check_exits_0_when_healthy_and_1_naming_what_is_wrong(pool: PgPo
     assert_eq!(checks(&dead), set(&["dead_letters_waiting"]));
     assert_eq!(dead["problems"][0]["subject"], world.dead_queue());
     assert_eq!(dead["ok"], false);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn dlq_commands_print_the_documented_json(pool: PgPool) {
+    let world = world_with_dead_letters(pool, &["acct-a", "acct-b"]).await;
+
+    // list: an array of dead letters, of causes, of actions.
+    let list = document(&world.run_cli(&["dlq", "list", "--json"], "").await);
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 3);
+    for letter in list {
+        assert_eq!(keys(letter), set(DEAD_LETTER_FIELDS));
+    }
+    let groups = document(&world.run_cli(&["dlq", "list", "--group-by", "reason", "--json"], "").await);
+    assert_eq!(keys(&groups[0]), set(&["reason", "count", "first", "last"]));
+    assert_eq!(groups[0]["count"], 2);
+
+    // show: one document.
+    let id = list.iter().find(|l| l["account_id"] == "acct-a").unwrap()["id"].as_str().unwrap().to_owned();
+    let record = document(&world.run_cli(&["dlq", "show", &id, "--json"], "").await);
+    assert_eq!(keys(&record), set(&["id", "journal", "queue_headers", "queue_fully_seen", "actions"]));
+    assert_eq!(record["id"], id.as_str());
+    assert_eq!(
+        keys(&record["journal"]),
+        set(&[
+            "id",
+            "event",
+            "account_id",
+            "status",
+            "attempts",
+            "last_error",
+            "received_at",
+            "first_attempt_at",
+            "processed_at",
+            "body_sha256",
+            "payload"
+        ])
+    );
+    assert_eq!(record["queue_fully_seen"], true);
+    dead_queue_settles_at(&world, 3, "show leaves every letter").await;
+
+    // replay --dry-run: JSON lines, one per dead letter, and nothing else on stdout.
+    let run = world.run_cli(&["dlq", "replay", "--all", "--dry-run", "--json"], "").await;
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let lines: Vec<Value> = String::from_utf8(run.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(String::from_utf8_lossy(&run.stderr), "dry run: 3 dead letter(s) examined, nothing changed\n");
+    for line in &lines {
+        assert_eq!(
+            keys(line),
+            set(&["id", "event", "account_id", "outcome", "calls_mono", "changes", "detail"])
+        );
+    }
+    let apply = lines.iter().find(|l| l["account_id"] == "acct-a").unwrap();
+    assert_eq!(apply["outcome"], "apply");
+    assert_eq!(apply["calls_mono"], true);
+    assert_eq!(
+        apply["changes"],
+        serde_json::json!([
+            { "field": "reauth_required", "from": "false", "to": "true" },
+            { "field": "reauth_token", "from": "none", "to": "new token" },
+        ])
+    );
+    assert!(apply["detail"].as_str().unwrap().starts_with("apply (after a token from Mono"), "{apply}");
+    let poison = lines.iter().find(|l| l["account_id"].is_null()).unwrap();
+    assert_eq!(
+        (&poison["outcome"], &poison["changes"]),
+        (&Value::from("would_fail"), &serde_json::json!([]))
+    );
+    assert_eq!(world.count_status("dead").await, 3, "a dry run changes nothing");
+
+    // replay: one document saying what was done.
+    let replay = document(&world.run_cli(&["dlq", "replay", "--account", "acct-a", "--json"], "").await);
+    assert_eq!(keys(&replay), set(REPORT_FIELDS));
+    assert_eq!((&replay["action"], &replay["outcome"]), (&Value::from("replay"), &Value::from("done")));
+    assert_eq!(
+        (&replay["selected"], &replay["acted"], &replay["resumed"]),
+        (&Value::from(1), &Value::from(1), &Value::from(0))
+    );
+    assert_eq!(
+        (&replay["seen"], &replay["left_in_queue"], &replay["unseen"]),
+        (&Value::from(3), &Value::from(2), &Value::from(0))
+    );
+    let batch = replay["batch_id"].as_str().unwrap().to_owned();
+    dead_queue_settles_at(&world, 2, "acct-b and the poison stay dead").await;
+
+    // purge --yes: the same document.
+    let purge = document(
+        &world.run_cli(&["dlq", "purge", "--reason", "invalid payload", "--yes", "--json"], "").await,
+    );
+    assert_eq!(keys(&purge), set(REPORT_FIELDS));
+    assert_eq!(
+        (&purge["action"], &purge["outcome"], &purge["acted"]),
+        (&Value::from("purge"), &Value::from("done"), &Value::from(1))
+    );
+    dead_queue_settles_at(&world, 1, "acct-b stays dead").await;
+
+    let actions = document(&world.run_cli(&["dlq", "list", "--actions", "--json"], "").await);
+    let actions = actions.as_array().unwrap();
+    assert_eq!(actions.len(), 2);
+    for action in actions {
+        assert_eq!(
+            keys(action),
+            set(&[
+                "batch_id",
+                "action",
+                "delivery_id",
+                "event",
+                "account_id",
+                "actor",
+                "note",
+                "forced",
+                "started_at",
+                "completed_at"
+            ])
+        );
+    }
+    assert_eq!(
+        (&actions[1]["action"], &actions[1]["batch_id"]),
+        (&Value::from("replay"), &Value::from(batch))
+    );
 }

@@ -6,6 +6,8 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::commands::output::UsageError;
+
 #[derive(Clone, Debug, Default, Args)]
 pub struct DeadFilter {
     /// Only this event (`account_updated` or `mono.events.account_updated`).
@@ -31,7 +33,7 @@ pub struct DeadFilter {
     pub all: bool,
 }
 
-/// A dead letter as the journal knows it.
+/// A dead letter as the journal knows it; an element of `worker dlq list --json`.
 #[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct DeadLetter {
     pub id: Uuid,
@@ -64,10 +66,13 @@ impl DeadFilter {
             && self.until.is_none()
     }
 
-    /// Refuses a bulk action with no filter at all: `--all` must say so.
+    /// Refuses a bulk action with no filter at all (a usage error): `--all` must say so.
     pub fn require_selection(&self) -> anyhow::Result<()> {
         if self.is_empty() && !self.all {
-            anyhow::bail!("give a filter (--event, --account, --reason, --since, --until) or --all");
+            return Err(UsageError::new(
+                "give a filter (--event, --account, --reason, --since, --until) or --all",
+            )
+            .into());
         }
         Ok(())
     }

@@ -6,6 +6,7 @@ use sqlx::PgPool;
 use std::collections::BTreeMap;
 
 use super::{GroupBy, ListArgs};
+use crate::commands::output;
 
 pub async fn run(pool: &PgPool, args: &ListArgs) -> anyhow::Result<()> {
     if args.actions {
@@ -17,7 +18,7 @@ pub async fn run(pool: &PgPool, args: &ListArgs) -> anyhow::Result<()> {
     if let Some(GroupBy::Reason) = args.group_by {
         let groups = group_by_reason(&dead);
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&groups)?);
+            output::document(&groups)?;
         } else {
             println!("{:>7}  {:<25}  {:<25}  reason", "count", "first", "last");
             for group in &groups {
@@ -33,8 +34,7 @@ pub async fn run(pool: &PgPool, args: &ListArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&dead)?);
-        return Ok(());
+        return output::document(&dead);
     }
     println!(
         "{:<36}  {:<26}  {:<24}  {:>8}  {:<20}  {:<20}  {:>7}  reason",
@@ -57,7 +57,7 @@ pub async fn run(pool: &PgPool, args: &ListArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Dead letters with the same cause.
+/// Dead letters with the same cause; an element of `worker dlq list --group-by reason --json`.
 #[derive(Debug, Serialize, PartialEq)]
 pub struct ReasonGroup {
     pub reason: String,
@@ -103,6 +103,7 @@ fn cause(reason: &str) -> String {
         .join(" ")
 }
 
+/// A replay or purge of one dead letter; an element of `worker dlq list --actions --json`.
 #[derive(Debug, Serialize, sqlx::FromRow)]
 struct ActionRow {
     batch_id: uuid::Uuid,
@@ -130,8 +131,7 @@ async fn list_actions(pool: &PgPool, args: &ListArgs) -> anyhow::Result<()> {
     .fetch_all(pool)
     .await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
+        return output::document(&rows);
     }
     println!(
         "{:<20}  {:<7}  {:<36}  {:<26}  {:<12}  {:<36}  note",

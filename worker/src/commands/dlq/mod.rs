@@ -33,7 +33,7 @@ pub enum DlqCommand {
     /// Move matching dead letters back onto the work queue (same delivery id, attempts reset,
     /// lineage headers added). Late events stay guarded by the ordering rule unless --force.
     Replay(ReplayArgs),
-    /// Delete matching dead letters for good (asks for confirmation unless --yes).
+    /// Delete matching dead letters for good (asks for confirmation on a terminal; --yes otherwise).
     Purge(PurgeArgs),
 }
 
@@ -47,7 +47,7 @@ pub struct ListArgs {
     /// List replays and purges (who, when, why) instead of dead letters.
     #[arg(long)]
     pub actions: bool,
-    /// Print JSON instead of a table.
+    /// Print one JSON document (an array) instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -62,7 +62,7 @@ pub enum GroupBy {
 pub struct ShowArgs {
     /// Delivery id.
     pub id: uuid::Uuid,
-    /// Print JSON.
+    /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
 }
@@ -83,13 +83,17 @@ pub struct ReplayArgs {
     /// Who, recorded with the replay (default: $USER).
     #[arg(long, env = "USER", default_value = "unknown", hide_env_values = true)]
     pub actor: String,
+    /// Print one JSON document saying what was done (with --dry-run: one JSON object per dead
+    /// letter, a line each, as they are worked out).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct PurgeArgs {
     #[command(flatten)]
     pub filter: DeadFilter,
-    /// Do not ask for confirmation.
+    /// Do not ask for confirmation (required when stdin is not a terminal).
     #[arg(long)]
     pub yes: bool,
     /// Why, recorded with the purge.
@@ -98,21 +102,26 @@ pub struct PurgeArgs {
     /// Who, recorded with the purge (default: $USER).
     #[arg(long, env = "USER", default_value = "unknown", hide_env_values = true)]
     pub actor: String,
+    /// Print one JSON document saying what was done.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Runs a `worker dlq` command. `dedup_window` is the worker's `DEDUP_WINDOW_SECS`, so a dry run
-/// applies the same duplicate rule the worker will.
+/// applies the same duplicate rule the worker will. A usage error (no filter for a bulk action, a
+/// purge nobody can confirm) ends the process with exit code 2.
 pub async fn run(
     command: DlqCommand,
     pool: &PgPool,
     broker: &BrokerArgs,
     dedup_window: std::time::Duration,
 ) -> anyhow::Result<()> {
-    match command {
+    let ran = match command {
         DlqCommand::List(args) => list::run(pool, &args).await,
         DlqCommand::Show(args) => show::run(pool, broker, &args).await,
         DlqCommand::Replay(args) if args.dry_run => predict::run(pool, &args, dedup_window).await,
         DlqCommand::Replay(args) => replay::run_replay(pool, broker, &args).await,
         DlqCommand::Purge(args) => replay::run_purge(pool, broker, &args).await,
-    }
+    };
+    super::output::exit_on_usage_error(ran)
 }

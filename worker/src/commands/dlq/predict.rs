@@ -3,18 +3,60 @@
 //! changed and Mono is not called.
 
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use sqlx::PgPool;
 use std::time::Duration;
+use uuid::Uuid;
 
 use super::ReplayArgs;
 use super::filter::DeadLetter;
 use crate::account::AccountState;
+use crate::commands::output;
 use crate::db::accounts;
 use crate::event::IncomingEvent;
 use crate::handlers::{self, HandlerOutcome};
 use crate::mono::ReauthToken;
 use shared::delivery::{AttemptHistory, DeliveryId, DeliveryMeta};
 use shared::event::EventKind;
+
+/// What a replay of one dead letter would do now: a line of `worker dlq replay --dry-run --json`
+/// (JSON lines, one per dead letter, printed as each is worked out).
+#[derive(Debug, Serialize)]
+pub struct Prediction {
+    pub id: Uuid,
+    pub event: String,
+    pub account_id: Option<String>,
+    pub outcome: Outcome,
+    /// Whether the replay would call Mono (for a re-auth token).
+    pub calls_mono: bool,
+    /// The account's columns that would change (`apply` only; never a token's value).
+    pub changes: Vec<Change>,
+    /// The sentence the table prints.
+    pub detail: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The event would be applied to its account.
+    Apply,
+    /// No change: the account already applied a later event (`--force` applies it).
+    Stale,
+    /// No change: the same body was applied since.
+    Duplicate,
+    /// No change: the handler ignores it for this account as it is.
+    Ignored,
+    /// It would be dead-lettered again (not JSON, not a Mono event).
+    WouldFail,
+}
+
+/// One changed column: `from` and `to` as the table shows them (`-` for none).
+#[derive(Debug, Serialize)]
+pub struct Change {
+    pub field: &'static str,
+    pub from: String,
+    pub to: String,
+}
 
 pub async fn run(pool: &PgPool, args: &ReplayArgs, dedup_window: Duration) -> anyhow::Result<()> {
     args.filter.require_selection()?;
@@ -25,30 +67,48 @@ pub async fn run(pool: &PgPool, args: &ReplayArgs, dedup_window: Duration) -> an
         progress.inc(1);
         // Lines go out between two draws of the bar, never through it.
         progress.suspend(|| {
-            println!(
-                "{}  {:<24}  {:<24}  {prediction}",
-                letter.id,
-                letter.event.trim_start_matches("mono.events."),
-                letter.account_id.as_deref().unwrap_or("-")
-            )
-        });
+            if args.json {
+                output::line(&prediction)
+            } else {
+                println!(
+                    "{}  {:<24}  {:<24}  {}",
+                    letter.id,
+                    letter.event.trim_start_matches("mono.events."),
+                    letter.account_id.as_deref().unwrap_or("-"),
+                    prediction.detail
+                );
+                Ok(())
+            }
+        })?;
     }
     progress.finish_and_clear();
     eprintln!("dry run: {} dead letter(s) examined, nothing changed", dead.len());
     Ok(())
 }
 
-/// One line saying what a replay of `letter` would do now.
+/// What a replay of `letter` would do now.
 pub async fn predict(
     pool: &PgPool,
     letter: &DeadLetter,
     force: bool,
     dedup_window: Duration,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Prediction> {
+    let prediction = |outcome: Outcome, calls_mono: bool, changes: Vec<Change>, detail: String| Prediction {
+        id: letter.id,
+        event: letter.event.clone(),
+        account_id: letter.account_id.clone(),
+        outcome,
+        calls_mono,
+        changes,
+        detail,
+    };
     let Some(payload) = &letter.payload else {
-        return Ok(
-            "would fail again: invalid payload, the body is not JSON (see `worker dlq show`)".to_owned()
-        );
+        return Ok(prediction(
+            Outcome::WouldFail,
+            false,
+            Vec::new(),
+            "would fail again: invalid payload, the body is not JSON (see `worker dlq show`)".to_owned(),
+        ));
     };
     let body = serde_json::to_vec(payload)?;
     let mut meta = DeliveryMeta::stamp(&body);
@@ -57,7 +117,10 @@ pub async fn predict(
     let history = AttemptHistory { previous_attempts: 0, first_attempt_at: None };
     let event = match IncomingEvent::parse_with(&body, &meta, &history, force).1 {
         Ok(event) => event,
-        Err(malformed) => return Ok(format!("would fail again: {malformed}")),
+        Err(malformed) => {
+            let detail = format!("would fail again: {malformed}");
+            return Ok(prediction(Outcome::WouldFail, false, Vec::new(), detail));
+        }
     };
     // The worker's duplicate rule: the same body (as received, not as re-serialised from jsonb)
     // journaled, not dead, within the dedup window, with no other event applied to the account
@@ -83,7 +146,8 @@ pub async fn predict(
     .fetch_optional(pool)
     .await?;
     if let Some(original) = duplicate_of {
-        return Ok(format!("no change: the same body was applied as {original}"));
+        let detail = format!("no change: the same body was applied as {original}");
+        return Ok(prediction(Outcome::Duplicate, false, Vec::new(), detail));
     }
     let before: Option<AccountState> = match event.kind.needs_account() {
         true => {
@@ -107,27 +171,33 @@ pub async fn predict(
                 (true, None) => " (after a token from Mono)".to_owned(),
                 _ => String::new(),
             };
-            format!("apply{mono}: {changes}")
+            let detail = format!("apply{mono}: {}", describe(&changes));
+            prediction(Outcome::Apply, asks_mono, changes, detail)
         }
         HandlerOutcome::Stale => {
             let at = before.as_ref().and_then(|a| a.reauth_state_received_at.max(a.data_state_received_at));
-            format!(
+            let detail = format!(
                 "no change: stale, the account already applied an event received at {} (--force applies it)",
                 time(at)
-            )
+            );
+            prediction(Outcome::Stale, false, Vec::new(), detail)
         }
-        HandlerOutcome::Ignored(why) => format!("no change: {why}"),
-        HandlerOutcome::NeedsToken => "would ask Mono for a token".to_owned(),
+        HandlerOutcome::Ignored(why) => {
+            prediction(Outcome::Ignored, false, Vec::new(), format!("no change: {why}"))
+        }
+        HandlerOutcome::NeedsToken => {
+            prediction(Outcome::Apply, true, Vec::new(), "would ask Mono for a token".to_owned())
+        }
     })
 }
 
-/// `reauth_required false → true, data_status - → AVAILABLE`, never showing a token.
-fn diff(before: Option<&AccountState>, after: Option<&AccountState>) -> String {
-    let (Some(before), Some(after)) = (before, after) else { return "nothing to change".to_owned() };
+/// The columns a handler changed, never showing a token.
+fn diff(before: Option<&AccountState>, after: Option<&AccountState>) -> Vec<Change> {
+    let (Some(before), Some(after)) = (before, after) else { return Vec::new() };
     let mut changes = Vec::new();
-    let mut field = |name: &str, old: String, new: String| {
-        if old != new {
-            changes.push(format!("{name} {old} → {new}"));
+    let mut field = |field: &'static str, from: String, to: String| {
+        if from != to {
+            changes.push(Change { field, from, to });
         }
     };
     field("reauth_required", before.reauth_required.to_string(), after.reauth_required.to_string());
@@ -144,7 +214,15 @@ fn diff(before: Option<&AccountState>, after: Option<&AccountState>) -> String {
     field("unlinked_at", time(before.unlinked_at), time(after.unlinked_at));
     field("customer_id", opt(&before.customer_id), opt(&after.customer_id));
     field("last_sync_failed_at", time(before.last_sync_failed_at), time(after.last_sync_failed_at));
-    if changes.is_empty() { "nothing to change".to_owned() } else { changes.join(", ") }
+    changes
+}
+
+/// `reauth_required false → true, data_status - → AVAILABLE`.
+fn describe(changes: &[Change]) -> String {
+    if changes.is_empty() {
+        return "nothing to change".to_owned();
+    }
+    changes.iter().map(|c| format!("{} {} → {}", c.field, c.from, c.to)).collect::<Vec<_>>().join(", ")
 }
 
 fn opt(value: &Option<String>) -> String {

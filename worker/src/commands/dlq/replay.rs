@@ -19,15 +19,17 @@ use chrono::Utc;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::FieldTable;
+use serde::Serialize;
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::filter::{DeadFilter, DeadLetter};
 use super::queue::{DeadQueue, Seen};
 use super::{PurgeArgs, ReplayArgs};
+use crate::commands::output::{self, UsageError};
 use shared::config::BrokerArgs;
 use shared::delivery::{
     ATTEMPT_HEADERS, BROKER_HEADERS, DeliveryId, DeliveryMeta, HEADER_REPLAY_BATCH, HEADER_REPLAY_FORCE,
@@ -69,6 +71,91 @@ struct Plan<'a> {
     filter: &'a DeadFilter,
 }
 
+/// What `worker dlq replay` or `worker dlq purge` did: their `--json` document.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// `replay` or `purge`.
+    action: &'static str,
+    outcome: Outcome,
+    /// The batch the actions are recorded under; `null` when nothing was done (declined).
+    batch_id: Option<Uuid>,
+    /// Journaled dead letters the filter selected at the start.
+    selected: usize,
+    /// Dead letters replayed or purged by this run (with --all, also messages the journal does
+    /// not know).
+    acted: u64,
+    /// Actions an interrupted earlier run left unfinished, finished by this one.
+    resumed: u64,
+    /// Messages of the dead-letter queue the walk saw (0 when declined: no walk).
+    seen: u32,
+    /// Messages the walk saw and left in the dead-letter queue.
+    left_in_queue: u32,
+    /// Selected dead letters left untouched because the walk did not see them (0 when `done`).
+    unseen: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Outcome {
+    /// Everything selected was acted on (exit 0).
+    Done,
+    /// The walk could not see the whole queue; what it did not see is untouched (exit 1).
+    Incomplete,
+    /// Ctrl-C: the current message was finished, the rest left (exit 1).
+    Interrupted,
+    /// The operator answered no at the prompt (exit 0).
+    Declined,
+}
+
+impl Report {
+    fn verb(&self) -> &'static str {
+        if self.action == Kind::Replay.as_str() { "replayed" } else { "purged" }
+    }
+
+    /// Prints the report (text or JSON), then fails if the run did not finish.
+    fn print(&self, json: bool) -> anyhow::Result<()> {
+        let verb = self.verb();
+        if json {
+            output::document(self)?;
+        } else if self.outcome == Outcome::Declined {
+            println!("nothing {verb}");
+        } else {
+            println!(
+                "{verb} {} dead letter(s) in batch {}; finished {} interrupted action(s); left {} in the queue",
+                self.acted,
+                self.batch_id.map(|id| id.to_string()).unwrap_or_default(),
+                self.resumed,
+                self.left_in_queue
+            );
+        }
+        match self.outcome {
+            Outcome::Done | Outcome::Declined => Ok(()),
+            Outcome::Interrupted => {
+                if !json {
+                    println!(
+                        "interrupted: what was {verb} stays {verb}; run the same command again to continue"
+                    );
+                }
+                anyhow::bail!("interrupted; run the same command again to continue")
+            }
+            Outcome::Incomplete => {
+                if !json {
+                    println!(
+                        "incomplete: the walk saw {} message(s) but not the whole dead-letter queue (another \
+                         `worker dlq` holds messages, or new ones arrived); {} selected dead letter(s) were not \
+                         seen and were left as they are. Run the same command again.",
+                        self.seen, self.unseen
+                    );
+                }
+                anyhow::bail!(
+                    "the dead-letter queue could not be seen whole; {} selected dead letter(s) untouched",
+                    self.unseen
+                )
+            }
+        }
+    }
+}
+
 pub async fn run_replay(pool: &PgPool, broker: &BrokerArgs, args: &ReplayArgs) -> anyhow::Result<()> {
     args.filter.require_selection()?;
     let plan = Plan {
@@ -79,15 +166,36 @@ pub async fn run_replay(pool: &PgPool, broker: &BrokerArgs, args: &ReplayArgs) -
         forced: args.force,
         filter: &args.filter,
     };
-    act(pool, broker, plan).await
+    act(pool, broker, plan).await?.print(args.json)
 }
 
 pub async fn run_purge(pool: &PgPool, broker: &BrokerArgs, args: &PurgeArgs) -> anyhow::Result<()> {
     args.filter.require_selection()?;
-    let selected = args.filter.select(pool).await?;
-    if !args.yes && !confirm(&format!("purge {} dead letter(s) for good?", selected.len()))? {
-        println!("nothing purged");
-        return Ok(());
+    match confirmation(args.yes, std::io::stdin().is_terminal()) {
+        Confirmation::NotNeeded => {}
+        Confirmation::Impossible => {
+            return Err(UsageError::new(
+                "dlq purge asks for confirmation, but stdin is not a terminal: pass --yes to purge without asking",
+            )
+            .into());
+        }
+        Confirmation::Ask => {
+            let selected = args.filter.select(pool).await?.len();
+            if !confirm(&format!("purge {selected} dead letter(s) for good?"))? {
+                let report = Report {
+                    action: Kind::Purge.as_str(),
+                    outcome: Outcome::Declined,
+                    batch_id: None,
+                    selected,
+                    acted: 0,
+                    resumed: 0,
+                    seen: 0,
+                    left_in_queue: 0,
+                    unseen: 0,
+                };
+                return report.print(args.json);
+            }
+        }
     }
     let plan = Plan {
         kind: Kind::Purge,
@@ -97,7 +205,27 @@ pub async fn run_purge(pool: &PgPool, broker: &BrokerArgs, args: &PurgeArgs) -> 
         forced: false,
         filter: &args.filter,
     };
-    act(pool, broker, plan).await
+    act(pool, broker, plan).await?.print(args.json)
+}
+
+/// Whether a purge asks before it acts.
+#[derive(Debug, PartialEq, Eq)]
+enum Confirmation {
+    /// `--yes`.
+    NotNeeded,
+    /// On a terminal, without `--yes`.
+    Ask,
+    /// Nobody to ask (stdin is a pipe, a file or closed) and no `--yes`: a usage error, never a
+    /// silent "nothing purged".
+    Impossible,
+}
+
+fn confirmation(yes: bool, stdin_is_terminal: bool) -> Confirmation {
+    match (yes, stdin_is_terminal) {
+        (true, _) => Confirmation::NotNeeded,
+        (false, true) => Confirmation::Ask,
+        (false, false) => Confirmation::Impossible,
+    }
 }
 
 fn confirm(question: &str) -> anyhow::Result<bool> {
@@ -108,7 +236,7 @@ fn confirm(question: &str) -> anyhow::Result<bool> {
     Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
-async fn act(pool: &PgPool, broker: &BrokerArgs, plan: Plan<'_>) -> anyhow::Result<()> {
+async fn act(pool: &PgPool, broker: &BrokerArgs, plan: Plan<'_>) -> anyhow::Result<Report> {
     let selected: HashMap<Uuid, DeadLetter> =
         plan.filter.select(pool).await?.into_iter().map(|letter| (letter.id, letter)).collect();
     let unfinished: HashMap<Uuid, Action> = sqlx::query_as(
@@ -192,30 +320,25 @@ async fn act(pool: &PgPool, broker: &BrokerArgs, plan: Plan<'_>) -> anyhow::Resu
     }
     queue.close().await;
 
-    let verb = match plan.kind {
-        Kind::Replay => "replayed",
-        Kind::Purge => "purged",
+    let outcome = if cancel.is_cancelled() {
+        Outcome::Interrupted
+    } else if complete {
+        Outcome::Done
+    } else {
+        Outcome::Incomplete
     };
-    println!(
-        "{verb} {done} dead letter(s) in batch {}; finished {resumed} interrupted action(s); left {left} in the queue",
-        plan.batch_id
-    );
-    if cancel.is_cancelled() {
-        println!("interrupted: what was {verb} stays {verb}; run the same command again to continue");
-        return Ok(());
-    }
-    if !complete {
-        let unseen = selected.keys().filter(|id| !seen.contains(*id)).count();
-        println!(
-            "incomplete: the walk saw {looked_at} message(s) but not the whole dead-letter queue (another \
-             `worker dlq` holds messages, or new ones arrived); {unseen} selected dead letter(s) were not \
-             seen and were left as they are. Run the same command again."
-        );
-        anyhow::bail!(
-            "the dead-letter queue could not be seen whole; {unseen} selected dead letter(s) untouched"
-        );
-    }
-    Ok(())
+    let unseen = if complete { 0 } else { selected.keys().filter(|id| !seen.contains(*id)).count() };
+    Ok(Report {
+        action: plan.kind.as_str(),
+        outcome,
+        batch_id: Some(plan.batch_id),
+        selected: selected.len(),
+        acted: done,
+        resumed,
+        seen: looked_at,
+        left_in_queue: left,
+        unseen,
+    })
 }
 
 /// A journaled dead letter whose message is not in the queue (the walk saw it whole): a replay
@@ -415,4 +538,17 @@ fn lineage(action: &Action, headers: FieldTable) -> FieldTable {
         headers.insert(HEADER_REPLAY_FORCE.into(), long_string("true"));
     }
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_purge_asks_on_a_terminal_and_refuses_without_one() {
+        assert_eq!(confirmation(true, false), Confirmation::NotNeeded);
+        assert_eq!(confirmation(true, true), Confirmation::NotNeeded);
+        assert_eq!(confirmation(false, true), Confirmation::Ask);
+        assert_eq!(confirmation(false, false), Confirmation::Impossible);
+    }
 }

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use super::ShowArgs;
 use super::queue::DeadQueue;
+use crate::commands::output;
 use lapin::types::AMQPValue;
 use shared::config::BrokerArgs;
 use shared::delivery::DeliveryMeta;
@@ -38,8 +39,13 @@ struct ActionRow {
     completed_at: Option<DateTime<Utc>>,
 }
 
+/// `worker dlq show <id> --json`.
 #[derive(Debug, Serialize)]
 struct Record {
+    /// The delivery id asked about.
+    id: uuid::Uuid,
+    /// The journal row (`payload` with credential fields masked); `null` if the journal does not
+    /// know it.
     journal: Option<JournalRow>,
     /// Headers of the message in the dead-letter queue, if it is there.
     queue_headers: Option<BTreeMap<String, String>>,
@@ -71,9 +77,9 @@ pub async fn run(pool: &PgPool, broker: &BrokerArgs, args: &ShowArgs) -> anyhow:
     if journal.is_none() && queue_headers.is_none() && actions.is_empty() && queue_fully_seen {
         anyhow::bail!("no dead letter {}", args.id);
     }
-    let record = Record { journal, queue_headers, queue_fully_seen, actions };
+    let record = Record { id: args.id, journal, queue_headers, queue_fully_seen, actions };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&record)?);
+        output::document(&record)?;
     } else {
         print_record(&record);
     }
