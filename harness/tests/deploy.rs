@@ -171,8 +171,11 @@ fn the_readme_documents_every_setting_of_every_binary() {
     }
 }
 
+/// The compose file with its YAML merge keys (`<<: *anchor`) resolved.
 fn compose() -> serde_yaml_ng::Value {
-    serde_yaml_ng::from_str(&read("docker-compose.yml")).unwrap()
+    let mut compose: serde_yaml_ng::Value = serde_yaml_ng::from_str(&read("docker-compose.yml")).unwrap();
+    compose.apply_merge().expect("merge keys resolve");
+    compose
 }
 
 /// A service's environment with `<<:` merges resolved.
@@ -705,5 +708,57 @@ fn the_autoscalers_watch_the_queue_the_topology_declares_and_scale_the_worker() 
             let resource = dir.join(resource.as_str().unwrap());
             assert!(resource.exists(), "{} lists the missing {}", overlay, resource.display());
         }
+    }
+}
+
+#[test]
+fn compose_cluster_profile_joins_three_nodes_as_scripts_cluster_does() {
+    let compose = compose();
+    let services = &compose["services"];
+    let single = services["rabbitmq"]["image"].as_str().expect("the single broker's image");
+    for n in 1..=3 {
+        let node = &services[format!("rabbitmq-{n}").as_str()];
+        assert_eq!(node["profiles"][0], "cluster", "rabbitmq-{n} only runs with --profile cluster");
+        assert_eq!(
+            node["hostname"].as_str(),
+            Some(format!("rabbitmq-{n}").as_str()),
+            "node name rabbit@rabbitmq-{n}"
+        );
+        assert_eq!(
+            node["image"].as_str(),
+            Some(single),
+            "the cluster runs the version the tests run against"
+        );
+        let cookie = env_value(node, "RABBITMQ_ERLANG_COOKIE").expect("a shared Erlang cookie");
+        assert!(cookie.contains("${RABBITMQ_ERLANG_COOKIE"), "rabbitmq-{n}'s cookie comes from .env");
+        let volume = node["volumes"][0].as_str().expect("a data volume");
+        assert!(volume.starts_with(&format!("rabbitmq-{n}-data:")), "rabbitmq-{n} keeps its own data");
+    }
+    let join = &services["rabbitmq-cluster-join"];
+    let script = join["command"][0].as_str().expect("the join script");
+    assert!(script.contains("join_cluster rabbit@rabbitmq-1"), "{script}");
+    assert!(script.contains("rabbit@rabbitmq-2 rabbit@rabbitmq-3"), "{script}");
+    for n in 1..=3 {
+        assert_eq!(join["depends_on"][format!("rabbitmq-{n}").as_str()]["condition"], "service_healthy");
+    }
+    assert!(read("scripts/cluster").contains("join_cluster"), "scripts/cluster joins the same way");
+
+    // What .env.example suggests for the cluster is a node list the binaries accept, and the replica
+    // setting reaches both binaries.
+    let example = read(".env.example");
+    let urls = example
+        .lines()
+        .find_map(|line| line.trim_start_matches(['#', ' ']).strip_prefix("AMQP_URL=amqp://"))
+        .map(|rest| format!("amqp://{rest}"))
+        .expect(".env.example shows the cluster's AMQP_URL");
+    let nodes: Vec<&str> = urls.split(',').collect();
+    assert_eq!(nodes.len(), 3, "{urls}");
+    for (n, url) in nodes.iter().enumerate() {
+        assert!(url.contains(&format!("@rabbitmq-{}:5672/", n + 1)), "{url}");
+    }
+    for service in ["ingest", "worker"] {
+        assert!(env_value(&services[service], "QUORUM_INITIAL_GROUP_SIZE").is_some(), "{service}");
+        let amqp = env_value(&services[service], "AMQP_URL").expect("AMQP_URL");
+        assert!(amqp.starts_with("${AMQP_URL:-"), "{service}: .env's AMQP_URL replaces the single broker");
     }
 }

@@ -56,8 +56,8 @@ pub struct BrokerArgs {
     /// a three-node cluster, so that every queue survives the loss of any one node. Unset, the broker
     /// decides (RabbitMQ 3.x: every node of the cluster). Part of the queue declarations, like the
     /// retry delays: every process must use the same value.
-    #[arg(long, global = true, env = "QUORUM_INITIAL_GROUP_SIZE", value_parser = clap::value_parser!(u32).range(1..))]
-    pub quorum_initial_group_size: Option<u32>,
+    #[arg(long, global = true, env = "QUORUM_INITIAL_GROUP_SIZE", value_parser = optional_count)]
+    pub quorum_initial_group_size: Option<OptionalCount>,
 }
 
 impl BrokerArgs {
@@ -67,7 +67,7 @@ impl BrokerArgs {
             self.retry_delays_secs.iter().map(|s| Duration::from_secs(*s)).collect(),
             self.delivery_limit,
         )
-        .with_initial_group_size(self.quorum_initial_group_size)
+        .with_initial_group_size(self.quorum_initial_group_size.and_then(|count| count.0))
     }
 }
 
@@ -195,6 +195,21 @@ fn exit_on_parse_error(command: &clap::Command, error: clap::Error) -> ! {
     }
 }
 
+/// A count of at least 1 that may also be given empty, meaning unset: Compose passes a variable
+/// that `.env` leaves blank as an empty string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptionalCount(pub Option<u32>);
+
+pub fn optional_count(raw: &str) -> Result<OptionalCount, String> {
+    match raw.trim() {
+        "" => Ok(OptionalCount(None)),
+        count => match count.parse::<u32>() {
+            Ok(count) if count >= 1 => Ok(OptionalCount(Some(count))),
+            _ => Err("must be a whole number of at least 1, or empty for unset".to_owned()),
+        },
+    }
+}
+
 /// A share in (0, 1].
 pub fn ratio(raw: &str) -> Result<f64, String> {
     match raw.trim().parse::<f64>() {
@@ -294,6 +309,14 @@ fn redact_query(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_optional_count_is_empty_or_at_least_one() {
+        assert_eq!(optional_count(""), Ok(OptionalCount(None)));
+        assert_eq!(optional_count(" 3 "), Ok(OptionalCount(Some(3))));
+        assert!(optional_count("0").is_err());
+        assert!(optional_count("three").is_err());
+    }
 
     #[test]
     fn redact_url_hides_passwords_and_keeps_the_rest() {
