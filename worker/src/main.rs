@@ -12,7 +12,9 @@ async fn main() {
     if let Err(error) = run(cli).await {
         // One line naming what is wrong, for an operator reading a crash loop.
         eprintln!("worker: {error:#}");
-        std::process::exit(1);
+        // A usage error exits 2 like clap's own; anything else went wrong (1).
+        let usage = error.downcast_ref::<commands::output::UsageError>().is_some();
+        std::process::exit(if usage { commands::output::USAGE } else { 1 });
     }
 }
 

@@ -34,15 +34,3 @@ pub fn line<T: Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string(value)?);
     Ok(())
 }
-
-/// Ends the process with exit code 2 if `result` is a [`UsageError`]; any other error is returned
-/// for `main` to report (exit 1).
-pub fn exit_on_usage_error(result: anyhow::Result<()>) -> anyhow::Result<()> {
-    if let Err(error) = &result
-        && let Some(usage) = error.downcast_ref::<UsageError>()
-    {
-        eprintln!("worker: {usage}");
-        std::process::exit(USAGE);
-    }
-    result
-}

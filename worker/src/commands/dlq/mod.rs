@@ -109,19 +109,18 @@ pub struct PurgeArgs {
 
 /// Runs a `worker dlq` command. `dedup_window` is the worker's `DEDUP_WINDOW_SECS`, so a dry run
 /// applies the same duplicate rule the worker will. A usage error (no filter for a bulk action, a
-/// purge nobody can confirm) ends the process with exit code 2.
+/// purge nobody can confirm) is a [`super::output::UsageError`], which `main` turns into exit 2.
 pub async fn run(
     command: DlqCommand,
     pool: &PgPool,
     broker: &BrokerArgs,
     dedup_window: std::time::Duration,
 ) -> anyhow::Result<()> {
-    let ran = match command {
+    match command {
         DlqCommand::List(args) => list::run(pool, &args).await,
         DlqCommand::Show(args) => show::run(pool, broker, &args).await,
         DlqCommand::Replay(args) if args.dry_run => predict::run(pool, &args, dedup_window).await,
         DlqCommand::Replay(args) => replay::run_replay(pool, broker, &args).await,
         DlqCommand::Purge(args) => replay::run_purge(pool, broker, &args).await,
-    };
-    super::output::exit_on_usage_error(ran)
+    }
 }
