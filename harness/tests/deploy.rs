@@ -762,3 +762,48 @@ fn compose_cluster_profile_joins_three_nodes_as_scripts_cluster_does() {
         assert!(amqp.starts_with("${AMQP_URL:-"), "{service}: .env's AMQP_URL replaces the single broker");
     }
 }
+
+#[test]
+fn the_kubernetes_scrape_job_names_pods_as_the_alerts_expect() {
+    let config: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&read("deploy/prometheus/kubernetes.yml")).unwrap();
+    assert_eq!(config["rule_files"][0], "alerts.yml");
+    let job = &config["scrape_configs"][0];
+    let namespace =
+        serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&read("deploy/kubernetes/base/kustomization.yaml"))
+            .unwrap()["namespace"]
+            .clone();
+    assert_eq!(job["kubernetes_sd_configs"][0]["namespaces"]["names"][0], namespace);
+    let relabels = job["relabel_configs"].as_sequence().expect("relabel_configs");
+    let label = "__meta_kubernetes_pod_label_app_kubernetes_io_name";
+    let from_label = |r: &&serde_yaml_ng::Value| r["source_labels"][0] == label;
+    let kept =
+        relabels.iter().filter(from_label).find(|r| r["action"] == "keep").expect("keeps monohook pods");
+    let keep = kept["regex"].as_str().unwrap();
+    assert!(
+        relabels.iter().filter(from_label).any(|r| r["target_label"] == "job" && r["action"].is_null()),
+        "the job label must come from the pod's app.kubernetes.io/name"
+    );
+    // Every scraped Deployment's pods carry a name that the keep rule admits and that is a job the
+    // alert rules watch, and their port annotation is where the address comes from.
+    let alerts = read("deploy/prometheus/alerts.yml");
+    let objects = kubernetes_objects();
+    for name in ["monohook-ingest", "monohook-worker", "monohook-api"] {
+        let deployment = objects.iter().map(|(_, o)| o).find(|o| {
+            o["kind"] == "Deployment"
+                && o["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] == name
+        });
+        let pod =
+            &deployment.unwrap_or_else(|| panic!("no Deployment labels its pods {name}"))["spec"]["template"];
+        assert_eq!(pod["metadata"]["annotations"]["prometheus.io/scrape"], "true", "{name}");
+        assert!(pod["metadata"]["annotations"]["prometheus.io/port"].is_string(), "{name}");
+        let service = name.trim_start_matches("monohook-");
+        assert!(keep.contains(service), "the keep rule {keep} drops {name}");
+        assert!(
+            alerts.contains(&format!(r#"absent(up{{job="{name}"}} == 1)"#)),
+            "no absent() alert for {name}"
+        );
+    }
+    let address = relabels.iter().find(|r| r["target_label"] == "__address__").expect("an address rule");
+    assert_eq!(address["source_labels"][1], "__meta_kubernetes_pod_annotation_prometheus_io_port");
+}
