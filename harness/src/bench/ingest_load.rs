@@ -41,7 +41,7 @@ pub async fn run(config: &BenchConfig, log_dir: &Path) -> anyhow::Result<LoadRes
             env.push((Box::leak(key.to_owned().into_boxed_str()), value.to_owned()));
         }
     }
-    let mut ingest = Service::spawn("bench-ingest", "ingest", &[], &env, log_dir)?;
+    let mut ingest = Service::spawn("bench-ingest", &config.binary("ingest"), &[], &env, log_dir)?;
     wait_until_ready(
         &mut ingest,
         &format!("http://127.0.0.1:{port}/readyz"),

@@ -28,6 +28,19 @@ pub struct BenchConfig {
     pub reauth_prefetch: u16,
     pub amqp_url: String,
     pub database_server: String,
+    /// Where the monohook binaries under test are; `None`: next to the bench (`bin_dir`).
+    pub binaries: Option<std::path::PathBuf>,
+}
+
+impl BenchConfig {
+    /// The path of monohook binary `name` under test (an absolute path replaces `bin_dir` when
+    /// the process spawns it).
+    pub fn binary(&self, name: &str) -> String {
+        match &self.binaries {
+            Some(dir) => dir.join(name).display().to_string(),
+            None => name.to_owned(),
+        }
+    }
 }
 
 /// The median of `values` (NaN when there are none: a phase that was not run).

@@ -19,6 +19,9 @@ pub struct Runs {
     pub drain: Vec<DrainResult>,
     pub reauth: Vec<DrainResult>,
     pub api: Vec<ApiResult>,
+    /// The same ingest and drain phases with a baseline build's binaries, in the same runs.
+    pub ingest_baseline: Vec<LoadResult>,
+    pub drain_baseline: Vec<DrainResult>,
 }
 
 pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> String {
@@ -153,6 +156,8 @@ pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> Stri
         );
     }
 
+    render_baseline(&mut out, runs);
+
     let _ = writeln!(out, "\n## Machine\n");
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -180,6 +185,74 @@ pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> Stri
         config.body_bytes
     );
     out
+}
+
+/// This build against a baseline build (`--baseline-bin-dir`), phase by phase in the same runs: a
+/// ratio below 100 % means this build is slower. Absent unless a baseline was given.
+fn render_baseline(out: &mut String, runs: &Runs) {
+    if runs.ingest_baseline.is_empty() && runs.drain_baseline.is_empty() {
+        return;
+    }
+    let med = |values: Vec<f64>| median(&mut values.clone());
+    let _ = writeln!(out, "\n## Against the baseline build\n");
+    let _ = writeln!(
+        out,
+        "Each run measures both builds, in alternating order. Ratio: the median of the runs' own \
+         ratios, oriented so that below 100 % means this build is slower.\n"
+    );
+    let _ = writeln!(out, "| measure | this build | baseline | ratio |");
+    let _ = writeln!(out, "|---|---|---|---|");
+    // (measure, this build, baseline, whether more is better): every ratio is oriented so that
+    // below 100 % means this build is slower.
+    let pairs = [
+        (
+            "ingest req/s",
+            runs.ingest.iter().map(|r| r.requests_per_sec).collect::<Vec<_>>(),
+            runs.ingest_baseline.iter().map(|r| r.requests_per_sec).collect::<Vec<_>>(),
+            true,
+        ),
+        (
+            "ingest p99 ms",
+            runs.ingest.iter().map(|r| r.p99_ms).collect(),
+            runs.ingest_baseline.iter().map(|r| r.p99_ms).collect(),
+            false,
+        ),
+        (
+            "worker drain events/s",
+            runs.drain.iter().map(|r| r.events_per_sec).collect(),
+            runs.drain_baseline.iter().map(|r| r.events_per_sec).collect(),
+            true,
+        ),
+    ];
+    for (measure, this, baseline, more_is_better) in pairs {
+        if this.is_empty() || baseline.is_empty() {
+            continue;
+        }
+        let speed = |t: &f64, b: &f64| if more_is_better { t / b } else { b / t };
+        let ratio = med(this.iter().zip(&baseline).map(|(t, b)| speed(t, b)).collect());
+        let _ = writeln!(
+            out,
+            "| {measure} | {:.1} | {:.1} | {:.0} % |",
+            med(this.clone()),
+            med(baseline.clone()),
+            100.0 * ratio
+        );
+    }
+    let _ = writeln!(out, "\n| run | ingest req/s | baseline | drain events/s | baseline |");
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    let figure = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
+    let rows = runs.ingest.len().max(runs.drain.len());
+    for i in 0..rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            i + 1,
+            figure(runs.ingest.get(i).map(|r| r.requests_per_sec)),
+            figure(runs.ingest_baseline.get(i).map(|r| r.requests_per_sec)),
+            figure(runs.drain.get(i).map(|r| r.events_per_sec)),
+            figure(runs.drain_baseline.get(i).map(|r| r.events_per_sec)),
+        );
+    }
 }
 
 /// The api's rows: each endpoint against the bare actix + sqlx single-row read of the same run.

@@ -91,7 +91,7 @@ pub async fn run(config: &BenchConfig, workload: Workload, log_dir: &Path) -> an
 
     let pool = PgPool::connect(&database_url).await?;
     let started = Instant::now();
-    let mut worker = Service::spawn("bench-worker", "worker", &[], &env, log_dir)?;
+    let mut worker = Service::spawn("bench-worker", &config.binary("worker"), &[], &env, log_dir)?;
     let work = topology.work_queue();
     // Watch the queue (cheap) while it drains; count journal rows only once it looks empty, so the
     // measurement does not load the database it measures.

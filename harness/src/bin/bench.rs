@@ -49,6 +49,10 @@ struct Args {
     /// Only these phases (for investigating one figure; the report needs all of them).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// A baseline build's binaries (e.g. the previous release's `target/release`): the ingest and
+    /// drain phases also run with them, interleaved in each run, and the report compares the two.
+    #[arg(long, value_name = "DIR")]
+    baseline_bin_dir: Option<PathBuf>,
     /// Where to write the report.
     #[arg(long, default_value = "bench/results")]
     out_dir: PathBuf,
@@ -70,7 +74,9 @@ async fn main() -> anyhow::Result<()> {
         reauth_prefetch: args.reauth_prefetch,
         amqp_url: args.amqp_url,
         database_server: args.database_server,
+        binaries: None,
     };
+    let baseline = args.baseline_bin_dir.map(|dir| BenchConfig { binaries: Some(dir), ..config.clone() });
     let log_dir = PathBuf::from("target/bench-logs");
     let mut runs = Runs::default();
     let wanted = |phase: &str| args.only.is_empty() || args.only.iter().any(|p| p == phase);
@@ -96,7 +102,18 @@ async fn main() -> anyhow::Result<()> {
         }
         if wanted("ingest") {
             eprintln!("run {run}/{}: ingest under HTTP load", config.runs);
+            // With a baseline, who goes first alternates from run to run, so neither always gets
+            // the fresher broker.
+            let baseline_first = run % 2 == 0;
+            if let Some(baseline) = baseline.as_ref().filter(|_| baseline_first) {
+                eprintln!("run {run}/{}: the baseline's ingest under HTTP load", config.runs);
+                runs.ingest_baseline.push(ingest_load::run(baseline, &log_dir).await?);
+            }
             runs.ingest.push(ingest_load::run(&config, &log_dir).await?);
+            if let Some(baseline) = baseline.as_ref().filter(|_| !baseline_first) {
+                eprintln!("run {run}/{}: the baseline's ingest under HTTP load", config.runs);
+                runs.ingest_baseline.push(ingest_load::run(baseline, &log_dir).await?);
+            }
         }
         if wanted("consume") {
             eprintln!("run {run}/{}: raw consume reference", config.runs);
@@ -112,7 +129,18 @@ async fn main() -> anyhow::Result<()> {
         }
         if wanted("drain") {
             eprintln!("run {run}/{}: worker drain", config.runs);
+            let baseline_first = run % 2 == 0;
+            if let Some(baseline) = baseline.as_ref().filter(|_| baseline_first) {
+                eprintln!("run {run}/{}: the baseline's worker drain", config.runs);
+                runs.drain_baseline
+                    .push(worker_drain::run(baseline, Workload::AccountUpdates, &log_dir).await?);
+            }
             runs.drain.push(worker_drain::run(&config, Workload::AccountUpdates, &log_dir).await?);
+            if let Some(baseline) = baseline.as_ref().filter(|_| !baseline_first) {
+                eprintln!("run {run}/{}: the baseline's worker drain", config.runs);
+                runs.drain_baseline
+                    .push(worker_drain::run(baseline, Workload::AccountUpdates, &log_dir).await?);
+            }
         }
         if wanted("reauth") {
             eprintln!("run {run}/{}: worker re-auth", config.runs);
