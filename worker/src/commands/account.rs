@@ -1,58 +1,16 @@
 //! `worker account <id>`: one account's record, as the app would read it. The token is never printed.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use sqlx::PgPool;
 
 use super::output;
-use crate::db::accounts::{self, AccountView};
-
-/// `worker account <id> --json`: one document. The token itself is never part of it, only whether
-/// one is held.
-#[derive(Debug, Serialize)]
-pub struct AccountDocument {
-    pub id: String,
-    pub reauth_required: bool,
-    pub has_reauth_token: bool,
-    pub reauth_token_issued_at: Option<DateTime<Utc>>,
-    pub reauth_token_expires_at: Option<DateTime<Utc>>,
-    pub reauthorized_at: Option<DateTime<Utc>>,
-    pub data_status: Option<String>,
-    pub data_updated_at: Option<DateTime<Utc>>,
-    pub last_sync_failed_at: Option<DateTime<Utc>>,
-    pub customer_id: Option<String>,
-    pub connected_at: Option<DateTime<Utc>>,
-    pub unlinked_at: Option<DateTime<Utc>>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-impl From<AccountView> for AccountDocument {
-    fn from(view: AccountView) -> Self {
-        Self {
-            id: view.id,
-            reauth_required: view.reauth_required,
-            has_reauth_token: view.has_reauth_token,
-            reauth_token_issued_at: view.reauth_token_issued_at,
-            reauth_token_expires_at: view.reauth_token_expires_at,
-            reauthorized_at: view.reauthorized_at,
-            data_status: view.data_status,
-            data_updated_at: view.data_updated_at,
-            last_sync_failed_at: view.last_sync_failed_at,
-            customer_id: view.customer_id,
-            connected_at: view.connected_at,
-            unlinked_at: view.unlinked_at,
-            created_at: view.created_at,
-            updated_at: view.updated_at,
-        }
-    }
-}
+use crate::db::accounts;
 
 pub async fn show(pool: &PgPool, id: &str, json: bool) -> anyhow::Result<()> {
     let Some(account) = accounts::find(pool, id).await? else {
         anyhow::bail!("no account {id}");
     };
-    let account = AccountDocument::from(account);
+    // The JSON document is the view itself: everything but the token, whose presence it reports.
     if json {
         return output::document(&account);
     }

@@ -29,7 +29,8 @@ pub async fn load_states<'e>(
     sqlx::query_as(query).bind(ids).fetch_all(conn).await
 }
 
-/// An account as operators and tests see it: everything but the token itself.
+/// An account as operators and tests see it: everything but the token itself. Also the document of
+/// `worker account --json`, whose shape docs/operations.md promises: add fields, never rename them.
 #[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct AccountView {
     pub id: String,
