@@ -1,6 +1,9 @@
 //! Scenarios on the three-node cluster of `scripts/cluster`: two ingest processes and two workers,
 //! each given the list of the three nodes, under load from both ingests, while nodes die.
 
+use futures_util::future::join_all;
+use secrecy::SecretString;
+use shared::topology::Topology;
 use std::time::{Duration, Instant};
 
 use super::ScenarioReport;
@@ -81,11 +84,34 @@ impl OnCluster {
     }
 }
 
+/// Declares one topology from all three nodes at once, as processes starting together on different
+/// nodes do; true if every declaration succeeded. The queues are deleted again.
+async fn declared_from_every_node_at_once() -> anyhow::Result<bool> {
+    let prefix = format!("sys.{}", uuid::Uuid::new_v4().simple());
+    let topology = Topology::new(&prefix, vec![Duration::from_secs(1), Duration::from_secs(2)], 10)
+        .with_initial_group_size(Some(3));
+    let mut connections = Vec::new();
+    for url in Cluster::url()?.split(',') {
+        connections.push(shared::amqp::connect(&SecretString::from(url.to_owned()), "monohook-chaos").await?);
+    }
+    let declared = join_all(connections.iter().map(|c| topology.declare_on(c))).await;
+    let channel = connections[0].create_channel().await?;
+    let _ = topology.delete(&channel).await;
+    for connection in &connections {
+        let _ = connection.close(200, "done".into()).await;
+    }
+    Ok(declared.iter().all(Result::is_ok))
+}
+
 /// The node leading the work queue dies (`kill -9` of its VM) mid-load, and comes back later.
 async fn leader_killed(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     let started = Instant::now();
-    let run = OnCluster::start(base).await?;
     let mut report = ScenarioReport::default();
+    report.check(
+        "one topology declared from all three nodes at once: every declaration succeeds",
+        declared_from_every_node_at_once().await?,
+    );
+    let run = OnCluster::start(base).await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     let leader = Cluster::leader_of(&run.work_queue())?;
