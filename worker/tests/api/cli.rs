@@ -125,16 +125,21 @@ async fn migrate_creates_a_missing_database_and_its_schema() {
     );
 }
 
-#[sqlx::test(migrations = "../migrations")]
-async fn account_prints_the_record_without_the_token(pool: PgPool) {
+/// Account `acc-1`, flagged and holding the token `VwxcfeLRZvq1UlD5WiuN`; returns the database URL.
+async fn account_holding_a_token(pool: &PgPool) -> String {
     sqlx::query(
         "INSERT INTO accounts (id, reauth_required, reauth_token, reauth_token_issued_at)
          VALUES ('acc-1', true, 'VwxcfeLRZvq1UlD5WiuN', now())",
     )
-    .execute(&pool)
+    .execute(pool)
     .await
     .unwrap();
-    let database = database_url(&pool).await;
+    database_url(pool).await
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn account_prints_the_record_without_the_token(pool: PgPool) {
+    let database = account_holding_a_token(&pool).await;
 
     let output = worker().args(["account", "acc-1"]).env("DATABASE_URL", &database).output().unwrap();
 
@@ -147,14 +152,7 @@ async fn account_prints_the_record_without_the_token(pool: PgPool) {
 
 #[sqlx::test(migrations = "../migrations")]
 async fn account_json_is_one_document_without_the_token(pool: PgPool) {
-    sqlx::query(
-        "INSERT INTO accounts (id, reauth_required, reauth_token, reauth_token_issued_at)
-         VALUES ('acc-1', true, 'VwxcfeLRZvq1UlD5WiuN', now())",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    let database = database_url(&pool).await;
+    let database = account_holding_a_token(&pool).await;
 
     let output =
         worker().args(["account", "acc-1", "--json"]).env("DATABASE_URL", &database).output().unwrap();
