@@ -63,8 +63,9 @@ impl Republisher {
         self.publish(&self.topology.retry_queue(tier), delivery, headers).await
     }
 
-    /// Parks the delivery in the first retry tier because Mono is down for everyone: the attempt does
-    /// not count, so an outage never uses up a delivery's attempts.
+    /// Parks the delivery in the first retry tier because what failed is ours (Mono down for everyone,
+    /// our key refused, our database failing this event): the attempt does not count, so an outage
+    /// never uses up a delivery's attempts.
     pub async fn park(
         &self,
         delivery: &Delivery,

@@ -4,6 +4,7 @@
 //! consumer ─▶ accept ─┬─ poison ─────────────────────────────────────────────▶ dead letters ─▶ ack
 //!                     └─▶ batcher ─▶ processor (one transaction per batch) ─┬─ settled ───────▶ ack
 //!                            ▲                                              ├─ refused ─▶ dead ─▶ ack
+//!                            │                                              ├─ parked ─▶ tier 1 ─▶ ack
 //!                            └──────── token ◀── tokens (Mono, breaker) ◀───┴─ needs token
 //!                                                      └─ park / retry / refused ─▶ tier or dead ─▶ ack
 //! ```
@@ -318,6 +319,10 @@ impl Inner {
                     let task = self.clone().dead_letter_work(work, reason, DeadClass::Permanent);
                     self.tasks.spawn(task.instrument(span));
                 }
+                ItemOutcome::Parked { reason } => {
+                    let span = work.span.clone();
+                    self.tasks.spawn(self.clone().park(work, reason).instrument(span));
+                }
                 ItemOutcome::Abandoned => {
                     work.span.in_scope(|| tracing::info!("delivery abandoned; it returns to the queue"));
                     finished(&work.event, "abandoned", work.started);
@@ -355,11 +360,7 @@ impl Inner {
                 work.token = Some(token);
                 let _ = self.input.send(work);
             }
-            TokenOutcome::Park { reason } => {
-                let moved =
-                    self.patiently(|| self.republisher.park(&work.delivery, &work.history, &reason)).await;
-                self.settle_move(work, moved.then_some("parked"), &reason, 1).await;
-            }
+            TokenOutcome::Park { reason } => self.park(work, reason).await,
             TokenOutcome::Retry { reason } => {
                 let tier = (work.history.previous_attempts + 1) as usize;
                 if tier <= self.settings.topology.retry_delays().len() {
@@ -384,6 +385,13 @@ impl Inner {
                 finished(&work.event, "abandoned", work.started);
             }
         }
+    }
+
+    /// Moves a delivery to the first retry tier without spending an attempt: what failed is ours (an
+    /// outage of Mono, our key, our database), not the delivery's.
+    async fn park(self: Arc<Self>, work: Work, reason: String) {
+        let moved = self.patiently(|| self.republisher.park(&work.delivery, &work.history, &reason)).await;
+        self.settle_move(work, moved.then_some("parked"), &reason, 1).await;
     }
 
     /// Acks a delivery moved to a retry tier; one whose move was abandoned stays unacked and returns

@@ -1,19 +1,25 @@
 //! Applying a batch of deliveries to PostgreSQL in one transaction: load and lock, decide in memory
 //! (`batch::decide`), write, commit.
 //!
-//! Failure policy for the database, classified once here:
-//! - unreachable (connection errors, restarts, deadlocks): the whole batch is retried with backoff
-//!   until it commits or the worker stops; its deliveries are held, never acked or requeued, so the
-//!   delivery limit is not touched;
-//! - any other error means some event can never be stored as it is: the batch is split and retried
-//!   one delivery at a time, so only the culprit fails (and is dead-lettered by the caller).
+//! Failure policy for the database, by whose fault an error is ([`db::classify`]):
+//! - an outage (unreachable, restarting, failing over, credentials refused): the whole batch is
+//!   retried with backoff until it commits or the worker stops; its deliveries are held, never acked
+//!   or requeued, so the delivery limit is not touched;
+//! - any other error of ours (a grant, a timeout, a trigger, a deadlock): the batch is retried the
+//!   same way, but only [`TRIES_BEFORE_SPLIT`] times, since one row may cause it every time; then it
+//!   is split and each delivery tried alone as often, and one that still fails is parked (the caller
+//!   moves it to the first retry tier without spending an attempt), so the rest commit and the
+//!   culprit keeps being retried, never dead-lettered;
+//! - the event's own data refused (classes 22 and 23): the batch is split at once, and the culprit
+//!   is refused (dead-lettered by the caller).
 
 use sqlx::PgPool;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{self, Candidate, Decision};
-use crate::db::{self, batch::JournalEntry, events::EventStatus};
+use crate::db::{self, DbFault, batch::JournalEntry, events::EventStatus};
 use shared::retry::{self, Failure, RetryError, RetryPolicy};
 
 /// What became of one delivery of a batch.
@@ -27,6 +33,8 @@ pub enum ItemOutcome {
     NeedsToken,
     /// The database refuses this event for good.
     Refused { reason: String },
+    /// The database keeps failing this event alone, for a reason of ours: try it again later.
+    Parked { reason: String },
     /// The worker is stopping or lost its broker session before the batch committed.
     Abandoned,
 }
@@ -39,10 +47,17 @@ impl ItemOutcome {
             Self::AlreadySettled => "already_settled",
             Self::NeedsToken => "needs_token",
             Self::Refused { .. } => "refused",
+            Self::Parked { .. } => "parked",
             Self::Abandoned => "abandoned",
         }
     }
 }
+
+/// How many times a batch (or a lone delivery) meeting an error of ours that is not an outage is
+/// tried before it is split (or the delivery parked): enough to ride out a deadlock or a brief lock
+/// wait, few enough that one row failing every time holds the others for a second or so, plus the
+/// statement's own time.
+pub const TRIES_BEFORE_SPLIT: u32 = 3;
 
 pub struct Processor {
     pool: PgPool,
@@ -76,25 +91,40 @@ impl Processor {
         candidates: &[Candidate<'_>],
         abandon: &CancellationToken,
     ) -> Vec<ItemOutcome> {
+        // Failures of ours that are not an outage, counted so that one row cannot hold the batch.
+        let ours = std::sync::atomic::AtomicU32::new(0);
         let attempt = || async {
             self.apply_once(candidates).await.map_err(|error| match &error {
                 BatchError::Conflict => Failure::Transient { error, retry_after: None },
-                BatchError::Database(db_error) if db::is_transient(db_error) => {
-                    Failure::Transient { error, retry_after: None }
-                }
-                BatchError::Database(_) => Failure::Permanent(error),
+                BatchError::Database(db_error) => match db::classify(db_error) {
+                    DbFault::Outage => Failure::Transient { error, retry_after: None },
+                    DbFault::Ours if ours.fetch_add(1, Ordering::Relaxed) + 1 < TRIES_BEFORE_SPLIT => {
+                        Failure::Transient { error, retry_after: None }
+                    }
+                    DbFault::Ours | DbFault::Event => Failure::Permanent(error),
+                },
             })
         };
         let on_retry = |error: &BatchError, delay: Duration| {
-            tracing::warn!(%error, retry_in = ?delay, deliveries = candidates.len(), "database unavailable; holding the deliveries");
+            tracing::warn!(%error, retry_in = ?delay, deliveries = candidates.len(), "database error of ours; holding the deliveries");
         };
         match retry::retry(&self.db_retry, abandon, attempt, on_retry).await {
             Ok(outcomes) => outcomes,
             Err(RetryError::Cancelled(_)) => vec![ItemOutcome::Abandoned; candidates.len()],
             Err(RetryError::Permanent(error) | RetryError::Exhausted { last: error, .. }) => {
+                let ours = match &error {
+                    BatchError::Database(db_error) => db::classify(db_error) != DbFault::Event,
+                    BatchError::Conflict => true,
+                };
                 if let [_single] = candidates {
-                    return vec![ItemOutcome::Refused {
-                        reason: format!("the database refused the event: {error}"),
+                    return vec![if ours {
+                        ItemOutcome::Parked {
+                            reason: format!(
+                                "the database failed the event {TRIES_BEFORE_SPLIT} times (ours, not the event's): {error}"
+                            ),
+                        }
+                    } else {
+                        ItemOutcome::Refused { reason: format!("the database refused the event: {error}") }
                     }];
                 }
                 tracing::warn!(%error, deliveries = candidates.len(), "a batch failed; retrying its deliveries one by one");
@@ -248,10 +278,10 @@ impl Processor {
     }
 }
 
+/// For the statements about one delivery outside a batch: only the event's own data is permanent.
 fn classify(error: sqlx::Error) -> Failure<sqlx::Error> {
-    if db::is_transient(&error) {
-        Failure::Transient { error, retry_after: None }
-    } else {
-        Failure::Permanent(error)
+    match db::classify(&error) {
+        DbFault::Outage | DbFault::Ours => Failure::Transient { error, retry_after: None },
+        DbFault::Event => Failure::Permanent(error),
     }
 }

@@ -1,8 +1,10 @@
 //! PostgreSQL: the pool, migrations, and how a database error is classified.
 //!
 //! Every write the worker makes is idempotent and guarded (`ON CONFLICT`, conditions in `WHERE`),
-//! because a delivery can arrive more than once. An error that means "the database is not reachable
-//! right now" is transient: the worker holds the delivery and tries again; any other is permanent.
+//! because a delivery can arrive more than once. A database error is the event's fault only when the
+//! event's own data is what PostgreSQL refuses (SQLSTATE classes 22 and 23): that one is dead-lettered.
+//! Every other error is ours (an outage, a grant, a timeout, a trigger, a stale prepared statement)
+//! and is retried; see [`fault_of`].
 
 pub mod accounts;
 pub mod batch;
@@ -60,37 +62,71 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await.context("applying database migrations failed")
 }
 
-/// Whether `error` says "not now" rather than "never": the database is unreachable, restarting,
-/// failing over, overloaded, or refusing our credentials for the moment. Deliveries are held and the
-/// statement retried; none of these may ever dead-letter an event.
-pub fn is_transient(error: &sqlx::Error) -> bool {
+/// Whose fault a database error is, which decides what becomes of the deliveries that met it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DbFault {
+    /// The database cannot serve anyone right now (unreachable, restarting, failing over, refusing
+    /// our credentials): no event can be at fault, so the deliveries are held and retried as they are.
+    Outage,
+    /// Ours, though it may strike only some rows (a revoked grant, a statement or lock timeout, a
+    /// trigger, a deadlock, a stale prepared statement): retried, never dead-lettered.
+    Ours,
+    /// The event's own data is what the database refuses (classes 22 and 23): it can never be stored
+    /// as it is, so it is dead-lettered.
+    Event,
+}
+
+/// Classifies `error`; see [`fault_of`] for database errors. Errors that never reached the database
+/// are ours: the connection or the pool when they are about reaching it, our own code otherwise.
+pub fn classify(error: &sqlx::Error) -> DbFault {
     match error {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| is_transient_code(&code)),
-        _ => false,
+        | sqlx::Error::WorkerCrashed => DbFault::Outage,
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => fault_of(&code, db.constraint()),
+            None => DbFault::Ours,
+        },
+        _ => DbFault::Ours,
     }
 }
 
-/// The SQLSTATE classes and codes of [`is_transient`].
-fn is_transient_code(code: &str) -> bool {
-    // 08: connection exception; 53: insufficient resources (too many connections, disk full);
-    // 57P: operator intervention (admin shutdown, crash shutdown, cannot connect now); 58: system
-    // error; 28: invalid authorisation (a rotated password); 40001/40P01: serialization failure,
-    // deadlock; 25006: read-only transaction (a failover landed on a replica); 57014: statement
-    // timeout or cancel; 55P03: lock timeout; 55006: object in use.
-    ["08", "53", "57P", "58", "28"].iter().any(|class| code.starts_with(class))
-        || ["40001", "40P01", "25006", "57014", "55P03", "55006"].contains(&code)
+/// The unique constraints on keys the worker itself chooses: a conflict on one is a race between two
+/// of our transactions (both saw the key free), never something wrong with the event.
+const OUR_KEYS: [&str; 2] = ["webhook_events_pkey", "accounts_pkey"];
+
+/// Whose fault the SQLSTATE `code` is, given the constraint it names (if any). Only data exceptions
+/// (class 22: a value the database cannot take, e.g. a NUL in text) and integrity violations (class
+/// 23: a constraint the row breaks), apart from conflicts on [`OUR_KEYS`], are the event's. Outages
+/// are the classes that can only be about the server or the session: 08 connection exception, 28
+/// invalid authorisation (a rotated password), 3D000 the database does not exist (dropped, renamed,
+/// not restored yet), 53 insufficient resources, 57P operator intervention (shutdown, restart), 58
+/// system error, 25006 read-only transaction (a failover landed on a replica).
+pub fn fault_of(code: &str, constraint: Option<&str>) -> DbFault {
+    if code.starts_with("22")
+        || (code.starts_with("23") && !constraint.is_some_and(|c| OUR_KEYS.contains(&c)))
+    {
+        DbFault::Event
+    } else if ["08", "28", "53", "57P", "58"].iter().any(|class| code.starts_with(class))
+        || ["3D000", "25006"].contains(&code)
+    {
+        DbFault::Outage
+    } else {
+        DbFault::Ours
+    }
 }
 
 /// Whether the connection that saw `error` should be closed rather than reused: its session is on
-/// the wrong server (a read-only replica) or holds settings or credentials that are stale now.
+/// the wrong server (a read-only replica), holds settings or credentials that are stale now, or
+/// disagrees with the server about its prepared statements (26000 does not exist, 42P05 exists
+/// already: a pooler between us, or a `DISCARD ALL`).
 pub fn poisons_connection(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(db) if db.code().is_some_and(|code| code == "25006" || code.starts_with("28")))
+    matches!(error, sqlx::Error::Database(db) if db.code().is_some_and(|code| {
+        ["25006", "26000", "42P05"].contains(&code.as_ref()) || code.starts_with("28")
+    }))
 }
 
 #[cfg(test)]
@@ -98,12 +134,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn outages_of_ours_are_transient_and_bad_data_is_not() {
-        for code in ["08006", "53300", "57P01", "28P01", "28000", "25006", "57014", "55P03", "40001"] {
-            assert!(is_transient_code(code), "{code} must be transient");
+    fn only_what_the_events_own_data_causes_is_refused_for_good() {
+        for code in ["22P02", "22021", "22P05", "22001", "23502", "23514", "23503", "23505"] {
+            assert_eq!(fault_of(code, None), DbFault::Event, "{code}");
         }
-        for code in ["22P02", "23505", "22021", "42P01", "22P05"] {
-            assert!(!is_transient_code(code), "{code} must not be transient");
+        for code in ["26000", "42P05", "42501", "42P01", "42703", "55P03", "55006", "57014", "40001", "40P01"]
+        {
+            assert_eq!(fault_of(code, None), DbFault::Ours, "{code}");
+        }
+        for code in ["P0001", "XX000", "0A000", "54000"] {
+            assert_eq!(fault_of(code, None), DbFault::Ours, "{code}");
+        }
+        for constraint in OUR_KEYS {
+            assert_eq!(fault_of("23505", Some(constraint)), DbFault::Ours, "a race on {constraint}");
+        }
+    }
+
+    #[test]
+    fn only_the_server_or_the_session_being_unavailable_is_an_outage() {
+        for code in [
+            "08006", "08001", "53300", "53100", "57P01", "57P03", "58030", "28P01", "28000", "25006", "3D000",
+        ] {
+            assert_eq!(fault_of(code, None), DbFault::Outage, "{code}");
         }
     }
 }

@@ -2,6 +2,7 @@
 //! (`#[sqlx::test]`), its own queue prefix on the real RabbitMQ, and its own Mono (wiremock).
 
 mod cli;
+mod database_faults;
 mod dlq;
 mod dlq_walks;
 mod edges;
