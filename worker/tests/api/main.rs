@@ -15,5 +15,6 @@ mod ordering;
 mod outages;
 mod pipeline;
 mod poison;
+mod replay_lineage;
 mod scaling;
 mod shutdown;

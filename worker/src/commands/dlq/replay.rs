@@ -515,14 +515,22 @@ async fn complete(pool: &PgPool, id: Uuid) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What an earlier replay of this letter asked for itself and a later replay only sets when it asks
+/// too: carried over, a plain replay of a letter once replayed with `--force` would be forced again.
+const OWN_REPLAY_HEADERS: [&str; 2] = [HEADER_REPLAY_FORCE, HEADER_REPLAY_NOTE];
+
 /// The dead copy's headers without its attempt history, plus the replay's lineage.
 fn lineage(action: &Action, headers: FieldTable) -> FieldTable {
     let kept: std::collections::BTreeMap<_, _> = headers
         .inner()
         .iter()
-        // Attempts start again; the broker's dead-lettering headers described the old copy.
+        // Attempts start again; the broker's dead-lettering headers described the old copy; force
+        // and note belong to the replay that gave them.
         .filter(|(name, _)| {
-            !ATTEMPT_HEADERS.contains(&name.as_str()) && !BROKER_HEADERS.contains(&name.as_str())
+            let name = name.as_str();
+            !ATTEMPT_HEADERS.contains(&name)
+                && !BROKER_HEADERS.contains(&name)
+                && !OWN_REPLAY_HEADERS.contains(&name)
         })
         .map(|(name, value)| (name.clone(), value.clone()))
         .collect();
