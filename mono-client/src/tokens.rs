@@ -9,7 +9,8 @@
 //!
 //! Single flight: concurrent deliveries for one account (Mono retrying a webhook) share one call.
 //! The first one's outcome stays on offer until that delivery is settled, so a copy that needs a token
-//! in the meantime gets the same one instead of calling Mono again.
+//! in the meantime gets the same one instead of calling Mono again; the worker ends the offer sooner
+//! when it applies a re-authorisation of the account, which spends the token.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -108,6 +109,13 @@ impl TokenFetcher {
     /// How long until the breaker lets a call through again (`None` while it is closed).
     pub fn retry_in(&self) -> Option<Duration> {
         self.breaker.retry_in()
+    }
+
+    /// Ends the offer of the fetch for `account`, if any: the account was re-authorised since, so its
+    /// token is spent and a later need for one must call Mono. The delivery that made the call keeps
+    /// its outcome, and copies already waiting on the call still get it.
+    pub fn withdraw_offer(&self, account: &AccountId) {
+        lock(&self.flights).remove(account.as_str());
     }
 
     /// A token for `account`, shared with any fetch for it still on offer. The [`Flight`] (for the

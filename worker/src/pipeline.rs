@@ -25,7 +25,7 @@ use tracing::Instrument;
 
 use crate::acks::AckTracker;
 use crate::batch::Candidate;
-use crate::db::events::EventRecord;
+use crate::db::events::{EventRecord, EventStatus};
 use crate::dlq::Republisher;
 use crate::event::IncomingEvent;
 use crate::mono::ReauthToken;
@@ -293,6 +293,19 @@ impl Inner {
         drop(transaction_spans);
         tracing::debug!(deliveries = candidates.len(), elapsed_ms, "batch applied");
         drop(candidates);
+        // A re-authorisation spends the token on offer for its account (the customer used it): a
+        // re-auth needed after it must get a fresh one, even while the delivery that fetched the
+        // token is still held. Ended before any delivery of this batch goes for a token.
+        for (work, outcome) in batch.iter().zip(&outcomes) {
+            if let (
+                ItemOutcome::Settled(EventStatus::Processed),
+                EventKind::AccountReauthorized,
+                Some(account),
+            ) = (outcome, &work.event.kind, &work.event.account_id)
+            {
+                self.settings.tokens.withdraw_offer(account);
+            }
+        }
         let committed_at = chrono::Utc::now();
         let mut acks = Vec::with_capacity(batch.len());
         for (work, outcome) in batch.into_iter().zip(outcomes) {

@@ -18,3 +18,4 @@ mod poison;
 mod replay_lineage;
 mod scaling;
 mod shutdown;
+mod token_offers;
