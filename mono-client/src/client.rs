@@ -3,9 +3,10 @@
 //!
 //! `POST {base}/accounts/{id}/reauthorise` with `mono-sec-key` answers `{"token": "..."}`. Answers are
 //! classified by whose problem they are:
-//! - Mono's, for now: connect errors, timeouts, 5xx, 408, 425 and 429 (with its `Retry-After`, capped);
-//! - ours: 401/403 (Mono refuses our secret key) and any redirect (redirects are never followed, so
-//!   `mono-sec-key` cannot travel to another origin; a redirect means `MONO_API_URL` is wrong);
+//! - Mono's, for now: connect errors, timeouts, 5xx, 408, 425, 429 (with its `Retry-After`, capped)
+//!   and any redirect: retried like an outage, never followed, so `mono-sec-key` cannot travel to
+//!   another origin (a redirect that lasts most likely means `MONO_API_URL` is wrong);
+//! - ours: 401/403 (Mono refuses our secret key);
 //! - the account's, for good: any other 4xx, with Mono's `message` as the reason.
 
 use chrono::{DateTime, Utc};

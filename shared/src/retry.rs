@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 pub struct RetryPolicy {
     /// Delay before the second attempt.
     pub initial_interval: Duration,
-    /// Upper bound of any single delay.
+    /// Where the doubling stops. Each delay is then jittered by ±50 %, so a single delay can reach
+    /// 1.5 × this.
     pub max_interval: Duration,
     /// Growth factor of the delay after each failure.
     pub multiplier: f64,
@@ -23,7 +24,7 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Retries until cancelled, backing off to `max_interval`: for reconnecting to a service.
+    /// Retries until cancelled, backing off to `max_interval` (±50 %): for reconnecting to a service.
     pub fn forever(initial_interval: Duration, max_interval: Duration) -> Self {
         Self { initial_interval, max_interval, multiplier: 2.0, max_elapsed: None }
     }
@@ -142,6 +143,18 @@ mod tests {
             multiplier: 2.0,
             max_elapsed,
         }
+    }
+
+    #[test]
+    fn jitter_takes_a_delay_from_half_the_first_to_half_past_the_cap() {
+        // The worker's move backoff: "1 s doubling to 30 s, each ±50 %, so 0.5 s to 45 s apart".
+        let mut schedule = RetryPolicy::forever(Duration::from_secs(1), Duration::from_secs(30)).schedule();
+
+        let delays: Vec<Duration> = (0..200).map(|_| schedule.next_delay().unwrap()).collect();
+
+        assert!(delays[0] >= Duration::from_millis(500) && delays[0] <= Duration::from_millis(1500));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(45)), "{delays:?}");
+        assert!(delays.iter().any(|d| *d > Duration::from_secs(30)), "jitter goes past the cap: {delays:?}");
     }
 
     #[tokio::test]

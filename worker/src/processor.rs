@@ -76,7 +76,8 @@ enum BatchError {
 
 impl Processor {
     pub fn new(pool: PgPool, dedup_window: Duration) -> Self {
-        // The database is retried until it is back: 100 ms doubling to 5 s between attempts.
+        // The database is retried until it is back: 100 ms doubling to 5 s between attempts, each
+        // ±50 % (so up to 7.5 s).
         let db_retry = RetryPolicy::forever(Duration::from_millis(100), Duration::from_secs(5));
         Self { pool, db_retry, dedup_window }
     }
@@ -206,8 +207,8 @@ impl Processor {
             .collect())
     }
 
-    /// Whether delivery `id` is journaled, retrying while the database is unreachable; `None` if
-    /// abandoned meanwhile.
+    /// Whether delivery `id` is journaled, retrying while the database fails for a reason of ours
+    /// (anything but the event's own data, see [`db::classify`]); `None` if abandoned meanwhile.
     pub async fn is_journaled(&self, id: uuid::Uuid, abandon: &CancellationToken) -> Option<bool> {
         let attempt = || async {
             sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM webhook_events WHERE id = $1)")
@@ -217,7 +218,7 @@ impl Processor {
                 .map_err(classify)
         };
         let on_retry = |error: &sqlx::Error, delay: Duration| {
-            tracing::warn!(%error, retry_in = ?delay, "database unavailable; poison guard waiting");
+            tracing::warn!(%error, retry_in = ?delay, "database error of ours; poison guard waiting");
         };
         match retry::retry(&self.db_retry, abandon, attempt, on_retry).await {
             Ok(journaled) => Some(journaled),
@@ -227,8 +228,8 @@ impl Processor {
         }
     }
 
-    /// Journals a dead letter, retrying while the database is unreachable. `false` if abandoned or if
-    /// no journal row can be written at all: then the delivery must not be acked.
+    /// Journals a dead letter, retrying while the database fails for a reason of ours. `false` if
+    /// abandoned or if no journal row can be written at all: then the delivery must not be acked.
     pub async fn record_dead(
         &self,
         record: &db::events::EventRecord,
@@ -265,7 +266,7 @@ impl Processor {
             written.map_err(classify)
         };
         let on_retry = |error: &sqlx::Error, delay: Duration| {
-            tracing::warn!(%error, retry_in = ?delay, "database unavailable; dead letter not journaled yet");
+            tracing::warn!(%error, retry_in = ?delay, "database error of ours; dead letter not journaled yet");
         };
         match retry::retry(&self.db_retry, abandon, attempt, on_retry).await {
             Ok(()) => Some(true),

@@ -42,7 +42,9 @@ pub async fn connect_and_migrate(args: &DatabaseArgs) -> anyhow::Result<PgPool> 
     Ok(pool)
 }
 
-/// Connects to an existing database (operator commands, which must not change the schema).
+/// Connects to an existing database and leaves its schema alone: for the operator commands that only
+/// read (`account`, `status`). The worker, `migrate` and `dlq` (which writes its actions) use
+/// [`connect_and_migrate`].
 pub async fn connect(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
     let url = args.database_url.expose_secret();
     let shown = redact_url(url);
@@ -50,7 +52,7 @@ pub async fn connect(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
         PgConnectOptions::from_str(url).with_context(|| format!("DATABASE_URL is not valid ({shown})"))?;
     PgPoolOptions::new()
         .max_connections(args.db_max_connections)
-        // A delivery waits this long for a connection before the attempt counts as transient.
+        // A delivery waits this long for a connection before the attempt counts as an outage.
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await
