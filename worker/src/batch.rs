@@ -36,8 +36,8 @@ pub struct BatchState {
     pub settled: HashSet<Uuid>,
     /// Journaled, not dead, deliveries with the same bodies as the batch's: body digest → (id, received).
     pub bodies: HashMap<String, Vec<(Uuid, DateTime<Utc>)>>,
-    /// Events applied to the accounts whose bodies have copies, around those copies: account →
-    /// (received, body digest).
+    /// Events in effect on the accounts whose bodies have copies, around those copies: account →
+    /// (received, body digest). A duplicate counts: it restated its copy's effect at its own time.
     pub applied: HashMap<String, Vec<(DateTime<Utc>, String)>>,
 }
 
@@ -84,6 +84,12 @@ pub fn decide(state: &mut BatchState, candidates: &[Candidate<'_>], dedup_window
                 })
             });
             let (status, note) = if duplicate {
+                // The copy restates what the account already shows: its guard moves up to this copy,
+                // so an event received between the two copies but decided after this one is stale,
+                // as it would be in receive order.
+                if let Some(account) = account.and_then(|account| state.accounts.get_mut(account)) {
+                    handlers::restate(account, event);
+                }
                 (EventStatus::Duplicate, None)
             } else {
                 let account = match event.kind.needs_account() {
@@ -99,7 +105,7 @@ pub fn decide(state: &mut BatchState, candidates: &[Candidate<'_>], dedup_window
             };
             state.settled.insert(id);
             state.bodies.entry(event.record.body_sha256.clone()).or_default().push((id, received));
-            if let (EventStatus::Processed, Some(account)) = (status, account) {
+            if let (EventStatus::Processed | EventStatus::Duplicate, Some(account)) = (status, account) {
                 state.applied.entry(account.to_owned()).or_default().push((received, body.to_owned()));
             }
             Decision::Journal { status, note }

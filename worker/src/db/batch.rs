@@ -5,7 +5,7 @@
 //! different workers sharing accounts queue behind each other instead of deadlocking.
 
 use chrono::{DateTime, Utc};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -65,10 +65,18 @@ pub async fn load(
     }
 
     // Whether a copy is a duplicate depends on what was applied to its account between the copies:
-    // only the accounts whose bodies have copies need that (none, in the common case).
+    // only the accounts whose bodies have copies, journaled or in this very batch, need that (none,
+    // in the common case).
+    let mut in_batch: HashMap<&str, usize> = HashMap::new();
+    for candidate in candidates {
+        *in_batch.entry(candidate.event.record.body_sha256.as_str()).or_default() += 1;
+    }
     let mut with_copies: Vec<&str> = candidates
         .iter()
-        .filter(|c| c.event.kind.needs_account() && state.bodies.contains_key(&c.event.record.body_sha256))
+        .filter(|c| {
+            let body = c.event.record.body_sha256.as_str();
+            c.event.kind.needs_account() && (state.bodies.contains_key(body) || in_batch[body] > 1)
+        })
         .map(|c| c.event.account())
         .collect();
     with_copies.sort_unstable();
@@ -76,7 +84,8 @@ pub async fn load(
     if !with_copies.is_empty() {
         let applied: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
             "SELECT account_id, body_sha256, received_at FROM webhook_events
-             WHERE account_id = ANY($1) AND status = 'processed' AND received_at BETWEEN $2 AND $3",
+             WHERE account_id = ANY($1) AND status IN ('processed', 'duplicate')
+               AND received_at BETWEEN $2 AND $3",
         )
         .bind(&with_copies)
         .bind(earliest)

@@ -54,6 +54,22 @@ pub fn apply(
     outcome
 }
 
+/// A duplicate of an event already applied (nothing else applied between the two): the account
+/// shows its effect already, so only the guard that its handler moves comes up to its receive time.
+pub fn restate(account: &mut AccountState, event: &IncomingEvent) {
+    let before = (account.reauth_state_received_at, account.data_state_received_at);
+    match &event.kind {
+        EventKind::ReauthorisationRequired | EventKind::AccountReauthorized | EventKind::AccountUnlinked => {
+            account.advance_reauth_guard(event.received_at)
+        }
+        EventKind::AccountUpdated | EventKind::SyncFailed => account.advance_data_guard(event.received_at),
+        EventKind::AccountConnected | EventKind::Other(_) => {}
+    }
+    if (account.reauth_state_received_at, account.data_state_received_at) != before {
+        account.changed = true;
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod test_support {
     use chrono::{DateTime, Utc};

@@ -47,11 +47,15 @@ async fn the_same_body_within_the_window_is_a_duplicate_and_changes_nothing(pool
 
     let first = world.publish(&published).await;
     assert_eq!(world.settled(&first).await.status, "processed");
-    let updated_at = world.account(ACCOUNT).await.updated_at;
+    let before = world.account(ACCOUNT).await;
     let second = world.publish(&published).await;
 
     assert_eq!(world.settled(&second).await.status, "duplicate");
-    assert_eq!(world.account(ACCOUNT).await.updated_at, updated_at);
+    // Nothing the app reads changes (the re-auth guard moves up to the copy: see batch::decide).
+    let after = world.account(ACCOUNT).await;
+    assert!(after.reauth_required);
+    assert_eq!(after.reauth_token_issued_at, before.reauth_token_issued_at);
+    assert_eq!(after.reauthorized_at, before.reauthorized_at);
     assert_eq!(world.stored_token(ACCOUNT).await.as_deref(), Some("only-once"));
 }
 
