@@ -367,6 +367,11 @@ impl Inner {
 
     async fn fetch_token(self: Arc<Self>, mut work: Work) {
         let account = work.event.account_id.clone().expect("re-auth events carry an account id");
+        if !self.settings.processor.still_needs_token(&work.event).await {
+            // A copy settled the re-auth meanwhile: the batcher settles this one, without Mono.
+            let _ = self.input.send(work);
+            return;
+        }
         let (outcome, flight) = self.settings.tokens.fetch(&account, &self.abandon).await;
         work.flight = flight;
         match outcome {

@@ -207,6 +207,30 @@ impl Processor {
             .collect())
     }
 
+    /// Whether `event` still needs a re-auth token, decided again as its batch would decide it now
+    /// (nothing is written). A copy may have settled the re-auth since the batch asked for a token:
+    /// then Mono must not be asked for one that nobody will store. `true` if the database cannot
+    /// say (the batch decides again anyway, with the token).
+    pub async fn still_needs_token(&self, event: &crate::event::IncomingEvent) -> bool {
+        let candidate = [Candidate { event, token: None }];
+        let decided = async {
+            use sqlx::Connection;
+            let mut conn = self.pool.acquire().await?;
+            let mut tx = conn.begin().await?;
+            let mut state = db::batch::load(&mut tx, &candidate, self.dedup_window).await?;
+            let decisions = batch::decide(&mut state, &candidate, self.dedup_window);
+            tx.rollback().await?;
+            Ok::<_, sqlx::Error>(decisions)
+        };
+        match decided.await {
+            Ok(decisions) => decisions.first() == Some(&Decision::NeedsToken),
+            Err(error) => {
+                tracing::debug!(%error, "cannot decide again before calling Mono; calling");
+                true
+            }
+        }
+    }
+
     /// Whether delivery `id` is journaled, retrying while the database fails for a reason of ours
     /// (anything but the event's own data, see [`db::classify`]); `None` if abandoned meanwhile.
     pub async fn is_journaled(&self, id: uuid::Uuid, abandon: &CancellationToken) -> Option<bool> {
