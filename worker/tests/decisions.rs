@@ -1,0 +1,717 @@
+//! The worker's decisions against a reference model, over generated histories (proptest, shrinking).
+//!
+//! The model is the specification in docs/ARCHITECTURE.md ("The model"): one worker taking each
+//! event once, in the order ingest received it. A body that comes again within the dedup window is
+//! the same event only if nothing else was applied to its account between the two copies; a
+//! `reauthorisation_required` for an unlinked account is ignored; every other event applies.
+//!
+//! The system under test is the worker's own decision code: `Processor::apply_batch` (load and lock,
+//! `batch::decide`, the handlers, write, commit) on the real PostgreSQL, and `TokenFetcher` (single
+//! flight) calling a stub Mono over HTTP. What the broker does is played by the harness, driven by
+//! the generated choices: batches of any size taken from near the head of the queue in any order,
+//! redelivered copies of one delivery, acks lost with a session (everything comes back), token fetches
+//! that run late, Mono failing (the delivery goes to a retry tier and comes back at the tail) or
+//! refusing (dead-lettered, then replayed by an operator with or without `--force`).
+//!
+//! After every batch: no ordering guard moved backwards, no stored token was replaced by one issued
+//! earlier. After every history: every delivery is journaled exactly once and none is left dead;
+//! each account is in the model's state; Mono issued no more tokens than the model counts re-auths
+//! (plus forced replays).
+//!
+//! `PROPTEST_CASES` raises the number of histories (a soak); the default keeps it under a minute.
+
+use chrono::{DateTime, Duration as Span, Utc};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
+use sqlx::PgPool;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate, matchers::method};
+
+use shared::delivery::{AttemptHistory, DeliveryMeta};
+use shared::event::AccountId;
+use shared::retry::RetryPolicy;
+use worker::batch::Candidate;
+use worker::circuit::{BreakerSettings, CircuitBreaker};
+use worker::event::IncomingEvent;
+use worker::mono::{MonoClient, ReauthToken};
+use worker::processor::{ItemOutcome, Processor};
+use worker::tokens::{Flight, TokenFetcher, TokenOutcome};
+
+/// The worker's default dedup window.
+const WINDOW: Duration = Duration::from_secs(600);
+const DATA_STATUSES: [&str; 3] = ["AVAILABLE", "PROCESSING", "PARTIAL"];
+
+// ---------------------------------------------------------------------------------------------
+// Histories
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Required,
+    Reauthorized,
+    Updated,
+    SyncFailed,
+    Connected,
+    Unlinked,
+}
+
+/// One webhook as ingest received it. Bodies repeat: a re-auth event's body holds only the account,
+/// and the other kinds take one of a few variants.
+#[derive(Clone)]
+struct Webhook {
+    account: u8,
+    kind: Kind,
+    variant: u8,
+    /// Milliseconds after the previous webhook (never 0: ingest's stamps order them).
+    gap_ms: u32,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "+{}ms acct-{} {:?}/{}", self.gap_ms, self.account, self.kind, self.variant)
+    }
+}
+
+/// What the stub Mono answers to one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    Token,
+    /// 500: retried within the budget, then the delivery goes to a retry tier.
+    Unavailable,
+    /// 400: the account is refused; the delivery is dead-lettered.
+    Refused,
+}
+
+#[derive(Clone, Debug)]
+struct History {
+    webhooks: Vec<Webhook>,
+    /// Deliveries handed out twice (the broker redelivers what it cannot know was acked).
+    redelivered: Vec<usize>,
+    /// Mono's answers, call by call; a token once they run out.
+    mono: Vec<Answer>,
+    /// Whether the operator forces the replay of the n-th dead letter.
+    force: Vec<bool>,
+    /// Every other decision of the broker and the scheduler: batch sizes, which ready delivery comes
+    /// next, when a fetch runs, when a session is lost.
+    choices: Vec<u8>,
+}
+
+fn webhook() -> impl Strategy<Value = Webhook> {
+    let kind = prop_oneof![
+        4 => Just(Kind::Required),
+        3 => Just(Kind::Reauthorized),
+        3 => Just(Kind::Updated),
+        2 => Just(Kind::SyncFailed),
+        1 => Just(Kind::Connected),
+        1 => Just(Kind::Unlinked),
+    ];
+    let gap = prop_oneof![3 => 1..5_000u32, 1 => 60_000..700_000u32];
+    (0..3u8, kind, 0..3u8, gap).prop_map(|(account, kind, variant, gap_ms)| Webhook {
+        account,
+        kind,
+        variant,
+        gap_ms,
+    })
+}
+
+fn history() -> impl Strategy<Value = History> {
+    let answer =
+        prop_oneof![8 => Just(Answer::Token), 1 => Just(Answer::Unavailable), 1 => Just(Answer::Refused)];
+    (
+        proptest::collection::vec(webhook(), 1..24),
+        proptest::collection::vec(any::<u8>(), 0..4),
+        proptest::collection::vec(answer, 0..12),
+        proptest::collection::vec(any::<bool>(), 0..4),
+        proptest::collection::vec(any::<u8>(), 0..120),
+    )
+        .prop_map(|(webhooks, redelivered, mono, force, choices)| {
+            let redelivered = redelivered.into_iter().map(|r| usize::from(r) % webhooks.len()).collect();
+            History { webhooks, redelivered, mono, force, choices }
+        })
+}
+
+fn account_id(account: u8) -> String {
+    format!("acct-{account}")
+}
+
+fn body_of(webhook: &Webhook) -> Vec<u8> {
+    let account = account_id(webhook.account);
+    let body = match webhook.kind {
+        Kind::Required => serde_json::json!({
+            "event": "mono.events.reauthorisation_required", "data": { "account": { "_id": account } } }),
+        Kind::Reauthorized => serde_json::json!({
+            "event": "mono.events.account_reauthorized", "data": { "account": { "_id": account } } }),
+        Kind::Updated => serde_json::json!({
+            "event": "mono.events.account_updated",
+            "data": { "account": { "_id": account, "balance": 100 * u32::from(webhook.variant) },
+                      "meta": { "data_status": DATA_STATUSES[usize::from(webhook.variant)] } } }),
+        Kind::SyncFailed if webhook.variant == 0 => serde_json::json!({
+            "event": "mono.events.sync_failed", "data": { "account": { "_id": account } } }),
+        Kind::SyncFailed => serde_json::json!({
+            "event": "mono.events.sync_failed",
+            "data": { "account": { "_id": account },
+                      "meta": { "data_status": DATA_STATUSES[usize::from(webhook.variant)] } } }),
+        Kind::Connected => serde_json::json!({
+            "event": "mono.events.account_connected",
+            // An account belongs to one customer; the bodies differ in what else Mono sends.
+            "data": { "account": { "_id": account, "institution": webhook.variant },
+                      "customer": format!("cust-{}", webhook.account) } }),
+        Kind::Unlinked => serde_json::json!({
+            "event": "mono.events.account_unlinked", "data": { "account": { "_id": account } } }),
+    };
+    serde_json::to_vec(&body).expect("a JSON value serialises")
+}
+
+/// The webhooks as ingest stamped them: an id and a receive time each, in receive order.
+struct Stamped {
+    webhook: Webhook,
+    body: Vec<u8>,
+    meta: DeliveryMeta,
+}
+
+fn stamp(history: &History, start: DateTime<Utc>) -> Vec<Stamped> {
+    let mut at = start;
+    history
+        .webhooks
+        .iter()
+        .map(|webhook| {
+            at += Span::milliseconds(i64::from(webhook.gap_ms));
+            let body = body_of(webhook);
+            let mut meta = DeliveryMeta::stamp(&body);
+            meta.received_at = at;
+            Stamped { webhook: webhook.clone(), body, meta }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reference model
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ModelAccount {
+    reauth_required: bool,
+    has_token: bool,
+    unlinked: bool,
+    data_status: Option<String>,
+    customer_id: Option<String>,
+    connected: bool,
+}
+
+#[derive(Debug, Default)]
+struct Model {
+    accounts: BTreeMap<String, ModelAccount>,
+    /// Re-auths that may ask Mono for a token: the ones applied, the ones for an unlinked account (a
+    /// worker cannot know that an unlink received before them will be applied after them), and the
+    /// duplicates past the window of the copy that was applied.
+    reauths: usize,
+}
+
+/// One worker, every event once, in receive order.
+fn model(stamped: &[Stamped]) -> Model {
+    let window = Span::from_std(WINDOW).expect("the window fits");
+    let mut model = Model::default();
+    // Per account: (received, body digest, applied) of every event taken so far.
+    type Taken<'a> = Vec<(DateTime<Utc>, &'a str, bool)>;
+    let mut seen: HashMap<u8, Taken<'_>> = HashMap::new();
+    for event in stamped {
+        let at = event.meta.received_at;
+        let body = event.meta.body_sha256.as_str();
+        let history = seen.entry(event.webhook.account).or_default();
+        let copy_in_effect = |copy_applied: bool| {
+            history.iter().any(|(copy_at, copy, applied)| {
+                *copy == body
+                    && (*applied || !copy_applied)
+                    && at - *copy_at <= window
+                    && !history.iter().any(|(between, other, applied)| {
+                        *applied && *other != body && *between > *copy_at && *between < at
+                    })
+            })
+        };
+        let duplicate = copy_in_effect(false);
+        // A worker knows only the copies settled before it decides: one decided before the copies
+        // between it and the applied one may call Mono again once the window from that one is over.
+        if event.webhook.kind == Kind::Required && duplicate && !copy_in_effect(true) {
+            model.reauths += 1;
+        }
+        let account = model.accounts.entry(account_id(event.webhook.account)).or_default();
+        let mut applied = !duplicate;
+        if !duplicate {
+            let variant = usize::from(event.webhook.variant);
+            match event.webhook.kind {
+                Kind::Required if account.unlinked => {
+                    // A worker cannot know that an unlink received earlier will be applied later.
+                    model.reauths += 1;
+                    applied = false;
+                }
+                Kind::Required => {
+                    account.reauth_required = true;
+                    account.has_token = true;
+                    model.reauths += 1;
+                }
+                Kind::Reauthorized => {
+                    account.reauth_required = false;
+                    account.has_token = false;
+                }
+                Kind::Updated => account.data_status = Some(DATA_STATUSES[variant].to_owned()),
+                Kind::SyncFailed if variant == 0 => account.data_status = Some("FAILED".to_owned()),
+                Kind::SyncFailed => account.data_status = Some(DATA_STATUSES[variant].to_owned()),
+                Kind::Connected => {
+                    account.connected = true;
+                    account.customer_id = Some(format!("cust-{}", event.webhook.account));
+                }
+                Kind::Unlinked => {
+                    account.unlinked = true;
+                    account.reauth_required = false;
+                    account.has_token = false;
+                }
+            }
+        }
+        history.push((at, body, applied));
+    }
+    model
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stub Mono
+
+/// Answers calls from a script, then with a fresh token each; counts the tokens it issued.
+#[derive(Clone)]
+struct ScriptedMono {
+    script: Arc<Mutex<VecDeque<Answer>>>,
+    issued: Arc<AtomicUsize>,
+}
+
+impl Respond for ScriptedMono {
+    fn respond(&self, _: &Request) -> ResponseTemplate {
+        let answer = self.script.lock().unwrap().pop_front().unwrap_or(Answer::Token);
+        match answer {
+            Answer::Token => {
+                let n = self.issued.fetch_add(1, Ordering::SeqCst);
+                ResponseTemplate::new(200).set_body_json(serde_json::json!({ "token": format!("tok-{n}") }))
+            }
+            Answer::Unavailable => {
+                ResponseTemplate::new(500).set_body_json(serde_json::json!({ "message": "down" }))
+            }
+            Answer::Refused => {
+                ResponseTemplate::new(400).set_body_json(serde_json::json!({ "message": "account refused" }))
+            }
+        }
+    }
+}
+
+fn token_fetcher(mono: &MockServer) -> TokenFetcher {
+    let client = MonoClient::new(
+        &mono.uri(),
+        secrecy::SecretString::from("test_sk_model"),
+        Duration::from_secs(5),
+        Duration::from_millis(10),
+    )
+    .expect("a valid Mono URL");
+    // The breaker never opens here: whether Mono is down for everyone is not this test's question,
+    // and an open breaker would make the outcome depend on the clock.
+    let breaker = CircuitBreaker::new(
+        BreakerSettings {
+            window: Duration::from_secs(60),
+            min_calls: usize::MAX,
+            failure_ratio: 1.0,
+            consecutive_failures: usize::MAX,
+            open_for: Duration::from_millis(1),
+            max_open_for: Duration::from_millis(1),
+        },
+        mono_client::MetricNames::WORKER,
+    );
+    let retries = RetryPolicy {
+        initial_interval: Duration::from_millis(1),
+        max_interval: Duration::from_millis(2),
+        multiplier: 2.0,
+        max_elapsed: Some(Duration::from_millis(5)),
+    };
+    TokenFetcher::new(client, breaker, retries, 16, mono_client::MetricNames::WORKER)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The harness: the broker and the pipeline around the worker's decision code
+
+/// One delivery on its way, as the pipeline holds it.
+struct Work {
+    index: usize,
+    event: IncomingEvent,
+    token: Option<ReauthToken>,
+    /// The token's fetch stays on offer to copies until this delivery settles (dropped with it).
+    flight: Option<Flight>,
+    forced: bool,
+}
+
+struct Choices<'a> {
+    choices: std::slice::Iter<'a, u8>,
+}
+
+impl Choices<'_> {
+    /// The next choice, or 0 once they run out (then the queue is simply taken in order).
+    fn next(&mut self) -> usize {
+        self.choices.next().copied().map_or(0, usize::from)
+    }
+}
+
+/// What the harness saw, for the properties.
+#[derive(Default)]
+struct Run {
+    forced_reauths: usize,
+    forced: bool,
+    dead_letters: usize,
+}
+
+/// The guards and the stored token of every account, to check that they only move forward.
+#[derive(Clone, Debug, Default, PartialEq, sqlx::FromRow)]
+struct Progress {
+    id: String,
+    reauth_token: Option<String>,
+    reauth_token_issued_at: Option<DateTime<Utc>>,
+    reauth_state_received_at: Option<DateTime<Utc>>,
+    data_state_received_at: Option<DateTime<Utc>>,
+}
+
+async fn progress(pool: &PgPool) -> BTreeMap<String, Progress> {
+    let rows: Vec<Progress> = sqlx::query_as(
+        "SELECT id, reauth_token, reauth_token_issued_at, reauth_state_received_at, data_state_received_at
+         FROM accounts",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("accounts are readable");
+    rows.into_iter().map(|row| (row.id.clone(), row)).collect()
+}
+
+fn moved_forward(
+    before: &BTreeMap<String, Progress>,
+    after: &BTreeMap<String, Progress>,
+) -> Result<(), String> {
+    for (id, old) in before {
+        let Some(new) = after.get(id) else { return Err(format!("account {id} disappeared")) };
+        for (name, old_at, new_at) in [
+            ("reauth_state_received_at", old.reauth_state_received_at, new.reauth_state_received_at),
+            ("data_state_received_at", old.data_state_received_at, new.data_state_received_at),
+        ] {
+            if old_at.is_some() && (new_at.is_none() || new_at < old_at) {
+                return Err(format!("{id}: {name} moved backwards from {old_at:?} to {new_at:?}"));
+            }
+        }
+        if let (Some(old_token), Some(new_token)) = (&old.reauth_token, &new.reauth_token)
+            && old_token != new_token
+            && new.reauth_token_issued_at < old.reauth_token_issued_at
+        {
+            return Err(format!("{id}: token {old_token} replaced by {new_token}, issued earlier"));
+        }
+    }
+    Ok(())
+}
+
+fn parse(stamped: &Stamped, index: usize, attempts: u32, forced: bool) -> Work {
+    let history = AttemptHistory { previous_attempts: attempts, first_attempt_at: None };
+    let event = IncomingEvent::parse_with(&stamped.body, &stamped.meta, &history, forced)
+        .1
+        .expect("generated bodies are events");
+    Work { index, event, token: None, flight: None, forced }
+}
+
+fn outcome_name(outcome: &TokenOutcome) -> &'static str {
+    match outcome {
+        TokenOutcome::Token(_) => "token",
+        TokenOutcome::Park { .. } => "park",
+        TokenOutcome::Retry { .. } => "retry",
+        TokenOutcome::Refused { .. } => "refused",
+        TokenOutcome::Abandoned => "abandoned",
+    }
+}
+
+/// The journal in receive order, and the harness's trace: what a failure is read with.
+async fn report(pool: &PgPool, stamped: &[Stamped], trace: &[String]) -> String {
+    let rows: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT id, status FROM webhook_events").fetch_all(pool).await.unwrap_or_default();
+    let statuses: HashMap<Uuid, String> = rows.into_iter().collect();
+    let mut lines = vec!["journal:".to_owned()];
+    for (index, one) in stamped.iter().enumerate() {
+        let status = statuses.get(&one.meta.id.as_uuid()).map_or("-", String::as_str);
+        lines.push(format!("  #{index} {:?} body {} -> {status}", one.webhook, &one.meta.body_sha256[..6]));
+    }
+    lines.push("trace:".to_owned());
+    lines.extend(trace.iter().map(|t| format!("  {t}")));
+    lines.join("\n")
+}
+
+async fn run_history(pool: &PgPool, history: &History) -> Result<(), TestCaseError> {
+    let mut trace = Vec::new();
+    let mut stamped = Vec::new();
+    let result = run_history_traced(pool, history, &mut stamped, &mut trace).await;
+    match result {
+        Err(TestCaseError::Fail(reason)) => {
+            Err(TestCaseError::fail(format!("{reason}\n{}", report(pool, &stamped, &trace).await)))
+        }
+        other => other,
+    }
+}
+
+async fn run_history_traced(
+    pool: &PgPool,
+    history: &History,
+    stamped_out: &mut Vec<Stamped>,
+    trace: &mut Vec<String>,
+) -> Result<(), TestCaseError> {
+    sqlx::query("TRUNCATE accounts, webhook_events").execute(pool).await.expect("tables truncate");
+    let mono = MockServer::start().await;
+    let script = ScriptedMono {
+        script: Arc::new(Mutex::new(history.mono.iter().copied().collect())),
+        issued: Arc::default(),
+    };
+    Mock::given(method("POST")).respond_with(script.clone()).mount(&mono).await;
+    let tokens = token_fetcher(&mono);
+    let processor = Processor::new(pool.clone(), WINDOW);
+    let never = CancellationToken::new();
+
+    // Whole milliseconds, as ingest stamps them.
+    let start = DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).expect("now is a time");
+    *stamped_out = stamp(history, start);
+    let stamped: &[Stamped] = stamped_out;
+    let expected = model(stamped);
+
+    // The work queue, in publish order; copies the broker hands out twice go in right behind.
+    let mut queue: VecDeque<Work> = VecDeque::new();
+    for (index, one) in stamped.iter().enumerate() {
+        queue.push_back(parse(one, index, 0, false));
+        for _ in history.redelivered.iter().filter(|r| **r == index) {
+            queue.push_back(parse(one, index, 0, false));
+        }
+    }
+    let mut fetches: VecDeque<Work> = VecDeque::new();
+    let mut dead: Vec<Work> = Vec::new();
+    let mut choices = Choices { choices: history.choices.iter() };
+    let mut run = Run::default();
+    let mut before = progress(pool).await;
+    // Mono refuses at most as often as its script says: replays end once it stops.
+    let mut replays_left = history.mono.len() + 1;
+
+    for _ in 0..2_000 {
+        if queue.is_empty() && fetches.is_empty() {
+            if dead.is_empty() || replays_left == 0 {
+                break;
+            }
+            // The operator replays every dead letter (`worker dlq replay`): the journal row goes,
+            // a copy with the same id and receive time goes back to the work queue.
+            replays_left -= 1;
+            for letter in dead.drain(..) {
+                sqlx::query("DELETE FROM webhook_events WHERE id = $1 AND status = 'dead'")
+                    .bind(letter.event.record.id)
+                    .execute(pool)
+                    .await
+                    .expect("the dead letter's row can go");
+                let forced = history.force.get(run.dead_letters).copied().unwrap_or(false);
+                run.dead_letters += 1;
+                if forced {
+                    run.forced = true;
+                    if stamped[letter.index].webhook.kind == Kind::Required {
+                        run.forced_reauths += 1;
+                    }
+                }
+                trace.push(format!("replay #{} forced={forced}", letter.index));
+                queue.push_back(parse(&stamped[letter.index], letter.index, 0, forced));
+            }
+            continue;
+        }
+        let choice = choices.next();
+        if !fetches.is_empty() && (queue.is_empty() || choice % 3 == 2) {
+            // A fetch runs (late, maybe: its delivery's copies may have settled meanwhile).
+            let mut work = fetches.pop_front().expect("not empty");
+            // As the pipeline does: decided again first, as a copy may have settled it meanwhile.
+            if !processor.still_needs_token(&work.event).await {
+                trace.push(format!("fetch #{} -> settled meanwhile, no call", work.index));
+                queue.push_back(work);
+                continue;
+            }
+            let account = AccountId::parse(work.event.account()).expect("a valid account id");
+            let (outcome, flight) = tokens.fetch(&account, &never).await;
+            trace.push(format!("fetch #{} -> {}", work.index, outcome_name(&outcome)));
+            match outcome {
+                TokenOutcome::Token(token) => {
+                    work.token = Some(token);
+                    work.flight = flight;
+                    queue.push_back(work);
+                }
+                // A retry tier: the delivery comes back at the tail, its flight gone.
+                TokenOutcome::Park { .. } | TokenOutcome::Retry { .. } => {
+                    drop(flight);
+                    let attempts = work.event.record.attempts as u32;
+                    queue.push_back(parse(&stamped[work.index], work.index, attempts, work.forced));
+                }
+                TokenOutcome::Refused { reason, .. } => {
+                    drop(flight);
+                    prop_assert!(processor.record_dead(&work.event.record, &reason, &never).await);
+                    dead.push(work);
+                }
+                TokenOutcome::Abandoned => prop_assert!(false, "nothing is abandoned here"),
+            }
+            continue;
+        }
+
+        // A batch: up to four ready deliveries, each picked from near the head of the queue (several
+        // consumers and prefetch reorder what is close; retry tiers reorder what is far).
+        let size = 1 + (choice / 3) % 4;
+        let mut batch = Vec::new();
+        while batch.len() < size && !queue.is_empty() {
+            let pick = choices.next() % queue.len().min(3);
+            batch.push(queue.remove(pick).expect("in range"));
+        }
+        let candidates: Vec<Candidate<'_>> =
+            batch.iter().map(|work| Candidate { event: &work.event, token: work.token.as_ref() }).collect();
+        let outcomes = processor.apply_batch(&candidates, &never).await;
+        drop(candidates);
+        let session_lost = choices.next() % 8 == 7;
+        trace.push(format!(
+            "batch {:?} -> {:?}{}",
+            batch.iter().map(|w| (w.index, w.token.is_some())).collect::<Vec<_>>(),
+            outcomes.iter().map(|o| o.as_str()).collect::<Vec<_>>(),
+            if session_lost { ", session lost" } else { "" }
+        ));
+        for (work, outcome) in batch.into_iter().zip(outcomes) {
+            match outcome {
+                ItemOutcome::Settled(_) | ItemOutcome::AlreadySettled => {
+                    if session_lost {
+                        // The ack never reached the broker: the delivery comes again, bare.
+                        let attempts = work.event.record.attempts as u32;
+                        queue.push_back(parse(&stamped[work.index], work.index, attempts, work.forced));
+                    }
+                }
+                ItemOutcome::NeedsToken => {
+                    fetches.push_back(Work { token: None, flight: None, ..work });
+                }
+                ItemOutcome::Refused { reason } => {
+                    return Err(TestCaseError::fail(format!(
+                        "the database refused a generated event: {reason}"
+                    )));
+                }
+                ItemOutcome::Parked { .. } => {
+                    let attempts = work.event.record.attempts as u32;
+                    queue.push_back(parse(&stamped[work.index], work.index, attempts, work.forced));
+                }
+                ItemOutcome::Abandoned => prop_assert!(false, "nothing is abandoned here"),
+            }
+        }
+        let after = progress(pool).await;
+        moved_forward(&before, &after).map_err(TestCaseError::fail)?;
+        before = after;
+    }
+    prop_assert!(queue.is_empty() && fetches.is_empty(), "the history did not drain");
+
+    // Every delivery journaled exactly once, none left dead.
+    let journal: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, status FROM webhook_events")
+        .fetch_all(pool)
+        .await
+        .expect("journal is readable");
+    let journaled: HashMap<Uuid, &str> = journal.iter().map(|(id, status)| (*id, status.as_str())).collect();
+    prop_assert_eq!(journaled.len(), stamped.len(), "one journal row per delivery: {:?}", journal);
+    for one in stamped {
+        let status = journaled.get(&one.meta.id.as_uuid());
+        prop_assert!(
+            status.is_some_and(|s| *s != "dead"),
+            "delivery {} journaled as {:?}",
+            one.meta.id,
+            status
+        );
+    }
+
+    // Mono was asked for no more tokens than the model has re-auths.
+    let issued = script.issued.load(Ordering::SeqCst);
+    prop_assert!(
+        issued <= expected.reauths + run.forced_reauths,
+        "Mono issued {} tokens for {} re-auths ({} forced)",
+        issued,
+        expected.reauths,
+        run.forced_reauths
+    );
+
+    // A forced replay applies regardless of the order: the model (receive order) cannot say where.
+    if !run.forced {
+        type Row = (String, bool, bool, bool, Option<String>, Option<String>, bool);
+        let stored: Vec<Row> = sqlx::query_as(
+            "SELECT id, reauth_required, reauth_token IS NOT NULL, unlinked_at IS NOT NULL, data_status,
+                    customer_id, connected_at IS NOT NULL
+             FROM accounts ORDER BY id",
+        )
+        .fetch_all(pool)
+        .await
+        .expect("accounts are readable");
+        let actual: BTreeMap<String, ModelAccount> = stored
+            .into_iter()
+            .map(|(id, reauth_required, has_token, unlinked, data_status, customer_id, connected)| {
+                (
+                    id,
+                    ModelAccount {
+                        reauth_required,
+                        has_token,
+                        unlinked,
+                        data_status,
+                        customer_id,
+                        connected,
+                    },
+                )
+            })
+            .collect();
+        prop_assert_eq!(actual, expected.accounts);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// A database of this test's own, migrated, dropped at the end.
+struct ModelDatabase {
+    admin: PgPool,
+    name: String,
+    pool: PgPool,
+}
+
+impl ModelDatabase {
+    async fn create() -> Self {
+        let url = std::env::var("DATABASE_URL").expect("DATABASE_URL names the test server");
+        let admin = PgPool::connect(&url).await.expect("the test server is reachable");
+        let name = format!("monohook_model_{}", Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("a database is created");
+        let mut options: sqlx::postgres::PgConnectOptions = url.parse().expect("a valid DATABASE_URL");
+        options = options.database(&name);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .expect("the new database is reachable");
+        worker::db::MIGRATOR.run(&pool).await.expect("migrations apply");
+        Self { admin, name, pool }
+    }
+
+    async fn drop_it(self) {
+        self.pool.close().await;
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .execute(&self.admin)
+            .await;
+    }
+}
+
+#[test]
+fn the_worker_decides_as_the_model_over_generated_histories() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let database = runtime.block_on(ModelDatabase::create());
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256);
+    let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
+    let pool = database.pool.clone();
+    let result = runner.run(&history(), |history| runtime.block_on(run_history(&pool, &history)));
+    runtime.block_on(database.drop_it());
+    match result {
+        Ok(()) => {}
+        Err(TestError::Fail(reason, history)) => {
+            panic!("the worker and the model disagree: {reason}\nshrunk history: {history:#?}")
+        }
+        Err(error) => panic!("{error}"),
+    }
+}
