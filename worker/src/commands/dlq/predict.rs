@@ -1,6 +1,7 @@
 //! `worker dlq replay --dry-run`: what replaying each dead letter would do to its account now,
-//! worked out with the same handlers the worker runs, against the account as it is. Nothing is
-//! changed and Mono is not called.
+//! worked out by the worker's own decision code (`db::batch::load` and `batch::decide`) in a
+//! transaction that is rolled back, against the account as it is. Nothing is changed and Mono is not
+//! called.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -11,10 +12,13 @@ use uuid::Uuid;
 use super::ReplayArgs;
 use super::filter::DeadLetter;
 use crate::account::AccountState;
+use crate::batch::{self, Candidate, Decision};
 use crate::commands::output;
-use crate::db::accounts;
+use crate::db::{
+    self,
+    events::{EventRecord, EventStatus},
+};
 use crate::event::IncomingEvent;
-use crate::handlers::{self, HandlerOutcome};
 use crate::mono::ReauthToken;
 use shared::delivery::{AttemptHistory, DeliveryId, DeliveryMeta};
 use shared::event::EventKind;
@@ -122,48 +126,18 @@ pub async fn predict(
             return Ok(prediction(Outcome::WouldFail, false, Vec::new(), detail));
         }
     };
-    // The worker's duplicate rule: the same body (as received, not as re-serialised from jsonb)
-    // journaled, not dead, within the dedup window, with no other event applied to the account
-    // between the two copies.
-    let window = chrono::Duration::from_std(dedup_window).unwrap_or(chrono::Duration::days(36_500));
-    let account = event.kind.needs_account().then(|| event.account());
-    let duplicate_of: Option<uuid::Uuid> = sqlx::query_scalar(
-        "SELECT c.id FROM webhook_events c
-         WHERE c.body_sha256 = $1 AND c.id <> $2 AND c.status <> 'dead' AND c.received_at BETWEEN $3 AND $4
-           AND NOT EXISTS (
-               SELECT 1 FROM webhook_events o
-               WHERE $5::text IS NOT NULL AND o.account_id = $5 AND o.status = 'processed'
-                 AND o.body_sha256 <> $1
-                 AND o.received_at > LEAST(c.received_at, $6) AND o.received_at < GREATEST(c.received_at, $6))
-         LIMIT 1",
-    )
-    .bind(&letter.body_sha256)
-    .bind(letter.id)
-    .bind(letter.received_at - window)
-    .bind(letter.received_at + window)
-    .bind(account)
-    .bind(letter.received_at)
-    .fetch_optional(pool)
-    .await?;
-    if let Some(original) = duplicate_of {
-        let detail = format!("no change: the same body was applied as {original}");
-        return Ok(prediction(Outcome::Duplicate, false, Vec::new(), detail));
-    }
-    let before: Option<AccountState> = match event.kind.needs_account() {
-        true => {
-            let stored = accounts::load_states(pool, &[event.account()], false).await?.pop();
-            Some(stored.unwrap_or_else(|| AccountState::new(event.account())))
-        }
-        false => None,
+    // The body's digest as received (the payload column holds re-serialised JSON): dedup uses it.
+    let event = IncomingEvent {
+        record: EventRecord { body_sha256: letter.body_sha256.clone(), ..event.record },
+        ..event
     };
-    let mut after = before.clone();
     let token = ReauthToken::placeholder(Utc::now());
+    let decided = decide_as_the_worker(pool, &event, &token, dedup_window).await?;
     let asks_mono = event.kind == EventKind::ReauthorisationRequired;
-    let outcome = handlers::apply(after.as_mut(), &event, Some(&token));
     let refused_before = letter.reason.as_deref().filter(|r| r.starts_with("Mono refused"));
-    Ok(match outcome {
-        HandlerOutcome::Applied => {
-            let changes = diff(before.as_ref(), after.as_ref());
+    Ok(match decided.status {
+        EventStatus::Processed => {
+            let changes = diff(decided.before.as_ref(), decided.after.as_ref());
             let mono = match (asks_mono, refused_before) {
                 (true, Some(reason)) => {
                     format!(" (after a token from Mono, which refused last time: {reason})")
@@ -174,21 +148,71 @@ pub async fn predict(
             let detail = format!("apply{mono}: {}", describe(&changes));
             prediction(Outcome::Apply, asks_mono, changes, detail)
         }
-        HandlerOutcome::Stale => {
-            let at = before.as_ref().and_then(|a| a.reauth_state_received_at.max(a.data_state_received_at));
+        EventStatus::Duplicate => {
+            let detail = match decided.copy {
+                Some(original) => format!("no change: the same body was applied as {original}"),
+                None => "no change: the same body was applied within the dedup window".to_owned(),
+            };
+            prediction(Outcome::Duplicate, false, Vec::new(), detail)
+        }
+        EventStatus::Stale => {
+            let before = decided.before.as_ref();
+            let at = before.and_then(|a| a.reauth_state_received_at.max(a.data_state_received_at));
             let detail = format!(
                 "no change: stale, the account already applied an event received at {} (--force applies it)",
                 time(at)
             );
             prediction(Outcome::Stale, false, Vec::new(), detail)
         }
-        HandlerOutcome::Ignored(why) => {
+        EventStatus::Ignored | EventStatus::Dead => {
+            let why = decided.note.unwrap_or("nothing to do for this event");
             prediction(Outcome::Ignored, false, Vec::new(), format!("no change: {why}"))
         }
-        HandlerOutcome::NeedsToken => {
-            prediction(Outcome::Apply, true, Vec::new(), "would ask Mono for a token".to_owned())
-        }
     })
+}
+
+/// What the worker would decide for the replayed copy now.
+struct Decided {
+    status: EventStatus,
+    note: Option<&'static str>,
+    /// A journaled copy of the same body within the window (a duplicate's original).
+    copy: Option<Uuid>,
+    before: Option<AccountState>,
+    after: Option<AccountState>,
+}
+
+/// Runs the replay's own steps (the dead row goes) and the worker's own decision code (load under
+/// the row lock, `batch::decide` with a token) in a transaction that is rolled back: the prediction
+/// cannot drift from what the worker does. A lock held elsewhere makes it fail, never wait long.
+async fn decide_as_the_worker(
+    pool: &PgPool,
+    event: &IncomingEvent,
+    token: &ReauthToken,
+    dedup_window: Duration,
+) -> anyhow::Result<Decided> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM webhook_events WHERE id = $1 AND status = 'dead'")
+        .bind(event.record.id)
+        .execute(&mut *tx)
+        .await?;
+    let candidate = [Candidate { event, token: Some(token) }];
+    let mut state = db::batch::load(&mut tx, &candidate, dedup_window).await?;
+    tx.rollback().await?;
+    let account = event.kind.needs_account().then(|| event.account().to_owned());
+    let before = account.as_ref().and_then(|id| state.accounts.get(id).cloned());
+    let copy = state
+        .bodies
+        .get(&event.record.body_sha256)
+        .and_then(|copies| copies.iter().find(|(id, _)| *id != event.record.id).map(|(id, _)| *id));
+    let decision = batch::decide(&mut state, &candidate, dedup_window).pop();
+    let after = account.as_ref().and_then(|id| state.accounts.get(id).cloned());
+    let (status, note) = match decision {
+        Some(Decision::Journal { status, note }) => (status, note),
+        // With a token in hand and the dead row gone, neither can come back.
+        other => anyhow::bail!("unexpected decision for a replay: {other:?}"),
+    };
+    Ok(Decided { status, note, copy, before, after })
 }
 
 /// The columns a handler changed, never showing a token.
