@@ -1,5 +1,11 @@
 //! Webhook load for a scenario: a steady rate of Mono-shaped events over a set of accounts, posted to
-//! ingest, remembering every delivery that got a 200.
+//! ingest as Mono posts them: a webhook that gets no 200 (an error status or no answer) is posted
+//! again with the same body, with backoff, a bounded number of times. Every delivery that got a 200
+//! is remembered, and so is every attempt that did not (the broker may have taken it all the same).
+//!
+//! Re-auth bodies are Mono's: they hold only the account, so an account's episodes (required →
+//! reauthorized → required again) repeat the same bodies and the dedup rule is exercised under every
+//! fault; `account_updated` bodies differ by a sequence number, as Mono's balances do.
 
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -47,16 +53,27 @@ pub struct LoadPlan {
     pub kinds: Vec<Kind>,
 }
 
+/// How many times a webhook that got no 200 is posted again, and the first wait (doubling to 8 s):
+/// about 24 s in all, like a sender that retries.
+pub const REPOSTS: u32 = 6;
+const FIRST_REPOST_AFTER: Duration = Duration::from_millis(500);
+
 /// The webhooks that got each answer.
 #[derive(Debug, Default)]
 pub struct LoadResult {
+    /// Webhooks posted (each counted once, however often it was posted again).
+    pub posted: u64,
+    /// Webhooks that never got a 200, after every re-post.
+    pub given_up: u64,
+    /// Posts beyond each webhook's first.
+    pub reposts: u64,
     /// Delivery id → what was posted, for every 200.
     pub accepted: BTreeMap<String, Posted>,
     pub statuses: BTreeMap<u16, u64>,
-    /// Requests that got no HTTP answer at all (connection refused or reset).
+    /// Posts that got no HTTP answer at all (connection refused or reset).
     pub no_answer: u64,
-    /// Every webhook that got no 200 (an error status or no answer): ingest promised nothing for
-    /// them, yet the broker may have taken one whose confirm came too late, so it may be processed.
+    /// Every post that got no 200 (an error status or no answer): ingest promised nothing for it,
+    /// yet the broker may have taken one whose confirm came too late, so it may be processed.
     pub uncertain: Vec<Posted>,
     /// When each answer other than 200 came (or the request gave up).
     pub refused_at: Vec<Instant>,
@@ -65,6 +82,11 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
+    /// The share of webhooks that ended accepted (0 when none was posted).
+    pub fn accepted_share(&self) -> f64 {
+        if self.posted == 0 { 0.0 } else { (self.posted - self.given_up) as f64 / self.posted as f64 }
+    }
+
     /// How long ingest refused webhooks, in all: the quarter-seconds in which any answer other than
     /// 200 came, so two faults far apart do not count the healthy time between them.
     pub fn unavailable_secs(&self) -> f64 {
@@ -76,6 +98,9 @@ impl LoadResult {
 
     /// Two loads (e.g. one per ingest) as one.
     pub fn merge(mut self, other: Self) -> Self {
+        self.posted += other.posted;
+        self.given_up += other.given_up;
+        self.reposts += other.reposts;
         self.accepted.extend(other.accepted);
         for (status, count) in other.statuses {
             *self.statuses.entry(status).or_default() += count;
@@ -102,13 +127,62 @@ impl Posted {
         let kind = plan.kinds
             [((seq / plan.accounts).wrapping_mul(2_654_435_761) % plan.kinds.len() as u64) as usize];
         let data_status = (kind == Kind::AccountUpdated).then(|| DATA_STATUSES[(seq % 3) as usize]);
-        // `load_seq` makes every body unique, so the dedup window never hides a posted event.
-        let mut data = json!({ "account": { "_id": account }, "load_seq": seq });
+        // Re-auth bodies hold only the account, as Mono's do: an account's episodes repeat them.
+        let mut data = json!({ "account": { "_id": account } });
         if let Some(status) = data_status {
             data["meta"] = json!({ "data_status": status });
+            data["account"]["balance"] = json!(seq);
         }
         let body = serde_json::to_vec(&json!({ "event": kind.event(), "data": data })).expect("serialisable");
         Self { seq, kind, account, data_status, body }
+    }
+}
+
+/// Posts one webhook, and posts it again after each answer other than 200 (or none), as Mono does.
+async fn post_until_accepted(http: &reqwest::Client, url: &str, posted: Posted, result: &Mutex<LoadResult>) {
+    let mut wait = FIRST_REPOST_AFTER;
+    for attempt in 0..=REPOSTS {
+        let sent_at = Instant::now();
+        let sent = http
+            .post(url)
+            .header("mono-webhook-secret", WEBHOOK_SECRET)
+            .body(posted.body.clone())
+            .send()
+            .await;
+        let answered_at = Instant::now();
+        let (status, id) = match sent {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let id = match response.json::<serde_json::Value>().await {
+                    Ok(answer) if status == 200 => answer["id"].as_str().map(str::to_owned),
+                    _ => None,
+                };
+                (Some(status), id)
+            }
+            Err(_) => (None, None),
+        };
+        let mut result = result.lock().await;
+        result.slowest = result.slowest.max(answered_at - sent_at);
+        match status {
+            Some(status) => *result.statuses.entry(status).or_default() += 1,
+            None => result.no_answer += 1,
+        }
+        if let Some(id) = id {
+            result.accepted.insert(id, posted);
+            return;
+        }
+        result.refused_at.push(answered_at);
+        result.uncertain.push(posted.clone());
+        if attempt == REPOSTS {
+            result.given_up += 1;
+            return;
+        }
+        result.reposts += 1;
+        drop(result);
+        // Jitter, so that re-posts after an outage do not all come back at once.
+        let jitter = Duration::from_millis(rand::random_range(0..=wait.as_millis() as u64 / 2));
+        tokio::time::sleep(wait + jitter).await;
+        wait = (wait * 2).min(Duration::from_secs(8));
     }
 }
 
@@ -126,7 +200,8 @@ impl Load {
         let task = tokio::spawn(async move {
             let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
             let result = Arc::new(Mutex::new(LoadResult::default()));
-            let in_flight = Arc::new(Semaphore::new(64));
+            // Enough for the re-posts of a few seconds' outage at the load's rate.
+            let in_flight = Arc::new(Semaphore::new(512));
             let mut tick = tokio::time::interval(Duration::from_secs(1) / plan.per_second.max(1));
             let mut seq = first_seq;
             let mut requests = tokio::task::JoinSet::new();
@@ -138,42 +213,11 @@ impl Load {
                 let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
                 let posted = Posted::new(seq, &plan);
                 seq += 1;
+                result.lock().await.posted += 1;
                 let (http, url, result) =
                     (http.clone(), format!("{ingest_url}/webhooks/mono"), result.clone());
                 requests.spawn(async move {
-                    let sent_at = Instant::now();
-                    let sent = http
-                        .post(&url)
-                        .header("mono-webhook-secret", WEBHOOK_SECRET)
-                        .body(posted.body.clone())
-                        .send()
-                        .await;
-                    let answered_at = Instant::now();
-                    let mut result = result.lock().await;
-                    result.slowest = result.slowest.max(answered_at - sent_at);
-                    let id = match sent {
-                        Ok(response) => {
-                            let status = response.status().as_u16();
-                            *result.statuses.entry(status).or_default() += 1;
-                            match response.json::<serde_json::Value>().await {
-                                Ok(answer) if status == 200 => answer["id"].as_str().map(str::to_owned),
-                                _ => None,
-                            }
-                        }
-                        Err(_) => {
-                            result.no_answer += 1;
-                            None
-                        }
-                    };
-                    match id {
-                        Some(id) => {
-                            result.accepted.insert(id, posted);
-                        }
-                        None => {
-                            result.refused_at.push(answered_at);
-                            result.uncertain.push(posted);
-                        }
-                    }
+                    post_until_accepted(&http, &url, posted, &result).await;
                     drop(permit);
                 });
             }

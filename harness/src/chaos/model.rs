@@ -1,6 +1,7 @@
 //! What the database must hold once a scenario's backlog has drained: every delivery that got a 200
-//! journaled, and each account in the state a single worker taking the same events one by one would
-//! have left it in (the event received last decides each part of the state).
+//! journaled, each account in the state a single worker taking the same events one by one would
+//! have left it in (the event received last decides each part of the state), and no more tokens
+//! from Mono than that worker would have asked for (docs/ARCHITECTURE.md, "The model").
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
@@ -86,7 +87,10 @@ pub async fn settle_and_verify(
 
     let mut by_account: BTreeMap<&str, Vec<(&Posted, &Journaled)>> = BTreeMap::new();
     for (id, posted) in accepted {
-        if let Some(row) = journal.get(id).filter(|r| r.status == "processed" || r.status == "stale") {
+        // A duplicate restates its copy's effect at its own receive time: it counts as that event.
+        if let Some(row) =
+            journal.get(id).filter(|r| matches!(r.status.as_str(), "processed" | "stale" | "duplicate"))
+        {
             by_account.entry(posted.account.as_str()).or_default().push((posted, row));
         }
     }
@@ -142,4 +146,40 @@ fn last_of<'a>(events: &[(&'a Posted, &Journaled)], wanted: impl Fn(Kind) -> boo
     } else {
         Latest::Tied
     }
+}
+
+/// The re-auths the model counts over the journal (dead letters aside): a worker taking every
+/// delivery once, in receive order, asks Mono for a token for each `reauthorisation_required` that
+/// is not a copy of one in effect within `window` with nothing else in effect between the two, and
+/// for a copy decided before the copies that chain it to the one in effect.
+pub async fn model_reauths(pool: &PgPool, window: Duration) -> anyhow::Result<usize> {
+    let rows: Vec<(String, String, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT account_id, event, body_sha256, received_at FROM webhook_events
+         WHERE status <> 'dead' AND account_id IS NOT NULL ORDER BY received_at, id",
+    )
+    .fetch_all(pool)
+    .await?;
+    let window = chrono::Duration::from_std(window)?;
+    let mut taken: HashMap<String, Vec<(DateTime<Utc>, String, bool)>> = HashMap::new();
+    let mut reauths = 0;
+    for (account, event, body, at) in rows {
+        let history = taken.entry(account).or_default();
+        let copy_in_effect = |only_applied: bool| {
+            history.iter().rev().take_while(|(copy_at, _, _)| at - *copy_at <= window).any(
+                |(copy_at, copy, applied)| {
+                    *copy == body
+                        && (*applied || !only_applied)
+                        && !history.iter().any(|(between, other, applied)| {
+                            *applied && *other != body && between > copy_at && *between < at
+                        })
+                },
+            )
+        };
+        let duplicate = copy_in_effect(false);
+        if event == "mono.events.reauthorisation_required" && (!duplicate || !copy_in_effect(true)) {
+            reauths += 1;
+        }
+        history.push((at, body, !duplicate));
+    }
+    Ok(reauths)
 }

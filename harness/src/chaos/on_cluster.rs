@@ -106,7 +106,12 @@ async fn declared_from_every_node_at_once() -> anyhow::Result<bool> {
 /// The node leading the work queue dies (`kill -9` of its VM) mid-load, and comes back later.
 async fn leader_killed(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     let started = Instant::now();
-    let mut report = ScenarioReport::default();
+    let mut report = ScenarioReport {
+        // Two ingests post the same re-auth bodies, and two workers may each fetch a token for one.
+        mono_calls_strict: false,
+        min_accepted_share: 0.95,
+        ..ScenarioReport::default()
+    };
     report.check(
         "one topology declared from all three nodes at once: every declaration succeeds",
         declared_from_every_node_at_once().await?,
@@ -136,7 +141,12 @@ async fn leader_killed(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
 async fn ingest_nodes_stopped(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     let started = Instant::now();
     let run = OnCluster::start(base).await?;
-    let mut report = ScenarioReport::default();
+    let mut report = ScenarioReport {
+        // Two ingests post the same re-auth bodies, and two workers may each fetch a token for one.
+        mono_calls_strict: false,
+        min_accepted_share: 0.95,
+        ..ScenarioReport::default()
+    };
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     let mut stopped = Vec::new();
@@ -171,7 +181,12 @@ async fn ingest_nodes_stopped(base: &SystemConfig) -> anyhow::Result<ScenarioRep
 async fn rolling_restart(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     let started = Instant::now();
     let run = OnCluster::start(base).await?;
-    let mut report = ScenarioReport::default();
+    let mut report = ScenarioReport {
+        // Two ingests post the same re-auth bodies, and two workers may each fetch a token for one.
+        mono_calls_strict: false,
+        min_accepted_share: 0.95,
+        ..ScenarioReport::default()
+    };
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     for node in 1..=3 {
