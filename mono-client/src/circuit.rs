@@ -7,12 +7,15 @@
 //! calls over a sliding window (with at least `min_calls`). Mono refusing our secret key (401/403)
 //! and a 429 with `Retry-After` open it at once. Open, callers are refused (their deliveries wait in a
 //! retry tier without spending an attempt). After `open_for` it lets one probe through (half-open):
-//! success closes it, failure opens it again for twice as long, up to `max_open_for`. Every change is
+//! success closes it, failure opens it again for twice as long, up to `max_open_for`. A probe that
+//! never reports (its caller's future was dropped: the request went away, the worker stopped) frees
+//! its slot when its permit drops, so the breaker cannot stay half-open with no probe out. Every change is
 //! logged and exported as `monohook_<binary>_mono_circuit_state`; a refused key also sets
 //! `monohook_<binary>_mono_key_refused` until a call succeeds again.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::MetricNames;
@@ -71,17 +74,44 @@ pub enum CallResult {
     KeyRefused,
 }
 
-/// Leave to make one call; hand it back with the call's outcome.
-#[derive(Debug)]
+/// Leave to make one call; hand it back with the call's outcome. A probe's permit dropped without
+/// an outcome (its future cancelled) hands its slot back, as [`CircuitBreaker::release`] does.
 #[must_use = "report the call's outcome with CircuitBreaker::record"]
 pub struct CallPermit {
-    probe: bool,
+    /// For the half-open probe: which probe it is, and the state to free its slot in on drop.
+    probe: Option<Probe>,
+}
+
+struct Probe {
+    id: u64,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl CallPermit {
+    /// Disarms the permit: its outcome is being reported, so dropping it frees nothing.
+    fn settle(mut self) -> bool {
+        self.probe.take().is_some()
+    }
+}
+
+impl Drop for CallPermit {
+    fn drop(&mut self) {
+        if let Some(Probe { id, inner }) = self.probe.take() {
+            lock(&inner).free_probe(id);
+        }
+    }
+}
+
+impl fmt::Debug for CallPermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallPermit").field("probe", &self.probe.as_ref().map(|p| p.id)).finish()
+    }
 }
 
 pub struct CircuitBreaker {
     settings: BreakerSettings,
     names: MetricNames,
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
 }
 
 struct Inner {
@@ -94,12 +124,28 @@ struct Inner {
     open_for: Duration,
     /// Mono refused our key on the last call it answered.
     key_refused: bool,
+    /// The id the next probe gets, so that a late drop of an old probe cannot free a newer one's slot.
+    next_probe: u64,
 }
 
 enum Phase {
     Closed,
-    Open { until: Instant },
-    HalfOpen { probing: bool },
+    Open {
+        until: Instant,
+    },
+    /// `probing` is the id of the probe out, if any.
+    HalfOpen {
+        probing: Option<u64>,
+    },
+}
+
+impl Inner {
+    /// Lets another probe go if probe `id` is still the one out.
+    fn free_probe(&mut self, id: u64) {
+        if matches!(self.state, Phase::HalfOpen { probing: Some(out) } if out == id) {
+            self.state = Phase::HalfOpen { probing: None };
+        }
+    }
 }
 
 impl CircuitBreaker {
@@ -107,31 +153,50 @@ impl CircuitBreaker {
         let open_for = settings.open_for;
         metrics::gauge!(names.circuit_state).set(0.0);
         metrics::gauge!(names.key_refused).set(0.0);
-        let inner =
-            Inner { state: Phase::Closed, calls: VecDeque::new(), streak: 0, open_for, key_refused: false };
-        Self { settings, names, inner: Mutex::new(inner) }
+        let inner = Inner {
+            state: Phase::Closed,
+            calls: VecDeque::new(),
+            streak: 0,
+            open_for,
+            key_refused: false,
+            next_probe: 0,
+        };
+        Self { settings, names, inner: Arc::new(Mutex::new(inner)) }
     }
 
     /// A permit to call Mono now, or `None` while the breaker is open (or its probe is out).
     pub fn try_acquire(&self) -> Option<CallPermit> {
         let mut inner = self.lock();
         match inner.state {
-            Phase::Closed => Some(CallPermit { probe: false }),
+            Phase::Closed => Some(CallPermit { probe: None }),
             Phase::Open { until } if Instant::now() >= until => {
-                self.change(&mut inner, Phase::HalfOpen { probing: true });
-                Some(CallPermit { probe: true })
+                let id = self.next_probe_id(&mut inner);
+                self.change(&mut inner, Phase::HalfOpen { probing: Some(id) });
+                Some(self.probe_permit(id))
             }
-            Phase::Open { .. } | Phase::HalfOpen { probing: true } => None,
-            Phase::HalfOpen { probing: false } => {
-                inner.state = Phase::HalfOpen { probing: true };
-                Some(CallPermit { probe: true })
+            Phase::Open { .. } | Phase::HalfOpen { probing: Some(_) } => None,
+            Phase::HalfOpen { probing: None } => {
+                let id = self.next_probe_id(&mut inner);
+                inner.state = Phase::HalfOpen { probing: Some(id) };
+                Some(self.probe_permit(id))
             }
         }
+    }
+
+    fn next_probe_id(&self, inner: &mut Inner) -> u64 {
+        let id = inner.next_probe;
+        inner.next_probe = id.wrapping_add(1);
+        id
+    }
+
+    fn probe_permit(&self, id: u64) -> CallPermit {
+        CallPermit { probe: Some(Probe { id, inner: self.inner.clone() }) }
     }
 
     /// Reports how a permitted call went. Mono refusing one account is a success for the breaker:
     /// Mono answered.
     pub fn record(&self, permit: CallPermit, result: CallResult) {
+        let probe = permit.settle();
         let mut inner = self.lock();
         let now = Instant::now();
         let succeeded = result == CallResult::Answered;
@@ -151,10 +216,10 @@ impl CircuitBreaker {
             tracing::info!("Mono accepts our secret key again");
         }
         if let CallResult::Throttled(wait) = result {
-            self.throttle(&mut inner, permit, now, wait);
+            self.throttle(&mut inner, probe, now, wait);
             return;
         }
-        if permit.probe {
+        if probe {
             if succeeded {
                 inner.calls.clear();
                 inner.open_for = self.settings.open_for;
@@ -182,8 +247,8 @@ impl CircuitBreaker {
 
     /// Mono asked every caller to wait (429 with `Retry-After`): the breaker opens until then,
     /// whatever the failure ratio.
-    fn throttle(&self, inner: &mut Inner, permit: CallPermit, now: Instant, wait: Duration) {
-        if !permit.probe {
+    fn throttle(&self, inner: &mut Inner, probe: bool, now: Instant, wait: Duration) {
+        if !probe {
             inner.calls.push_back((now, false));
         }
         // A `Retry-After` too large to add to the clock is bounded by the longest opening.
@@ -205,12 +270,9 @@ impl CircuitBreaker {
     }
 
     /// Returns a permit whose call was never made (e.g. the worker is stopping): a probe may be
-    /// granted again.
+    /// granted again. Dropping the permit does the same; this says so at the call site.
     pub fn release(&self, permit: CallPermit) {
-        let mut inner = self.lock();
-        if permit.probe && matches!(inner.state, Phase::HalfOpen { probing: true }) {
-            inner.state = Phase::HalfOpen { probing: false };
-        }
+        drop(permit);
     }
 
     pub fn state(&self) -> BreakerState {
@@ -264,9 +326,13 @@ impl CircuitBreaker {
         Self::new(settings, MetricNames::WORKER)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        lock(&self.inner)
     }
+}
+
+fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    inner.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
@@ -350,6 +416,42 @@ mod tests {
         let probe = breaker.try_acquire().expect("a probe");
         breaker.release(probe);
         assert!(breaker.try_acquire().is_some(), "the released probe is granted again");
+    }
+
+    #[test]
+    fn a_dropped_probe_frees_its_slot_for_the_next_probe() {
+        let breaker = breaker(10);
+        for _ in 0..4 {
+            call(&breaker, false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let probe = breaker.try_acquire().expect("a probe");
+        assert!(breaker.try_acquire().is_none(), "only one probe at a time");
+
+        drop(probe);
+
+        let next = breaker.try_acquire().expect("the dropped probe's slot is free again");
+        breaker.record(next, CallResult::Answered);
+        assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn an_old_probe_dropped_late_cannot_free_a_newer_probes_slot() {
+        let breaker = breaker(10);
+        let in_flight = breaker.try_acquire().expect("closed");
+        for _ in 0..4 {
+            call(&breaker, false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let old_probe = breaker.try_acquire().expect("a probe");
+        // A call made while closed is throttled: the breaker opens again with the probe still out.
+        breaker.record(in_flight, CallResult::Throttled(Duration::from_millis(10)));
+        std::thread::sleep(Duration::from_millis(20));
+        let _new_probe = breaker.try_acquire().expect("a probe after the throttle");
+
+        drop(old_probe);
+
+        assert!(breaker.try_acquire().is_none(), "the new probe is still out: no second probe");
     }
 
     #[test]

@@ -275,3 +275,88 @@ pub async fn report_key_refused(tokens: Arc<TokenFetcher>, cancel: CancellationT
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::circuit::BreakerSettings;
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    /// A fetcher whose breaker opens on one failure for `open_for`, and which never retries.
+    fn fetcher(mono: &MockServer, open_for: Duration) -> TokenFetcher {
+        let client = MonoClient::new(
+            &mono.uri(),
+            "test_sk".to_owned().into(),
+            Duration::from_secs(10),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let breaker = CircuitBreaker::new(
+            BreakerSettings {
+                window: Duration::from_secs(10),
+                min_calls: 100,
+                failure_ratio: 1.0,
+                consecutive_failures: 1,
+                open_for,
+                max_open_for: open_for * 4,
+            },
+            MetricNames::API,
+        );
+        let policy = RetryPolicy {
+            initial_interval: Duration::from_millis(10),
+            max_interval: Duration::from_millis(10),
+            multiplier: 1.0,
+            max_elapsed: Some(Duration::ZERO),
+        };
+        TokenFetcher::new(client, breaker, policy, 4, MetricNames::API)
+    }
+
+    fn token(value: &str) -> ResponseTemplate {
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({ "token": value }))
+    }
+
+    #[tokio::test]
+    async fn a_probe_whose_caller_went_away_does_not_leave_the_breaker_half_open() {
+        let mono = MockServer::start().await;
+        // Mounted in order: the failure that opens the breaker, the probe nobody waits for, the probe
+        // after it.
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(500))
+            .up_to_n_times(1)
+            .mount(&mono)
+            .await;
+        Mock::given(method("POST"))
+            .respond_with(token("never-read").set_delay(Duration::from_secs(30)))
+            .up_to_n_times(1)
+            .mount(&mono)
+            .await;
+        Mock::given(method("POST")).respond_with(token("fresh")).expect(1).mount(&mono).await;
+        let fetcher = fetcher(&mono, Duration::from_millis(20));
+        let account = AccountId::parse("acct-1").unwrap();
+        let never = CancellationToken::new();
+
+        let (opened, _) = fetcher.fetch(&account, &never).await;
+        assert!(matches!(opened, TokenOutcome::Park { .. }), "{opened:?}");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        // The probe's caller goes away while Mono is still answering: its future is dropped.
+        let mut probe = Box::pin(fetcher.fetch(&account, &never));
+        tokio::select! {
+            _ = &mut probe => panic!("the probe's Mono answers in 30 s"),
+            () = wait_for_requests(&mono, 2) => {}
+        }
+        drop(probe);
+        assert_eq!(fetcher.breaker_state(), BreakerState::HalfOpen);
+
+        let (next, _) = fetcher.fetch(&account, &never).await;
+
+        assert!(matches!(&next, TokenOutcome::Token(t) if t.expose() == "fresh"), "{next:?}");
+        assert_eq!(fetcher.breaker_state(), BreakerState::Closed);
+    }
+
+    async fn wait_for_requests(mono: &MockServer, count: usize) {
+        while mono.received_requests().await.unwrap_or_default().len() < count {
+            tokio::task::yield_now().await;
+        }
+    }
+}
