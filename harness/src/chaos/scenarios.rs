@@ -9,7 +9,7 @@ use super::services::{self, RestoreServices};
 use super::{DRAIN_PATIENCE, ScenarioReport};
 use crate::system::{System, SystemConfig, metric_value};
 
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 14] = [
     "rabbitmq_restart",
     "postgres_restart",
     "worker_sigkill",
@@ -23,6 +23,7 @@ pub const ALL: [&str; 13] = [
     "database_read_only",
     "mono_key_revoked",
     "rabbitmq_restarted_5_times",
+    "database_errors_of_ours",
 ];
 
 pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
@@ -40,6 +41,7 @@ pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioRepo
         "database_read_only" => database_read_only(base).await,
         "mono_key_revoked" => mono_key_revoked(base).await,
         "rabbitmq_restarted_5_times" => rabbitmq_restarted_5_times(base).await,
+        "database_errors_of_ours" => database_errors_of_ours(base).await,
         other => super::on_cluster::run(other, base).await,
     }
 }
@@ -599,5 +601,76 @@ async fn rabbitmq_restarted_5_times(base: &SystemConfig) -> anyhow::Result<Scena
     let load = load.stop().await;
     let mut report = finish("rabbitmq_restarted_5_times", started, system, load, report).await?;
     report.check("no healthy delivery was dead-lettered as poison", report.dead_lettered == 0);
+    Ok(report)
+}
+
+/// Makes every write to the journal fail with `sqlstate` (or stop failing, with `None`), as a
+/// connection pooler's failover (`26000`, `42P05`: prepared statements gone) or an operator's
+/// credential rotation (`42501`: a grant lost) makes the worker's statements fail.
+async fn journal_writes_fail_with(system: &System, sqlstate: Option<&str>) -> anyhow::Result<()> {
+    match sqlstate {
+        Some(code) => {
+            sqlx::query(&format!(
+                "CREATE OR REPLACE FUNCTION chaos_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN RAISE EXCEPTION 'chaos: injected %', '{code}' USING ERRCODE = '{code}'; END $$"
+            ))
+            .execute(&system.pool)
+            .await?;
+            sqlx::query(
+                "CREATE OR REPLACE TRIGGER chaos_refuse BEFORE INSERT ON webhook_events
+                 FOR EACH STATEMENT EXECUTE FUNCTION chaos_refuse()",
+            )
+            .execute(&system.pool)
+            .await?;
+        }
+        None => {
+            sqlx::query("DROP TRIGGER IF EXISTS chaos_refuse ON webhook_events")
+                .execute(&system.pool)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Database errors that are ours, not the events': prepared statements gone after a pooler failover
+/// (`26000`, `42P05`), a lost grant (`42501`), and an administrator ending the worker's sessions
+/// (`57P01`). Each lasts a few seconds under load; nothing may be dead-lettered.
+async fn database_errors_of_ours(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let system = System::start(base.clone(), 2).await?;
+    let mut report = ScenarioReport::default();
+    let load = Load::start(system.ingest_url(), all_kinds(60, 40));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    for code in ["26000", "42P05", "42501"] {
+        journal_writes_fail_with(&system, Some(code)).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        journal_writes_fail_with(&system, None).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", system.config.database_server)).await?;
+    let mut ended = 0;
+    for _ in 0..3 {
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid() AND application_name NOT LIKE 'chaos%'",
+        )
+        .bind(&system.database)
+        .fetch_all(&admin)
+        .await?;
+        ended += killed.len();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    admin.close().await;
+    report.check(format!("an administrator ended the database sessions ({ended})"), ended > 0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let load = load.stop().await;
+    let logs = system.all_logs();
+    report.check(
+        "the workers met the injected errors",
+        ["26000", "42P05", "42501"].iter().all(|code| logs.contains(&format!("chaos: injected {code}"))),
+    );
+    let mut report = finish("database_errors_of_ours", started, system, load, report).await?;
+    report.check("nothing was dead-lettered", report.dead_lettered == 0);
     Ok(report)
 }
