@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
 use std::time::Duration;
 
+use crate::journal_payload::JournalPayload;
 use shared::config::{BrokerArgs, DatabaseArgs, TelemetryArgs, parse_secret};
 use shared::retry::RetryPolicy;
 
@@ -121,6 +122,13 @@ pub struct RunArgs {
     /// The same body received again within this many seconds is a duplicate and changes nothing.
     #[arg(long, env = "DEDUP_WINDOW_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub dedup_window_secs: u64,
+
+    /// What the journal keeps of each webhook's body: `minimal` (only the fields the worker and an
+    /// operator need: event, account and customer ids, data status, the account's `updated_at` and
+    /// institution) or `full` (the whole body, with the customer's name, account number, balance and
+    /// BVN).
+    #[arg(long, env = "JOURNAL_PAYLOAD", value_enum, default_value_t = JournalPayload::Minimal)]
+    pub journal_payload: JournalPayload,
 
     /// Address of the worker's own HTTP endpoint: `/metrics`, `/healthz`, `/readyz` (port 0 picks a
     /// free port).

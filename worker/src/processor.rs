@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::{self, Candidate, Decision};
 use crate::db::{self, DbFault, batch::JournalEntry, events::EventStatus};
+use crate::journal_payload::JournalPayload;
 use shared::retry::{self, Failure, RetryError, RetryPolicy};
 
 /// What became of one delivery of a batch.
@@ -63,6 +64,8 @@ pub struct Processor {
     pool: PgPool,
     db_retry: RetryPolicy,
     dedup_window: Duration,
+    /// What the journal keeps of each body (`JOURNAL_PAYLOAD`).
+    journal_payload: JournalPayload,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +82,13 @@ impl Processor {
         // The database is retried until it is back: 100 ms doubling to 5 s between attempts, each
         // ±50 % (so up to 7.5 s).
         let db_retry = RetryPolicy::forever(Duration::from_millis(100), Duration::from_secs(5));
-        Self { pool, db_retry, dedup_window }
+        Self { pool, db_retry, dedup_window, journal_payload: JournalPayload::default() }
+    }
+
+    /// Keeps `kept` of each body in the journal instead of the default (`minimal`).
+    pub fn with_journal_payload(mut self, kept: JournalPayload) -> Self {
+        self.journal_payload = kept;
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -181,7 +190,7 @@ impl Processor {
                 })
                 .collect());
         }
-        let inserted = db::batch::write(&mut tx, &state, &journal).await?;
+        let inserted = db::batch::write(&mut tx, &state, &journal, self.journal_payload).await?;
         // An account event is decided under its row lock, so nobody else can journal it meanwhile; if
         // somebody did, the decision was made on stale state. (Other events change nothing: losing
         // the race just makes them redeliveries.)
@@ -281,7 +290,7 @@ impl Processor {
     ) -> Option<bool> {
         let attempt = || async {
             let mut conn = self.pool.acquire().await.map_err(classify)?;
-            let written = db::events::record_dead(&mut conn, record, reason).await;
+            let written = db::events::record_dead(&mut conn, record, reason, self.journal_payload).await;
             if let Err(error) = &written
                 && db::poisons_connection(error)
             {

@@ -59,7 +59,9 @@ impl Worker {
         ));
         let health = Arc::new(Health::new(tokens.clone()));
         let pipeline = PipelineSettings {
-            processor: Arc::new(Processor::new(pool, run.dedup_window())),
+            processor: Arc::new(
+                Processor::new(pool, run.dedup_window()).with_journal_payload(run.journal_payload),
+            ),
             health: health.clone(),
             tokens,
             topology: topology.clone(),

@@ -13,6 +13,7 @@ use crate::account::AccountState;
 use crate::batch::{BatchState, Candidate};
 use crate::db::accounts;
 use crate::db::events::{EventRecord, EventStatus};
+use crate::journal_payload::JournalPayload;
 use sqlx::PgConnection;
 
 /// Loads the batch's accounts (creating missing rows, locking them all), which of its deliveries are
@@ -106,12 +107,14 @@ pub struct JournalEntry<'a> {
     pub note: Option<&'a str>,
 }
 
-/// Writes the changed accounts and the journal rows. Returns the ids actually journaled: an id
+/// Writes the changed accounts and the journal rows, each body (journal payload and account
+/// snapshot) cut down to what `kept` allows first. Returns the ids actually journaled: an id
 /// journaled concurrently by another transaction is left out.
 pub async fn write(
     conn: &mut PgConnection,
     state: &BatchState,
     journal: &[JournalEntry<'_>],
+    kept: JournalPayload,
 ) -> sqlx::Result<HashSet<Uuid>> {
     // A row created only to be locked, for an event that then changed nothing (one still waiting
     // for its token), must not outlive the transaction.
@@ -151,7 +154,7 @@ pub async fn write(
         .bind(changed.iter().map(|a| a.reauth_token_expires_at).collect::<Vec<_>>())
         .bind(changed.iter().map(|a| a.reauthorized_at).collect::<Vec<_>>())
         .bind(changed.iter().map(|a| a.data_status.as_deref()).collect::<Vec<_>>())
-        .bind(changed.iter().map(|a| a.snapshot_body.as_deref()).collect::<Vec<_>>())
+        .bind(changed.iter().map(|a| a.snapshot_body.as_deref().map(|b| kept.apply(b))).collect::<Vec<_>>())
         .bind(changed.iter().map(|a| a.data_updated_at).collect::<Vec<_>>())
         .bind(changed.iter().map(|a| a.last_sync_failed_at).collect::<Vec<_>>())
         .bind(changed.iter().map(|a| a.customer_id.as_deref()).collect::<Vec<_>>())
@@ -184,7 +187,7 @@ pub async fn write(
     .bind(journal.iter().map(|j| j.status.as_str()).collect::<Vec<_>>())
     .bind(journal.iter().map(|j| j.record.attempts).collect::<Vec<_>>())
     .bind(journal.iter().map(|j| j.note).collect::<Vec<_>>())
-    .bind(journal.iter().map(|j| j.record.payload.as_deref()).collect::<Vec<_>>())
+    .bind(journal.iter().map(|j| j.record.payload.as_deref().map(|p| kept.apply(p))).collect::<Vec<_>>())
     .fetch_all(&mut *conn)
     .await?;
     Ok(inserted.into_iter().collect())

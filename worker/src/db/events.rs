@@ -7,6 +7,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::journal_payload::JournalPayload;
+
 /// How a delivery was settled (the `status` column).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventStatus {
@@ -50,9 +52,15 @@ pub struct EventRecord {
     pub first_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// Records a dead letter (after the message is safely in the dead-letter queue). A delivery that was
-/// already settled otherwise keeps its status.
-pub async fn record_dead(conn: &mut PgConnection, record: &EventRecord, reason: &str) -> sqlx::Result<()> {
+/// Records a dead letter (after the message is safely in the dead-letter queue, which keeps its
+/// whole body), its payload cut down to what `kept` allows. A delivery that was already settled
+/// otherwise keeps its status.
+pub async fn record_dead(
+    conn: &mut PgConnection,
+    record: &EventRecord,
+    reason: &str,
+    kept: JournalPayload,
+) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO webhook_events
              (id, event, account_id, body_sha256, received_at, status, attempts, last_error, payload, processed_at,
@@ -69,7 +77,7 @@ pub async fn record_dead(conn: &mut PgConnection, record: &EventRecord, reason: 
     .bind(record.received_at)
     .bind(record.attempts)
     .bind(reason)
-    .bind(record.payload.as_deref())
+    .bind(record.payload.as_deref().map(|p| kept.apply(p)))
     .bind(record.first_attempt_at)
     .execute(conn)
     .await

@@ -11,6 +11,7 @@ mod helpers;
 mod idempotency;
 mod json_output;
 mod mono_failures;
+mod personal_data;
 mod ordering;
 mod outages;
 mod pipeline;
