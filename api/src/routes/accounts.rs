@@ -15,7 +15,7 @@ use shared::event::AccountId;
 pub const MAX_LIMIT: i64 = 1000;
 const DEFAULT_LIMIT: i64 = 100;
 /// Longest account id there is (`AccountId`).
-const MAX_ID_CHARS: usize = 128;
+const MAX_ID_BYTES: usize = 128;
 
 pub async fn get_account(
     _caller: Caller,
@@ -40,18 +40,29 @@ pub async fn list_accounts(
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let query = query.into_inner();
-    if query.after.as_ref().is_some_and(|after| after.chars().count() > MAX_ID_CHARS) {
-        return Err(ApiError::InvalidQuery(format!(
-            "after is an account id: at most {MAX_ID_CHARS} characters"
-        )));
-    }
+    // The cursor is an account id (the previous page's `next`): one that no account can have, a NUL
+    // or another control character that PostgreSQL would refuse, is the caller's mistake. An empty
+    // `after` is the first page, as it always was.
+    let after = match query.after.filter(|after| !after.is_empty()) {
+        None => None,
+        Some(after) => Some(AccountId::parse(after).ok_or_else(|| {
+            ApiError::InvalidQuery(format!(
+                "after is an account id: at most {MAX_ID_BYTES} bytes, no control characters"
+            ))
+        })?),
+    };
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(ApiError::InvalidQuery(format!("limit must be between 1 and {MAX_LIMIT}")));
     }
     // One more than asked tells whether another page follows.
-    let mut accounts =
-        db::accounts_page(&state.pool, query.reauth_required, query.after.as_deref(), limit + 1).await?;
+    let mut accounts = db::accounts_page(
+        &state.pool,
+        query.reauth_required,
+        after.as_ref().map(AccountId::as_str),
+        limit + 1,
+    )
+    .await?;
     let next = if accounts.len() as i64 > limit {
         accounts.truncate(limit as usize);
         accounts.last().map(|a| a.id.clone())

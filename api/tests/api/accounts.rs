@@ -115,3 +115,20 @@ async fn a_limit_out_of_range_or_a_bad_parameter_is_400(pool: PgPool) {
         assert_eq!(json(response).await["error"], "invalid_query", "{query}");
     }
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_cursor_holding_a_character_no_account_id_may_hold_is_400_not_500(pool: PgPool) {
+    let mono = MockServer::start().await;
+    Seed::flagged("acct-1").insert(&pool).await;
+    let app = spawn_app(pool, &mono).await;
+
+    // NUL (which PostgreSQL refuses in text), a newline, DEL, a C1 control, only blanks.
+    for cursor in ["%00", "acct%00-1", "acct%0A", "%7F", "%C2%85", "%20%20"] {
+        let response = app.get(&format!("/v1/accounts?after={cursor}")).await;
+        assert_eq!(response.status().as_u16(), 400, "{cursor}");
+        assert_eq!(json(response).await["error"], "invalid_query", "{cursor}");
+    }
+    // An empty cursor is the first page, as it was.
+    let (ids, _) = page(&app, "after=").await;
+    assert_eq!(ids, ["acct-1"]);
+}
