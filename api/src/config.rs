@@ -29,8 +29,9 @@ pub struct ApiConfig {
     pub metrics_addr: SocketAddr,
 
     /// The app's API keys, `label:key` comma-separated (at least 16 characters each; a key without a
-    /// label is labelled `key<n>`). Several at once let a key rotate with no downtime; the label is
-    /// recorded with every token handed out.
+    /// label is labelled `key<n>`; a label is 1-32 of A-Z a-z 0-9 _ - . and a key that holds `:`
+    /// must be labelled). Several at once let a key rotate with no downtime; the label is recorded
+    /// with every token handed out.
     #[arg(long, env = "APP_API_KEYS", hide_env_values = true)]
     pub app_api_keys: ApiKeys,
 
