@@ -79,7 +79,8 @@ pub async fn connect(urls: &SecretString, name: &str) -> Result<Connection, Conn
     Err(last_error.expect("at least one node was tried"))
 }
 
-/// The nodes of an `AMQP_URL`: comma-separated, blanks ignored.
+/// The nodes of an `AMQP_URL`: comma-separated, blanks ignored (checked at start by
+/// [`crate::config::amqp_node_list`]).
 fn node_urls(raw: &str) -> Vec<&str> {
     raw.split(',').map(str::trim).filter(|url| !url.is_empty()).collect()
 }

@@ -18,13 +18,14 @@ pub struct BrokerArgs {
     /// For a cluster, a comma-separated list of its nodes' URLs: each process tries them in an order
     /// of its own (shuffled once per process), connects to the first that answers, and after losing a
     /// node starts again from the next one, with the usual reconnect backoff. One URL (a load balancer
-    /// in front of the cluster) works as well.
+    /// in front of the cluster) works as well. Every entry is checked at start; a comma (or any other
+    /// reserved character) in a user name or password must be percent-encoded (`,` as `%2C`).
     #[arg(
         long,
         global = true,
         env = "AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        value_parser = parse_secret,
+        value_parser = amqp_node_list,
         hide_env_values = true
     )]
     pub amqp_url: SecretString,
@@ -262,6 +263,30 @@ fn missing_settings(command: &clap::Command, error: &clap::Error) -> String {
 }
 
 /// Wraps a setting in `SecretString` so that `Debug` prints `[REDACTED]`.
+/// `AMQP_URL`: one URL or a comma-separated list of a cluster's nodes, each of which must parse, so
+/// that a typo in the third node does not wait for the first two to die before it shows. The error
+/// names the entry's position, never any part of it (a malformed entry may be all password).
+pub fn amqp_node_list(raw: &str) -> Result<SecretString, String> {
+    let entries: Vec<&str> = raw.split(',').map(str::trim).collect();
+    let count = entries.len();
+    if entries.iter().all(|entry| entry.is_empty()) {
+        return Err("no URL given".to_owned());
+    }
+    for (position, entry) in entries.iter().enumerate() {
+        let which =
+            if count == 1 { "the URL".to_owned() } else { format!("entry {} of {count}", position + 1) };
+        if entry.is_empty() {
+            return Err(format!("{which} is empty (two commas in a row, or one at an end)"));
+        }
+        if entry.parse::<lapin::uri::AMQPUri>().is_err() {
+            return Err(format!(
+                "{which} is not an amqp:// or amqps:// URL (a comma in a password is written %2C)"
+            ));
+        }
+    }
+    Ok(SecretString::from(raw))
+}
+
 pub fn parse_secret(raw: &str) -> Result<SecretString, Infallible> {
     Ok(SecretString::from(raw))
 }
@@ -309,6 +334,34 @@ fn redact_query(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use secrecy::ExposeSecret;
+
+    #[test]
+    fn every_node_of_amqp_url_is_checked_and_a_bad_one_named_by_position_only() {
+        let good = "amqp://u:p@rabbit-1:5672/%2f, amqp://u:p@rabbit-2:5672/%2f";
+        assert_eq!(amqp_node_list(good).unwrap().expose_secret(), good);
+        let third_bad = "amqp://u:p@a/%2f,amqp://u:p@b/%2f,http://u:hunter2@c";
+        let error = amqp_node_list(third_bad).unwrap_err();
+        assert!(error.starts_with("entry 3 of 3 is not an amqp://"), "{error}");
+        assert!(!error.contains("hunter2") && !error.contains("http://u"), "{error}");
+        assert!(
+            amqp_node_list("amqp://u:p@a/%2f,,amqp://u:p@b/%2f")
+                .unwrap_err()
+                .starts_with("entry 2 of 3 is empty")
+        );
+        assert_eq!(amqp_node_list(" , ").unwrap_err(), "no URL given");
+    }
+
+    #[test]
+    fn a_comma_in_a_password_is_written_percent_encoded() {
+        // Written raw, the comma splits the URL into two entries, and the second is not a URL.
+        let error = amqp_node_list("amqp://app:pa,ss@rabbit:5672/%2f").unwrap_err();
+        assert!(error.starts_with("entry ") && error.contains(" of 2 ") && !error.contains("ss@"), "{error}");
+        let encoded = "amqp://app:pa%2Css@rabbit:5672/%2f";
+        amqp_node_list(encoded).unwrap();
+        let uri: lapin::uri::AMQPUri = encoded.parse().unwrap();
+        assert_eq!(uri.authority.userinfo.password, "pa,ss", "lapin decodes it");
+    }
 
     #[test]
     fn an_optional_count_is_empty_or_at_least_one() {

@@ -93,3 +93,20 @@ fn a_missing_setting_still_stops_a_real_run() {
         assert!(stderr.contains("missing required setting"), "{binary}: {stderr}");
     }
 }
+
+#[test]
+fn a_bad_node_in_amqp_url_stops_the_start_naming_its_position_and_never_its_password() {
+    let nodes = "amqp://app:s3cret-one@rabbit-1:5672/%2f,amqp://app:hunter2@rabbit-2:5672x/%2f";
+    for binary in ["ingest", "worker"] {
+        let output = Command::new(bin_dir().join(binary))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("AMQP_URL", nodes)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {binary}: {e}"));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{binary}: {stderr}");
+        assert!(stderr.contains("entry 2 of 2 is not an amqp:// or amqps:// URL"), "{binary}: {stderr}");
+        assert!(!stderr.contains("hunter2") && !stderr.contains("s3cret-one"), "{binary} printed a password");
+    }
+}
