@@ -37,6 +37,8 @@ pub struct MonoClient {
 #[derive(Clone)]
 pub struct ReauthToken {
     value: SecretString,
+    /// When we asked Mono for it: Mono issued it no earlier, so an expiry counted from here is
+    /// never later than Mono's, however long the answer took to arrive.
     pub issued_at: DateTime<Utc>,
 }
 
@@ -146,6 +148,8 @@ impl MonoClient {
             .map_err(|()| unavailable("other", "MONO_API_URL cannot take a path"))?
             .pop_if_empty()
             .extend(["accounts", account.as_str(), "reauthorise"]);
+        // Taken before the request leaves: Mono's clock starts somewhere during the call.
+        let asked_at = Utc::now();
         let sent =
             self.http.post(url).header(SECRET_KEY_HEADER, self.secret_key.expose_secret()).send().await;
         let response = match sent {
@@ -179,7 +183,7 @@ impl MonoClient {
         if status.is_success() {
             return match serde_json::from_slice::<TokenAnswer>(&body) {
                 Ok(answer) if !answer.token.is_empty() => {
-                    Ok(ReauthToken { value: SecretString::from(answer.token), issued_at: Utc::now() })
+                    Ok(ReauthToken { value: SecretString::from(answer.token), issued_at: asked_at })
                 }
                 // Never echo a 2xx body: it may hold a token.
                 _ => Err(unavailable("other", &format!("{status} without a token"))),
@@ -288,6 +292,35 @@ mod tests {
         );
         assert_eq!(mono_message(b""), "(empty answer)");
         assert_eq!(mono_message("x".repeat(1000).as_bytes()).len(), MAX_REASON_CHARS);
+    }
+
+    #[tokio::test]
+    async fn a_token_is_issued_when_it_was_asked_for_not_when_the_answer_arrived() {
+        use wiremock::matchers::method;
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let mono = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(serde_json::json!({ "token": "slow" }))
+                    .set_delay(Duration::from_millis(500)),
+            )
+            .mount(&mono)
+            .await;
+        let client = MonoClient::new(
+            &mono.uri(),
+            SecretString::from("test_sk"),
+            Duration::from_secs(5),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let asked = Utc::now();
+
+        let token = client.reauthorise(&AccountId::parse("acct-1").unwrap()).await.unwrap();
+
+        // Mono may have issued it any time during the 500 ms: only the start bounds its expiry.
+        let lag = token.issued_at - asked;
+        assert!(lag < chrono::Duration::milliseconds(200), "issued {lag} after it was asked for");
     }
 
     #[test]

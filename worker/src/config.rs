@@ -34,14 +34,9 @@ pub struct Cli {
 pub enum Command {
     /// Apply pending database migrations (creating the database if needed), then exit.
     Migrate,
-    /// Print one account's record. The re-auth token is never printed, only whether one is held.
-    Account {
-        /// Mono account id.
-        id: String,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Print one account's record (the re-auth token is never printed, only whether one is held),
+    /// or erase its personal data (`account erase <id>`).
+    Account(crate::commands::account::AccountArgs),
     /// Inspect, replay and purge dead letters.
     #[command(subcommand)]
     Dlq(crate::commands::dlq::DlqCommand),

@@ -27,9 +27,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("migrations are up to date");
             Ok(())
         }
-        Some(Command::Account { id, json }) => {
-            let pool = db::connect(&cli.database).await?;
-            commands::account::show(&pool, &id, json).await
+        Some(Command::Account(args)) => {
+            // Erasing writes its record: the schema must be there.
+            let pool = if args.writes() {
+                db::connect_and_migrate(&cli.database).await?
+            } else {
+                db::connect(&cli.database).await?
+            };
+            commands::account::run(&pool, &args).await
         }
         Some(Command::Dlq(command)) => {
             let pool = db::connect_and_migrate(&cli.database).await?;

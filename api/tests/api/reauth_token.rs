@@ -55,6 +55,22 @@ async fn a_token_about_to_expire_is_replaced_by_a_fresh_one_from_mono(pool: PgPo
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn a_fresh_token_never_expires_later_than_mono_s_even_when_mono_is_slow(pool: PgPool) {
+    let mono = MockServer::start().await;
+    mono_issues("acct-1", "slow-token", 600).expect(1).mount(&mono).await;
+    Seed::flagged("acct-1").insert(&pool).await;
+    let app = spawn_app(pool, &mono).await;
+    let asked = Utc::now();
+
+    let body = json(app.reauth_token("acct-1").await).await;
+
+    // Mono issued it at some point during its 600 ms: only the time it was asked bounds its expiry.
+    let expires: chrono::DateTime<Utc> = body["expires_at"].as_str().unwrap().parse().unwrap();
+    let late = expires - (asked + Duration::minutes(10));
+    assert!(late < Duration::milliseconds(300), "expires_at is {late} later than Mono's can be");
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn an_account_that_needs_nothing_is_unlinked_or_missing_gets_its_answer(pool: PgPool) {
     let mono = MockServer::start().await;
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(500)).expect(0).mount(&mono).await;

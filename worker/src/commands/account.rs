@@ -1,10 +1,48 @@
 //! `worker account <id>`: one account's record, as the app would read it. The token is never printed.
+//! `worker account erase <id>` removes its personal data (`account_erase`).
 
 use chrono::{DateTime, Utc};
+use clap::{Args, Subcommand};
 use sqlx::PgPool;
 
+use super::account_erase::{self, EraseArgs};
 use super::output;
 use crate::db::accounts;
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct AccountArgs {
+    #[command(subcommand)]
+    pub action: Option<AccountAction>,
+    /// Mono account id.
+    #[arg(required = true)]
+    pub id: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountAction {
+    /// Remove the account's personal data (its token, snapshot, customer id and journal bodies),
+    /// record who and why, and print what was removed. Ids, kinds, statuses and times stay.
+    Erase(EraseArgs),
+}
+
+impl AccountArgs {
+    /// Whether the command writes (and so needs the schema migrated).
+    pub fn writes(&self) -> bool {
+        self.action.is_some()
+    }
+}
+
+pub async fn run(pool: &PgPool, args: &AccountArgs) -> anyhow::Result<()> {
+    match (&args.action, &args.id) {
+        (Some(AccountAction::Erase(erase)), _) => account_erase::run(pool, erase).await,
+        (None, Some(id)) => show(pool, id, args.json).await,
+        (None, None) => Err(output::UsageError::new("worker account needs an account id").into()),
+    }
+}
 
 pub async fn show(pool: &PgPool, id: &str, json: bool) -> anyhow::Result<()> {
     let Some(account) = accounts::find(pool, id).await? else {

@@ -2,6 +2,7 @@
 //! command that prints takes `--json`; `output` holds what they share, exit codes included.
 
 pub mod account;
+pub mod account_erase;
 pub mod dlq;
 pub mod output;
 pub mod status;

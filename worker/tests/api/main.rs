@@ -6,6 +6,7 @@ mod database_faults;
 mod dlq;
 mod dlq_walks;
 mod edges;
+mod erasure;
 mod events;
 mod helpers;
 mod idempotency;

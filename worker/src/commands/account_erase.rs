@@ -1,0 +1,155 @@
+//! `worker account erase <id>`: removes an account's personal data on a customer's request, records
+//! who asked and why (`account_erasures`), and prints what it removed.
+//!
+//! One transaction under the account's row lock (the lock every batch takes first), so no batch
+//! writes the account or its journal halfway through. What goes: the stored re-auth token and its
+//! times, the account snapshot, the customer id, and the body (`payload`) of every journal row of the
+//! account. What stays, for the audit: ids, event kinds, statuses, attempts, errors and times, and
+//! the account's flags and ordering guards (so a late event is still recognised as stale). Dead
+//! letters keep their whole body in the dead-letter queue: the command counts them and says how to
+//! purge them. Running it twice removes nothing the second time and records the request again.
+
+use chrono::{DateTime, Utc};
+use clap::Args;
+use serde::Serialize;
+use sqlx::PgPool;
+
+use super::output::{self, UsageError};
+
+#[derive(Debug, Args)]
+pub struct EraseArgs {
+    /// Mono account id.
+    pub id: String,
+    /// Why (e.g. the customer's request and its ticket), recorded with the erasure.
+    #[arg(long)]
+    pub reason_note: String,
+    /// Who, recorded with the erasure (default: $USER).
+    #[arg(long, env = "USER", default_value = "unknown", hide_env_values = true)]
+    pub actor: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `worker account erase --json`.
+#[derive(Debug, Serialize)]
+pub struct Erasure {
+    /// The row of `account_erasures` that records it.
+    pub erasure_id: i64,
+    pub account_id: String,
+    pub actor: String,
+    pub reason: String,
+    pub erased_at: DateTime<Utc>,
+    pub removed: Removed,
+    /// Dead letters of the account: each still holds its whole body in the dead-letter queue until
+    /// it is purged (`worker dlq purge --account <id>`).
+    pub dead_letters_waiting: i64,
+}
+
+/// What the erasure found and removed.
+#[derive(Debug, Serialize)]
+pub struct Removed {
+    pub reauth_token: bool,
+    pub account_snapshot: bool,
+    pub customer_id: bool,
+    /// Journal rows of the account whose body was removed.
+    pub journal_payloads: u64,
+}
+
+pub async fn run(pool: &PgPool, args: &EraseArgs) -> anyhow::Result<()> {
+    if args.reason_note.trim().is_empty() {
+        return Err(UsageError::new("--reason-note must say why the account is erased").into());
+    }
+    let erasure = erase(pool, &args.id, &args.actor, &args.reason_note).await?;
+    if args.json {
+        return output::document(&erasure);
+    }
+    let removed = &erasure.removed;
+    let mut what: Vec<String> = [
+        (removed.reauth_token, "the re-auth token"),
+        (removed.account_snapshot, "the account snapshot"),
+        (removed.customer_id, "the customer id"),
+    ]
+    .into_iter()
+    .filter(|(was, _)| *was)
+    .map(|(_, name)| name.to_owned())
+    .collect();
+    if removed.journal_payloads > 0 {
+        what.push(format!("the bodies of its journal rows ({})", removed.journal_payloads));
+    }
+    let what =
+        if what.is_empty() { "nothing (no personal data was held)".to_owned() } else { what.join(", ") };
+    println!("erased account {}: {what}", erasure.account_id);
+    println!("kept for the audit: ids, event kinds, statuses and times; the account's flags and guards");
+    if erasure.dead_letters_waiting > 0 {
+        println!(
+            "dead letters of this account still holding their whole body in the dead-letter queue: {} \
+             (worker dlq purge --account {})",
+            erasure.dead_letters_waiting, erasure.account_id
+        );
+    }
+    println!("recorded as erasure {} by {}: {}", erasure.erasure_id, erasure.actor, erasure.reason);
+    Ok(())
+}
+
+/// Erases `account`'s personal data and records it; fails if monohook holds nothing of the account.
+pub async fn erase(pool: &PgPool, account: &str, actor: &str, reason: &str) -> anyhow::Result<Erasure> {
+    let mut tx = pool.begin().await?;
+    let held: Option<(bool, bool, bool)> = sqlx::query_as(
+        "SELECT reauth_token IS NOT NULL, account_snapshot IS NOT NULL, customer_id IS NOT NULL
+         FROM accounts WHERE id = $1 FOR UPDATE",
+    )
+    .bind(account)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let journaled: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM webhook_events WHERE account_id = $1)")
+            .bind(account)
+            .fetch_one(&mut *tx)
+            .await?;
+    if held.is_none() && !journaled {
+        anyhow::bail!("no account {account} (nothing to erase)");
+    }
+    let (reauth_token, account_snapshot, customer_id) = held.unwrap_or_default();
+    sqlx::query(
+        "UPDATE accounts SET reauth_token = NULL, reauth_token_issued_at = NULL, reauth_token_expires_at = NULL,
+             account_snapshot = NULL, customer_id = NULL, updated_at = clock_timestamp()
+         WHERE id = $1",
+    )
+    .bind(account)
+    .execute(&mut *tx)
+    .await?;
+    let journal_payloads =
+        sqlx::query("UPDATE webhook_events SET payload = NULL WHERE account_id = $1 AND payload IS NOT NULL")
+            .bind(account)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    let dead_letters_waiting: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM webhook_events WHERE account_id = $1 AND status = 'dead'")
+            .bind(account)
+            .fetch_one(&mut *tx)
+            .await?;
+    let removed = Removed { reauth_token, account_snapshot, customer_id, journal_payloads };
+    let (erasure_id, erased_at): (i64, DateTime<Utc>) = sqlx::query_as(
+        "INSERT INTO account_erasures (account_id, actor, reason, removed) VALUES ($1, $2, $3, $4)
+         RETURNING id, erased_at",
+    )
+    .bind(account)
+    .bind(actor)
+    .bind(reason)
+    .bind(serde_json::to_value(&removed)?)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::info!(erasure_id, %actor, "erased an account's personal data");
+    Ok(Erasure {
+        erasure_id,
+        account_id: account.to_owned(),
+        actor: actor.to_owned(),
+        reason: reason.to_owned(),
+        erased_at,
+        removed,
+        dead_letters_waiting,
+    })
+}

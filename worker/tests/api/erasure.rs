@@ -1,0 +1,111 @@
+//! `worker account erase`: an account's personal data goes on request, the audit keeps ids, kinds,
+//! statuses and times, and who asked and why is recorded.
+
+use sqlx::PgPool;
+
+use crate::helpers::{TestWorld, body};
+use crate::personal_data::{account_updated_with_personal_data, personal_values, tables_holding};
+
+const ERASED: &str = "6631279bdedfbd0a1c2e0001";
+
+#[sqlx::test(migrations = "../migrations")]
+async fn erase_removes_token_snapshot_and_journal_bodies_and_records_who_and_why(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    world.mono_issues_token(ERASED, "token-of-the-erased").await;
+    world.mono_refuses("65f0c1aa0b").await;
+    // Full bodies, so that the journal holds personal data for the erasure to remove.
+    world.start_worker_with(&["--journal-payload", "full"]).await;
+    let updated = world.publish(&account_updated_with_personal_data()).await;
+    let reauth = world.publish(&body("mono.events.reauthorisation_required", ERASED)).await;
+    world.settled(&updated).await;
+    world.settled(&reauth).await;
+    assert_eq!(world.stored_token(ERASED).await.as_deref(), Some("token-of-the-erased"));
+    world.stop_workers().await;
+
+    let output = world
+        .run_cli(
+            &["account", "erase", ERASED, "--reason-note", "customer request (ticket 881)", "--json"],
+            "",
+        )
+        .await;
+
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(printed["account_id"], ERASED);
+    assert_eq!(
+        printed["removed"],
+        serde_json::json!({"reauth_token": true, "account_snapshot": true, "customer_id": false, "journal_payloads": 2})
+    );
+    assert_eq!(printed["dead_letters_waiting"], 0);
+    for value in personal_values() {
+        assert_eq!(tables_holding(&world.pool, &value).await, [], "{value} survived the erasure");
+    }
+    assert_eq!(tables_holding(&world.pool, "token-of-the-erased").await, []);
+    // The audit keeps what happened, without the bodies.
+    let kept: Vec<(String, String, bool)> = sqlx::query_as(
+        "SELECT event, status, payload IS NULL FROM webhook_events WHERE account_id = $1 ORDER BY received_at",
+    )
+    .bind(ERASED)
+    .fetch_all(&world.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        kept,
+        [
+            ("mono.events.account_updated".to_owned(), "processed".to_owned(), true),
+            ("mono.events.reauthorisation_required".to_owned(), "processed".to_owned(), true),
+        ]
+    );
+    let account = world.account(ERASED).await;
+    assert!(!account.has_reauth_token && account.reauth_required);
+    let recorded: (String, String, i64) =
+        sqlx::query_as("SELECT actor, reason, id FROM account_erasures WHERE account_id = $1")
+            .bind(ERASED)
+            .fetch_one(&world.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        recorded,
+        (
+            "ops-test".to_owned(),
+            "customer request (ticket 881)".to_owned(),
+            printed["erasure_id"].as_i64().unwrap()
+        )
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn erase_prints_what_it_removed_and_names_dead_letters_still_holding_a_body(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    let account = "65f0c1aa0c";
+    world.mono_refuses(account).await;
+    world.start_worker().await;
+    let dead = world.publish(&body("mono.events.reauthorisation_required", account)).await;
+    assert_eq!(world.settled(&dead).await.status, "dead");
+
+    let output = world.run_cli(&["account", "erase", account, "--reason-note", "closed"], "").await;
+
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        text.contains(&format!("erased account {account}: the bodies of its journal rows (1)")),
+        "{text}"
+    );
+    assert!(text.contains(&format!("dead letters of this account still holding their whole body in the dead-letter queue: 1 (worker dlq purge --account {account})")), "{text}");
+    assert!(text.contains("by ops-test: closed"), "{text}");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn erasing_an_unknown_account_fails_and_an_erasure_without_a_reason_is_a_usage_error(pool: PgPool) {
+    let world = TestWorld::new(pool).await;
+
+    let unknown = world.run_cli(&["account", "erase", "nobody", "--reason-note", "request"], "").await;
+    let no_reason = world.run_cli(&["account", "erase", "nobody", "--reason-note", " "], "").await;
+
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no account nobody"));
+    assert_eq!(no_reason.status.code(), Some(2));
+    let recorded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM account_erasures").fetch_one(&world.pool).await.unwrap();
+    assert_eq!(recorded, 0);
+}
