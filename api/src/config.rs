@@ -55,6 +55,11 @@ pub struct ApiConfig {
     #[arg(long, env = "MONO_RETRY_AFTER_MAX_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub mono_retry_after_max_secs: u64,
 
+    /// After Mono refuses an account (a permanent 4xx), how long the api answers 422 for it without
+    /// asking Mono again, in seconds (0 asks every time).
+    #[arg(long, env = "MONO_REFUSAL_MEMORY_SECS", default_value_t = 60)]
+    pub mono_refusal_memory_secs: u64,
+
     /// A stored token is handed out only if it works at least this much longer, in seconds;
     /// otherwise a fresh one is fetched from Mono (its tokens live 10 minutes).
     #[arg(long, env = "TOKEN_MIN_REMAINING_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..600))]

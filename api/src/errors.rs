@@ -18,6 +18,8 @@ pub enum ApiError {
     ReauthNotRequired,
     #[error("the account is unlinked")]
     AccountUnlinked,
+    /// Mono refused to re-authorise the account (a permanent 4xx for it): 422, which clients and
+    /// gateways do not retry, unlike a 502.
     #[error("Mono refused the account: {0}")]
     MonoRefused(String),
     #[error("Mono is unavailable: {reason}")]
@@ -65,7 +67,7 @@ impl ResponseError for ApiError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::InvalidQuery(_) => StatusCode::BAD_REQUEST,
             Self::ReauthNotRequired | Self::AccountUnlinked => StatusCode::CONFLICT,
-            Self::MonoRefused(_) => StatusCode::BAD_GATEWAY,
+            Self::MonoRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::MonoUnavailable { .. } | Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -9,5 +9,6 @@ pub mod db;
 pub mod errors;
 pub mod locks;
 pub mod recorder;
+pub mod refusals;
 pub mod routes;
 pub mod startup;

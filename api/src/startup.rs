@@ -21,6 +21,7 @@ use crate::config::ApiConfig;
 use crate::errors::ApiError;
 use crate::locks::AccountLocks;
 use crate::recorder::IssuanceRecorder;
+use crate::refusals::RefusalMemory;
 use crate::routes;
 use mono_client::MetricNames;
 use mono_client::circuit::{BreakerSettings, CircuitBreaker};
@@ -36,6 +37,8 @@ pub struct AppState {
     pub token_min_remaining: chrono::Duration,
     pub account_locks: AccountLocks,
     pub recorder: IssuanceRecorder,
+    /// Accounts Mono refused lately: answered 422 without asking it again.
+    pub refusals: RefusalMemory,
 }
 
 /// A built, not yet running, API.
@@ -86,6 +89,7 @@ impl Application {
             tokens,
             token_min_remaining: config.token_min_remaining(),
             account_locks: AccountLocks::default(),
+            refusals: RefusalMemory::new(Duration::from_secs(config.mono_refusal_memory_secs)),
         });
 
         let listener = TcpListener::bind(config.listen_addr)

@@ -6,6 +6,8 @@
 //! is read again (another request may have just refreshed it), a fresh token is fetched from Mono and
 //! stored only if the account still needs re-auth and no later-issued token is stored, and whatever
 //! token is stored then is handed out. Every token handed out is recorded in `token_issuances`.
+//! Mono refusing the account is a 422 `mono_refused`, remembered for `MONO_REFUSAL_MEMORY_SECS`
+//! (`refusals`) so that requests for it meanwhile get the same answer without a call to Mono.
 
 use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
@@ -71,6 +73,11 @@ async fn fresh(
     issuance: &Issuance<'_>,
 ) -> Result<HttpResponse, ApiError> {
     let _in_process = state.account_locks.lock(account.as_str()).await;
+    // Mono refused this account a moment ago (maybe for the request this one queued behind): asking
+    // again would only hammer it on the app's behalf.
+    if let Some(message) = state.refusals.recall(account.as_str()) {
+        return Err(ApiError::MonoRefused(message));
+    }
     let mut conn = state.pool.acquire().await?;
     let mut tx = conn.begin().await?;
     db::lock_account(&mut tx, account.as_str()).await?;
@@ -87,7 +94,10 @@ async fn fresh(
     let (outcome, _flight) = state.tokens.fetch(account, &CancellationToken::new()).await;
     let token = match outcome {
         TokenOutcome::Token(token) => token,
-        TokenOutcome::Refused { message, .. } => return Err(ApiError::MonoRefused(message)),
+        TokenOutcome::Refused { message, .. } => {
+            state.refusals.remember(account.as_str(), &message);
+            return Err(ApiError::MonoRefused(message));
+        }
         TokenOutcome::Park { reason } | TokenOutcome::Retry { reason } => {
             let retry_after = state.tokens.retry_in().filter(|d| !d.is_zero()).unwrap_or(DEFAULT_RETRY_AFTER);
             return Err(ApiError::MonoUnavailable { reason, retry_after });

@@ -6,7 +6,7 @@ use sqlx::PgPool;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::helpers::{Seed, WEB_KEY, issued_ago, json, mono_issues, spawn_app, stored_token};
+use crate::helpers::{Seed, WEB_KEY, issued_ago, json, mono_issues, spawn_app, spawn_app_with, stored_token};
 
 #[sqlx::test(migrations = "../migrations")]
 async fn a_stored_token_with_time_left_is_served_without_calling_mono(pool: PgPool) {
@@ -91,25 +91,32 @@ async fn an_account_that_needs_nothing_is_unlinked_or_missing_gets_its_answer(po
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn mono_refusing_the_account_is_502_with_its_message(pool: PgPool) {
+async fn mono_refusing_the_account_is_422_remembered_for_a_while_without_asking_mono_again(pool: PgPool) {
     let mono = MockServer::start().await;
     Mock::given(method("POST"))
         .respond_with(
             ResponseTemplate::new(400)
                 .set_body_json(serde_json::json!({ "message": "This account can not be re-authorised." })),
         )
+        .expect(2)
         .mount(&mono)
         .await;
     Seed::flagged("acct-1").insert(&pool).await;
-    let app = spawn_app(pool, &mono).await;
+    let app = spawn_app_with(pool, &mono, &["--mono-refusal-memory-secs", "1"]).await;
+    let refused =
+        serde_json::json!({ "error": "mono_refused", "detail": "This account can not be re-authorised." });
 
+    // The first asks Mono; the app retrying at once is answered from memory.
+    for _ in 0..3 {
+        let response = app.reauth_token("acct-1").await;
+        assert_eq!(response.status().as_u16(), 422);
+        assert_eq!(json(response).await, refused);
+    }
+    assert_eq!(mono.received_requests().await.unwrap().len(), 1, "Mono was asked once");
+    // Once the memory lapses, Mono is asked again (the second of the two calls expected).
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let response = app.reauth_token("acct-1").await;
-
-    assert_eq!(response.status().as_u16(), 502);
-    assert_eq!(
-        json(response).await,
-        serde_json::json!({ "error": "mono_refused", "detail": "This account can not be re-authorised." })
-    );
+    assert_eq!(response.status().as_u16(), 422);
 }
 
 #[sqlx::test(migrations = "../migrations")]
