@@ -45,10 +45,13 @@ pub enum TopologyError {
 }
 
 impl TopologyError {
-    /// Whether the broker refused because the object exists with other arguments (406).
-    fn is_inequivalent(&self) -> bool {
-        matches!(self, Self::Refused { source, .. }
-            if matches!(source.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 406))
+    /// Whether the broker refused `dead_queue` only for lacking the delivery limit an earlier
+    /// version did not set (406, "inequivalent arg 'x-delivery-limit'").
+    fn is_dead_queue_without_its_limit(&self, dead_queue: &str) -> bool {
+        matches!(self, Self::Refused { object, source }
+            if *object == format!("queue {dead_queue}")
+                && matches!(source.kind(), lapin::ErrorKind::ProtocolError(e)
+                    if e.get_id() == 406 && e.get_message().as_str().contains("'x-delivery-limit'")))
     }
 }
 
@@ -167,9 +170,12 @@ impl Topology {
         self.declare_queue(channel, &self.dead_queue(), dead_args).await
     }
 
-    /// [`Topology::declare`] on channels of its own, accepting a dead-letter queue that an earlier
-    /// version declared without its delivery limit (the broker refuses to change a queue's
-    /// arguments): that one is kept, with a warning that says how to set the limit by policy.
+    /// [`Topology::declare`] on a channel of its own. A queue that exists with other arguments is an
+    /// error naming the queue and, in the broker's words, the argument that differs (e.g. a retry
+    /// delay or `QUORUM_INITIAL_GROUP_SIZE` changed over existing queues): starting "fine" on queues
+    /// that do not do what the settings say would hide it. One exception: a dead-letter queue that an
+    /// earlier version declared without its delivery limit is kept (it is declared last, so all else
+    /// was declared), with a warning that says how to set the limit by policy.
     pub async fn declare_on(&self, connection: &lapin::Connection) -> Result<(), TopologyError> {
         let channel = self
             .answered(|| "a channel for the declarations".to_owned(), connection.create_channel())
@@ -177,31 +183,16 @@ impl Topology {
         let declared = self.declare(&channel).await;
         let _ = channel.close(200, "declared".into()).await;
         match declared {
-            Err(error) if error.is_inequivalent() => {}
-            other => return other,
+            Err(error) if error.is_dead_queue_without_its_limit(&self.dead_queue()) => {
+                tracing::warn!(
+                    queue = %self.dead_queue(),
+                    "the dead-letter queue was declared by an earlier version without x-delivery-limit; on RabbitMQ 4 \
+                     set it by policy (see docs/operations.md) or dead letters are dropped after 20 looks"
+                );
+                Ok(())
+            }
+            other => other,
         }
-        let dead = self.dead_queue();
-        let check = self
-            .answered(|| "a channel for the declarations".to_owned(), connection.create_channel())
-            .await?;
-        let existing = self
-            .answered(
-                || format!("queue {dead}"),
-                check.queue_declare(
-                    dead.as_str().into(),
-                    QueueDeclareOptions { passive: true, ..Default::default() },
-                    FieldTable::default(),
-                ),
-            )
-            .await;
-        let _ = check.close(200, "declared".into()).await;
-        existing?;
-        tracing::warn!(
-            queue = %dead,
-            "the dead-letter queue was declared by an earlier version without x-delivery-limit; on RabbitMQ 4 \
-             set it by policy (see docs/operations.md) or dead letters are dropped after 20 looks"
-        );
-        Ok(())
     }
 
     /// Reports depth and consumers of every queue without changing anything (passive declarations).
@@ -307,6 +298,28 @@ mod tests {
 
     fn topology() -> Topology {
         Topology::new("t", vec![Duration::from_secs(1)], 10)
+    }
+
+    async fn broker() -> lapin::Connection {
+        let url =
+            std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        crate::amqp::connect(&url.into(), "monohook-test-topology").await.expect("the test broker answers")
+    }
+
+    #[tokio::test]
+    async fn a_queue_with_other_arguments_is_an_error_naming_the_queue_and_the_argument() {
+        let connection = broker().await;
+        let prefix = format!("test.inequivalent.{}", uuid::Uuid::new_v4().simple());
+        let first = Topology::new(&prefix, vec![Duration::from_secs(1)], 10);
+        first.declare_on(&connection).await.expect("a new topology declares");
+        // Another process (or a changed setting) wants the work queue with another delivery limit.
+        let changed = Topology::new(&prefix, vec![Duration::from_secs(1)], 5);
+        let error = changed.declare_on(&connection).await.expect_err("refused").to_string();
+        assert!(error.contains(&format!("queue {prefix}.work")), "{error}");
+        assert!(error.contains("x-delivery-limit"), "{error}");
+        let cleanup = connection.create_channel().await.expect("a channel");
+        first.delete(&cleanup).await.expect("clean up");
+        connection.close(200, "done".into()).await.expect("closes");
     }
 
     #[test]
