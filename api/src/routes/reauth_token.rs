@@ -6,6 +6,8 @@
 //! is read again (another request may have just refreshed it), a fresh token is fetched from Mono and
 //! stored only if the account still needs re-auth and no later-issued token is stored, and whatever
 //! token is stored then is handed out. Every token handed out is recorded in `token_issuances`.
+//! While Mono is unavailable, a stored token that still works at least 30 s longer
+//! (`STORED_FLOOR_WHILE_MONO_UNAVAILABLE`) is handed out instead of a 503.
 //! Mono refusing the account is a 422 `mono_refused`, remembered for `MONO_REFUSAL_MEMORY_SECS`
 //! (`refusals`) so that requests for it meanwhile get the same answer without a call to Mono.
 
@@ -26,6 +28,9 @@ use shared::event::AccountId;
 
 /// Mono's re-auth tokens expire this long after they are issued.
 const TOKEN_LIFETIME: chrono::Duration = chrono::Duration::minutes(10);
+/// While Mono is unavailable, a stored token that still works this much longer is handed out
+/// (`source: "stored"`) rather than a 503: a short re-auth window beats none.
+pub const STORED_FLOOR_WHILE_MONO_UNAVAILABLE: chrono::Duration = chrono::Duration::seconds(30);
 /// `Retry-After` when Mono failed and the breaker gives no better estimate.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
 
@@ -99,6 +104,10 @@ async fn fresh(
             return Err(ApiError::MonoRefused(message));
         }
         TokenOutcome::Park { reason } | TokenOutcome::Retry { reason } => {
+            if let Some(response) = degrade(&mut tx, account, issuance).await? {
+                tx.commit().await?;
+                return Ok(response);
+            }
             let retry_after = state.tokens.retry_in().filter(|d| !d.is_zero()).unwrap_or(DEFAULT_RETRY_AFTER);
             return Err(ApiError::MonoUnavailable { reason, retry_after });
         }
@@ -131,6 +140,30 @@ async fn fresh(
     };
     tx.commit().await?;
     Ok(response)
+}
+
+/// Mono is unavailable: the stored token, if it still works `STORED_FLOOR_WHILE_MONO_UNAVAILABLE`
+/// longer, recorded as handed out (the caller commits). Read again: the worker may have stored one
+/// while Mono was failing us.
+async fn degrade(
+    tx: &mut sqlx::PgConnection,
+    account: &AccountId,
+    issuance: &Issuance<'_>,
+) -> Result<Option<HttpResponse>, ApiError> {
+    let now = db::token_state(&mut *tx, account.as_str()).await?.ok_or(ApiError::NotFound)?;
+    refuse_unless_needed(&now)?;
+    let Some((token, issued, expires)) =
+        now.token_working_until(Utc::now() + STORED_FLOOR_WHILE_MONO_UNAVAILABLE)
+    else {
+        return Ok(None);
+    };
+    db::record_issuance(tx, issuance, "stored", issued, expires).await?;
+    let left_secs = (expires - Utc::now()).num_seconds();
+    tracing::warn!(
+        left_secs,
+        "Mono is unavailable: handing out the stored token, which works for less than TOKEN_MIN_REMAINING_SECS"
+    );
+    Ok(Some(handed_out(token, expires, "stored")))
 }
 
 fn handed_out(token: &str, expires_at: DateTime<Utc>, source: &'static str) -> HttpResponse {
