@@ -125,6 +125,24 @@ pub struct RunArgs {
     #[arg(long, env = "JOURNAL_PAYLOAD", value_enum, default_value_t = JournalPayload::Minimal)]
     pub journal_payload: JournalPayload,
 
+    /// Days a journal row is kept (never less than the dedup window); a `dead` row stays until its
+    /// letter is replayed or purged.
+    #[arg(long, env = "JOURNAL_RETENTION_DAYS", default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=36_500))]
+    pub journal_retention_days: u64,
+
+    /// Days the audit is kept: tokens handed out (`token_issuances`), dead-letter replays and purges
+    /// (`dead_letter_actions`, an unfinished one stays), account erasures.
+    #[arg(long, env = "AUDIT_RETENTION_DAYS", default_value_t = 400, value_parser = clap::value_parser!(u64).range(1..=36_500))]
+    pub audit_retention_days: u64,
+
+    /// How often a worker deletes expired rows, in seconds (one worker at a time does it).
+    #[arg(long, env = "RETENTION_INTERVAL_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub retention_interval_secs: u64,
+
+    /// Most rows one retention step deletes (each step is one short statement).
+    #[arg(long, env = "RETENTION_STEP_ROWS", default_value_t = 5000, value_parser = clap::value_parser!(i64).range(1..))]
+    pub retention_step_rows: i64,
+
     /// Address of the worker's own HTTP endpoint: `/metrics`, `/healthz`, `/readyz` (port 0 picks a
     /// free port).
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9090")]
@@ -147,6 +165,15 @@ impl RunArgs {
 
     pub fn dedup_window(&self) -> Duration {
         Duration::from_secs(self.dedup_window_secs)
+    }
+
+    pub fn retention_policy(&self) -> crate::retention::RetentionPolicy {
+        crate::retention::RetentionPolicy {
+            journal: Duration::from_secs(self.journal_retention_days * 86_400),
+            audit: Duration::from_secs(self.audit_retention_days * 86_400),
+            dedup_window: self.dedup_window(),
+            step_rows: self.retention_step_rows,
+        }
     }
 
     pub fn max_retry_after(&self) -> Duration {

@@ -16,6 +16,7 @@ pub mod journal_payload;
 pub mod pipeline;
 pub mod processor;
 pub mod queue_watch;
+pub mod retention;
 pub mod startup;
 
 // The Mono client lives in its own crate, shared with the app's API.

@@ -8,6 +8,7 @@ use actix_web::dev::ServerHandle;
 use sqlx::PgPool;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::circuit::CircuitBreaker;
@@ -17,6 +18,7 @@ use crate::health::{self, Health};
 use crate::mono::MonoClient;
 use crate::pipeline::{DeadClass, PipelineSettings};
 use crate::processor::Processor;
+use crate::retention::RetentionPolicy;
 use crate::tokens::TokenFetcher;
 use mono_client::MetricNames;
 use shared::config::BrokerArgs;
@@ -27,6 +29,8 @@ pub struct Worker {
     session: Session,
     metrics_addr: SocketAddr,
     metrics_server: ServerHandle,
+    retention: RetentionPolicy,
+    retention_interval: Duration,
 }
 
 impl Worker {
@@ -78,7 +82,15 @@ impl Worker {
         };
         let session = Session::open(&settings).await?;
         let (metrics_addr, metrics_server) = health::serve(run.metrics_addr, health)?;
-        Ok(Self { pipeline: Arc::new(pipeline), settings, session, metrics_addr, metrics_server })
+        Ok(Self {
+            pipeline: Arc::new(pipeline),
+            settings,
+            session,
+            metrics_addr,
+            metrics_server,
+            retention: run.retention_policy(),
+            retention_interval: Duration::from_secs(run.retention_interval_secs),
+        })
     }
 
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
@@ -95,9 +107,17 @@ impl Worker {
         ));
         let report =
             tokio::spawn(crate::tokens::report_key_refused(self.pipeline.tokens.clone(), cancel.clone()));
+        // Every worker runs the schedule; the advisory lock lets one at a time do a round.
+        let retention = tokio::spawn(crate::retention::run(
+            self.pipeline.processor.pool().clone(),
+            self.retention,
+            self.retention_interval,
+            cancel.clone(),
+        ));
         consumer::run(self.pipeline.clone(), self.settings, self.session, cancel).await;
         let _ = watch.await;
         let _ = report.await;
+        let _ = retention.await;
         self.metrics_server.stop(true).await;
         tracing::info!("worker stopped");
         Ok(())

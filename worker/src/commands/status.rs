@@ -1,6 +1,7 @@
 //! `worker status`: what an operator checks first. `--check` turns it into a probe for cron jobs and
 //! monitors: exit 1 when a worker is not ready, Mono's circuit is open or refuses the key, or dead
-//! letters are waiting.
+//! letters are waiting (and, as a problem of its own, when some have waited longer than
+//! `DEAD_LETTER_MAX_AGE_DAYS`: retention never deletes a dead letter, so someone must decide).
 
 use chrono::{DateTime, Utc};
 use clap::Args;
@@ -23,6 +24,10 @@ pub struct StatusArgs {
     /// refuses its key, or dead letters are waiting (the `problems` say which).
     #[arg(long)]
     pub check: bool,
+    /// Days a dead letter may wait before `--check` reports it as old (retention never deletes
+    /// one: replay or purge it).
+    #[arg(long, env = "DEAD_LETTER_MAX_AGE_DAYS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=36_500))]
+    pub dead_letter_max_age_days: u64,
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
@@ -65,6 +70,9 @@ pub struct DeadLetters {
     pub in_queue: Option<u32>,
     /// When the oldest journaled dead letter was dead-lettered.
     pub oldest_at: Option<DateTime<Utc>>,
+    /// Journaled dead letters older than `DEAD_LETTER_MAX_AGE_DAYS`.
+    pub older_than_max_age: i64,
+    pub max_age_days: u64,
 }
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -99,7 +107,7 @@ pub struct WorkerState {
 #[derive(Debug, Serialize)]
 pub struct Problem {
     /// `worker_unreachable`, `worker_not_ready`, `mono_circuit_open`, `mono_key_refused`,
-    /// `dead_letters_waiting` or `queues_unreadable`.
+    /// `dead_letters_waiting`, `dead_letters_old` or `queues_unreadable`.
     pub check: &'static str,
     /// What it is about: a worker URL, or a queue.
     pub subject: String,
@@ -147,12 +155,16 @@ async fn gather(
         Err(error) => (Vec::new(), Some(error.to_string())),
     };
 
-    let (in_journal, oldest_at): (i64, Option<DateTime<Utc>>) =
-        sqlx::query_as("SELECT count(*), min(processed_at) FROM webhook_events WHERE status = 'dead'")
-            .fetch_one(pool)
-            .await?;
+    let max_age_days = args.dead_letter_max_age_days;
+    let (in_journal, oldest_at, older_than_max_age): (i64, Option<DateTime<Utc>>, i64) = sqlx::query_as(
+        "SELECT count(*), min(processed_at), count(*) FILTER (WHERE processed_at < now() - make_interval(days => $1))
+         FROM webhook_events WHERE status = 'dead'",
+    )
+    .bind(i32::try_from(max_age_days).unwrap_or(i32::MAX))
+    .fetch_one(pool)
+    .await?;
     let in_queue = queues.iter().find(|q| q.role == "dead").map(|q| q.messages);
-    let dead_letters = DeadLetters { in_journal, in_queue, oldest_at };
+    let dead_letters = DeadLetters { in_journal, in_queue, oldest_at, older_than_max_age, max_age_days };
     let mut last_processed: Option<LastProcessed> = sqlx::query_as(
         "SELECT event, status, received_at, processed_at FROM webhook_events WHERE status <> 'dead'
          ORDER BY processed_at DESC NULLS LAST LIMIT 1",
@@ -273,6 +285,17 @@ fn problems(status: &Status, topology: &Topology) -> Vec<Problem> {
             detail: format!("{in_queue} in the dead-letter queue, {} in the journal", dead.in_journal),
         });
     }
+    if dead.older_than_max_age > 0 {
+        problems.push(Problem {
+            check: "dead_letters_old",
+            subject: topology.dead_queue(),
+            detail: format!(
+                "{} dead letters have waited more than {} days (DEAD_LETTER_MAX_AGE_DAYS); retention \
+                 keeps them until they are replayed or purged",
+                dead.older_than_max_age, dead.max_age_days
+            ),
+        });
+    }
     if let Some(error) = &status.queues_error {
         problems.push(Problem {
             check: "queues_unreadable",
@@ -359,7 +382,13 @@ mod tests {
         Status {
             queues: Vec::new(),
             queues_error: None,
-            dead_letters: DeadLetters { in_journal: dead_in_journal, in_queue: Some(0), oldest_at: None },
+            dead_letters: DeadLetters {
+                in_journal: dead_in_journal,
+                in_queue: Some(0),
+                oldest_at: None,
+                older_than_max_age: dead_in_journal / 2,
+                max_age_days: 30,
+            },
             last_processed: None,
             unfinished_actions: 0,
             workers,
@@ -401,6 +430,16 @@ mod tests {
                 ("worker_unreachable", "http://b"),
                 ("dead_letters_waiting", "t.dead"),
             ]
+        );
+        let old = problems(&status(Vec::new(), 2), &topology);
+        assert_eq!(
+            old.iter().map(|p| p.check).collect::<Vec<_>>(),
+            ["dead_letters_waiting", "dead_letters_old"]
+        );
+        assert!(
+            old[1].detail.starts_with("1 dead letters have waited more than 30 days"),
+            "{}",
+            old[1].detail
         );
         assert_eq!(found[0].detail, "database down");
     }

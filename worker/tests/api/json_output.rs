@@ -92,7 +92,11 @@ async fn status_json_is_one_document_with_queues_dead_letters_workers_and_proble
         (&Value::from(world.dead_queue()), &Value::from("dead"), &Value::from(2))
     );
     assert!(status["queues_error"].is_null());
-    assert_eq!(keys(&status["dead_letters"]), set(&["in_journal", "in_queue", "oldest_at"]));
+    assert_eq!(
+        keys(&status["dead_letters"]),
+        set(&["in_journal", "in_queue", "oldest_at", "older_than_max_age", "max_age_days"])
+    );
+    assert_eq!(status["dead_letters"]["older_than_max_age"], 0);
     assert_eq!(status["dead_letters"]["in_journal"], 2);
     assert_eq!(status["dead_letters"]["in_queue"], 2);
     assert!(status["dead_letters"]["oldest_at"].is_string());

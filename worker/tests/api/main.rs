@@ -18,6 +18,7 @@ mod outages;
 mod pipeline;
 mod poison;
 mod replay_lineage;
+mod retention;
 mod scaling;
 mod shutdown;
 mod token_offers;

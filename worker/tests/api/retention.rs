@@ -1,0 +1,193 @@
+//! Retention: expired rows go in bounded steps, one worker at a time, never a row the dedup window
+//! or a waiting dead letter needs; old dead letters are reported, not deleted. Rows are dated in the
+//! past by hand.
+
+use chrono::Utc;
+use sqlx::PgPool;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{PATIENCE, TestWorld, body};
+use shared::testing::eventually;
+use worker::retention::{self, RETENTION_LOCK, RetentionPolicy, Round, Swept};
+
+const DAY: u64 = 86_400;
+
+fn policy(journal_days: u64, dedup_window_secs: u64) -> RetentionPolicy {
+    RetentionPolicy {
+        journal: Duration::from_secs(journal_days * DAY),
+        audit: Duration::from_secs(400 * DAY),
+        dedup_window: Duration::from_secs(dedup_window_secs),
+        step_rows: 10,
+    }
+}
+
+/// `count` journal rows with `status`, received and processed `days_ago`.
+async fn journal_rows(pool: &PgPool, count: i32, status: &str, days_ago: i32) {
+    sqlx::query(
+        "INSERT INTO webhook_events (id, event, account_id, body_sha256, received_at, status, attempts, processed_at)
+         SELECT gen_random_uuid(), 'mono.events.account_updated', 'acct-' || n, md5(random()::text), t, $2, 1, t
+         FROM generate_series(1, $1) AS n, LATERAL (SELECT now() - make_interval(days => $3)) AS at(t)",
+    )
+    .bind(count)
+    .bind(status)
+    .bind(days_ago)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+async fn count(pool: &PgPool, query: &str) -> i64 {
+    sqlx::query_scalar(query).fetch_one(pool).await.unwrap()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_round_deletes_expired_rows_in_steps_and_keeps_dead_letters_and_unfinished_actions(pool: PgPool) {
+    journal_rows(&pool, 25, "processed", 100).await;
+    journal_rows(&pool, 1, "dead", 100).await;
+    journal_rows(&pool, 3, "processed", 10).await;
+    sqlx::query(
+        "INSERT INTO token_issuances (account_id, served_at, key_label, source, token_issued_at, expires_at)
+         VALUES ('a', now() - interval '500 days', 'app', 'stored', now(), now()),
+                ('a', now() - interval '100 days', 'app', 'stored', now(), now())",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO dead_letter_actions (batch_id, action, delivery_id, event, attempts, actor, started_at, completed_at)
+         VALUES (gen_random_uuid(), 'purge', gen_random_uuid(), 'e', 1, 'ops', now() - interval '500 days', now() - interval '500 days'),
+                (gen_random_uuid(), 'replay', gen_random_uuid(), 'e', 1, 'ops', now() - interval '500 days', NULL),
+                (gen_random_uuid(), 'purge', gen_random_uuid(), 'e', 1, 'ops', now() - interval '10 days', now())",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO account_erasures (account_id, actor, reason, removed, erased_at)
+         VALUES ('a', 'ops', 'request', '{}', now() - interval '500 days'), ('b', 'ops', 'request', '{}', now())",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let round = retention::sweep(&pool, &policy(90, 600), &CancellationToken::new()).await.unwrap();
+
+    // 25 expired journal rows at 10 a step take 3 steps; each audit table one.
+    let swept =
+        Swept { journal: 25, token_issuances: 1, dead_letter_actions: 1, account_erasures: 1, steps: 6 };
+    assert_eq!(round, Round::Swept(swept));
+    assert_eq!(count(&pool, "SELECT count(*) FROM webhook_events WHERE status = 'dead'").await, 1);
+    assert_eq!(count(&pool, "SELECT count(*) FROM webhook_events WHERE status = 'processed'").await, 3);
+    assert_eq!(count(&pool, "SELECT count(*) FROM token_issuances").await, 1);
+    assert_eq!(count(&pool, "SELECT count(*) FROM dead_letter_actions WHERE completed_at IS NULL").await, 1);
+    assert_eq!(count(&pool, "SELECT count(*) FROM dead_letter_actions").await, 2);
+    assert_eq!(count(&pool, "SELECT count(*) FROM account_erasures").await, 1);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_row_the_dedup_window_needs_outlives_the_retention_and_still_makes_a_duplicate(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    let window_secs = 3 * DAY;
+    world.start_worker_with(&["--dedup-window-secs", &window_secs.to_string()]).await;
+    let sent = body("mono.events.sync_failed", "acct-window");
+    let first = world.publish_received_at(&sent, Utc::now() - chrono::Duration::days(2)).await;
+    assert_eq!(world.settled(&first).await.status, "processed");
+    journal_rows(&world.pool, 1, "processed", 4).await;
+
+    // The retention is one day, the window three: the two-day-old row stays, the four-day-old goes.
+    let round =
+        retention::sweep(&world.pool, &policy(1, window_secs), &CancellationToken::new()).await.unwrap();
+    let again = world.publish(&sent).await;
+
+    assert!(matches!(round, Round::Swept(Swept { journal: 1, .. })), "{round:?}");
+    assert!(world.journal(&first).await.is_some());
+    assert_eq!(world.settled(&again).await.status, "duplicate");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn one_worker_at_a_time_does_a_round(pool: PgPool) {
+    journal_rows(&pool, 2, "processed", 100).await;
+    let mut holder = pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)").bind(RETENTION_LOCK).execute(&mut *holder).await.unwrap();
+
+    let while_held = retention::sweep(&pool, &policy(90, 600), &CancellationToken::new()).await.unwrap();
+    let rows_while_held = count(&pool, "SELECT count(*) FROM webhook_events").await;
+    sqlx::query("SELECT pg_advisory_unlock($1)").bind(RETENTION_LOCK).execute(&mut *holder).await.unwrap();
+    let after = retention::sweep(&pool, &policy(90, 600), &CancellationToken::new()).await.unwrap();
+
+    assert_eq!(while_held, Round::Busy);
+    assert_eq!(rows_while_held, 2);
+    assert!(matches!(after, Round::Swept(Swept { journal: 2, .. })), "{after:?}");
+    // The round's connection was closed, so its lock is free again.
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(RETENTION_LOCK)
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    assert!(free);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_worker_deletes_expired_rows_by_itself_and_counts_them(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    journal_rows(&world.pool, 3, "processed", 100).await;
+
+    world.start_worker_with(&["--retention-interval-secs", "1", "--journal-retention-days", "90"]).await;
+
+    eventually("the expired rows are deleted", PATIENCE, || async {
+        count(&world.pool, "SELECT count(*) FROM webhook_events").await == 0
+    })
+    .await;
+    let metrics = reqwest::get(format!("http://{}/metrics", world.metrics_addrs[0]))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("monohook_worker_retention_rows_deleted_total{table=\"webhook_events\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("monohook_worker_retention_step_seconds"), "{metrics}");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn status_check_reports_dead_letters_older_than_the_setting(pool: PgPool) {
+    let world = TestWorld::new(pool).await;
+    journal_rows(&world.pool, 1, "dead", 40).await;
+    let status = |max_age: &'static str| {
+        let world = &world;
+        async move {
+            let output = world
+                .run_cli(
+                    &[
+                        "status",
+                        "--check",
+                        "--json",
+                        "--worker-url",
+                        "http://127.0.0.1:9",
+                        "--dead-letter-max-age-days",
+                        max_age,
+                    ],
+                    "",
+                )
+                .await;
+            assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+            let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+            status["problems"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["check"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+
+    let at_30_days = status("30").await;
+    let at_60_days = status("60").await;
+
+    assert!(at_30_days.contains(&"dead_letters_old".to_owned()), "{at_30_days:?}");
+    assert!(!at_60_days.contains(&"dead_letters_old".to_owned()), "{at_60_days:?}");
+    assert!(at_60_days.contains(&"dead_letters_waiting".to_owned()), "{at_60_days:?}");
+}
