@@ -711,11 +711,22 @@ fn the_autoscalers_watch_the_queue_the_topology_declares_and_scale_the_worker() 
     }
 }
 
+/// The `key = value` settings of a RabbitMQ configuration file (the new style, rabbitmq.conf).
+fn rabbitmq_settings(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter_map(|line| line.split_once('='))
+        .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+        .collect()
+}
+
 #[test]
-fn compose_cluster_profile_joins_three_nodes_as_scripts_cluster_does() {
+fn compose_cluster_profile_forms_at_boot_and_starts_nothing_before_three_nodes_are_healthy() {
     let compose = compose();
     let services = &compose["services"];
     let single = services["rabbitmq"]["image"].as_str().expect("the single broker's image");
+    let node_names: BTreeSet<String> = (1..=3).map(|n| format!("rabbit@rabbitmq-{n}")).collect();
     for n in 1..=3 {
         let node = &services[format!("rabbitmq-{n}").as_str()];
         assert_eq!(node["profiles"][0], "cluster", "rabbitmq-{n} only runs with --profile cluster");
@@ -729,19 +740,89 @@ fn compose_cluster_profile_joins_three_nodes_as_scripts_cluster_does() {
             Some(single),
             "the cluster runs the version the tests run against"
         );
+        // An empty or missing cookie stops compose (`:?`) instead of starting nodes that cannot
+        // authenticate to each other.
         let cookie = env_value(node, "RABBITMQ_ERLANG_COOKIE").expect("a shared Erlang cookie");
-        assert!(cookie.contains("${RABBITMQ_ERLANG_COOKIE"), "rabbitmq-{n}'s cookie comes from .env");
+        assert!(
+            cookie.starts_with("${RABBITMQ_ERLANG_COOKIE:?"),
+            "rabbitmq-{n}'s cookie is required: {cookie}"
+        );
         let volume = node["volumes"][0].as_str().expect("a data volume");
         assert!(volume.starts_with(&format!("rabbitmq-{n}-data:")), "rabbitmq-{n} keeps its own data");
+        // The formation config is this repository's file, read-only, where RabbitMQ reads extra
+        // configuration files.
+        let mount = node["volumes"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+            .find(|v| v.starts_with("./deploy/rabbitmq/cluster.conf:"))
+            .unwrap_or_else(|| panic!("rabbitmq-{n} does not mount deploy/rabbitmq/cluster.conf"));
+        let parts: Vec<&str> = mount.split(':').collect();
+        assert!(
+            parts.len() == 3 && parts[1].starts_with("/etc/rabbitmq/conf.d/") && parts[1].ends_with(".conf"),
+            "rabbitmq-{n} mounts {mount}"
+        );
+        assert_eq!(parts[2], "ro", "rabbitmq-{n} mounts the formation config read-only");
+        // Healthy means a member of a cluster of three running nodes, not merely a running node.
+        let check: Vec<&str> =
+            node["healthcheck"]["test"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
+        let at = check
+            .iter()
+            .position(|a| *a == "await_online_nodes")
+            .unwrap_or_else(|| panic!("rabbitmq-{n}'s healthcheck does not check membership: {check:?}"));
+        assert_eq!(check.get(at + 1), Some(&"3"), "rabbitmq-{n}: all three nodes: {check:?}");
+        let timeout_secs: u64 = check
+            .iter()
+            .position(|a| *a == "--timeout")
+            .and_then(|i| check.get(i + 1)?.parse().ok())
+            .unwrap_or_else(|| panic!("rabbitmq-{n}'s membership check has no short timeout: {check:?}"));
+        let check_timeout = node["healthcheck"]["timeout"].as_str().unwrap();
+        let check_timeout_secs: u64 = check_timeout.trim_end_matches('s').parse().unwrap();
+        assert!(timeout_secs < check_timeout_secs, "the check gives up before compose kills it");
     }
-    let join = &services["rabbitmq-cluster-join"];
-    let script = join["command"][0].as_str().expect("the join script");
-    assert!(script.contains("join_cluster rabbit@rabbitmq-1"), "{script}");
-    assert!(script.contains("rabbit@rabbitmq-2 rabbit@rabbitmq-3"), "{script}");
-    for n in 1..=3 {
-        assert_eq!(join["depends_on"][format!("rabbitmq-{n}").as_str()]["condition"], "service_healthy");
+
+    // The nodes form the cluster at boot from the node list; nothing joins (and resets) a node
+    // after start.
+    assert!(services["rabbitmq-cluster-join"].is_null(), "no join service");
+    assert!(!read("docker-compose.yml").contains("join_cluster"), "compose joins no node after start");
+    let formation = rabbitmq_settings(&read("deploy/rabbitmq/cluster.conf"));
+    assert_eq!(
+        formation.get("cluster_formation.peer_discovery_backend").map(String::as_str),
+        Some("classic_config")
+    );
+    let listed: BTreeSet<String> = formation
+        .iter()
+        .filter(|(key, _)| key.starts_with("cluster_formation.classic_config.nodes."))
+        .map(|(_, node)| node.clone())
+        .collect();
+    assert_eq!(listed, node_names, "the formation config lists the three nodes compose runs");
+
+    // A node on the minority side of a partition pauses and drops its clients, in containers and
+    // in the local cluster the chaos suite runs on.
+    assert_eq!(formation.get("cluster_partition_handling").map(String::as_str), Some("pause_minority"));
+    let script = read("scripts/cluster");
+    assert!(
+        script.lines().any(|l| l.trim() == "cluster_partition_handling = pause_minority"),
+        "scripts/cluster's nodes pause on the minority side"
+    );
+
+    // Ingest and worker declare queues at start: with the profile on, only once all three nodes
+    // are healthy; without it, the nodes do not exist and are not required.
+    for service in ["ingest", "worker"] {
+        let depends = &services[service]["depends_on"];
+        for n in 1..=3 {
+            let node = &depends[format!("rabbitmq-{n}").as_str()];
+            assert_eq!(node["condition"], "service_healthy", "{service} waits for rabbitmq-{n}");
+            assert_eq!(node["required"], false, "{service} starts without the cluster profile too");
+        }
     }
-    assert!(read("scripts/cluster").contains("join_cluster"), "scripts/cluster joins the same way");
+    let example = read(".env.example");
+    let cookie = example
+        .lines()
+        .find_map(|l| l.strip_prefix("RABBITMQ_ERLANG_COOKIE="))
+        .expect(".env.example sets RABBITMQ_ERLANG_COOKIE");
+    assert!(!cookie.trim().is_empty(), "the example's cookie passes `:?`, so `docker compose up` works");
 
     // What .env.example suggests for the cluster is a node list the binaries accept, and the replica
     // setting reaches both binaries.
