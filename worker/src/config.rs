@@ -152,6 +152,12 @@ pub struct RunArgs {
     #[arg(long, env = "QUEUE_POLL_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
     pub queue_poll_secs: u64,
 
+    /// Longest a delivery is held unacked while our database fails, in seconds; then it is parked in
+    /// the first retry tier without spending an attempt. Keep it well below RabbitMQ's
+    /// `consumer_timeout` (30 min by default), which closes the channel of a delivery held longer.
+    #[arg(long, env = "HOLD_MAX_SECS", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..))]
+    pub hold_max_secs: u64,
+
     /// On SIGTERM, how long in-flight deliveries may take to finish, in seconds; the rest return to
     /// the queue.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
@@ -178,6 +184,10 @@ impl RunArgs {
 
     pub fn max_retry_after(&self) -> Duration {
         Duration::from_secs(self.mono_retry_after_max_secs)
+    }
+
+    pub fn hold_max(&self) -> Duration {
+        Duration::from_secs(self.hold_max_secs)
     }
 
     pub fn shutdown_grace(&self) -> Duration {

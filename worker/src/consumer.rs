@@ -10,8 +10,9 @@
 //! fails. Deliveries still in flight on the old session are abandoned: they were never acked, so the
 //! broker hands them out again and the journal recognises what was already applied.
 //!
-//! Shutdown: stop consuming, give in-flight deliveries `SHUTDOWN_GRACE_SECS` to finish, abandon the
-//! rest, close the connection (unacked deliveries return to the queue).
+//! Shutdown: stop consuming (taking in what the broker sent before the cancel), park the deliveries
+//! waiting on our database, give in-flight deliveries
+//! `SHUTDOWN_GRACE_SECS` to finish, abandon the rest, close the connection (unacked deliveries return to the queue).
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -232,6 +233,12 @@ async fn consume(
     }
 
     let _ = session.consume_channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+    // Deliveries the broker sent before the cancel are ours too: returned unread, each would come
+    // back with its delivery count raised. The stream ends after them (bounded, in case it does not).
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
+        pipeline.accept(delivery);
+    }
+    pipeline.release_held();
     if !pipeline.drain(consumer_settings.shutdown_grace).await {
         tracing::warn!(
             unfinished = pipeline.outstanding(),

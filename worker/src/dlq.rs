@@ -18,6 +18,11 @@ use shared::delivery::{
 };
 use shared::topology::Topology;
 
+/// Times the poison guard counted a delivery handed out without being settled, carried by a parked
+/// copy: the copy is a new message, whose `x-delivery-count` starts again. Only parks carry it (a
+/// move to a retry tier spends an attempt instead, and a dead letter is done).
+pub const HEADER_HANDED_OUT: &str = "x-handed-out";
+
 /// Longest reason kept in a header.
 const MAX_REASON_CHARS: usize = 1000;
 
@@ -70,10 +75,14 @@ impl Republisher {
         &self,
         delivery: &Delivery,
         history: &AttemptHistory,
+        handed_out: u32,
         reason: &str,
     ) -> Result<(), RepublishError> {
         let mut headers = attempt_headers(&delivery.properties, history, history.previous_attempts);
         headers.insert(HEADER_LAST_ERROR.into(), long_string(&truncate(reason)));
+        if handed_out > 0 {
+            headers.insert(HEADER_HANDED_OUT.into(), AMQPValue::LongUInt(handed_out));
+        }
         self.publish(&self.topology.retry_queue(1), delivery, headers).await
     }
 
@@ -137,7 +146,7 @@ fn attempt_headers(properties: &BasicProperties, history: &AttemptHistory, attem
     let kept: std::collections::BTreeMap<_, _> = headers
         .inner()
         .iter()
-        .filter(|(name, _)| !BROKER_HEADERS.contains(&name.as_str()))
+        .filter(|(name, _)| !BROKER_HEADERS.contains(&name.as_str()) && name.as_str() != HEADER_HANDED_OUT)
         .map(|(name, value)| (name.clone(), value.clone()))
         .collect();
     headers = FieldTable::from(kept);

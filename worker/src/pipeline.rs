@@ -13,6 +13,10 @@
 //! `BATCH_CONCURRENCY` transaction slots is free, so batches grow under load and a lone delivery
 //! waits for nobody. Deliveries that need a token leave the batch, get it outside any transaction,
 //! and come back to the batcher with it.
+//!
+//! A delivery leaves this process only settled, moved (a confirmed copy, then the ack) or with its
+//! session. One waiting on our database is parked after `HOLD_MAX_SECS`, and at shutdown, so our
+//! own outage never meets RabbitMQ's `consumer_timeout` nor raises its delivery count.
 
 use lapin::message::Delivery;
 use std::sync::Arc;
@@ -29,7 +33,7 @@ use crate::db::events::{EventRecord, EventStatus};
 use crate::dlq::Republisher;
 use crate::event::IncomingEvent;
 use crate::mono::ReauthToken;
-use crate::processor::{ItemOutcome, Processor};
+use crate::processor::{Hold, Interrupted, ItemOutcome, Processor};
 use crate::tokens::{Flight, TokenFetcher, TokenOutcome};
 use shared::delivery::{AttemptHistory, DeliveryMeta, HEADER_REPLAY_FORCE, as_u32, header_str};
 use shared::event::EventKind;
@@ -52,6 +56,8 @@ pub struct PipelineSettings {
     pub batch_concurrency: usize,
     /// Deliveries this process held when a broker session was lost.
     pub returns: ReturnsOnLoss,
+    /// Longest a delivery is held waiting on our database before it is parked (`HOLD_MAX_SECS`).
+    pub hold_max: Duration,
 }
 
 /// How many times each delivery went back to the queue because this process lost its broker session
@@ -82,6 +88,33 @@ impl ReturnsOnLoss {
     }
 }
 
+/// What the poison guard makes of a delivery's hand-outs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handout {
+    /// On its way, `counted` times handed out before without being settled.
+    Pass { counted: u32 },
+    /// Handed out too often: dead-lettered unless the journal has it.
+    Suspect { counted: u32 },
+    /// Not suspect by our count, but the broker's own count is one return short of its
+    /// `x-delivery-limit`, where it would dead-letter the message without a journal row: parked (a
+    /// copy starts the broker's count again, and carries ours).
+    Park { counted: u32 },
+}
+
+/// Judges a delivery that the broker handed out `broker_count` times before (`x-delivery-count`),
+/// `lost` of them returns of a session this process lost, after `carried` counted returns of
+/// earlier copies (`x-handed-out`).
+pub fn judge_handout(broker_count: u32, lost: u32, carried: u32, limit: u32) -> Handout {
+    let counted = carried.saturating_add(broker_count.saturating_sub(lost));
+    if counted + 1 >= limit {
+        Handout::Suspect { counted }
+    } else if broker_count + 1 >= limit {
+        Handout::Park { counted }
+    } else {
+        Handout::Pass { counted }
+    }
+}
+
 /// Why a delivery is dead (the `x-dead-class` header and the metric label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeadClass {
@@ -109,6 +142,8 @@ struct Work {
     history: AttemptHistory,
     event: IncomingEvent,
     token: Option<ReauthToken>,
+    /// Times the poison guard counted it handed out before; a parked copy carries it on.
+    handed_out: u32,
     /// Keeps the token's fetch on offer to copies of this delivery until it is settled.
     flight: Option<Flight>,
     span: tracing::Span,
@@ -126,6 +161,8 @@ struct Inner {
     input: mpsc::UnboundedSender<Work>,
     /// Fired when in-flight work must stop waiting: the session is gone or the grace period is over.
     abandon: CancellationToken,
+    /// Fired at shutdown: deliveries waiting on our database are parked rather than returned.
+    release: CancellationToken,
     tasks: TaskTracker,
 }
 
@@ -142,6 +179,7 @@ impl Pipeline {
             acks,
             input,
             abandon: CancellationToken::new(),
+            release: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
         inner.tasks.spawn(run_batcher(inner.clone(), output));
@@ -154,13 +192,11 @@ impl Pipeline {
         let meta = DeliveryMeta::from_properties(&delivery.properties, &delivery.data);
         inner.acks.received(delivery.delivery_tag, meta.id.as_uuid());
         let history = AttemptHistory::from_properties(&delivery.properties);
-        let handed_out = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-delivery-count"))
-            .and_then(as_u32)
-            .unwrap_or(0);
+        let header = |name: &str| {
+            delivery.properties.headers().as_ref().and_then(|h| h.inner().get(name)).and_then(as_u32)
+        };
+        let broker_count = header("x-delivery-count").unwrap_or(0);
+        let carried = header(crate::dlq::HEADER_HANDED_OUT).unwrap_or(0);
         let forced = delivery
             .properties
             .headers()
@@ -201,21 +237,39 @@ impl Pipeline {
         // The broker dead-letters at the delivery limit on its own, but then nothing records why.
         // Stopping one short keeps the dead-letter queue and the journal in agreement. Returns this
         // process saw its own broker session lose do not count: they say nothing about the delivery.
-        let limit = inner.settings.topology.delivery_limit();
         // A first delivery (the common case) has nothing to discount: no lock taken for it.
-        let handed_out = match handed_out {
+        let lost = match broker_count {
             0 => 0,
-            n => n.saturating_sub(inner.settings.returns.of(meta.id.as_uuid())),
+            _ => inner.settings.returns.of(meta.id.as_uuid()),
         };
-        if handed_out + 1 >= limit {
-            let task = inner.clone().poison_guard(
-                Work { delivery, history, event, token: None, flight: None, span: span.clone(), started },
-                handed_out + 1,
-            );
-            inner.tasks.spawn(task.instrument(span));
-            return;
+        let handout = judge_handout(broker_count, lost, carried, inner.settings.topology.delivery_limit());
+        let work = |handed_out, span| Work {
+            delivery,
+            history,
+            event,
+            token: None,
+            handed_out,
+            flight: None,
+            span,
+            started,
+        };
+        match handout {
+            Handout::Pass { counted } => {
+                let _ = inner.input.send(work(counted, span));
+            }
+            Handout::Suspect { counted } => {
+                let task = inner.clone().poison_guard(work(counted, span.clone()), counted + 1);
+                inner.tasks.spawn(task.instrument(span));
+            }
+            Handout::Park { counted } => {
+                let reason = format!(
+                    "handed out {broker_count} times by the broker, {lost} of them returns of a lost \
+                     session: parked before the broker's delivery limit drops it"
+                );
+                let task = inner.clone().park(work(counted, span.clone()), reason);
+                inner.tasks.spawn(task.instrument(span));
+            }
         }
-        let _ = inner.input.send(Work { delivery, history, event, token: None, flight: None, span, started });
     }
 
     /// Deliveries received and not yet settled.
@@ -240,6 +294,12 @@ impl Pipeline {
     pub async fn abandon_lost(&self) {
         self.inner.settings.returns.note(&self.inner.acks.unsettled_ids());
         self.abandon().await;
+    }
+
+    /// Parks the deliveries waiting on our database at once (the worker is stopping): returned to
+    /// the queue, they would come back with their delivery count raised.
+    pub fn release_held(&self) {
+        self.inner.release.cancel();
     }
 
     /// Stops all work of this session; unsettled deliveries return to the queue when it closes.
@@ -283,7 +343,9 @@ impl Inner {
             batch.iter().map(|work| Candidate { event: &work.event, token: work.token.as_ref() }).collect();
         let transaction_spans = transaction_spans(&batch);
         let applying = Instant::now();
-        let outcomes = self.settings.processor.apply_batch(&candidates, &self.abandon).await;
+        let oldest = batch.iter().map(|work| work.started).min().unwrap_or(applying);
+        let hold = self.hold_from(oldest);
+        let outcomes = self.settings.processor.apply_batch(&candidates, &self.abandon, &hold).await;
         let elapsed_ms = applying.elapsed().as_millis() as u64;
         for (span, outcome) in transaction_spans.iter().zip(&outcomes) {
             span.record("outcome", outcome.as_str());
@@ -349,19 +411,29 @@ impl Inner {
     /// A delivery handed out too often: one already journaled was applied (its ack was lost), so it
     /// is acked; any other is dead-lettered as poison.
     async fn poison_guard(self: Arc<Self>, work: Work, handed_out: u32) {
-        match self.settings.processor.is_journaled(work.event.record.id, &self.abandon).await {
-            None => finished(&work.event, "abandoned", work.started),
-            Some(true) => {
+        let hold = self.hold_from(work.started);
+        match self.settings.processor.is_journaled(work.event.record.id, &self.abandon, &hold).await {
+            Err(Interrupted::Abandoned) => finished(&work.event, "abandoned", work.started),
+            Err(Interrupted::Park(reason)) => self.park(work, reason).await,
+            Ok(true) => {
                 tracing::info!(handed_out, "delivery was settled before (redelivery); no effect");
                 finished(&work.event, "redelivered", work.started);
                 self.acks.settle(&[work.delivery.delivery_tag]).await;
             }
-            Some(false) => {
+            Ok(false) => {
                 let reason = format!(
                     "handed out {handed_out} times without being settled (does it crash the worker?)"
                 );
                 self.dead_letter_work(work, reason, DeadClass::Poison).await;
             }
+        }
+    }
+
+    /// How long work received at `received` may wait on the database.
+    fn hold_from(&self, received: Instant) -> Hold<'_> {
+        Hold {
+            until: tokio::time::Instant::from_std(received + self.settings.hold_max),
+            release: &self.release,
         }
     }
 
@@ -409,7 +481,9 @@ impl Inner {
     /// Moves a delivery to the first retry tier without spending an attempt: what failed is ours (an
     /// outage of Mono, our key, our database), not the delivery's.
     async fn park(self: Arc<Self>, work: Work, reason: String) {
-        let moved = self.patiently(|| self.republisher.park(&work.delivery, &work.history, &reason)).await;
+        let moved = self
+            .patiently(|| self.republisher.park(&work.delivery, &work.history, work.handed_out, &reason))
+            .await;
         self.settle_move(work, moved.then_some("parked"), &reason, 1).await;
     }
 
@@ -539,5 +613,22 @@ fn event_label(kind: &EventKind, parsed: bool) -> &'static str {
         EventKind::AccountUnlinked => "account_unlinked",
         EventKind::SyncFailed => "sync_failed",
         EventKind::Other(_) => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn returns_of_lost_sessions_never_let_the_brokers_limit_drop_a_delivery() {
+        // Nine hand-outs, five of them returns of sessions this process lost: not poison by our
+        // count, but one more return and the broker dead-letters it with no journal row.
+        assert_eq!(judge_handout(9, 5, 0, 10), Handout::Park { counted: 4 });
+        // The parked copy starts the broker's count again and carries ours on.
+        assert_eq!(judge_handout(0, 0, 4, 10), Handout::Pass { counted: 4 });
+        assert_eq!(judge_handout(5, 0, 4, 10), Handout::Suspect { counted: 9 });
+        assert_eq!(judge_handout(9, 0, 0, 10), Handout::Suspect { counted: 9 });
+        assert_eq!(judge_handout(8, 8, 0, 10), Handout::Pass { counted: 0 });
     }
 }

@@ -12,6 +12,11 @@
 //!   culprit keeps being retried, never dead-lettered;
 //! - the event's own data refused (classes 22 and 23): the batch is split at once, and the culprit
 //!   is refused (dead-lettered by the caller).
+//!
+//! No wait on the database outlasts its [`Hold`]: once a batch's oldest delivery has been held
+//! `HOLD_MAX_SECS`, or the worker is stopping, its deliveries are parked instead (the broker closes a
+//! channel that holds a delivery past its `consumer_timeout` and counts the return of every delivery
+//! it held against the delivery limit).
 
 use sqlx::PgPool;
 use std::sync::atomic::Ordering;
@@ -38,6 +43,35 @@ pub enum ItemOutcome {
     Parked { reason: String },
     /// The worker is stopping or lost its broker session before the batch committed.
     Abandoned,
+}
+
+/// How long deliveries may wait on the database before they leave through the first retry tier
+/// (parked, no attempt spent), rather than stay unacked.
+pub struct Hold<'a> {
+    /// When the oldest delivery waiting has been held `HOLD_MAX_SECS`.
+    pub until: tokio::time::Instant,
+    /// Fired when the worker stops: a delivery returned to the queue would come back with its
+    /// delivery count raised, a parked copy starts the count again.
+    pub release: &'a CancellationToken,
+}
+
+impl Hold<'_> {
+    /// Why a wait ended this way, for `x-last-error`.
+    fn reason(&self, error: &dyn std::fmt::Display) -> String {
+        if self.release.is_cancelled() {
+            format!("the worker stopped while the database failed (ours, not the event's): {error}")
+        } else {
+            format!("held for HOLD_MAX_SECS while the database failed (ours, not the event's): {error}")
+        }
+    }
+}
+
+/// Why a wait on the database ended without an answer.
+pub enum Interrupted {
+    /// The session is gone or the grace period is over: the delivery returns with the session.
+    Abandoned,
+    /// The [`Hold`] ended: park the delivery, for this reason.
+    Park(String),
 }
 
 impl ItemOutcome {
@@ -100,6 +134,7 @@ impl Processor {
         &self,
         candidates: &[Candidate<'_>],
         abandon: &CancellationToken,
+        hold: &Hold<'_>,
     ) -> Vec<ItemOutcome> {
         // Failures of ours that are not an outage, counted so that one row cannot hold the batch.
         let ours = std::sync::atomic::AtomicU32::new(0);
@@ -118,9 +153,14 @@ impl Processor {
         let on_retry = |error: &BatchError, delay: Duration| {
             tracing::warn!(%error, retry_in = ?delay, deliveries = candidates.len(), "database error of ours; holding the deliveries");
         };
-        match retry::retry(&self.db_retry, abandon, attempt, on_retry).await {
+        match self.retry_held(abandon, hold, attempt, on_retry).await {
             Ok(outcomes) => outcomes,
-            Err(RetryError::Cancelled(_)) => vec![ItemOutcome::Abandoned; candidates.len()],
+            Err(RetryError::Cancelled(_)) if abandon.is_cancelled() => {
+                vec![ItemOutcome::Abandoned; candidates.len()]
+            }
+            Err(RetryError::Cancelled(error)) => {
+                vec![ItemOutcome::Parked { reason: hold.reason(&error) }; candidates.len()]
+            }
             Err(RetryError::Permanent(error) | RetryError::Exhausted { last: error, .. }) => {
                 let ours = match &error {
                     BatchError::Database(db_error) => db::classify(db_error) != DbFault::Event,
@@ -140,8 +180,9 @@ impl Processor {
                 tracing::warn!(%error, deliveries = candidates.len(), "a batch failed; retrying its deliveries one by one");
                 let mut outcomes = Vec::with_capacity(candidates.len());
                 for candidate in candidates {
-                    outcomes
-                        .extend(Box::pin(self.apply_batch(std::slice::from_ref(candidate), abandon)).await);
+                    outcomes.extend(
+                        Box::pin(self.apply_batch(std::slice::from_ref(candidate), abandon, hold)).await,
+                    );
                 }
                 outcomes
             }
@@ -242,7 +283,12 @@ impl Processor {
 
     /// Whether delivery `id` is journaled, retrying while the database fails for a reason of ours
     /// (anything but the event's own data, see [`db::classify`]); `None` if abandoned meanwhile.
-    pub async fn is_journaled(&self, id: uuid::Uuid, abandon: &CancellationToken) -> Option<bool> {
+    pub async fn is_journaled(
+        &self,
+        id: uuid::Uuid,
+        abandon: &CancellationToken,
+        hold: &Hold<'_>,
+    ) -> Result<bool, Interrupted> {
         let attempt = || async {
             sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM webhook_events WHERE id = $1)")
                 .bind(id)
@@ -253,11 +299,40 @@ impl Processor {
         let on_retry = |error: &sqlx::Error, delay: Duration| {
             tracing::warn!(%error, retry_in = ?delay, "database error of ours; poison guard waiting");
         };
-        match retry::retry(&self.db_retry, abandon, attempt, on_retry).await {
-            Ok(journaled) => Some(journaled),
-            Err(RetryError::Cancelled(_)) => None,
+        match self.retry_held(abandon, hold, attempt, on_retry).await {
+            Ok(journaled) => Ok(journaled),
+            Err(RetryError::Cancelled(_)) if abandon.is_cancelled() => Err(Interrupted::Abandoned),
+            Err(RetryError::Cancelled(error)) => Err(Interrupted::Park(hold.reason(&error))),
             // Cannot know: the guard does its job (the dead letter can be replayed; its id is applied once).
-            Err(_) => Some(false),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// [`retry::retry`] with the database policy, whose waits end when `abandon` fires or `hold`
+    /// ends (then `Cancelled`; `abandon` says which).
+    async fn retry_held<T, E, F, Fut>(
+        &self,
+        abandon: &CancellationToken,
+        hold: &Hold<'_>,
+        attempt: F,
+        on_retry: impl FnMut(&E, Duration),
+    ) -> Result<T, RetryError<E>>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure<E>>>,
+    {
+        let stop = abandon.child_token();
+        let bound = async {
+            tokio::select! {
+                () = tokio::time::sleep_until(hold.until) => {}
+                () = hold.release.cancelled() => {}
+            }
+            stop.cancel();
+            std::future::pending::<std::convert::Infallible>().await
+        };
+        tokio::select! {
+            result = retry::retry(&self.db_retry, &stop, attempt, on_retry) => result,
+            never = bound => match never {},
         }
     }
 

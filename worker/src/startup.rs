@@ -72,6 +72,7 @@ impl Worker {
             batch_max: run.batch_max,
             batch_concurrency: run.batch_concurrency,
             returns: Default::default(),
+            hold_max: run.hold_max(),
         };
         let settings = ConsumerSettings {
             amqp_url: broker.amqp_url.clone(),

@@ -39,6 +39,7 @@ use worker::batch::Candidate;
 use worker::circuit::{BreakerSettings, CircuitBreaker};
 use worker::event::IncomingEvent;
 use worker::mono::{MonoClient, ReauthToken};
+use worker::processor::Hold;
 use worker::processor::{ItemOutcome, Processor};
 use worker::tokens::{Flight, TokenFetcher, TokenOutcome};
 
@@ -566,7 +567,9 @@ async fn run_history_traced(
         }
         let candidates: Vec<Candidate<'_>> =
             batch.iter().map(|work| Candidate { event: &work.event, token: work.token.as_ref() }).collect();
-        let outcomes = processor.apply_batch(&candidates, &never).await;
+        // No hold bound: the database here never fails for long.
+        let hold = Hold { until: tokio::time::Instant::now() + Duration::from_secs(3600), release: &never };
+        let outcomes = processor.apply_batch(&candidates, &never, &hold).await;
         drop(candidates);
         let session_lost = choices.next() % 8 == 7;
         trace.push(format!(

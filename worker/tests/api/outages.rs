@@ -7,7 +7,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use std::time::Duration;
 
 use crate::helpers::{ACCOUNT, PATIENCE, TestWorld, body};
-use shared::testing::{TcpProxy, amqp_url, eventually};
+use shared::testing::{TcpProxy, TestBroker, amqp_url, eventually};
+use shared::topology::Topology;
 
 #[sqlx::test(migrations = "../migrations")]
 async fn a_database_outage_holds_deliveries_unacked_and_processing_resumes(
@@ -91,4 +92,66 @@ async fn a_consumer_cancelled_by_the_broker_is_replaced(pool: sqlx::PgPool) {
 
     let after = world.publish(&body("mono.events.account_updated", "after-cancel")).await;
     assert_eq!(world.settled(&after).await.status, "processed");
+}
+
+/// RabbitMQ closes a channel that holds a delivery past its `consumer_timeout` and counts the return
+/// of everything it held, as it counts the returns of a stopping worker. The worker's hold bound
+/// (2 s here, 15 min by default) parks held deliveries first, and a stopping worker parks those
+/// waiting on the database.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_long_database_outage_parks_held_deliveries_and_dead_letters_none_across_a_restart(
+    pool_options: PgPoolOptions,
+    connect_options: PgConnectOptions,
+) {
+    let pool = pool_options.connect_with(connect_options.clone()).await.unwrap();
+    let mut world = TestWorld::new(pool).await;
+    // Parked copies wait 4 s in tier 1, long enough to be counted there together; a delivery limit
+    // of 2 makes a single counted return look like poison (and the broker drops the third).
+    let mut broker = TestBroker::with_retry_delays(vec![Duration::from_secs(4)]).await;
+    broker.topology.delete(&broker.channel).await.unwrap();
+    broker.topology = Topology::new(&broker.prefix, vec![Duration::from_secs(4)], 2);
+    broker.topology.declare_on(&broker.connection).await.unwrap();
+    world.broker = broker;
+    let proxy = TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let proxied_pool = || {
+        PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(1))
+            .connect_lazy_with(connect_options.clone().host("127.0.0.1").port(proxy.addr().port()))
+    };
+    let flags = ["--hold-max-secs", "2", "--delivery-limit", "2", "--shutdown-grace-secs", "1"];
+    world.start_worker_on(world.cli(&flags), proxied_pool()).await;
+
+    proxy.cut();
+    let mut held = Vec::new();
+    for account in ["held-1", "held-2", "held-3"] {
+        held.push(world.publish(&body("mono.events.account_updated", account)).await);
+    }
+    let work = world.broker.topology.work_queue();
+    let tier = world.broker.topology.retry_queue(1);
+    let dead = world.broker.topology.dead_queue();
+    eventually("deliveries held past the bound are parked in retry tier 1", PATIENCE, || async {
+        world.broker.depth(&tier).await == 3
+    })
+    .await;
+    // Back from the tier and held again: the worker stops while it holds them all.
+    eventually("the parked copies come back and are held", PATIENCE, || async {
+        world.broker.depth(&tier).await == 0 && world.broker.depth(&work).await == 0
+    })
+    .await;
+    world.stop_workers().await;
+    world.start_worker_on(world.cli(&flags), proxied_pool()).await;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(world.broker.depth(&dead).await, 0, "a held delivery was dead-lettered");
+    }
+
+    proxy.restore().await;
+    for meta in &held {
+        let row = world.settled(meta).await;
+        assert_eq!((row.status.as_str(), row.attempts), ("processed", 1), "{row:?}");
+    }
+    assert_eq!(world.journal_count().await, 3);
+    assert_eq!(world.broker.depth(&dead).await, 0);
+    assert_eq!(world.count_status("dead").await, 0);
 }
