@@ -40,6 +40,14 @@ pub struct IngestConfig {
     #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 800, value_parser = clap::value_parser!(u64).range(1..))]
     pub publish_timeout_ms: u64,
 
+    /// How long a webhook may wait in all, in ms, while a publish that was not confirmed (its node
+    /// died, no confirm in time) is published again on the next session, before it gets 503.
+    /// Unset: 5000 when AMQP_URL lists several nodes (another node takes over within seconds),
+    /// else PUBLISH_TIMEOUT_MS (one try: a single broker that is down answers 503 at once). Empty
+    /// means unset.
+    #[arg(long, env = "PUBLISH_DEADLINE_MS", value_parser = shared::config::optional_count)]
+    pub publish_deadline_ms: Option<shared::config::OptionalCount>,
+
     /// AMQP channels that publishes are spread over; each carries many unconfirmed publishes at once.
     #[arg(long, env = "PUBLISH_CHANNELS", default_value_t = 4, value_parser = shared::config::at_least_one)]
     pub publish_channels: usize,
@@ -64,6 +72,18 @@ pub struct IngestConfig {
 impl IngestConfig {
     pub fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)
+    }
+
+    /// [`IngestConfig::publish_deadline_ms`], never shorter than one publish timeout.
+    pub fn publish_deadline(&self) -> Duration {
+        use secrecy::ExposeSecret;
+        let nodes = self.broker.amqp_url.expose_secret().split(',').filter(|u| !u.trim().is_empty()).count();
+        let deadline = match self.publish_deadline_ms.and_then(|ms| ms.0) {
+            Some(ms) => Duration::from_millis(ms.into()),
+            None if nodes > 1 => Duration::from_secs(5),
+            None => self.publish_timeout(),
+        };
+        deadline.max(self.publish_timeout())
     }
 
     pub fn client_timeout(&self) -> Duration {

@@ -3,13 +3,19 @@
 //! A `Publisher` holds the current broker session (a connection and a few confirm-mode channels)
 //! behind a lock that is only ever held to clone an `Arc`: many requests publish at once on shared
 //! channels and each awaits its own confirm. A supervisor task replaces the session when the
-//! connection dies, with backoff; meanwhile every publish fails at once with `NotConnected`, so
-//! requests get a fast 503 instead of hanging. On shutdown the connection is closed cleanly.
+//! connection dies, with backoff. On shutdown the connection is closed cleanly.
+//!
+//! A session is judged by what it does, not by its TCP connection: one whose channel fails under a
+//! publish, or that confirms nothing for three confirm timeouts in a row (a frozen node, a node cut
+//! off from the queue's leader), is condemned; readiness says not ready and the supervisor moves to
+//! the next node at once. A publish that was not confirmed is published again (same message id: the
+//! worker's journal takes one copy) until the request's deadline (`PUBLISH_DEADLINE_MS`), so a node
+//! that dies under a request costs Mono no retry; past the deadline the request gets 503.
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use secrecy::SecretString;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -38,14 +44,35 @@ pub enum PublishError {
     Broker(#[from] lapin::Error),
 }
 
+impl PublishError {
+    /// A label for metrics.
+    fn label(&self) -> &'static str {
+        match self {
+            Self::NotConnected => "not_connected",
+            Self::Nacked => "nacked",
+            Self::Unroutable(_) => "unroutable",
+            Self::TimedOut(_) => "timed_out",
+            Self::Broker(_) => "broker_error",
+        }
+    }
+}
+
 /// What the publisher needs to (re)connect.
 #[derive(Clone, Debug)]
 pub struct PublisherSettings {
     pub amqp_url: SecretString,
     pub topology: Topology,
     pub channels: usize,
+    /// How long one publish waits for its confirm.
     pub confirm_timeout: Duration,
+    /// How long a request may take in all, publishing again after each failed try.
+    pub deadline: Duration,
 }
+
+/// How long a publish that failed waits before trying again (for a new session, mostly).
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// Confirm timeouts with no confirm between them after which a session is condemned.
+const SILENT_CONFIRM_TIMEOUTS: u32 = 3;
 
 #[derive(Clone)]
 pub struct Publisher {
@@ -61,6 +88,11 @@ struct Session {
     connection: Connection,
     channels: Vec<Channel>,
     next_channel: AtomicUsize,
+    opened: std::time::Instant,
+    /// When the broker last answered a publish, in ms after `opened`.
+    last_heard_ms: AtomicU64,
+    /// Fired when the session is judged useless by what it does: the supervisor moves on.
+    condemned: CancellationToken,
 }
 
 impl Publisher {
@@ -73,16 +105,44 @@ impl Publisher {
     }
 
     /// Publishes `body` to the exchange with `routing_key`, persistent and mandatory, and waits for
-    /// the broker's confirm. `Ok` means the broker has the message on disk in a queue.
+    /// the broker's confirm. `Ok` means the broker has the message on disk in a queue. A try that
+    /// fails (no session, its node died, no confirm in time, a nack) is tried again, on whatever
+    /// session is current, until the deadline; an unroutable message is not.
     pub async fn publish_confirmed(
         &self,
         routing_key: &str,
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let session = self.current().ok_or(PublishError::NotConnected)?;
+        let deadline = tokio::time::Instant::now() + self.inner.settings.deadline;
+        loop {
+            let error = match self.publish_once(routing_key, body, properties.clone(), deadline).await {
+                Ok(()) => return Ok(()),
+                Err(error @ PublishError::Unroutable(_)) => return Err(error),
+                Err(error) => error,
+            };
+            if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
+                return Err(error);
+            }
+            metrics::counter!("monohook_ingest_publish_retries_total", "reason" => error.label())
+                .increment(1);
+            tracing::debug!(%error, "publishing again before the request's deadline");
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    async fn publish_once(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), PublishError> {
+        let session =
+            self.current().filter(|s| !s.condemned.is_cancelled()).ok_or(PublishError::NotConnected)?;
         let channel = session.pick_channel();
-        let timeout = self.inner.settings.confirm_timeout;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let timeout = self.inner.settings.confirm_timeout.min(left);
         let exchange = self.inner.settings.topology.exchange();
         let confirmed = tokio::time::timeout(timeout, async {
             channel
@@ -98,7 +158,7 @@ impl Publisher {
                 .await
         })
         .await;
-        match confirmed {
+        let result = match confirmed {
             Err(_) => Err(PublishError::TimedOut(timeout)),
             Ok(Err(error)) => Err(PublishError::Broker(error)),
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
@@ -106,12 +166,24 @@ impl Publisher {
                 Err(PublishError::Unroutable(returned.reply_text.to_string()))
             }
             Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(PublishError::Nacked),
+        };
+        match &result {
+            Ok(()) | Err(PublishError::Unroutable(_) | PublishError::Nacked) => session.heard_from(),
+            Err(PublishError::TimedOut(_)) => {
+                let silent_for = session.silent_for();
+                if silent_for >= self.inner.settings.confirm_timeout * SILENT_CONFIRM_TIMEOUTS {
+                    session.condemn(format!("the node confirmed no publish for {silent_for:?}"));
+                }
+            }
+            Err(PublishError::Broker(error)) => session.condemn(format!("a publish failed: {error}")),
+            Err(PublishError::NotConnected) => {}
         }
+        result
     }
 
-    /// Whether a broker session is up (what `/readyz` reports).
+    /// Whether a broker session is up and not condemned (what `/readyz` reports).
     pub fn is_connected(&self) -> bool {
-        self.current().is_some_and(|s| s.connection.status().connected())
+        self.current().is_some_and(|s| s.connection.status().connected() && !s.condemned.is_cancelled())
     }
 
     /// Keeps the session alive until `cancel` fires: waits for the connection to die, then reconnects
@@ -121,7 +193,7 @@ impl Publisher {
         loop {
             if let Some(session) = self.current() {
                 tokio::select! {
-                    reason = session.lost() => tracing::warn!(%reason, "lost the RabbitMQ connection; publishes get 503 until it is back"),
+                    reason = session.lost() => tracing::warn!(%reason, "lost the RabbitMQ connection; publishes wait for the next one until their deadline"),
                     () = cancel.cancelled() => return,
                 }
                 if let Some(old) = self.replace(None) {
@@ -174,6 +246,24 @@ impl Publisher {
 }
 
 impl Session {
+    fn heard_from(&self) {
+        self.last_heard_ms.fetch_max(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        self.opened
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_heard_ms.load(Ordering::Relaxed)))
+    }
+
+    fn condemn(&self, reason: String) {
+        if !self.condemned.is_cancelled() {
+            tracing::warn!(%reason, "leaving this RabbitMQ node: it does not do its job");
+            metrics::counter!("monohook_ingest_node_moves_total").increment(1);
+            self.condemned.cancel();
+        }
+    }
+
     fn pick_channel(&self) -> &Channel {
         let index = self.next_channel.fetch_add(1, Ordering::Relaxed) % self.channels.len();
         &self.channels[index]
@@ -192,7 +282,11 @@ impl Session {
         };
         tokio::select! {
             reason = amqp::connection_lost(&self.connection) => reason,
-            reason = channels_alive => reason,
+            reason = channels_alive => { amqp::leave_node(); reason }
+            () = self.condemned.cancelled() => {
+                amqp::leave_node();
+                "the node was judged useless".to_owned()
+            }
         }
     }
 }
@@ -217,5 +311,12 @@ async fn open_session(settings: &PublisherSettings) -> Result<Session, SessionEr
         channels.push(channel);
     }
     settings.topology.declare_on(&connection).await?;
-    Ok(Session { connection, channels, next_channel: AtomicUsize::new(0) })
+    Ok(Session {
+        connection,
+        channels,
+        next_channel: AtomicUsize::new(0),
+        opened: std::time::Instant::now(),
+        last_heard_ms: AtomicU64::new(0),
+        condemned: CancellationToken::new(),
+    })
 }

@@ -48,6 +48,7 @@ impl Application {
             topology: config.broker.topology(),
             channels: config.publish_channels,
             confirm_timeout: config.publish_timeout(),
+            deadline: config.publish_deadline(),
         })
         .await?;
 

@@ -71,7 +71,8 @@ impl OnCluster {
         let [first, second] = self.loads;
         let load = first.stop().await.merge(second.stop().await);
         report
-            .check("ingest never hung: every answer came within 5 s", load.slowest < Duration::from_secs(5));
+            // PUBLISH_DEADLINE_MS (5 s with a node list) bounds every answer.
+            .check("ingest never hung: every answer came within 6 s", load.slowest < Duration::from_secs(6));
         report.check("every webhook got an answer", load.no_answer == 0);
         let refused: u64 = load.statuses.iter().filter(|(s, _)| **s != 200).map(|(_, n)| n).sum();
         report.note(format!(
@@ -132,6 +133,13 @@ async fn leader_killed(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     let (system, load) = run.stop_load(&mut report).await;
+    // A node kill costs Mono no retry: ingest publishes again on another node within the deadline.
+    let posts: u64 = load.statuses.values().sum::<u64>() + load.no_answer;
+    let refused = posts - load.statuses.get(&200).copied().unwrap_or(0);
+    report.check(
+        format!("at most 1 % of posts got no 200 ({refused} of {posts})"),
+        refused as f64 <= posts as f64 * 0.01,
+    );
     let mut report = finish("cluster_leader_killed", started, system, load, report).await?;
     report.check("nothing was dead-lettered", report.dead_lettered == 0);
     Ok(report)

@@ -91,3 +91,89 @@ async fn start_fails_fast_with_one_clear_line_when_the_broker_is_unreachable() {
     assert!(!error.contains("hunter2"), "{error}");
     assert_eq!(error.lines().count(), 1, "{error}");
 }
+
+/// An ingest given two nodes, both proxies to the real broker, that is connected to the first: the
+/// second is down while ingest starts, then comes back.
+async fn app_on_the_first_of_two_nodes(
+    deadline_ms: u32,
+) -> (crate::helpers::TestApp, shared::testing::TcpProxy, shared::testing::TcpProxy) {
+    let first = shared::testing::TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let second = shared::testing::TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let nodes =
+        format!("{},{}", crate::helpers::proxied_amqp_url(&first), crate::helpers::proxied_amqp_url(&second));
+    second.cut();
+    let app = crate::helpers::spawn_app_with(|config| {
+        config.broker.amqp_url = shared::config::amqp_node_list(&nodes).unwrap();
+        config.publish_timeout_ms = 300;
+        config.publish_deadline_ms = Some(shared::config::OptionalCount(Some(deadline_ms)));
+    })
+    .await;
+    second.restore().await;
+    (app, first, second)
+}
+
+#[tokio::test]
+async fn a_publish_whose_node_dies_under_it_is_published_again_on_the_next_node() {
+    let (app, first, _second) = app_on_the_first_of_two_nodes(5_000).await;
+    assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 200);
+
+    // The node freezes with the publish in flight, then dies (its connections reset).
+    first.stall();
+    let posting = tokio::spawn({
+        let url = app.address.clone();
+        async move {
+            let started = Instant::now();
+            let status = reqwest::Client::new()
+                .post(format!("{url}/webhooks/mono"))
+                .header("mono-webhook-secret", crate::helpers::SECRET)
+                .body(fixture("account_updated.json"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16());
+            (status, started.elapsed())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    first.cut();
+    let (status, took) = posting.await.unwrap();
+
+    assert_eq!(status.unwrap(), 200, "answered 200 from the next node, no retry asked of Mono");
+    assert!(took < Duration::from_secs(5), "within the deadline: {took:?}");
+    // The copy on the dead node never reached the broker: one message each.
+    assert_eq!(app.queued().await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_frozen_node_is_left_for_the_next_and_readiness_says_so_meanwhile() {
+    // A walk may try the frozen node once more (its connect times out after 5 s): a long deadline.
+    let (app, first, _second) = app_on_the_first_of_two_nodes(15_000).await;
+    assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 200);
+
+    // Connections stay open, nothing comes back: no error, no confirm, no reset.
+    first.stall();
+    let posting = tokio::spawn({
+        let url = app.address.clone();
+        async move {
+            reqwest::Client::new()
+                .post(format!("{url}/webhooks/mono"))
+                .header("mono-webhook-secret", crate::helpers::SECRET)
+                .body(fixture("account_updated.json"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
+    });
+    eventually(
+        "readyz says not ready while ingest leaves the frozen node",
+        Duration::from_secs(5),
+        || async { app.get("/readyz").await.status().as_u16() == 503 },
+    )
+    .await;
+
+    assert_eq!(posting.await.unwrap().unwrap(), 200, "published on the next node");
+    eventually("ready again on the next node", Duration::from_secs(15), || async {
+        app.get("/readyz").await.status().as_u16() == 200
+    })
+    .await;
+    assert_eq!(app.queued().await.len(), 2);
+}
