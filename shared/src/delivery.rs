@@ -152,7 +152,14 @@ impl DeliveryMeta {
                 properties.timestamp().and_then(|secs| DateTime::from_timestamp(i64::try_from(secs).ok()?, 0))
             })
             .unwrap_or_else(now_millis);
-        Self { id, received_at, body_sha256: hex::encode(digest) }
+        // The digest of the body as ingest received it: a replay rebuilt from the journal carries it
+        // in the stamp, since its body is re-serialised JSON whose own digest differs.
+        let body_sha256 = headers
+            .and_then(|h| header_str(h, HEADER_BODY_SHA256))
+            .filter(|stamp| stamp.len() == 64 && stamp.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(|stamp| stamp.to_ascii_lowercase())
+            .unwrap_or_else(|| hex::encode(digest));
+        Self { id, received_at, body_sha256 }
     }
 }
 

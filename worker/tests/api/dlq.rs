@@ -461,3 +461,30 @@ async fn a_dry_run_sees_that_the_same_body_was_applied_since(pool: PgPool) {
         "{prediction}"
     );
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_replay_rebuilt_from_the_journal_of_a_body_applied_since_is_a_duplicate(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    world.mono_refuses("acct-r").await;
+    world.start_worker().await;
+    // Mono's own key order and spacing: the journal's jsonb payload re-serialises differently.
+    let mono_body =
+        br#"{"event": "mono.events.reauthorisation_required", "data": {"account": {"_id": "acct-r"}}}"#;
+    let dead = world.publish(mono_body).await;
+    assert_eq!(world.settled(&dead).await.status, "dead");
+    // The message is gone from the dead-letter queue: a replay rebuilds it from the journal.
+    assert_eq!(world.broker.drain(&world.dead_queue()).await.len(), 1);
+    world.mono.reset().await;
+    world.mono_issues_token("acct-r", "second-copy").await;
+    let again = world.publish(mono_body).await;
+    assert_eq!(world.settled(&again).await.status, "processed");
+
+    stdout(&world.run_cli(&["dlq", "replay", "--account", "acct-r"], "").await);
+
+    eventually("the rebuilt replay is settled", PATIENCE, || async {
+        world.journal(&dead).await.is_some_and(|row| row.status != "dead")
+    })
+    .await;
+    assert_eq!(world.journal(&dead).await.unwrap().status, "duplicate");
+    assert_eq!(world.stored_token("acct-r").await.as_deref(), Some("second-copy"));
+}

@@ -370,6 +370,8 @@ async fn reconcile_missing(
         let mut meta = DeliveryMeta::stamp(&body);
         meta.id = DeliveryId::from(letter.id);
         meta.received_at = letter.received_at;
+        // Dedup compares the digest of the body as received, not of this re-serialised copy.
+        meta.body_sha256 = letter.body_sha256.clone();
         let properties = meta.to_properties();
         let headers =
             lineage(&plan_action(plan, letter.id), properties.headers().clone().unwrap_or_default());
