@@ -65,6 +65,17 @@ pub struct ApiConfig {
     #[arg(long, env = "TOKEN_MIN_REMAINING_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..600))]
     pub token_min_remaining_secs: u64,
 
+    /// Most calls to Mono under way at once in this process (and so refreshes, and account locks
+    /// held); a request for a fresh token beyond it waits for a slot within `TOKEN_DEADLINE_MS`.
+    #[arg(long, env = "MONO_MAX_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub mono_max_in_flight: u64,
+
+    /// How long a request for a fresh token may wait for its account's lock, a Mono slot and Mono
+    /// before it answers (the stored token if it works 30 s longer, else 503), in ms. A call to Mono
+    /// already made goes on after it, and its token is stored for the next request.
+    #[arg(long, env = "TOKEN_DEADLINE_MS", default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub token_deadline_ms: u64,
+
     /// HTTP worker threads (0 = one per CPU).
     #[arg(long, env = "HTTP_WORKERS", default_value_t = 0)]
     pub http_workers: usize,
@@ -77,6 +88,10 @@ pub struct ApiConfig {
 impl ApiConfig {
     pub fn token_min_remaining(&self) -> chrono::Duration {
         chrono::Duration::seconds(i64::try_from(self.token_min_remaining_secs).unwrap_or(i64::MAX))
+    }
+
+    pub fn token_deadline(&self) -> Duration {
+        Duration::from_millis(self.token_deadline_ms)
     }
 
     pub fn mono_timeout(&self) -> Duration {

@@ -1,12 +1,11 @@
 //! The API's queries. Reading an account is one statement; so is reading a stored token (its record
-//! is written in batches, `recorder`). A fresh token is fetched and stored in
-//! one transaction holding the account's advisory lock, so concurrent requests for one account, in any
-//! number of processes, make one call to Mono and hand out the same token. The advisory lock is not
-//! the row lock: the worker's batches never wait on a call to Mono.
+//! is written in batches, `recorder`). Storing a fresh token is one short transaction whose row-lock
+//! wait is bounded (`lock_timeout`). No query here is ever held open across a call to Mono: the
+//! account's lock for a refresh lives on a connection of its own (`locks`), never the pool's.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 
 /// An account as the app sees it: never the token.
 #[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
@@ -72,22 +71,6 @@ impl TokenState {
     }
 }
 
-/// Who asked for a token, recorded with it.
-pub struct Issuance<'a> {
-    pub account: &'a str,
-    pub key_label: &'a str,
-    pub request_id: &'a str,
-}
-
-/// Takes the account's advisory lock until the transaction ends.
-pub async fn lock_account(conn: &mut PgConnection, id: &str) -> sqlx::Result<()> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('monohook.reauth-token:' || $1, 0))")
-        .bind(id)
-        .execute(conn)
-        .await
-        .map(drop)
-}
-
 pub async fn token_state<'e>(conn: impl sqlx::PgExecutor<'e>, id: &str) -> sqlx::Result<Option<TokenState>> {
     sqlx::query_as(
         "SELECT reauth_required, unlinked_at IS NOT NULL AS unlinked, reauth_token, reauth_token_issued_at,
@@ -99,15 +82,29 @@ pub async fn token_state<'e>(conn: impl sqlx::PgExecutor<'e>, id: &str) -> sqlx:
     .await
 }
 
+/// Longest the store waits for the account's row lock (a worker batch holding it), so that a
+/// refresh never queues on the database for long.
+const STORE_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '2s'";
+
+/// What became of a fresh token.
+pub enum Store {
+    Stored,
+    /// The account changed while Mono answered, or holds a token Mono issued later: as it is now.
+    NotStored(TokenState),
+    Missing,
+}
+
 /// Stores a fresh token, under the row lock, only if the account still needs re-auth and no token
-/// Mono issued later is stored. Whether it was stored.
+/// Mono issued later is stored; if not, reads the account as it is. One short transaction.
 pub async fn store_fresh(
-    conn: &mut PgConnection,
+    pool: &PgPool,
     id: &str,
     token: &str,
     issued_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
-) -> sqlx::Result<bool> {
+) -> sqlx::Result<Store> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(STORE_LOCK_TIMEOUT).execute(&mut *tx).await?;
     let updated = sqlx::query(
         "UPDATE accounts SET reauth_token = $2, reauth_token_issued_at = $3, reauth_token_expires_at = $4,
                              updated_at = clock_timestamp()
@@ -118,32 +115,15 @@ pub async fn store_fresh(
     .bind(token)
     .bind(issued_at)
     .bind(expires_at)
-    .execute(conn)
+    .execute(&mut *tx)
     .await?;
-    Ok(updated.rows_affected() == 1)
-}
-
-/// Records a token handed out.
-pub async fn record_issuance(
-    conn: &mut PgConnection,
-    issuance: &Issuance<'_>,
-    source: &str,
-    token_issued_at: DateTime<Utc>,
-    expires_at: DateTime<Utc>,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO token_issuances (account_id, key_label, source, token_issued_at, expires_at, request_id)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(issuance.account)
-    .bind(issuance.key_label)
-    .bind(source)
-    .bind(token_issued_at)
-    .bind(expires_at)
-    .bind(issuance.request_id)
-    .execute(conn)
-    .await
-    .map(drop)
+    let outcome = if updated.rows_affected() == 1 {
+        Store::Stored
+    } else {
+        token_state(&mut *tx, id).await?.map_or(Store::Missing, Store::NotStored)
+    };
+    tx.commit().await?;
+    Ok(outcome)
 }
 
 /// Whether the schema the API needs is there (the worker applies migrations: `worker migrate`).

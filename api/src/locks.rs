@@ -1,33 +1,155 @@
-//! One lock per account within the process: requests that need a fresh token for the same account
-//! queue here, holding no database connection, and only one of them at a time goes on to take the
-//! account's advisory lock in PostgreSQL (which serialises the processes).
+//! The account's cross-process lock for a token refresh, taken so that it costs no connection of the
+//! pool that serves reads.
+//!
+//! The lock is PostgreSQL's session-level advisory lock on `monohook.reauth-token:<account>` (the key
+//! older api processes take with `pg_advisory_xact_lock`, so both exclude each other during a rolling
+//! deploy). Every lock a process holds lives on one dedicated connection, the *lock session*, opened
+//! beside the pool: a session can hold any number of advisory locks, and each statement on it
+//! (`pg_try_advisory_lock`, `pg_advisory_unlock`) takes well under a millisecond, so one connection
+//! serves every account of the process. Nobody ever blocks on the session: a lock is *tried*, and a
+//! caller that finds it taken waits in its own task (`refresh`), polling, within its deadline.
+//!
+//! Failure: a statement that fails or takes longer than [`STATEMENT_TIMEOUT`] closes the session (a
+//! new one is opened on the next try). The locks it held die with it; their holders are not told.
+//! At worst another process then calls Mono for an account already being refreshed, and the guard on
+//! the store (`db::store_fresh`) still never lets an earlier-issued token replace a later one.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
-use tokio::sync::OwnedMutexGuard;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection};
+use std::sync::Arc;
+use std::time::Duration;
 
-#[derive(Default)]
+/// Longest a statement on the lock session may take before the session is considered broken.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// The lock session could not be opened, or a statement on it failed.
+    #[error("the lock session failed: {0}")]
+    Session(#[from] sqlx::Error),
+    /// A statement on the lock session took longer than its timeout.
+    #[error("the lock session did not answer within {STATEMENT_TIMEOUT:?}")]
+    Stalled,
+}
+
+struct Session {
+    /// Bumped each time a session is opened: a guard from an older session has nothing to unlock.
+    generation: u64,
+    connection: Option<PgConnection>,
+}
+
+/// The process's lock session.
 pub struct AccountLocks {
-    locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+    options: PgConnectOptions,
+    session: tokio::sync::Mutex<Session>,
+}
+
+/// A held account lock; released by [`AccountLock::release`], or in the background when dropped.
+pub struct AccountLock {
+    locks: Arc<AccountLocks>,
+    account: String,
+    generation: u64,
+    released: bool,
 }
 
 impl AccountLocks {
-    /// Waits for the account's lock; it is held until the guard drops.
-    pub async fn lock(&self, account: &str) -> OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
-            if locks.len() > 1024 {
-                locks.retain(|_, lock| lock.strong_count() > 0);
+    /// A lock session connecting with `options` (the pool's), opened on first use.
+    pub fn new(options: PgConnectOptions) -> Arc<Self> {
+        Arc::new(Self {
+            options,
+            session: tokio::sync::Mutex::new(Session { generation: 0, connection: None }),
+        })
+    }
+
+    /// Takes the account's lock if nobody holds it (`None` if another session does).
+    pub async fn try_lock(self: &Arc<Self>, account: &str) -> Result<Option<AccountLock>, LockError> {
+        let (taken, generation) = self
+            .run(
+                "SELECT pg_try_advisory_lock(hashtextextended('monohook.reauth-token:' || $1, 0))",
+                account,
+                None,
+            )
+            .await?;
+        Ok(taken.then(|| AccountLock {
+            locks: self.clone(),
+            account: account.to_owned(),
+            generation,
+            released: false,
+        }))
+    }
+
+    async fn unlock(&self, account: &str, generation: u64) -> Result<(), LockError> {
+        self.run(
+            "SELECT pg_advisory_unlock(hashtextextended('monohook.reauth-token:' || $1, 0))",
+            account,
+            Some(generation),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Runs one boolean statement on the session, opening it if needed, and returns the session's
+    /// generation. With `on_generation`, only on that session: a lock taken on a session that is gone
+    /// went with it, so there is nothing to run.
+    async fn run(
+        &self,
+        statement: &'static str,
+        account: &str,
+        on_generation: Option<u64>,
+    ) -> Result<(bool, u64), LockError> {
+        let mut session = self.session.lock().await;
+        if let Some(generation) = on_generation
+            && (session.generation != generation || session.connection.is_none())
+        {
+            return Ok((false, generation));
+        }
+        let answer = tokio::time::timeout(STATEMENT_TIMEOUT, async {
+            if session.connection.is_none() {
+                let connection = PgConnection::connect_with(&self.options).await?;
+                session.generation += 1;
+                session.connection = Some(connection);
             }
-            match locks.get(account).and_then(Weak::upgrade) {
-                Some(lock) => lock,
-                None => {
-                    let lock = Arc::new(tokio::sync::Mutex::new(()));
-                    locks.insert(account.to_owned(), Arc::downgrade(&lock));
-                    lock
+            let connection = session.connection.as_mut().expect("opened above");
+            sqlx::query_scalar::<_, bool>(statement).bind(account).fetch_one(connection).await
+        })
+        .await;
+        match answer {
+            Ok(Ok(value)) => Ok((value, session.generation)),
+            Ok(Err(error)) => {
+                session.connection = None;
+                Err(error.into())
+            }
+            Err(_) => {
+                session.connection = None;
+                Err(LockError::Stalled)
+            }
+        }
+    }
+}
+
+impl AccountLock {
+    /// Releases the lock now.
+    pub async fn release(mut self) {
+        self.released = true;
+        if let Err(error) = self.locks.unlock(&self.account, self.generation).await {
+            tracing::warn!(error = %error, "releasing an account lock failed; it ends with its session");
+        }
+    }
+}
+
+impl Drop for AccountLock {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let (locks, account, generation) =
+            (self.locks.clone(), std::mem::take(&mut self.account), self.generation);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = locks.unlock(&account, generation).await {
+                    tracing::warn!(error = %error, "releasing an account lock failed; it ends with its session");
                 }
-            }
-        };
-        lock.lock_owned().await
+            });
+        }
     }
 }

@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -19,8 +20,10 @@ use crate::auth::ApiKeys;
 use crate::caller::RequestId;
 use crate::config::ApiConfig;
 use crate::errors::ApiError;
+use crate::flights::Flights;
 use crate::locks::AccountLocks;
 use crate::recorder::IssuanceRecorder;
+use crate::refresh::Outcome;
 use crate::refusals::RefusalMemory;
 use crate::routes;
 use mono_client::MetricNames;
@@ -35,7 +38,15 @@ pub struct AppState {
     pub keys: ApiKeys,
     pub tokens: Arc<TokenFetcher>,
     pub token_min_remaining: chrono::Duration,
-    pub account_locks: AccountLocks,
+    /// How long a fresh-token request waits for the lock, a Mono slot and Mono (`TOKEN_DEADLINE_MS`).
+    pub token_deadline: Duration,
+    /// The cross-process account locks, on a connection of their own (never one of `pool`'s).
+    pub account_locks: Arc<AccountLocks>,
+    /// One refresh per account within the process; the others share its outcome.
+    pub flights: Flights<Outcome>,
+    /// Bounds the refreshes under way (and so the locks held and Mono calls), taken before any
+    /// database work.
+    pub mono_slots: Arc<Semaphore>,
     pub recorder: IssuanceRecorder,
     /// Accounts Mono refused lately: answered 422 without asking it again.
     pub refusals: RefusalMemory,
@@ -80,7 +91,9 @@ impl Application {
             multiplier: 2.0,
             max_elapsed: Some(Duration::from_millis(config.mono_retry_budget_ms)),
         };
-        let tokens = Arc::new(TokenFetcher::new(mono, breaker, policy, 64, MetricNames::API));
+        let mono_max_in_flight = usize::try_from(config.mono_max_in_flight).unwrap_or(64);
+        let tokens = Arc::new(TokenFetcher::new(mono, breaker, policy, mono_max_in_flight, MetricNames::API));
+        let account_locks = AccountLocks::new((*pool.connect_options()).clone());
         let recorder = IssuanceRecorder::start(pool.clone());
         let state = web::Data::new(AppState {
             recorder,
@@ -88,7 +101,10 @@ impl Application {
             keys: config.app_api_keys.clone(),
             tokens,
             token_min_remaining: config.token_min_remaining(),
-            account_locks: AccountLocks::default(),
+            token_deadline: config.token_deadline(),
+            account_locks,
+            flights: Flights::default(),
+            mono_slots: Arc::new(Semaphore::new(mono_max_in_flight)),
             refusals: RefusalMemory::new(Duration::from_secs(config.mono_refusal_memory_secs)),
         });
 
@@ -136,6 +152,9 @@ impl Application {
                 .default_service(web::to(|| async { ApiError::NotFound.error_response() }))
         })
         .workers(workers)
+        // A client that closes its connection ends its request: actix drops the handler's future, so a
+        // request waiting for an account's lock or a Mono slot never goes on to call Mono for nobody.
+        .h1_allow_half_closed(false)
         .shutdown_timeout(config.shutdown_grace_secs)
         .shutdown_signal(cancel.clone().cancelled_owned())
         .listen(listener)?

@@ -6,3 +6,5 @@ mod cli;
 mod contract;
 mod helpers;
 mod reauth_token;
+mod sharing;
+mod slow_mono;
