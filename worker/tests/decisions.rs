@@ -37,6 +37,7 @@ use shared::event::AccountId;
 use shared::retry::RetryPolicy;
 use worker::batch::Candidate;
 use worker::circuit::{BreakerSettings, CircuitBreaker};
+use worker::commands::dlq::{DeadLetter, predict};
 use worker::event::IncomingEvent;
 use worker::mono::{MonoClient, ReauthToken};
 use worker::processor::Hold;
@@ -494,6 +495,8 @@ async fn run_history_traced(
     let mut before = progress(pool).await;
     // Mono refuses at most as often as its script says: replays end once it stops.
     let mut replays_left = history.mono.len() + 1;
+    // What the dry run predicted for a replayed letter, until it is settled (or dead again).
+    let mut predictions: HashMap<usize, predict::Outcome> = HashMap::new();
 
     for _ in 0..2_000 {
         if queue.is_empty() && fetches.is_empty() {
@@ -503,6 +506,22 @@ async fn run_history_traced(
             // The operator replays every dead letter (`worker dlq replay`): the journal row goes,
             // a copy with the same id and receive time goes back to the work queue.
             replays_left -= 1;
+            // `worker dlq replay --dry-run` first: each letter of its own account must then end as
+            // predicted (letters of one account would change each other's prediction).
+            let mut accounts: Vec<&str> = dead.iter().map(|letter| letter.event.account()).collect();
+            accounts.sort_unstable();
+            accounts.dedup();
+            let one_per_account = accounts.len() == dead.len();
+            for (position, letter) in dead.iter().enumerate() {
+                let forced = history.force.get(run.dead_letters + position).copied().unwrap_or(false);
+                let letter_row =
+                    DeadLetter::by_id(pool, letter.event.record.id).await.expect("journal is readable");
+                if let (true, Some(row)) = (one_per_account, letter_row) {
+                    let prediction =
+                        predict::predict(pool, &row, forced, WINDOW).await.expect("a prediction");
+                    predictions.insert(letter.index, prediction.outcome);
+                }
+            }
             for letter in dead.drain(..) {
                 sqlx::query("DELETE FROM webhook_events WHERE id = $1 AND status = 'dead'")
                     .bind(letter.event.record.id)
@@ -550,6 +569,8 @@ async fn run_history_traced(
                 TokenOutcome::Refused { reason, .. } => {
                     drop(flight);
                     prop_assert!(processor.record_dead(&work.event.record, &reason, &never).await);
+                    // Mono refused again: the dry run could not know (it does not call Mono).
+                    predictions.remove(&work.index);
                     dead.push(work);
                 }
                 TokenOutcome::Abandoned => prop_assert!(false, "nothing is abandoned here"),
@@ -623,6 +644,19 @@ async fn run_history_traced(
             one.meta.id,
             status
         );
+    }
+
+    // Each replay ended as its dry run predicted.
+    for (index, predicted) in &predictions {
+        let status = journaled.get(&stamped[*index].meta.id.as_uuid()).copied().unwrap_or("-");
+        let expected = match predicted {
+            predict::Outcome::Apply => "processed",
+            predict::Outcome::Stale => "stale",
+            predict::Outcome::Duplicate => "duplicate",
+            predict::Outcome::Ignored => "ignored",
+            predict::Outcome::WouldFail => "dead",
+        };
+        prop_assert_eq!(status, expected, "the replay of #{} ended otherwise than its dry run said", index);
     }
 
     // Mono was asked for no more tokens than the model has re-auths.

@@ -103,6 +103,21 @@ impl DeadFilter {
     }
 }
 
+impl DeadLetter {
+    /// The dead letter `id`, if it is one.
+    pub async fn by_id(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Self>> {
+        sqlx::query_as(
+            "SELECT id, event, account_id, last_error AS reason, attempts, received_at, body_sha256, first_attempt_at,
+                 processed_at AS dead_at, payload
+             FROM webhook_events
+             WHERE status = 'dead' AND id = $1",
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+    }
+}
+
 /// RFC 3339, or an age (`90s`, `30m`, `2h`, `7d`) meaning that long ago.
 fn parse_time(raw: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(time) = DateTime::parse_from_rfc3339(raw) {

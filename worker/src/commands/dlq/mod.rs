@@ -8,7 +8,7 @@
 
 mod filter;
 mod list;
-mod predict;
+pub mod predict;
 mod progress;
 mod queue;
 mod replay;
@@ -17,7 +17,7 @@ mod show;
 use clap::{Args, Subcommand};
 use sqlx::PgPool;
 
-pub use filter::DeadFilter;
+pub use filter::{DeadFilter, DeadLetter};
 pub use list::age as list_age;
 
 use shared::config::BrokerArgs;
