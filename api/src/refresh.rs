@@ -1,0 +1,309 @@
+//! A fresh re-auth token for one account, without holding a connection of the pool across Mono.
+//!
+//! ```text
+//! request ─▶ refused lately? breaker open? ─▶ in-process flight ── follower: waits for the leader's outcome
+//!                 (no database work yet)          │ leader
+//!                                                 ▼
+//!            Mono slot (semaphore) ─▶ account lock (lock session; while another process holds it,
+//!            poll the stored token) ─▶ read the state ─▶ Mono (own task) ─▶ store (short transaction)
+//!            ─▶ release the lock ─▶ publish to the followers
+//! ```
+//!
+//! What waits for what: a follower waits for its leader; a leader waits for a Mono slot, then for the
+//! account's lock, each within the request's deadline (`TOKEN_DEADLINE_MS`), holding no pool
+//! connection: the pool is touched only by single short statements (reads) and the store's short
+//! transaction (`lock_timeout` bounded). Once Mono is asked, the call runs in its own task, so a
+//! request that goes away (client gone, deadline) never wastes a token Mono issued: it is stored and
+//! served to the next request. A request whose client went away before the call makes none (actix
+//! drops a request's future when its client closes the connection).
+//!
+//! Sharing outcomes: within the process through the flight; across processes through the lock and
+//! the stored token. A request that waited for another process's lock and then finds no usable
+//! token stored takes it that the other's call failed, and answers as if its own had (the stored
+//! token above the floor, else 503 with a short `Retry-After`) instead of running the retry budget
+//! again.
+
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{self, TokenState};
+use crate::errors::ApiError;
+use crate::flights::{Joined, follow};
+use crate::startup::AppState;
+use mono_client::circuit::BreakerState;
+use mono_client::tokens::TokenOutcome;
+use shared::event::AccountId;
+
+/// Mono's re-auth tokens expire this long after they are issued.
+const TOKEN_LIFETIME: chrono::Duration = chrono::Duration::minutes(10);
+/// While Mono is unavailable, a stored token that still works this much longer is handed out
+/// (`source: "stored"`) rather than a 503: a short re-auth window beats none.
+pub const STORED_FLOOR_WHILE_MONO_UNAVAILABLE: chrono::Duration = chrono::Duration::seconds(30);
+/// `Retry-After` when Mono failed and the breaker gives no better estimate.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// `Retry-After` when another process's refresh of the account stored nothing.
+const OTHER_PROCESS_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How often a request waiting for another process's lock looks at the stored token, at first and
+/// at most.
+const LOCK_POLL_FIRST: Duration = Duration::from_millis(20);
+const LOCK_POLL_MAX: Duration = Duration::from_millis(250);
+
+/// A token to hand out. `Debug` shows no token.
+#[derive(Clone)]
+pub struct Handout {
+    pub token: String,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub source: &'static str,
+}
+
+impl std::fmt::Debug for Handout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handout").field("source", &self.source).field("expires_at", &self.expires_at).finish()
+    }
+}
+
+impl Handout {
+    fn stored(state: &TokenState, until: DateTime<Utc>) -> Option<Self> {
+        state.token_working_until(until).map(|(token, issued_at, expires_at)| Self {
+            token: token.to_owned(),
+            issued_at,
+            expires_at,
+            source: "stored",
+        })
+    }
+}
+
+pub type Outcome = Result<Handout, ApiError>;
+
+/// The refused and not-needed answers, before any token is considered.
+pub fn refuse_unless_needed(state: &TokenState) -> Result<(), ApiError> {
+    if state.unlinked {
+        return Err(ApiError::AccountUnlinked);
+    }
+    if !state.reauth_required {
+        return Err(ApiError::ReauthNotRequired);
+    }
+    Ok(())
+}
+
+/// A token for `account` whose stored one has less than the minimum left.
+pub async fn fresh(state: &Arc<AppState>, account: &AccountId) -> Outcome {
+    let deadline = Instant::now() + state.token_deadline;
+    // Mono refused this account a moment ago (maybe for the request this one queued behind): asking
+    // again would only hammer it on the app's behalf.
+    if let Some(message) = state.refusals.recall(account.as_str()) {
+        return Err(ApiError::MonoRefused(message));
+    }
+    if state.tokens.breaker_state() == BreakerState::Open {
+        return unavailable(state, account, "Mono circuit is open".into(), retry_after(state)).await;
+    }
+    loop {
+        match state.flights.join(account.as_str()) {
+            Joined::Leader(lead) => {
+                let outcome = lead_refresh(state, account, deadline, lead).await;
+                return outcome;
+            }
+            Joined::Follower(offer) => match tokio::time::timeout_at(deadline, follow(offer)).await {
+                Ok(Some(outcome)) => {
+                    metrics::counter!(mono_client::MetricNames::API.calls_shared).increment(1);
+                    return outcome;
+                }
+                // The leader went away before calling Mono: lead, or follow the next leader.
+                Ok(None) => continue,
+                Err(_) => return past_deadline(state, account).await,
+            },
+        }
+    }
+}
+
+async fn lead_refresh(
+    state: &Arc<AppState>,
+    account: &AccountId,
+    deadline: Instant,
+    lead: crate::flights::Lead<Outcome>,
+) -> Outcome {
+    // A Mono slot before any database work: a process never holds more locks than it can call for.
+    let Ok(slot) = tokio::time::timeout_at(deadline, state.mono_slots.clone().acquire_owned()).await else {
+        return past_deadline(state, account).await;
+    };
+    let slot = slot.expect("the Mono semaphore is never closed");
+    let lock = match take_lock(state, account, deadline).await {
+        Ok(Taken::Lock { lock, waited }) => (lock, waited),
+        Ok(Taken::Served(handout)) => {
+            lead.publish(Ok(handout.clone()));
+            return Ok(handout);
+        }
+        Err(error) => {
+            lead.publish(Err(error.clone()));
+            return Err(error);
+        }
+    };
+    let (lock, waited) = lock;
+    let checked = check_under_lock(state, account, waited).await;
+    if let Some(outcome) = checked {
+        // Released before publishing: a request that comes after the flight ends never finds the
+        // lock still held by this process (its session would take it again).
+        lock.release().await;
+        lead.publish(outcome.clone());
+        return outcome;
+    }
+    // Mono is asked from here on: in a task of its own, so that the token it issues is stored and
+    // shared even if this request goes away meanwhile.
+    let task = {
+        let (state, account) = (state.clone(), account.clone());
+        tokio::spawn(async move {
+            let outcome = call_and_store(&state, &account).await;
+            lock.release().await;
+            lead.publish(outcome.clone());
+            drop(slot);
+            outcome
+        })
+    };
+    match tokio::time::timeout_at(deadline, task).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(_)) => Err(ApiError::MonoUnavailable {
+            reason: "the refresh failed".into(),
+            retry_after: DEFAULT_RETRY_AFTER,
+        }),
+        Err(_) => past_deadline(state, account).await,
+    }
+}
+
+enum Taken {
+    Lock {
+        lock: crate::locks::AccountLock,
+        waited: bool,
+    },
+    /// Another process stored a token with enough time left while this one waited for its lock.
+    Served(Handout),
+}
+
+/// Takes the account's lock; while another process holds it, polls the stored token (which that
+/// process is about to refresh), within the deadline.
+async fn take_lock(state: &AppState, account: &AccountId, deadline: Instant) -> Result<Taken, ApiError> {
+    let mut waited = false;
+    let mut pause = LOCK_POLL_FIRST;
+    loop {
+        match state.account_locks.try_lock(account.as_str()).await {
+            Ok(Some(lock)) => return Ok(Taken::Lock { lock, waited }),
+            Ok(None) => {}
+            Err(error) => return Err(ApiError::DatabaseUnavailable(error.to_string())),
+        }
+        waited = true;
+        if Instant::now() + pause >= deadline {
+            return Err(ApiError::MonoUnavailable {
+                reason: "another process is still refreshing this account's token".into(),
+                retry_after: OTHER_PROCESS_RETRY_AFTER,
+            });
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(LOCK_POLL_MAX);
+        let current = db::token_state(&state.pool, account.as_str()).await?.ok_or(ApiError::NotFound)?;
+        refuse_unless_needed(&current)?;
+        if let Some(handout) = Handout::stored(&current, Utc::now() + state.token_min_remaining) {
+            return Ok(Taken::Served(handout));
+        }
+    }
+}
+
+/// Under the lock, before calling Mono: the answer if Mono need not (or must not) be asked.
+async fn check_under_lock(state: &AppState, account: &AccountId, waited: bool) -> Option<Outcome> {
+    let current = match db::token_state(&state.pool, account.as_str()).await {
+        Ok(Some(current)) => current,
+        Ok(None) => return Some(Err(ApiError::NotFound)),
+        Err(error) => return Some(Err(error.into())),
+    };
+    if let Err(error) = refuse_unless_needed(&current) {
+        return Some(Err(error));
+    }
+    // A concurrent request (here or in another process) may have just refreshed it.
+    if let Some(handout) = Handout::stored(&current, Utc::now() + state.token_min_remaining) {
+        return Some(Ok(handout));
+    }
+    if waited {
+        // Another process held the lock and stored nothing usable: its call failed. Its outcome is
+        // this one's too; asking Mono again would spend a second retry budget on one refresh.
+        return Some(degrade(
+            &current,
+            "another process's refresh of this account failed".into(),
+            OTHER_PROCESS_RETRY_AFTER,
+        ));
+    }
+    None
+}
+
+/// Calls Mono (breaker, retries) and stores what it issues. Holds no pool connection while Mono
+/// answers.
+async fn call_and_store(state: &AppState, account: &AccountId) -> Outcome {
+    let (outcome, _flight) = state.tokens.fetch(account, &CancellationToken::new()).await;
+    let token = match outcome {
+        TokenOutcome::Token(token) => token,
+        TokenOutcome::Refused { message, .. } => {
+            state.refusals.remember(account.as_str(), &message);
+            return Err(ApiError::MonoRefused(message));
+        }
+        TokenOutcome::Park { reason } | TokenOutcome::Retry { reason } => {
+            return unavailable(state, account, reason, retry_after(state)).await;
+        }
+        TokenOutcome::Abandoned => {
+            return Err(ApiError::MonoUnavailable {
+                reason: "stopping".into(),
+                retry_after: DEFAULT_RETRY_AFTER,
+            });
+        }
+    };
+    let expires_at = token.issued_at + TOKEN_LIFETIME;
+    let fresh =
+        Handout { token: token.expose().to_owned(), issued_at: token.issued_at, expires_at, source: "fresh" };
+    let now =
+        match db::store_fresh(&state.pool, account.as_str(), token.expose(), token.issued_at, expires_at)
+            .await?
+        {
+            db::Store::Stored => return Ok(fresh),
+            db::Store::Missing => return Err(ApiError::NotFound),
+            db::Store::NotStored(now) => now,
+        };
+    // Not stored: the account changed while Mono answered (re-authorised, unlinked), or the worker
+    // stored a token Mono issued later, which is the one to hand out.
+    refuse_unless_needed(&now)?;
+    Ok(Handout::stored(&now, Utc::now()).unwrap_or(fresh))
+}
+
+/// Mono is unavailable for this request: the stored token above the floor, else 503.
+async fn unavailable(
+    state: &AppState,
+    account: &AccountId,
+    reason: String,
+    retry_after: Duration,
+) -> Outcome {
+    // Read again: the worker may have stored one while Mono was failing us.
+    let current = db::token_state(&state.pool, account.as_str()).await?.ok_or(ApiError::NotFound)?;
+    refuse_unless_needed(&current)?;
+    degrade(&current, reason, retry_after)
+}
+
+fn degrade(current: &TokenState, reason: String, retry_after: Duration) -> Outcome {
+    let Some(handout) = Handout::stored(current, Utc::now() + STORED_FLOOR_WHILE_MONO_UNAVAILABLE) else {
+        return Err(ApiError::MonoUnavailable { reason, retry_after });
+    };
+    let left_secs = (handout.expires_at - Utc::now()).num_seconds();
+    tracing::warn!(
+        left_secs,
+        "Mono is unavailable: handing out the stored token, which works for less than TOKEN_MIN_REMAINING_SECS"
+    );
+    Ok(handout)
+}
+
+/// The request's deadline passed while it waited (for a slot, the lock or the leader).
+async fn past_deadline(state: &AppState, account: &AccountId) -> Outcome {
+    unavailable(state, account, "no fresh token within TOKEN_DEADLINE_MS".into(), OTHER_PROCESS_RETRY_AFTER)
+        .await
+}
+
+fn retry_after(state: &AppState) -> Duration {
+    state.tokens.retry_in().filter(|d| !d.is_zero()).unwrap_or(DEFAULT_RETRY_AFTER)
+}
