@@ -3,9 +3,13 @@
 //! When Mono fails for many accounts at once (5xx, 429, timeouts, refused connections) that is an
 //! outage, not a bad event: spending each delivery's attempts on it would only fill the dead-letter
 //! queue. Closed, the breaker opens on either of two signs of an outage: `consecutive_failures`
-//! failed calls in a row (so one slow trickle of re-auths trips it too), or `failure_ratio` of the
-//! calls over a sliding window (with at least `min_calls`). Mono refusing our secret key (401/403)
-//! and a 429 with `Retry-After` open it at once. Open, callers are refused (their deliveries wait in a
+//! accounts whose calls failed with no call answered in between (so one slow trickle of re-auths
+//! trips it too), or `failure_ratio` of the accounts called over a sliding window (with at least
+//! `min_calls` accounts, each counted by its latest call). Both count **accounts, not calls**: Mono
+//! failing one account again and again (a delivery retrying its budget makes about six calls) is
+//! that account's trouble, not an outage, so it never parks everyone else's re-auths; its delivery
+//! spends its attempts and is dead-lettered as any other. Mono refusing our secret key (401/403) and
+//! a 429 with `Retry-After` open it at once. Open, callers are refused (their deliveries wait in a
 //! retry tier without spending an attempt). After `open_for` it lets one probe through (half-open):
 //! success closes it, failure opens it again for twice as long, up to `max_open_for`. A probe that
 //! never reports (its caller's future was dropped: the request went away, the worker stopped) frees
@@ -13,20 +17,24 @@
 //! logged and exported as `monohook_<binary>_mono_circuit_state`; a refused key also sets
 //! `monohook_<binary>_mono_key_refused` until a call succeeds again.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::MetricNames;
+use shared::event::AccountId;
 
 /// The breaker's thresholds.
 #[derive(Clone, Debug)]
 pub struct BreakerSettings {
     pub window: Duration,
+    /// Fewest accounts called within the window before the ratio may open the breaker.
     pub min_calls: usize,
+    /// Share of the accounts called within the window whose latest call failed.
     pub failure_ratio: f64,
-    /// Failed calls in a row that open the breaker, whatever the traffic.
+    /// Accounts whose calls failed in a row (no call answered in between) that open the breaker,
+    /// whatever the traffic. One account failing again and again counts once.
     pub consecutive_failures: usize,
     pub open_for: Duration,
     pub max_open_for: Duration,
@@ -78,6 +86,8 @@ pub enum CallResult {
 /// an outcome (its future cancelled) hands its slot back, as [`CircuitBreaker::release`] does.
 #[must_use = "report the call's outcome with CircuitBreaker::record"]
 pub struct CallPermit {
+    /// The account the call is for: the breaker counts accounts, not calls.
+    account: String,
     /// For the half-open probe: which probe it is, and the state to free its slot in on drop.
     probe: Option<Probe>,
 }
@@ -88,9 +98,10 @@ struct Probe {
 }
 
 impl CallPermit {
-    /// Disarms the permit: its outcome is being reported, so dropping it frees nothing.
-    fn settle(mut self) -> bool {
-        self.probe.take().is_some()
+    /// Disarms the permit: its outcome is being reported, so dropping it frees nothing. Returns the
+    /// call's account and whether it was the probe.
+    fn settle(mut self) -> (String, bool) {
+        (std::mem::take(&mut self.account), self.probe.take().is_some())
     }
 }
 
@@ -104,7 +115,10 @@ impl Drop for CallPermit {
 
 impl fmt::Debug for CallPermit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CallPermit").field("probe", &self.probe.as_ref().map(|p| p.id)).finish()
+        f.debug_struct("CallPermit")
+            .field("account", &self.account)
+            .field("probe", &self.probe.as_ref().map(|p| p.id))
+            .finish()
     }
 }
 
@@ -116,10 +130,11 @@ pub struct CircuitBreaker {
 
 struct Inner {
     state: Phase,
-    /// Outcomes of recent calls (time, succeeded), oldest first.
-    calls: VecDeque<(Instant, bool)>,
-    /// Failed calls since the last success.
-    streak: usize,
+    /// The latest call of each account called within the window (time, account, succeeded), oldest
+    /// first: one entry per account, so one account failing often weighs as one.
+    calls: VecDeque<(Instant, String, bool)>,
+    /// Accounts whose calls failed since the last call Mono answered.
+    failing: HashSet<String>,
     /// How long the next opening lasts.
     open_for: Duration,
     /// Mono refused our key on the last call it answered.
@@ -156,7 +171,7 @@ impl CircuitBreaker {
         let inner = Inner {
             state: Phase::Closed,
             calls: VecDeque::new(),
-            streak: 0,
+            failing: HashSet::new(),
             open_for,
             key_refused: false,
             next_probe: 0,
@@ -164,21 +179,23 @@ impl CircuitBreaker {
         Self { settings, names, inner: Arc::new(Mutex::new(inner)) }
     }
 
-    /// A permit to call Mono now, or `None` while the breaker is open (or its probe is out).
-    pub fn try_acquire(&self) -> Option<CallPermit> {
+    /// A permit to call Mono for `account` now, or `None` while the breaker is open (or its probe
+    /// is out).
+    pub fn try_acquire(&self, account: &AccountId) -> Option<CallPermit> {
+        let account = account.as_str().to_owned();
         let mut inner = self.lock();
         match inner.state {
-            Phase::Closed => Some(CallPermit { probe: None }),
+            Phase::Closed => Some(CallPermit { account, probe: None }),
             Phase::Open { until } if Instant::now() >= until => {
                 let id = self.next_probe_id(&mut inner);
                 self.change(&mut inner, Phase::HalfOpen { probing: Some(id) });
-                Some(self.probe_permit(id))
+                Some(self.probe_permit(account, id))
             }
             Phase::Open { .. } | Phase::HalfOpen { probing: Some(_) } => None,
             Phase::HalfOpen { probing: None } => {
                 let id = self.next_probe_id(&mut inner);
                 inner.state = Phase::HalfOpen { probing: Some(id) };
-                Some(self.probe_permit(id))
+                Some(self.probe_permit(account, id))
             }
         }
     }
@@ -189,18 +206,22 @@ impl CircuitBreaker {
         id
     }
 
-    fn probe_permit(&self, id: u64) -> CallPermit {
-        CallPermit { probe: Some(Probe { id, inner: self.inner.clone() }) }
+    fn probe_permit(&self, account: String, id: u64) -> CallPermit {
+        CallPermit { account, probe: Some(Probe { id, inner: self.inner.clone() }) }
     }
 
     /// Reports how a permitted call went. Mono refusing one account is a success for the breaker:
     /// Mono answered.
     pub fn record(&self, permit: CallPermit, result: CallResult) {
-        let probe = permit.settle();
+        let (account, probe) = permit.settle();
         let mut inner = self.lock();
         let now = Instant::now();
         let succeeded = result == CallResult::Answered;
-        inner.streak = if succeeded { 0 } else { inner.streak.saturating_add(1) };
+        if succeeded {
+            inner.failing.clear();
+        } else {
+            inner.failing.insert(account.clone());
+        }
         if result == CallResult::KeyRefused {
             if !inner.key_refused {
                 tracing::error!(
@@ -216,7 +237,7 @@ impl CircuitBreaker {
             tracing::info!("Mono accepts our secret key again");
         }
         if let CallResult::Throttled(wait) = result {
-            self.throttle(&mut inner, probe, now, wait);
+            self.throttle(&mut inner, probe, now, account, wait);
             return;
         }
         if probe {
@@ -229,27 +250,34 @@ impl CircuitBreaker {
             }
             return;
         }
-        inner.calls.push_back((now, succeeded));
-        while inner.calls.front().is_some_and(|(at, _)| now.duration_since(*at) > self.settings.window) {
-            inner.calls.pop_front();
-        }
+        self.remember(&mut inner, now, account, succeeded);
         if !matches!(inner.state, Phase::Closed) {
             return;
         }
-        let failures = inner.calls.iter().filter(|(_, ok)| !ok).count();
+        let failures = inner.calls.iter().filter(|(_, _, ok)| !ok).count();
         let ratio_tripped = inner.calls.len() >= self.settings.min_calls
             && failures as f64 / inner.calls.len() as f64 >= self.settings.failure_ratio;
-        let streak_tripped = inner.streak >= self.settings.consecutive_failures.max(1);
+        let streak_tripped = inner.failing.len() >= self.settings.consecutive_failures.max(1);
         if ratio_tripped || streak_tripped || result == CallResult::KeyRefused {
             self.open(&mut inner, now);
         }
     }
 
+    /// Keeps `account`'s latest outcome in the window (replacing its earlier one) and lets go of
+    /// what the window has passed.
+    fn remember(&self, inner: &mut Inner, now: Instant, account: String, succeeded: bool) {
+        inner.calls.retain(|(_, called, _)| *called != account);
+        inner.calls.push_back((now, account, succeeded));
+        while inner.calls.front().is_some_and(|(at, _, _)| now.duration_since(*at) > self.settings.window) {
+            inner.calls.pop_front();
+        }
+    }
+
     /// Mono asked every caller to wait (429 with `Retry-After`): the breaker opens until then,
     /// whatever the failure ratio.
-    fn throttle(&self, inner: &mut Inner, probe: bool, now: Instant, wait: Duration) {
+    fn throttle(&self, inner: &mut Inner, probe: bool, now: Instant, account: String, wait: Duration) {
         if !probe {
-            inner.calls.push_back((now, false));
+            self.remember(inner, now, account, false);
         }
         // A `Retry-After` too large to add to the clock is bounded by the longest opening.
         let until = now.checked_add(wait).unwrap_or(now + self.settings.max_open_for);
@@ -264,6 +292,8 @@ impl CircuitBreaker {
     }
 
     fn open(&self, inner: &mut Inner, now: Instant) {
+        // The accounts that opened it have had their say; the probe decides what comes next.
+        inner.failing.clear();
         let open_for = inner.open_for;
         inner.open_for = (open_for * 2).min(self.settings.max_open_for);
         self.change(inner, Phase::Open { until: now + open_for });
@@ -350,8 +380,20 @@ mod tests {
         })
     }
 
+    /// An account no other call of the tests has used.
+    fn another_account() -> AccountId {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        AccountId::parse(format!("acct-{n}")).unwrap()
+    }
+
+    /// A call for an account of its own.
     fn call(breaker: &CircuitBreaker, succeeded: bool) -> bool {
-        match breaker.try_acquire() {
+        call_for(breaker, &another_account(), succeeded)
+    }
+
+    fn call_for(breaker: &CircuitBreaker, account: &AccountId, succeeded: bool) -> bool {
+        match breaker.try_acquire(account) {
             Some(permit) => {
                 breaker.record(permit, if succeeded { CallResult::Answered } else { CallResult::Failed });
                 true
@@ -378,7 +420,7 @@ mod tests {
         assert_eq!(breaker.state(), BreakerState::Closed, "1 failure of 3 calls");
         call(&breaker, false);
         assert_eq!(breaker.state(), BreakerState::Open, "2 failures of 4 calls");
-        assert!(breaker.try_acquire().is_none());
+        assert!(breaker.try_acquire(&another_account()).is_none());
     }
 
     #[test]
@@ -390,16 +432,16 @@ mod tests {
         assert_eq!(breaker.state(), BreakerState::Open);
         std::thread::sleep(Duration::from_millis(40));
 
-        let probe = breaker.try_acquire().expect("a probe after open_for");
+        let probe = breaker.try_acquire(&another_account()).expect("a probe after open_for");
         assert_eq!(breaker.state(), BreakerState::HalfOpen);
-        assert!(breaker.try_acquire().is_none(), "only one probe at a time");
+        assert!(breaker.try_acquire(&another_account()).is_none(), "only one probe at a time");
         breaker.record(probe, CallResult::Failed);
         assert_eq!(breaker.state(), BreakerState::Open);
         std::thread::sleep(Duration::from_millis(40));
-        assert!(breaker.try_acquire().is_none(), "the second opening lasts twice as long");
+        assert!(breaker.try_acquire(&another_account()).is_none(), "the second opening lasts twice as long");
         std::thread::sleep(Duration::from_millis(30));
 
-        let probe = breaker.try_acquire().expect("a probe after the longer opening");
+        let probe = breaker.try_acquire(&another_account()).expect("a probe after the longer opening");
         breaker.record(probe, CallResult::Answered);
         assert_eq!(breaker.state(), BreakerState::Closed);
         assert!(call(&breaker, false), "closed again, with a clean window");
@@ -413,9 +455,9 @@ mod tests {
             call(&breaker, false);
         }
         std::thread::sleep(Duration::from_millis(20));
-        let probe = breaker.try_acquire().expect("a probe");
+        let probe = breaker.try_acquire(&another_account()).expect("a probe");
         breaker.release(probe);
-        assert!(breaker.try_acquire().is_some(), "the released probe is granted again");
+        assert!(breaker.try_acquire(&another_account()).is_some(), "the released probe is granted again");
     }
 
     #[test]
@@ -425,12 +467,12 @@ mod tests {
             call(&breaker, false);
         }
         std::thread::sleep(Duration::from_millis(20));
-        let probe = breaker.try_acquire().expect("a probe");
-        assert!(breaker.try_acquire().is_none(), "only one probe at a time");
+        let probe = breaker.try_acquire(&another_account()).expect("a probe");
+        assert!(breaker.try_acquire(&another_account()).is_none(), "only one probe at a time");
 
         drop(probe);
 
-        let next = breaker.try_acquire().expect("the dropped probe's slot is free again");
+        let next = breaker.try_acquire(&another_account()).expect("the dropped probe's slot is free again");
         breaker.record(next, CallResult::Answered);
         assert_eq!(breaker.state(), BreakerState::Closed);
     }
@@ -438,31 +480,34 @@ mod tests {
     #[test]
     fn an_old_probe_dropped_late_cannot_free_a_newer_probes_slot() {
         let breaker = breaker(10);
-        let in_flight = breaker.try_acquire().expect("closed");
+        let in_flight = breaker.try_acquire(&another_account()).expect("closed");
         for _ in 0..4 {
             call(&breaker, false);
         }
         std::thread::sleep(Duration::from_millis(20));
-        let old_probe = breaker.try_acquire().expect("a probe");
+        let old_probe = breaker.try_acquire(&another_account()).expect("a probe");
         // A call made while closed is throttled: the breaker opens again with the probe still out.
         breaker.record(in_flight, CallResult::Throttled(Duration::from_millis(10)));
         std::thread::sleep(Duration::from_millis(20));
-        let _new_probe = breaker.try_acquire().expect("a probe after the throttle");
+        let _new_probe = breaker.try_acquire(&another_account()).expect("a probe after the throttle");
 
         drop(old_probe);
 
-        assert!(breaker.try_acquire().is_none(), "the new probe is still out: no second probe");
+        assert!(
+            breaker.try_acquire(&another_account()).is_none(),
+            "the new probe is still out: no second probe"
+        );
     }
 
     #[test]
     fn a_429_with_retry_after_opens_the_breaker_until_then() {
         let breaker = breaker(10_000);
-        let permit = breaker.try_acquire().unwrap();
+        let permit = breaker.try_acquire(&another_account()).unwrap();
         breaker.record(permit, CallResult::Throttled(Duration::from_millis(30)));
         assert_eq!(breaker.state(), BreakerState::Open);
-        assert!(breaker.try_acquire().is_none(), "no call before Retry-After");
+        assert!(breaker.try_acquire(&another_account()).is_none(), "no call before Retry-After");
         std::thread::sleep(Duration::from_millis(40));
-        let probe = breaker.try_acquire().expect("a probe once Retry-After has passed");
+        let probe = breaker.try_acquire(&another_account()).expect("a probe once Retry-After has passed");
         breaker.record(probe, CallResult::Answered);
         assert_eq!(breaker.state(), BreakerState::Closed);
     }
@@ -495,16 +540,16 @@ mod tests {
     #[test]
     fn a_refused_key_opens_it_at_once_until_a_call_succeeds() {
         let breaker = breaker(10);
-        let permit = breaker.try_acquire().unwrap();
+        let permit = breaker.try_acquire(&another_account()).unwrap();
         breaker.record(permit, CallResult::KeyRefused);
         assert_eq!(breaker.state(), BreakerState::Open);
         assert!(breaker.key_refused());
         std::thread::sleep(Duration::from_millis(15));
-        let probe = breaker.try_acquire().expect("a probe");
+        let probe = breaker.try_acquire(&another_account()).expect("a probe");
         breaker.record(probe, CallResult::KeyRefused);
         assert_eq!(breaker.state(), BreakerState::Open, "still refused");
         std::thread::sleep(Duration::from_millis(25));
-        let probe = breaker.try_acquire().expect("a probe");
+        let probe = breaker.try_acquire(&another_account()).expect("a probe");
         breaker.record(probe, CallResult::Answered);
         assert_eq!(breaker.state(), BreakerState::Closed);
         assert!(!breaker.key_refused());
@@ -513,8 +558,57 @@ mod tests {
     #[test]
     fn an_absurd_retry_after_cannot_panic() {
         let breaker = breaker(10);
-        let permit = breaker.try_acquire().unwrap();
+        let permit = breaker.try_acquire(&another_account()).unwrap();
         breaker.record(permit, CallResult::Throttled(Duration::MAX));
         assert_eq!(breaker.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn one_account_failing_again_and_again_never_opens_it() {
+        let breaker = CircuitBreaker::with_names(BreakerSettings {
+            consecutive_failures: 3,
+            min_calls: 3,
+            ..breaker(10_000).settings
+        });
+        let sick = another_account();
+        call(&breaker, true);
+        call(&breaker, true);
+        for _ in 0..20 {
+            assert!(call_for(&breaker, &sick, false), "one account's failures refuse nobody");
+        }
+        assert_eq!(breaker.state(), BreakerState::Closed, "one account of three failing, counted once");
+        assert!(call(&breaker, true), "another account still gets through");
+    }
+
+    #[test]
+    fn failures_of_enough_accounts_in_a_row_open_it() {
+        let breaker = CircuitBreaker::with_names(BreakerSettings {
+            consecutive_failures: 3,
+            min_calls: 100,
+            ..breaker(10_000).settings
+        });
+        let (a, b) = (another_account(), another_account());
+        for _ in 0..5 {
+            call_for(&breaker, &a, false);
+            call_for(&breaker, &b, false);
+        }
+        assert_eq!(breaker.state(), BreakerState::Closed, "two accounts, however many calls");
+        call(&breaker, false);
+        assert_eq!(breaker.state(), BreakerState::Open, "a third account failing: Mono is down");
+    }
+
+    #[test]
+    fn the_ratio_counts_each_account_by_its_latest_call() {
+        let breaker = breaker(10_000);
+        let (flaky, sick) = (another_account(), another_account());
+        call_for(&breaker, &flaky, false);
+        call_for(&breaker, &flaky, true);
+        call(&breaker, true);
+        for _ in 0..5 {
+            call_for(&breaker, &sick, false);
+        }
+        assert_eq!(breaker.state(), BreakerState::Closed, "1 failing account of 3");
+        call(&breaker, false);
+        assert_eq!(breaker.state(), BreakerState::Open, "2 failing accounts of 4");
     }
 }

@@ -177,7 +177,7 @@ impl TokenFetcher {
         let mut schedule = self.policy.schedule();
         let mut calls = 0;
         loop {
-            let Some(permit) = self.breaker.try_acquire() else {
+            let Some(permit) = self.breaker.try_acquire(account) else {
                 return TokenOutcome::Park { reason: self.park_reason(None) };
             };
             calls += 1;

@@ -88,12 +88,15 @@ pub struct RunArgs {
     #[arg(long, env = "BATCH_CONCURRENCY", default_value_t = 2, value_parser = shared::config::at_least_one)]
     pub batch_concurrency: usize,
 
-    /// Share of failed Mono calls (over the window) that opens the circuit breaker.
+    /// Share of the accounts called over the window whose latest Mono call failed that opens the
+    /// circuit breaker (one account failing often counts once).
     #[arg(long, env = "MONO_CIRCUIT_FAILURE_RATIO", default_value_t = 0.5, value_parser = shared::config::ratio)]
     pub mono_circuit_failure_ratio: f64,
 
-    /// Failed Mono calls in a row that open the circuit breaker, however few calls there are (one
-    /// slow trickle of re-auths must park during an outage, not exhaust its retries).
+    /// Accounts whose Mono calls failed in a row (none answered in between) that open the circuit
+    /// breaker, however few calls there are (one slow trickle of re-auths must park during an outage,
+    /// not exhaust its retries). One account failing again and again counts once: its delivery
+    /// spends its attempts and is dead-lettered, and parks nobody else.
     #[arg(long, env = "MONO_CIRCUIT_CONSECUTIVE_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub mono_circuit_consecutive_failures: u64,
 
@@ -101,7 +104,7 @@ pub struct RunArgs {
     #[arg(long, env = "MONO_RETRY_AFTER_MAX_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub mono_retry_after_max_secs: u64,
 
-    /// Fewest Mono calls in the window before the breaker may open on the failure ratio.
+    /// Fewest accounts called in the window before the breaker may open on the failure ratio.
     #[arg(long, env = "MONO_CIRCUIT_MIN_CALLS", default_value_t = 10, value_parser = shared::config::at_least_one)]
     pub mono_circuit_min_calls: usize,
 

@@ -265,26 +265,46 @@ async fn a_refused_key_parks_deliveries_reports_it_and_resumes_by_itself(pool: P
     assert_eq!(readyz(&world).await["mono_key"], "accepted");
 }
 
+/// Mono answers 503 to every account while `down` is set, a token once it is cleared.
+struct DownForEveryone {
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Respond for DownForEveryone {
+    fn respond(&self, _: &Request) -> ResponseTemplate {
+        if self.down.load(Ordering::SeqCst) {
+            ResponseTemplate::new(503)
+        } else {
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({ "token": "after-outage" }))
+        }
+    }
+}
+
 #[sqlx::test(migrations = "../migrations")]
 async fn a_trickle_of_mono_failures_parks_the_delivery_instead_of_spending_its_attempts(pool: PgPool) {
     let mut world = TestWorld::new(pool).await;
-    Mock::given(method("POST"))
-        .and(reauthorise_path(ACCOUNT))
-        .respond_with(ResponseTemplate::new(503))
-        .up_to_n_times(5)
-        .mount(&world.mono)
-        .await;
-    world.mono_issues_token(ACCOUNT, "after-outage").await;
-    // One delivery alone: far below the failure-ratio breaker's minimum of calls.
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    Mock::given(method("POST")).respond_with(DownForEveryone { down: down.clone() }).mount(&world.mono).await;
+    // Three re-auths: far below the failure-ratio breaker's minimum of calls, but three accounts
+    // failing in a row is Mono down, not one account's trouble.
     world
         .start_worker_with(&["--mono-circuit-consecutive-failures", "3", "--mono-circuit-open-secs", "1"])
         .await;
 
-    let meta = world.publish(&body(REAUTH, ACCOUNT)).await;
+    let accounts = ["trickle-1", "trickle-2", "trickle-3"];
+    let mut metas = Vec::new();
+    for account in accounts {
+        metas.push(world.publish(&body(REAUTH, account)).await);
+    }
+    eventually("the breaker opens", PATIENCE, || async { readyz(&world).await["mono_circuit"] == "open" })
+        .await;
+    down.store(false, Ordering::SeqCst);
 
-    let row = world.settled(&meta).await;
-    assert_eq!(row.status, "processed");
-    assert_eq!(row.attempts, 1, "an outage parks the delivery; no attempt is spent");
+    for meta in &metas {
+        let row = world.settled(meta).await;
+        assert_eq!(row.status, "processed");
+        assert_eq!(row.attempts, 1, "an outage parks the delivery; no attempt is spent");
+    }
     assert_eq!(world.broker.depth(&world.dead_queue()).await, 0);
 }
 

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, Request, Respond, ResponseTemplate};
 
-use crate::helpers::{ACCOUNT, TestWorld, body};
+use crate::helpers::{ACCOUNT, PATIENCE, TestWorld, body};
 use shared::delivery::{HEADER_ATTEMPTS, HEADER_DEAD_CLASS, HEADER_DEAD_REASON, as_u32, header_str};
+use shared::testing::eventually;
 
 const REAUTH: &str = "mono.events.reauthorisation_required";
 
@@ -200,4 +201,75 @@ async fn a_delivery_whose_retry_tier_was_deleted_is_not_stuck(pool: PgPool) {
     assert_eq!(row.status, "dead");
     let reason = row.last_error.unwrap();
     assert!(reason.starts_with("retries exhausted"), "{reason}");
+}
+
+/// Calls Mono received for `account`'s re-authorisation so far.
+async fn calls_for(mono: &wiremock::MockServer, account: &str) -> usize {
+    let path = format!("/accounts/{account}/reauthorise");
+    mono.received_requests().await.unwrap_or_default().iter().filter(|r| r.url.path() == path).count()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn one_account_mono_always_fails_is_dead_lettered_and_parks_nobody_else(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    let sick = "sick-account-1";
+    Mock::given(method("POST"))
+        .and(path(format!("/accounts/{sick}/reauthorise")))
+        .respond_with(ResponseTemplate::new(500))
+        .mount(&world.mono)
+        .await;
+    let healthy: Vec<String> = (0..5).map(|n| format!("healthy-account-{n}")).collect();
+    for account in &healthy {
+        Mock::given(method("POST"))
+            .and(path(format!("/accounts/{account}/reauthorise")))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({ "token": account })))
+            .expect(1)
+            .mount(&world.mono)
+            .await;
+    }
+    // The default breaker: 5 failures in a row open it. The sick account's first attempt alone
+    // (2 s of in-process retries from 20 ms) makes that many calls.
+    world.start_worker().await;
+
+    let sick_meta = world.publish(&body(REAUTH, sick)).await;
+    eventually("Mono failed the sick account 5 times", PATIENCE, || async {
+        calls_for(&world.mono, sick).await >= 5
+    })
+    .await;
+    let healthy_metas = {
+        let mut metas = Vec::new();
+        for account in &healthy {
+            metas.push(world.publish(&body(REAUTH, account)).await);
+        }
+        metas
+    };
+
+    // The others are not parked behind the sick account (a park costs a retry tier and the
+    // breaker's 5 s): each is applied at once, in its first attempt.
+    eventually("every healthy account is processed on time", Duration::from_secs(3), || async {
+        for meta in &healthy_metas {
+            if world.journal(meta).await.is_none() {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    for (meta, account) in healthy_metas.iter().zip(&healthy) {
+        let row = world.settled(meta).await;
+        assert_eq!((row.status.as_str(), row.attempts), ("processed", 1), "{account}");
+        assert_eq!(world.stored_token(account).await.as_deref(), Some(account.as_str()));
+    }
+    // The sick account's delivery spends its attempts (1, then one after each of the two tiers)
+    // and is dead-lettered with its reason, not parked forever.
+    let dead = world.dead_letters(1).await;
+    assert_eq!(dead.len(), 1);
+    let headers = dead[0].properties.headers().clone().unwrap();
+    assert_eq!(header_str(&headers, HEADER_DEAD_CLASS).as_deref(), Some("exhausted"));
+    assert_eq!(headers.inner().get(HEADER_ATTEMPTS).and_then(as_u32), Some(3));
+    let row = world.settled(&sick_meta).await;
+    assert_eq!((row.status.as_str(), row.attempts), ("dead", 3));
+    let reason = row.last_error.unwrap();
+    assert!(reason.contains("500"), "{reason}");
+    assert!(world.find_account(sick).await.is_none(), "a dead-lettered event must change nothing");
 }
