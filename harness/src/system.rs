@@ -21,6 +21,8 @@ pub struct SystemConfig {
     pub amqp_url: String,
     /// PostgreSQL server URL without a database name.
     pub database_server: String,
+    /// Where the workers reach that server, if not directly (e.g. through a proxy a scenario cuts).
+    pub worker_database_server: Option<String>,
     pub retry_delays_secs: String,
     /// Extra environment for every worker.
     pub worker_env: Vec<(&'static str, String)>,
@@ -38,6 +40,7 @@ impl Default for SystemConfig {
                 .ok()
                 .and_then(|u| u.rsplit_once('/').map(|(server, _)| server.to_owned()))
                 .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432".into()),
+            worker_database_server: None,
             retry_delays_secs: "1,2".into(),
             worker_env: Vec::new(),
             ingest_env: Vec::new(),
@@ -119,12 +122,16 @@ impl System {
         ]
     }
 
+    fn worker_database_server(&self) -> &str {
+        self.config.worker_database_server.as_deref().unwrap_or(&self.config.database_server)
+    }
+
     /// Starts one more worker and waits until it is ready.
     pub async fn start_worker(&mut self) -> anyhow::Result<()> {
         let port = free_port();
         let mut env = self.common_env();
         env.extend([
-            ("DATABASE_URL", format!("{}/{}", self.config.database_server, self.database)),
+            ("DATABASE_URL", format!("{}/{}", self.worker_database_server(), self.database)),
             ("MONO_SECRET_KEY", MONO_KEY.to_owned()),
             ("MONO_API_URL", self.mono_url.clone()),
             ("METRICS_ADDR", format!("127.0.0.1:{port}")),

@@ -9,7 +9,7 @@ use super::services::{self, RestoreServices};
 use super::{DRAIN_PATIENCE, ScenarioReport};
 use crate::system::{System, SystemConfig, metric_value};
 
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     "rabbitmq_restart",
     "postgres_restart",
     "worker_sigkill",
@@ -24,6 +24,7 @@ pub const ALL: [&str; 14] = [
     "mono_key_revoked",
     "rabbitmq_restarted_5_times",
     "database_errors_of_ours",
+    "postgres_outage_past_consumer_timeout",
 ];
 
 pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
@@ -42,6 +43,7 @@ pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioRepo
         "mono_key_revoked" => mono_key_revoked(base).await,
         "rabbitmq_restarted_5_times" => rabbitmq_restarted_5_times(base).await,
         "database_errors_of_ours" => database_errors_of_ours(base).await,
+        "postgres_outage_past_consumer_timeout" => postgres_outage_past_consumer_timeout(base).await,
         other => super::on_cluster::run(other, base).await,
     }
 }
@@ -673,4 +675,58 @@ async fn database_errors_of_ours(base: &SystemConfig) -> anyhow::Result<Scenario
     let mut report = finish("database_errors_of_ours", started, system, load, report).await?;
     report.check("nothing was dead-lettered", report.dead_lettered == 0);
     Ok(report)
+}
+
+/// A PostgreSQL outage longer than RabbitMQ's `consumer_timeout` (lowered to 10 s here; 30 min by
+/// default), with a worker stopped while it holds deliveries: the workers park what they held past
+/// `HOLD_MAX_SECS` (5 s here) instead of letting the broker close their channel and count the
+/// returns, so nothing is dead-lettered by the broker or by the poison guard. The workers reach
+/// PostgreSQL through a proxy the scenario cuts, so the outage is theirs alone.
+async fn postgres_outage_past_consumer_timeout(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let _timeout = services::RestoreConsumerTimeout;
+    services::set_consumer_timeout(Duration::from_secs(10))?;
+    let proxy = shared::testing::TcpProxy::start(postgres_address(&base.database_server)?).await;
+    let mut config = with_worker_env(base, &[("HOLD_MAX_SECS", "5"), ("SHUTDOWN_GRACE_SECS", "2")]);
+    config.worker_database_server = Some(format!("postgres://postgres@{}", proxy.addr()));
+    let mut system = System::start(config, 2).await?;
+    let mut report = ScenarioReport::default();
+    let load = Load::start(system.ingest_url(), all_kinds(40, 40));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    proxy.cut();
+    // RabbitMQ looks at held deliveries about once a minute: the outage outlasts that and the timeout.
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    // A worker stopped while it holds deliveries it cannot settle.
+    let stopping = &mut system.workers[0].0;
+    stopping.terminate();
+    let stopped = stopping.wait_exit(Duration::from_secs(20));
+    report.check("a worker stopped cleanly during the outage", stopped.is_some_and(|s| s.success()));
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    proxy.restore().await;
+    system.start_worker().await?;
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let load = load.stop().await;
+    let logs = system.all_logs();
+    report.check(
+        "the workers parked what they held past HOLD_MAX_SECS",
+        logs.contains("held for HOLD_MAX_SECS")
+            || logs.contains("the worker stopped while the database failed"),
+    );
+    report.check(
+        "the broker never timed out a delivery (its channel stayed open)",
+        !logs.contains("acknowledgement") && !logs.contains("consumer_timeout"),
+    );
+    let mut report = finish("postgres_outage_past_consumer_timeout", started, system, load, report).await?;
+    report.check("nothing was dead-lettered", report.dead_lettered == 0);
+    Ok(report)
+}
+
+/// `127.0.0.1:5432` from `postgres://user@127.0.0.1:5432`.
+fn postgres_address(server: &str) -> anyhow::Result<std::net::SocketAddr> {
+    let authority = server.rsplit('@').next().unwrap_or(server).trim_start_matches("postgres://");
+    let authority = if authority.contains(':') { authority.to_owned() } else { format!("{authority}:5432") };
+    let authority = authority.replace("localhost", "127.0.0.1");
+    authority.parse().map_err(|e| anyhow::anyhow!("cannot proxy PostgreSQL at {authority}: {e}"))
 }

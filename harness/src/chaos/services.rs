@@ -83,3 +83,24 @@ impl Drop for RestoreServices {
         }
     }
 }
+
+/// Sets RabbitMQ's `consumer_timeout` (how long a channel may hold a delivery unacked before the
+/// broker closes it) on the running node, for channels opened from now on.
+pub fn set_consumer_timeout(timeout: Duration) -> anyhow::Result<()> {
+    let millis = timeout.as_millis();
+    run("rabbitmqctl", &["-q", "eval", &format!("application:set_env(rabbit, consumer_timeout, {millis}).")])
+}
+
+/// RabbitMQ's default `consumer_timeout`: 30 minutes.
+pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// Puts the default `consumer_timeout` back when dropped.
+pub struct RestoreConsumerTimeout;
+
+impl Drop for RestoreConsumerTimeout {
+    fn drop(&mut self) {
+        if let Err(error) = set_consumer_timeout(DEFAULT_CONSUMER_TIMEOUT) {
+            eprintln!("could not restore RabbitMQ's consumer_timeout: {error:#}");
+        }
+    }
+}
