@@ -1,5 +1,5 @@
-//! The Mono client: the one place that knows Mono's re-authorise endpoint, its headers and how its
-//! answers are classified. Another re-auth flow (Mono's v2 `initiate`) would be a change here alone.
+//! The Mono client: the one place that knows Mono's endpoints, its headers and how its answers are
+//! classified. The v2 re-auth link (`initiate`) lives beside it, in `links`, over the same `post`.
 //!
 //! `POST {base}/accounts/{id}/reauthorise` with `mono-sec-key` answers `{"token": "..."}`. Answers are
 //! classified by whose problem they are:
@@ -143,16 +143,35 @@ impl MonoClient {
     }
 
     async fn call_reauthorise(&self, account: &AccountId) -> Result<ReauthToken, MonoError> {
+        // Taken before the request leaves: Mono's clock starts somewhere during the call.
+        let asked_at = Utc::now();
+        let (status, body) = self.post(&["accounts", account.as_str(), "reauthorise"], None).await?;
+        match serde_json::from_slice::<TokenAnswer>(&body) {
+            Ok(answer) if !answer.token.is_empty() => {
+                Ok(ReauthToken { value: SecretString::from(answer.token), issued_at: asked_at })
+            }
+            // Never echo a 2xx body: it may hold a token.
+            _ => Err(unavailable("other", &format!("{status} without a token"))),
+        }
+    }
+
+    /// `POST {base}/{segments…}` with `mono-sec-key` (and `body` as JSON): a 2xx answer's status and
+    /// body, or the answer classified as a [`MonoError`]. Never follows a redirect.
+    pub(crate) async fn post(
+        &self,
+        segments: &[&str],
+        body: Option<&serde_json::Value>,
+    ) -> Result<(StatusCode, Vec<u8>), MonoError> {
         let mut url = self.base.clone();
         url.path_segments_mut()
             .map_err(|()| unavailable("other", "MONO_API_URL cannot take a path"))?
             .pop_if_empty()
-            .extend(["accounts", account.as_str(), "reauthorise"]);
-        // Taken before the request leaves: Mono's clock starts somewhere during the call.
-        let asked_at = Utc::now();
-        let sent =
-            self.http.post(url).header(SECRET_KEY_HEADER, self.secret_key.expose_secret()).send().await;
-        let response = match sent {
+            .extend(segments);
+        let mut request = self.http.post(url).header(SECRET_KEY_HEADER, self.secret_key.expose_secret());
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = match request.send().await {
             Ok(response) => response,
             Err(error) if error.is_timeout() => {
                 return Err(unavailable("timeout", "no answer within the timeout"));
@@ -181,13 +200,7 @@ impl MonoClient {
         };
 
         if status.is_success() {
-            return match serde_json::from_slice::<TokenAnswer>(&body) {
-                Ok(answer) if !answer.token.is_empty() => {
-                    Ok(ReauthToken { value: SecretString::from(answer.token), issued_at: asked_at })
-                }
-                // Never echo a 2xx body: it may hold a token.
-                _ => Err(unavailable("other", &format!("{status} without a token"))),
-            };
+            return Ok((status, body.to_vec()));
         }
         if status.is_redirection() {
             return Err(unavailable(

@@ -1,10 +1,11 @@
-//! Mono's re-authorise endpoint, as both the worker (on `reauthorisation_required`) and the app's API
+//! Mono's re-authorise endpoint (and its v2 re-auth link, `links`), as both the worker (on `reauthorisation_required`) and the app's API
 //! (when a stored token is about to expire) call it: the client and how its answers are classified
 //! (`client`), the circuit breaker shared by a process's calls (`circuit`), and the retries and single
 //! flight around one call (`tokens`). Nothing here knows queues or the database.
 
 pub mod circuit;
 pub mod client;
+pub mod links;
 pub mod tokens;
 
 /// The names a process exports its Mono metrics under: each binary has its own prefix, so

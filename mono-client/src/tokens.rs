@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::MetricNames;
 use crate::circuit::{BreakerState, CallResult, CircuitBreaker};
 use crate::client::{MonoClient, MonoError, ReauthToken};
+use crate::links::{LinkAnswer, LinkRequest};
 use shared::event::AccountId;
 use shared::retry::RetryPolicy;
 
@@ -46,6 +47,17 @@ pub enum TokenOutcome {
         message: String,
     },
     /// Stopped waiting (shutdown or lost session).
+    Abandoned,
+}
+
+/// How one call through the breaker and the retries ended, whatever it asked Mono for: the
+/// variants mean what [`TokenOutcome`]'s do.
+#[derive(Clone, Debug)]
+pub enum Called<T> {
+    Answer(T),
+    Park { reason: String },
+    Retry { reason: String },
+    Refused { reason: String, message: String },
     Abandoned,
 }
 
@@ -174,11 +186,43 @@ impl TokenFetcher {
     }
 
     async fn fetch_alone(&self, account: &AccountId, abandon: &CancellationToken) -> TokenOutcome {
+        match self.call_with_retries(account, abandon, || self.mono.reauthorise(account)).await {
+            Called::Answer(token) => TokenOutcome::Token(token),
+            Called::Park { reason } => TokenOutcome::Park { reason },
+            Called::Retry { reason } => TokenOutcome::Retry { reason },
+            Called::Refused { reason, message } => TokenOutcome::Refused { reason, message },
+            Called::Abandoned => TokenOutcome::Abandoned,
+        }
+    }
+
+    /// Asks Mono for a hosted re-auth link (v2 `initiate`) through the same breaker, slots and
+    /// retries as a token. No single flight here: the api shares one call per account and redirect
+    /// itself. Retries send the same `meta.ref`.
+    pub async fn initiate_link(
+        &self,
+        request: &LinkRequest,
+        abandon: &CancellationToken,
+    ) -> Called<LinkAnswer> {
+        self.call_with_retries(&request.account, abandon, || self.mono.initiate_reauth(request)).await
+    }
+
+    /// One call to Mono for `account` (`call`), through the breaker and a slot, retried while Mono
+    /// fails within the budget.
+    async fn call_with_retries<T, F, Fut>(
+        &self,
+        account: &AccountId,
+        abandon: &CancellationToken,
+        mut call: F,
+    ) -> Called<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, MonoError>>,
+    {
         let mut schedule = self.policy.schedule();
         let mut calls = 0;
         loop {
             let Some(permit) = self.breaker.try_acquire(account) else {
-                return TokenOutcome::Park { reason: self.park_reason(None) };
+                return Called::Park { reason: self.park_reason(None) };
             };
             calls += 1;
             let started = Instant::now();
@@ -187,29 +231,29 @@ impl TokenFetcher {
                     slot = self.in_flight.acquire() => slot.expect("the semaphore is never closed"),
                     () = abandon.cancelled() => {
                         self.breaker.release(permit);
-                        return TokenOutcome::Abandoned;
+                        return Called::Abandoned;
                     }
                 };
-                self.mono.reauthorise(account).await
+                call().await
             };
             let class = answer.as_ref().map_or_else(MonoError::status_class, |_| "2xx");
             metrics::histogram!(self.names.request_seconds, "status_class" => class)
                 .record(started.elapsed().as_secs_f64());
             let (error, retry_after) = match answer {
-                Ok(token) => {
+                Ok(answer) => {
                     self.breaker.record(permit, CallResult::Answered);
-                    return TokenOutcome::Token(token);
+                    return Called::Answer(answer);
                 }
                 Err(MonoError::Rejected { status, message }) => {
                     // Mono answered: it is up, whatever it thinks of this account.
                     self.breaker.record(permit, CallResult::Answered);
                     let reason = MonoError::Rejected { status, message: message.clone() }.to_string();
-                    return TokenOutcome::Refused { reason, message };
+                    return Called::Refused { reason, message };
                 }
                 Err(error @ MonoError::KeyRefused { .. }) => {
                     // No retry can help until an operator fixes the key: park at once.
                     self.breaker.record(permit, CallResult::KeyRefused);
-                    return TokenOutcome::Park { reason: self.park_reason(Some(&error)) };
+                    return Called::Park { reason: self.park_reason(Some(&error)) };
                 }
                 Err(error @ MonoError::Unavailable { retry_after: Some(wait), class: "429", .. }) => {
                     self.breaker.record(permit, CallResult::Throttled(wait));
@@ -229,15 +273,15 @@ impl TokenFetcher {
                 // An open or probing breaker means an outage, not this delivery's failure.
                 return match self.breaker.state() {
                     BreakerState::Closed => {
-                        TokenOutcome::Retry { reason: format!("{error} (after {calls} calls)") }
+                        Called::Retry { reason: format!("{error} (after {calls} calls)") }
                     }
-                    _ => TokenOutcome::Park { reason: self.park_reason(Some(&error)) },
+                    _ => Called::Park { reason: self.park_reason(Some(&error)) },
                 };
             };
             tracing::warn!(%error, retry_in = ?delay, "Mono call failed; retrying");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                () = abandon.cancelled() => return TokenOutcome::Abandoned,
+                () = abandon.cancelled() => return Called::Abandoned,
             }
         }
     }
