@@ -121,7 +121,10 @@ async fn connect_one(url: &str, name: &str) -> Result<Connection, ConnectError> 
     }
 }
 
-/// Resolves when the connection has failed or closed, with a description for the log.
+/// Resolves when the connection has failed or closed, with a description for the log. A channel's
+/// error (a soft one: a refused declaration, a queue not found) closes that channel only; lapin
+/// reports it among the connection's events too, but the connection is fine, and whoever owns the
+/// channel watches it (a declaration on a channel of its own never ends a session).
 pub async fn connection_lost(connection: &Connection) -> String {
     let reason = watch_until_lost(connection).await;
     move_past_lost_node();
@@ -134,6 +137,7 @@ async fn watch_until_lost(connection: &Connection) -> String {
     loop {
         tokio::select! {
             event = events.next() => match event {
+                Some(Event::Error(error)) if error.is_amqp_soft_error() => {}
                 Some(Event::Error(error)) => return format!("connection error: {error}"),
                 Some(_) => {}
                 None => return "connection event stream ended".to_owned(),

@@ -54,7 +54,8 @@ pub enum SessionError {
 }
 
 pub struct Session {
-    connection: Connection,
+    /// Shared with the republisher, which declares the topology again on channels of its own.
+    connection: Arc<Connection>,
     consume_channel: Channel,
     republish_channel: Channel,
 }
@@ -74,7 +75,7 @@ impl Session {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(SessionError::Channel)?;
-        Ok(Self { connection, consume_channel, republish_channel })
+        Ok(Self { connection: Arc::new(connection), consume_channel, republish_channel })
     }
 
     pub fn is_connected(&self) -> bool {
@@ -199,8 +200,11 @@ async fn consume(
     };
     tracing::info!(queue = %work_queue, prefetch = consumer_settings.prefetch, "consuming");
 
-    let republisher =
-        Arc::new(Republisher::new(session.republish_channel.clone(), consumer_settings.topology.clone()));
+    let republisher = Arc::new(Republisher::new(
+        session.connection.clone(),
+        session.republish_channel.clone(),
+        consumer_settings.topology.clone(),
+    ));
     let acks = Arc::new(AckTracker::new(session.consume_channel.clone()));
     let pipeline = Pipeline::start(settings.clone(), republisher, acks);
     let lost = session.lost(&work_queue);

@@ -9,7 +9,8 @@ use chrono::Utc;
 use lapin::message::Delivery;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use std::sync::Arc;
 
 use crate::pipeline::DeadClass;
 use shared::delivery::{
@@ -45,13 +46,15 @@ pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 /// Publishes copies on a confirm-mode channel of the current session.
 pub struct Republisher {
+    /// The session's connection, for declarations on channels of their own.
+    connection: Arc<Connection>,
     channel: Channel,
     topology: Topology,
 }
 
 impl Republisher {
-    pub fn new(channel: Channel, topology: Topology) -> Self {
-        Self { channel, topology }
+    pub fn new(connection: Arc<Connection>, channel: Channel, topology: Topology) -> Self {
+        Self { connection, channel, topology }
     }
 
     /// Sends the delivery to retry tier `tier` (1-based), where it waits out the tier's delay. This
@@ -86,10 +89,13 @@ impl Republisher {
         self.publish(&self.topology.retry_queue(1), delivery, headers).await
     }
 
-    /// Declares the topology again on the republishing channel, so that a queue an operator deleted
-    /// exists again for the next try.
+    /// Declares the topology again, so that a queue an operator deleted exists again for the next
+    /// try. On a channel of its own, never the republishing one: a refused declaration (406, a queue
+    /// declared with other arguments) closes the channel it was made on, and losing the republishing
+    /// channel would end the session, on every move that needed a second try. The dead-letter queue
+    /// of an earlier version (without its delivery limit) is accepted, as at start.
     pub async fn redeclare(&self) -> Result<(), shared::topology::TopologyError> {
-        self.topology.declare(&self.channel).await
+        self.topology.declare_on(&self.connection).await
     }
 
     /// Sends the delivery to the dead-letter queue with the reason.

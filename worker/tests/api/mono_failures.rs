@@ -1,6 +1,8 @@
 //! How the worker treats Mono's failures: transient ones are retried (in process, then through the
 //! delayed-retry tiers), permanent ones are dead-lettered with Mono's message.
 
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable};
 use sqlx::PgPool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -272,4 +274,58 @@ async fn one_account_mono_always_fails_is_dead_lettered_and_parks_nobody_else(po
     let reason = row.last_error.unwrap();
     assert!(reason.contains("500"), "{reason}");
     assert!(world.find_account(sick).await.is_none(), "a dead-lettered event must change nothing");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_move_beside_an_older_dead_letter_queue_keeps_the_session(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    // The dead-letter queue as an earlier version declared it: without x-delivery-limit, so every
+    // declaration of today's topology is refused on it (406).
+    let dead = world.dead_queue();
+    world.broker.channel.queue_delete(dead.as_str().into(), Default::default()).await.unwrap();
+    let mut older = FieldTable::default();
+    older.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    world
+        .broker
+        .channel
+        .queue_declare(
+            dead.as_str().into(),
+            QueueDeclareOptions { durable: true, ..Default::default() },
+            older,
+        )
+        .await
+        .unwrap();
+    Mock::given(method("POST"))
+        .and(reauthorise_path())
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&world.mono)
+        .await;
+    world.start_worker_with(&["--mono-retry-budget-secs", "0"]).await;
+    let readyz = format!("http://{}/readyz", world.metrics_addrs[0]);
+    eventually("the worker is ready", PATIENCE, || async {
+        reqwest::get(&readyz).await.is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    // A move fails once (its tier is gone), so the worker declares the topology again.
+    let tier = world.broker.topology.retry_queue(1);
+    world.broker.channel.queue_delete(tier.as_str().into(), Default::default()).await.unwrap();
+
+    let meta = world.publish(&body(REAUTH, ACCOUNT)).await;
+
+    // Watched until the delivery has gone through every tier into the older dead-letter queue: the
+    // refused declaration of that queue never costs the session (the consumer stays, the held
+    // delivery is not returned).
+    let deadline = Instant::now() + PATIENCE;
+    let row = loop {
+        let ready = reqwest::get(&readyz).await.unwrap();
+        assert!(ready.status().is_success(), "the session was lost: {}", ready.text().await.unwrap());
+        if let Some(row) = world.journal(&meta).await {
+            break row;
+        }
+        assert!(Instant::now() < deadline, "the delivery was not settled in {PATIENCE:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(row.status, "dead");
+    assert!(row.last_error.unwrap().starts_with("retries exhausted"));
+    assert_eq!(world.broker.depth(&tier).await, 0, "the tier was declared again and drained");
 }
