@@ -185,8 +185,13 @@ impl System {
     /// Starts one more api process (the worker has migrated the database by then), waits until it
     /// is ready, and returns its URL.
     pub async fn start_api(&mut self) -> anyhow::Result<String> {
+        self.start_api_with(&[]).await
+    }
+
+    /// [`System::start_api`] with extra settings.
+    pub async fn start_api_with(&mut self, extra: &[(&'static str, &str)]) -> anyhow::Result<String> {
         let port = free_port();
-        let env = vec![
+        let mut env = vec![
             ("DATABASE_URL", format!("{}/{}", self.config.database_server, self.database)),
             ("APP_API_KEYS", format!("app:{APP_API_KEY}")),
             ("MONO_SECRET_KEY", MONO_KEY.to_owned()),
@@ -196,6 +201,7 @@ impl System {
             ("LOG_FORMAT", "json".into()),
             ("RUST_LOG", "debug".into()),
         ];
+        env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
         let mut api = Service::spawn("api", "api", &[], &env, &self.config.log_dir)?;
         let url = format!("http://127.0.0.1:{port}");
         wait_until_ready(&mut api, &format!("{url}/readyz"), Duration::from_secs(30)).await?;
