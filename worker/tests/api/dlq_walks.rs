@@ -235,15 +235,25 @@ async fn a_walk_sees_seventy_thousand_dead_letters_and_replays_only_those_select
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn show_says_when_it_could_not_see_the_whole_queue(pool: PgPool) {
+async fn show_says_when_it_could_not_see_the_whole_queue_and_exits_1(pool: PgPool) {
     let world = TestWorld::new(pool).await;
     let seeded = seed_dead_letters(&world, &accounts(2)).await;
     let _other = hold_messages(&world, 1).await;
+    let id = seeded[0].id.to_string();
 
-    let output = world.run_cli(&["dlq", "show", &seeded[0].id.to_string()], "").await;
+    let output = world.run_cli(&["dlq", "show", &id], "").await;
 
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("could not be seen whole"), "{text}");
+    assert_eq!(output.status.code(), Some(1), "an incomplete view is a failure: {text}");
+
+    let output = world.run_cli(&["dlq", "show", &id, "--json"], "").await;
+    let record: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (record["queue_fully_seen"].as_bool(), record["queue_headers"].is_null()),
+        (Some(false), true)
+    );
+    assert_eq!(output.status.code(), Some(1), "the same with --json");
 }
 
 #[sqlx::test(migrations = "../migrations")]

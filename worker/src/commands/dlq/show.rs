@@ -1,4 +1,6 @@
-//! `worker dlq show <id>`: everything known about one dead letter.
+//! `worker dlq show <id>`: everything known about one dead letter. The record is printed whatever
+//! the walk saw; when the message was not found in a queue the walk could not see whole, the
+//! command then fails (exit 1), as every incomplete `worker dlq` command does.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -82,6 +84,11 @@ pub async fn run(pool: &PgPool, broker: &BrokerArgs, args: &ShowArgs) -> anyhow:
         output::document(&record)?;
     } else {
         print_record(&record);
+    }
+    // Not seen in a queue that could not be seen whole: the record may be missing its message, so
+    // the command did not do what it was asked (exit 1, as an incomplete replay or purge).
+    if record.queue_headers.is_none() && !record.queue_fully_seen {
+        anyhow::bail!("the dead-letter queue could not be seen whole; run the same command again");
     }
     Ok(())
 }
