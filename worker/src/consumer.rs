@@ -42,6 +42,9 @@ pub struct ConsumerSettings {
     pub queue_poll: Duration,
 }
 
+/// Answers in a row that list no consumer on the work queue before the session counts as lost.
+const NO_CONSUMER_ANSWERS: u32 = 3;
+
 /// Why a broker session could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -88,6 +91,7 @@ impl Session {
         let channels = async {
             let mut poll = tokio::time::interval(Duration::from_millis(500));
             let mut polls: u32 = 0;
+            let mut silent_answers: u32 = 0;
             loop {
                 poll.tick().await;
                 polls = polls.wrapping_add(1);
@@ -97,7 +101,10 @@ impl Session {
                 if !self.republish_channel.status().connected() {
                     return "the republishing channel closed".to_owned();
                 }
-                // Every 10 s, ask the broker itself (a passive declaration changes nothing).
+                // Every 10 s, ask the broker itself (a passive declaration changes nothing). A
+                // quorum queue whose leader cannot answer (an election, lost quorum) also says 0
+                // consumers: only three answers in a row (30 s, longer than an election) mean our
+                // consumer is gone, so a leader hiccup does not return every held delivery.
                 if polls.is_multiple_of(20) {
                     let options = QueueDeclareOptions { passive: true, ..Default::default() };
                     match self
@@ -106,9 +113,19 @@ impl Session {
                         .await
                     {
                         Ok(state) if state.consumer_count() == 0 => {
-                            return format!("the broker lists no consumer on {queue}");
+                            silent_answers += 1;
+                            if silent_answers >= NO_CONSUMER_ANSWERS {
+                                return format!(
+                                    "the broker lists no consumer on {queue} ({silent_answers} times in a row)"
+                                );
+                            }
+                            tracing::warn!(
+                                queue,
+                                silent_answers,
+                                "the broker lists no consumer on the work queue (its leader may be unreachable); asking again"
+                            );
                         }
-                        Ok(_) => {}
+                        Ok(_) => silent_answers = 0,
                         Err(error) => return format!("cannot inspect {queue}: {error}"),
                     }
                 }

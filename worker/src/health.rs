@@ -46,6 +46,11 @@ impl Health {
         self.consuming.store(consuming, Ordering::Relaxed);
     }
 
+    /// Whether this worker's consumer is subscribed now.
+    pub fn is_consuming(&self) -> bool {
+        self.consuming.load(Ordering::Relaxed)
+    }
+
     fn set_database_up(&self, up: bool) {
         if self.database_up.swap(up, Ordering::Relaxed) != up {
             if up {

@@ -2,6 +2,12 @@
 //! gauges. Passive declarations change nothing on the broker; each poll uses a channel of its own,
 //! because a failed declaration closes the channel it ran on.
 //!
+//! Unknown is not zero: a quorum queue whose leader cannot answer still answers a passive
+//! declaration, with 0 messages and 0 consumers. While this worker consumes the work queue, 0
+//! consumers cannot be true, so such an answer is unknown: `monohook_queue_depth_known` goes to 0
+//! and the depth and age gauges read NaN (no alert compares true with NaN; `MonohookQueueDepthUnknown`
+//! fires instead), rather than a 0 that would hide a backlog.
+//!
 //! Ages: a quorum queue does not report the age of its head message, so the work queue's age is
 //! estimated from the newest delivery this worker received (the head was received after it, so the
 //! estimate is an upper bound, and it keeps growing if the worker stops receiving); the dead queue's
@@ -38,6 +44,15 @@ pub async fn run(
                 .strip_prefix(&format!("{}.", topology.exchange()))
                 .unwrap_or(&depth.queue)
                 .to_owned();
+            let known = depth_is_known(depth.queue == work, depth.consumers, health.is_consuming());
+            metrics::gauge!("monohook_queue_depth_known", "queue" => label.clone())
+                .set(f64::from(u8::from(known)));
+            if !known {
+                metrics::gauge!("monohook_queue_messages", "queue" => label.clone()).set(f64::NAN);
+                metrics::gauge!("monohook_queue_consumers", "queue" => label.clone()).set(f64::NAN);
+                metrics::gauge!("monohook_queue_oldest_message_age_seconds", "queue" => label).set(f64::NAN);
+                continue;
+            }
             metrics::gauge!("monohook_queue_messages", "queue" => label.clone())
                 .set(f64::from(depth.messages));
             metrics::gauge!("monohook_queue_consumers", "queue" => label.clone())
@@ -59,6 +74,12 @@ pub async fn run(
     }
 }
 
+/// Whether a passive declaration's answer can be believed: the work queue cannot have no consumer
+/// while this worker consumes it (the answer came without the queue's leader).
+fn depth_is_known(is_work_queue: bool, consumers: u32, consuming: bool) -> bool {
+    !(is_work_queue && consumers == 0 && consuming)
+}
+
 async fn oldest_dead_letter_age(pool: &PgPool) -> Option<f64> {
     let oldest: Option<chrono::DateTime<chrono::Utc>> =
         sqlx::query_scalar("SELECT min(processed_at) FROM webhook_events WHERE status = 'dead'")
@@ -66,4 +87,17 @@ async fn oldest_dead_letter_age(pool: &PgPool) -> Option<f64> {
             .await
             .ok()?;
     oldest.map(|at| (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::depth_is_known;
+
+    #[test]
+    fn no_consumer_on_the_work_queue_we_consume_is_an_unknown_depth_not_zero() {
+        assert!(!depth_is_known(true, 0, true), "the leader did not answer");
+        assert!(depth_is_known(true, 0, false), "not consuming: 0 consumers may be true");
+        assert!(depth_is_known(true, 2, true));
+        assert!(depth_is_known(false, 0, true), "nobody consumes the other queues");
+    }
 }
