@@ -5,12 +5,16 @@
 //! Progress, prompts and errors go to stderr as text, whatever the mode.
 //!
 //! Exit codes: 0 the command did what it was asked; 1 a check failed or something went wrong (any
-//! error that reaches `main`); 2 a usage error (clap's own, and [`UsageError`]).
+//! error that reaches `main`); 2 a usage error (clap's own, and [`UsageError`]); 130 a walk stopped
+//! at once by a second Ctrl-C (the shell's code for SIGINT).
 
 use serde::Serialize;
 
 /// The exit code of a usage error.
 pub const USAGE: i32 = 2;
+
+/// The exit code of a command stopped at once by a second Ctrl-C.
+pub const INTERRUPTED: i32 = 130;
 
 /// A command line that cannot be acted on as given (exit 2, like clap's own usage errors).
 #[derive(Debug, thiserror::Error)]

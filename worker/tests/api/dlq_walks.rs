@@ -4,13 +4,15 @@
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
+use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use std::collections::HashSet;
+use std::time::Duration;
 use uuid::Uuid;
 
 use crate::helpers::{PATIENCE, TestWorld, body};
 use shared::delivery::DeliveryMeta;
-use shared::testing::eventually;
+use shared::testing::{TcpProxy, amqp_url, eventually};
 
 const REAUTH: &str = "mono.events.reauthorisation_required";
 
@@ -289,4 +291,43 @@ async fn the_dead_letter_queue_has_an_explicit_delivery_limit_and_an_older_one_i
     older.declare_on(&world.broker.connection).await.expect("an older dead-letter queue is accepted");
     let cleanup = world.broker.connection.create_channel().await.unwrap();
     older.delete(&cleanup).await.unwrap();
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_second_ctrl_c_ends_a_walk_stuck_on_a_stalled_broker_at_once(pool: PgPool) {
+    let world = TestWorld::new(pool).await;
+    seed_dead_letters(&world, &accounts(2)).await;
+    // Another walker holds one message: the replay's walk waits for it before it gives up.
+    let _other = hold_messages(&world, 1).await;
+    let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let url = amqp_url().expose_secret().replace("127.0.0.1:5672", &proxy.addr().to_string());
+    let mut command =
+        world.cli_command(&["dlq", "replay", "--account", "nobody"], &world.database_url().await);
+    let child = command.env("AMQP_URL", url).spawn().unwrap();
+    let dead = world.dead_queue();
+    eventually("the replay walks the queue beside the other walker", PATIENCE, || async {
+        world.broker.depths().await.iter().any(|d| d.queue == dead && d.consumers == 2)
+    })
+    .await;
+    // The broker stops answering: whatever the replay waits for now never comes.
+    proxy.stall();
+
+    let interrupt = || {
+        let sent = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+        assert!(sent.unwrap().success(), "cannot send SIGINT");
+    };
+    interrupt();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    interrupt();
+    let output = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()),
+    )
+    .await
+    .expect("a second Ctrl-C did not end the replay")
+    .unwrap();
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("stopped at once"), "{stderr}");
 }

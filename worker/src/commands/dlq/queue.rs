@@ -36,6 +36,9 @@ pub struct DeadQueue {
     connection: Connection,
     publish: Channel,
     pub topology: Topology,
+    /// How long a replayed copy waits for the broker's confirm: the worker's own bound on a move,
+    /// so a broker that stops answering never hangs an operator's command.
+    confirm_timeout: Duration,
 }
 
 /// One message of the walk.
@@ -61,7 +64,7 @@ impl DeadQueue {
         topology.declare_on(&connection).await?;
         let publish = connection.create_channel().await?;
         publish.confirm_select(Default::default()).await?;
-        Ok(Self { connection, publish, topology })
+        Ok(Self { connection, publish, topology, confirm_timeout: crate::dlq::CONFIRM_TIMEOUT })
     }
 
     /// Ready messages and consumers of the dead-letter queue now.
@@ -134,21 +137,27 @@ impl DeadQueue {
         Ok(true)
     }
 
-    /// Publishes a copy of `properties`/`body` onto the work queue and waits for the confirm.
+    /// Publishes a copy of `properties`/`body` onto the work queue and waits for the confirm, at most
+    /// the confirm timeout: then it fails, and the action stays unfinished for the next run to finish
+    /// (a copy that reached the queue after all has one effect: same delivery id).
     pub async fn publish_to_work(&self, body: &[u8], properties: BasicProperties) -> anyhow::Result<()> {
         let queue = self.topology.work_queue();
-        let confirm = self
-            .publish
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions { mandatory: true, immediate: false },
-                body,
-                properties,
-            )
-            .await?
-            .await?;
-        match confirm {
+        let published = async {
+            self.publish
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions { mandatory: true, immediate: false },
+                    body,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        let Ok(confirm) = tokio::time::timeout(self.confirm_timeout, published).await else {
+            anyhow::bail!("the broker did not confirm the copy on {queue} within {:?}", self.confirm_timeout);
+        };
+        match confirm? {
             Confirmation::Ack(None) => Ok(()),
             other => anyhow::bail!("the broker did not confirm the copy on {queue}: {other:?}"),
         }
@@ -197,5 +206,45 @@ impl Walk {
             let _ = channel.close(200, "walk done".into()).await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use secrecy::ExposeSecret;
+    use shared::testing::{TcpProxy, TestBroker, amqp_url};
+
+    #[tokio::test]
+    async fn a_replayed_copy_the_broker_never_confirms_fails_after_the_confirm_timeout() {
+        let broker = TestBroker::new().await;
+        let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+        let url = amqp_url().expose_secret().replace("127.0.0.1:5672", &proxy.addr().to_string());
+        let cli = crate::config::Cli::parse_from([
+            "worker",
+            "--mono-secret-key",
+            "test_sk_unused",
+            "--amqp-url",
+            &url,
+            "--queue-prefix",
+            &broker.prefix,
+            "--retry-delays-secs",
+            &broker.retry_delays_arg(),
+        ]);
+        let mut queue = DeadQueue::open(&cli.broker).await.unwrap();
+        queue.confirm_timeout = Duration::from_millis(300);
+        // The broker stops answering without failing: the confirm never comes.
+        proxy.stall();
+
+        let published = tokio::time::timeout(
+            Duration::from_secs(5),
+            queue.publish_to_work(b"{}", BasicProperties::default()),
+        )
+        .await
+        .expect("the publish hangs on a broker that never confirms");
+
+        let error = published.expect_err("an unconfirmed copy is a failure").to_string();
+        assert!(error.contains("did not confirm"), "{error}");
     }
 }

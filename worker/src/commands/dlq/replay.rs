@@ -9,6 +9,8 @@
 //! the action completed (one transaction), so a purge never removes a row whose message it did not
 //! remove. A crash or Ctrl-C between any two steps leaves an unfinished action that the next run
 //! completes: a copy published twice carries the same delivery id, which the worker applies once.
+//! Ctrl-C lets the current message finish; a second one ends the process at once (exit 130), for a
+//! broker that stopped answering (a copy's confirm is bounded anyway, by the worker's 10 s).
 //!
 //! Only a walk that saw the whole queue (see `queue`) acts on what it did not see: it completes
 //! unfinished actions whose message is gone, and reconciles journaled dead letters whose message is
@@ -261,8 +263,14 @@ async fn act(pool: &PgPool, broker: &BrokerArgs, plan: Plan<'_>) -> anyhow::Resu
     let interrupt = cancel.clone();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("\ninterrupted: finishing the current message, then stopping");
+            eprintln!("\ninterrupted: finishing the current message, then stopping (Ctrl-C again: stop now)");
             interrupt.cancel();
+        }
+        // The current message may wait on a broker that stopped answering: a second Ctrl-C ends the
+        // process at once. What was recorded and not finished is finished by the next run.
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("stopped at once; run the same command again to finish what was started");
+            std::process::exit(output::INTERRUPTED);
         }
     });
 
