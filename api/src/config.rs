@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::auth::ApiKeys;
+use crate::redirects::RedirectAllowlist;
 use shared::config::{DatabaseArgs, TelemetryArgs, parse_secret};
 
 /// Serves the app's side of monohook: whether an account needs re-authorisation, and a re-auth token
@@ -76,6 +77,19 @@ pub struct ApiConfig {
     #[arg(long, env = "TOKEN_DEADLINE_MS", default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub token_deadline_ms: u64,
 
+    /// Where a re-auth link may send the customer back to, comma-separated: an origin
+    /// (`https://app.example.com`) allows any URL on it, any other URL allows exactly itself. The
+    /// first is the redirect when a request names none; empty sends Mono no redirect and refuses
+    /// any requested one (400 `redirect_not_allowed`).
+    #[arg(long, env = "MONO_REAUTH_REDIRECT_URLS", default_value = "", value_parser = RedirectAllowlist::parse)]
+    pub mono_reauth_redirect_urls: RedirectAllowlist,
+
+    /// A re-auth link created this recently for the same account and redirect, in the account's
+    /// current re-auth episode, is handed out again instead of asking Mono for another, in seconds
+    /// (0: a new link per request, concurrent requests still sharing one).
+    #[arg(long, env = "REAUTH_LINK_REUSE_SECS", default_value_t = 300)]
+    pub reauth_link_reuse_secs: u64,
+
     /// HTTP worker threads (0 = one per CPU).
     #[arg(long, env = "HTTP_WORKERS", default_value_t = 0)]
     pub http_workers: usize,
@@ -92,6 +106,10 @@ impl ApiConfig {
 
     pub fn token_deadline(&self) -> Duration {
         Duration::from_millis(self.token_deadline_ms)
+    }
+
+    pub fn reauth_link_reuse(&self) -> chrono::Duration {
+        chrono::Duration::seconds(i64::try_from(self.reauth_link_reuse_secs).unwrap_or(i64::MAX))
     }
 
     pub fn mono_timeout(&self) -> Duration {

@@ -126,11 +126,127 @@ pub async fn store_fresh(
     Ok(outcome)
 }
 
+/// What decides whether a re-auth link can be handed out, and which episode it belongs to.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct LinkState {
+    pub reauth_required: bool,
+    pub unlinked: bool,
+    /// `reauth_state_received_at`: moves with every re-auth event applied (required, reauthorized,
+    /// unlinked), so a link asked for in one episode is never handed out in the next.
+    pub episode: Option<DateTime<Utc>>,
+}
+
+pub async fn link_state(pool: &PgPool, id: &str) -> sqlx::Result<Option<LinkState>> {
+    sqlx::query_as(
+        "SELECT reauth_required, unlinked_at IS NOT NULL AS unlinked, reauth_state_received_at AS episode
+         FROM accounts WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// A link Mono created. `Debug` never shows the URL.
+#[derive(Clone, sqlx::FromRow)]
+pub struct StoredLink {
+    #[sqlx(rename = "ref")]
+    pub reference: String,
+    pub url: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for StoredLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredLink")
+            .field("ref", &self.reference)
+            .field("created_at", &self.created_at)
+            .finish()
+    }
+}
+
+/// The latest link for `account` and `redirect` created since `since` in the episode `episode`.
+pub async fn reusable_link(
+    pool: &PgPool,
+    account: &str,
+    redirect: Option<&str>,
+    episode: Option<DateTime<Utc>>,
+    since: DateTime<Utc>,
+) -> sqlx::Result<Option<StoredLink>> {
+    sqlx::query_as(
+        "SELECT ref, url, created_at FROM reauth_links
+         WHERE account_id = $1 AND redirect_url IS NOT DISTINCT FROM $2 AND episode IS NOT DISTINCT FROM $3
+           AND created_at >= $4
+         ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(account)
+    .bind(redirect)
+    .bind(episode)
+    .bind(since)
+    .fetch_optional(pool)
+    .await
+}
+
+/// A link Mono created, as stored.
+pub struct NewLink<'a> {
+    pub reference: &'a str,
+    pub account: &'a str,
+    pub redirect: Option<&'a str>,
+    pub url: &'a str,
+    pub created_at: DateTime<Utc>,
+    pub episode: Option<DateTime<Utc>>,
+    pub key_label: &'a str,
+    pub request_id: &'a str,
+}
+
+pub async fn store_link(pool: &PgPool, link: &NewLink<'_>) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO reauth_links (ref, account_id, redirect_url, url, created_at, episode, key_label, request_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(link.reference)
+    .bind(link.account)
+    .bind(link.redirect)
+    .bind(link.url)
+    .bind(link.created_at)
+    .bind(link.episode)
+    .bind(link.key_label)
+    .bind(link.request_id)
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
+/// Records that `reference` was handed out to the key labelled `key_label`.
+pub async fn record_link_handout(
+    pool: &PgPool,
+    reference: &str,
+    account: &str,
+    key_label: &str,
+    source: &str,
+    request_id: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO reauth_link_handouts (ref, account_id, key_label, source, request_id)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(reference)
+    .bind(account)
+    .bind(key_label)
+    .bind(source)
+    .bind(request_id)
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
 /// Whether the schema the API needs is there (the worker applies migrations: `worker migrate`).
 pub async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
-    sqlx::query("SELECT 1 FROM token_issuances LIMIT 0").execute(pool).await.map(drop).map_err(|_| {
-        anyhow::anyhow!(
-            "the database has no token_issuances table: apply the migrations first (`worker migrate`)"
-        )
-    })
+    for table in ["token_issuances", "reauth_links", "reauth_link_handouts"] {
+        sqlx::query(&format!("SELECT 1 FROM {table} LIMIT 0")).execute(pool).await.map_err(|_| {
+            anyhow::anyhow!(
+                "the database has no {table} table: apply the migrations first (`worker migrate`)"
+            )
+        })?;
+    }
+    Ok(())
 }

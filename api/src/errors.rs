@@ -14,6 +14,12 @@ pub enum ApiError {
     NotFound,
     #[error("invalid query: {0}")]
     InvalidQuery(String),
+    /// The request's body is not what the endpoint takes.
+    #[error("invalid body: {0}")]
+    InvalidBody(String),
+    /// The redirect asked for is not in `MONO_REAUTH_REDIRECT_URLS`.
+    #[error("redirect not allowed: {0}")]
+    RedirectNotAllowed(String),
     #[error("the account does not need re-authorisation")]
     ReauthNotRequired,
     #[error("the account is unlinked")]
@@ -24,6 +30,10 @@ pub enum ApiError {
     MonoRefused(String),
     #[error("Mono is unavailable: {reason}")]
     MonoUnavailable { reason: String, retry_after: Duration },
+    /// Mono answered 2xx without what the request needs (a re-auth link without `data.mono_url`):
+    /// 502, since Mono may answer properly next time.
+    #[error("Mono answered without {0}")]
+    MonoUnexpectedAnswer(&'static str),
     #[error("the database is unavailable: {0}")]
     DatabaseUnavailable(String),
     #[error("database error: {0}")]
@@ -36,10 +46,13 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::NotFound => "not_found",
             Self::InvalidQuery(_) => "invalid_query",
+            Self::InvalidBody(_) => "invalid_body",
+            Self::RedirectNotAllowed(_) => "redirect_not_allowed",
             Self::ReauthNotRequired => "reauth_not_required",
             Self::AccountUnlinked => "account_unlinked",
             Self::MonoRefused(_) => "mono_refused",
             Self::MonoUnavailable { .. } => "mono_unavailable",
+            Self::MonoUnexpectedAnswer(_) => "mono_unexpected_answer",
             Self::DatabaseUnavailable(_) => "database_unavailable",
             Self::Database(_) => "internal",
         }
@@ -65,10 +78,13 @@ impl ResponseError for ApiError {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound => StatusCode::NOT_FOUND,
-            Self::InvalidQuery(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidQuery(_) | Self::InvalidBody(_) | Self::RedirectNotAllowed(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Self::ReauthNotRequired | Self::AccountUnlinked => StatusCode::CONFLICT,
             Self::MonoRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::MonoUnavailable { .. } | Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::MonoUnexpectedAnswer(_) => StatusCode::BAD_GATEWAY,
             Self::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -76,7 +92,10 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
         let body = match self {
-            Self::MonoRefused(detail) | Self::InvalidQuery(detail) => {
+            Self::MonoRefused(detail)
+            | Self::InvalidQuery(detail)
+            | Self::InvalidBody(detail)
+            | Self::RedirectNotAllowed(detail) => {
                 json!({ "error": self.code(), "detail": detail })
             }
             _ => json!({ "error": self.code() }),

@@ -1,13 +1,14 @@
-//! The account's cross-process lock for a token refresh, taken so that it costs no connection of the
-//! pool that serves reads.
+//! The account's cross-process locks for a token refresh and for a re-auth link, taken so that they
+//! cost no connection of the pool that serves reads.
 //!
-//! The lock is PostgreSQL's session-level advisory lock on `monohook.reauth-token:<account>` (the key
+//! A lock is PostgreSQL's session-level advisory lock on `monohook.reauth-token:<account>` (the key
 //! older api processes take with `pg_advisory_xact_lock`, so both exclude each other during a rolling
-//! deploy). Every lock a process holds lives on one dedicated connection, the *lock session*, opened
-//! beside the pool: a session can hold any number of advisory locks, and each statement on it
-//! (`pg_try_advisory_lock`, `pg_advisory_unlock`) takes well under a millisecond, so one connection
-//! serves every account of the process. Nobody ever blocks on the session: a lock is *tried*, and a
-//! caller that finds it taken waits in its own task (`refresh`), polling, within its deadline.
+//! deploy), or for a link on `monohook.reauth-link:<account>\n<redirect>`. Every lock a process
+//! holds lives on one dedicated connection, the *lock session*, opened beside the pool: a session
+//! can hold any number of advisory locks, and each statement on it (`pg_try_advisory_lock`,
+//! `pg_advisory_unlock`) takes well under a millisecond, so one connection serves every account of
+//! the process. Nobody ever blocks on the session: a lock is *tried*, and a caller that finds it
+//! taken waits in its own task (`refresh`, `links`), polling, within its deadline.
 //!
 //! Failure: a statement that fails or takes longer than [`STATEMENT_TIMEOUT`] closes the session (a
 //! new one is opened on the next try). The locks it held die with it; their holders are not told.
@@ -18,6 +19,11 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The token lock's key is this and the account id (what older api processes lock, too).
+const TOKEN_LOCK_PREFIX: &str = "monohook.reauth-token:";
+/// The link lock's key is this, the account id, a newline and the redirect.
+const LINK_LOCK_PREFIX: &str = "monohook.reauth-link:";
 
 /// Longest a statement on the lock session may take before the session is considered broken.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -47,6 +53,7 @@ pub struct AccountLocks {
 /// A held account lock; released by [`AccountLock::release`], or in the background when dropped.
 pub struct AccountLock {
     locks: Arc<AccountLocks>,
+    /// The whole lock key (prefix and account).
     account: String,
     generation: u64,
     released: bool,
@@ -61,31 +68,29 @@ impl AccountLocks {
         })
     }
 
-    /// Takes the account's lock if nobody holds it (`None` if another session does).
+    /// Takes the account's token lock if nobody holds it (`None` if another session does).
     pub async fn try_lock(self: &Arc<Self>, account: &str) -> Result<Option<AccountLock>, LockError> {
-        let (taken, generation) = self
-            .run(
-                "SELECT pg_try_advisory_lock(hashtextextended('monohook.reauth-token:' || $1, 0))",
-                account,
-                None,
-            )
-            .await?;
-        Ok(taken.then(|| AccountLock {
-            locks: self.clone(),
-            account: account.to_owned(),
-            generation,
-            released: false,
-        }))
+        self.try_lock_key(format!("{TOKEN_LOCK_PREFIX}{account}")).await
     }
 
-    async fn unlock(&self, account: &str, generation: u64) -> Result<(), LockError> {
-        self.run(
-            "SELECT pg_advisory_unlock(hashtextextended('monohook.reauth-token:' || $1, 0))",
-            account,
-            Some(generation),
-        )
-        .await
-        .map(drop)
+    /// Takes the lock on asking Mono for a re-auth link for `account` to `redirect` (a lock of its
+    /// own: a link request never makes a token request take it that its refresh failed).
+    pub async fn try_lock_link(
+        self: &Arc<Self>,
+        account: &str,
+        redirect: &str,
+    ) -> Result<Option<AccountLock>, LockError> {
+        self.try_lock_key(format!("{LINK_LOCK_PREFIX}{account}\n{redirect}")).await
+    }
+
+    async fn try_lock_key(self: &Arc<Self>, key: String) -> Result<Option<AccountLock>, LockError> {
+        let (taken, generation) =
+            self.run("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &key, None).await?;
+        Ok(taken.then(|| AccountLock { locks: self.clone(), account: key, generation, released: false }))
+    }
+
+    async fn unlock(&self, key: &str, generation: u64) -> Result<(), LockError> {
+        self.run("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key, Some(generation)).await.map(drop)
     }
 
     /// Runs one boolean statement on the session, opening it if needed, and returns the session's

@@ -304,6 +304,7 @@ async fn past_deadline(state: &AppState, account: &AccountId) -> Outcome {
         .await
 }
 
-fn retry_after(state: &AppState) -> Duration {
+/// `Retry-After` for a Mono that failed: the breaker's estimate, else a default.
+pub(crate) fn retry_after(state: &AppState) -> Duration {
     state.tokens.retry_in().filter(|d| !d.is_zero()).unwrap_or(DEFAULT_RETRY_AFTER)
 }

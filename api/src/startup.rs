@@ -21,8 +21,10 @@ use crate::caller::RequestId;
 use crate::config::ApiConfig;
 use crate::errors::ApiError;
 use crate::flights::Flights;
+use crate::links::LinkOutcome;
 use crate::locks::AccountLocks;
 use crate::recorder::IssuanceRecorder;
+use crate::redirects::RedirectAllowlist;
 use crate::refresh::Outcome;
 use crate::refusals::RefusalMemory;
 use crate::routes;
@@ -50,6 +52,12 @@ pub struct AppState {
     pub recorder: IssuanceRecorder,
     /// Accounts Mono refused lately: answered 422 without asking it again.
     pub refusals: RefusalMemory,
+    /// One request for a re-auth link per account and redirect within the process.
+    pub link_flights: Flights<LinkOutcome>,
+    /// Where a re-auth link may send the customer back to (`MONO_REAUTH_REDIRECT_URLS`).
+    pub redirects: RedirectAllowlist,
+    /// How long a link is handed out again (`REAUTH_LINK_REUSE_SECS`).
+    pub reauth_link_reuse: chrono::Duration,
 }
 
 /// A built, not yet running, API.
@@ -67,6 +75,10 @@ impl Application {
         for source in ["stored", "fresh"] {
             metrics::counter!("monohook_api_tokens_served_total", "source" => source).increment(0);
         }
+        for source in ["fresh", "reused"] {
+            metrics::counter!("monohook_api_reauth_links_served_total", "source" => source).increment(0);
+        }
+        metrics::counter!("monohook_api_mono_unexpected_answers_total").increment(0);
         crate::db::check_schema(&pool).await?;
         let mono = MonoClient::new(
             &config.mono_api_url,
@@ -106,6 +118,9 @@ impl Application {
             flights: Flights::default(),
             mono_slots: Arc::new(Semaphore::new(mono_max_in_flight)),
             refusals: RefusalMemory::new(Duration::from_secs(config.mono_refusal_memory_secs)),
+            link_flights: Flights::default(),
+            redirects: config.mono_reauth_redirect_urls.clone(),
+            reauth_link_reuse: config.reauth_link_reuse(),
         });
 
         let listener = TcpListener::bind(config.listen_addr)
@@ -145,6 +160,9 @@ impl Application {
                 .service(
                     web::resource("/v1/accounts/{id}/reauth-token")
                         .route(web::post().to(routes::reauth_token)),
+                )
+                .service(
+                    web::resource("/v1/accounts/{id}/reauth-link").route(web::post().to(routes::reauth_link)),
                 )
                 .service(web::resource("/healthz").route(web::get().to(routes::healthz)))
                 .service(web::resource("/readyz").route(web::get().to(routes::readyz)))

@@ -50,6 +50,7 @@ async fn the_served_document_is_the_contract_and_matches_the_routes(pool: PgPool
                 "get /v1/accounts",
                 "get /v1/accounts/{id}",
                 "post /v1/accounts/{id}/reauth-token",
+                "post /v1/accounts/{id}/reauth-link",
                 "get /healthz",
                 "get /readyz",
                 "get /openapi.json"

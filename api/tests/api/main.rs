@@ -5,6 +5,7 @@ mod accounts;
 mod cli;
 mod contract;
 mod helpers;
+mod reauth_link;
 mod reauth_token;
 mod sharing;
 mod slow_mono;

@@ -1,0 +1,320 @@
+//! A hosted re-auth link for one account (Mono's v2 `initiate`), one per episode, through the same
+//! per-account machinery as a fresh token (`refresh`): no pool connection held across Mono.
+//!
+//! ```text
+//! request ─▶ account needs re-auth? ─▶ a link for this account and redirect, this episode, younger
+//!            (404 / 409)                than REAUTH_LINK_REUSE_SECS? ── yes: hand it out again
+//!                 │ no
+//!                 ▼
+//!            refused lately? breaker open? ─▶ in-process flight (account + redirect) ── follower: waits
+//!                 │ leader                                                             for its outcome
+//!                 ▼
+//!            Mono slot ─▶ link lock (lock session; while another process holds it, poll for the link
+//!            it is making) ─▶ read again ─▶ Mono `initiate` (own task) ─▶ store ─▶ release ─▶ publish
+//! ```
+//!
+//! A link is handed out again only for the same account and redirect, while the account is in the
+//! re-auth episode it was asked for in (`accounts.reauth_state_received_at`, which every applied
+//! re-auth event moves): a new `reauthorisation_required` after an `account_reauthorized` never gets
+//! the old link. Sharing: within the process through the flight (keyed by account and redirect);
+//! across processes through the link lock (`monohook.reauth-link:<account>\n<redirect>`, apart from
+//! the token's, so neither path mistakes the other's work for its own failure) and the stored link.
+//! A request that waited for another process's lock looks for a link made since it started waiting,
+//! whatever `REAUTH_LINK_REUSE_SECS`; finding none, it takes it that the other's call failed and
+//! answers 503 with a short `Retry-After` instead of spending a second retry budget. Every wait ends
+//! at `TOKEN_DEADLINE_MS`; a link Mono created is stored (with its `ref`) even if its request has
+//! gone.
+
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::caller::Caller;
+use crate::db::{self, LinkState, StoredLink};
+use crate::errors::ApiError;
+use crate::flights::{Joined, Lead, follow};
+use crate::refresh::retry_after;
+use crate::startup::AppState;
+use mono_client::circuit::BreakerState;
+use mono_client::links::{LinkAnswer, LinkRequest};
+use mono_client::tokens::Called;
+use shared::event::AccountId;
+
+/// `Retry-After` when another process's request for the link stored nothing.
+const OTHER_PROCESS_RETRY_AFTER: Duration = Duration::from_secs(1);
+const LOCK_POLL_FIRST: Duration = Duration::from_millis(20);
+const LOCK_POLL_MAX: Duration = Duration::from_millis(250);
+
+/// A link to hand out. `Debug` shows no URL.
+#[derive(Clone)]
+pub struct Link {
+    pub url: String,
+    pub reference: String,
+    pub created_at: DateTime<Utc>,
+    /// `fresh` (Mono made it for this request, or one it shared) or `reused`.
+    pub source: &'static str,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("ref", &self.reference).field("source", &self.source).finish()
+    }
+}
+
+impl Link {
+    fn reused(stored: StoredLink) -> Self {
+        Self { url: stored.url, reference: stored.reference, created_at: stored.created_at, source: "reused" }
+    }
+}
+
+pub type LinkOutcome = Result<Link, ApiError>;
+
+/// What one request asks for.
+#[derive(Clone)]
+struct Ask {
+    account: AccountId,
+    redirect: Option<String>,
+    caller: Caller,
+    /// When the request began: a link made since then by a request it waited for is its own.
+    started: DateTime<Utc>,
+}
+
+/// A link for `account` sending the customer back to `redirect` (already allowed).
+pub async fn link(
+    state: &Arc<AppState>,
+    account: AccountId,
+    redirect: Option<String>,
+    caller: Caller,
+) -> LinkOutcome {
+    let ask = Ask { account, redirect, caller, started: Utc::now() };
+    let current = read_state(state, &ask.account).await?;
+    if let Some(link) = reusable(state, &ask, &current, false).await? {
+        return Ok(link);
+    }
+    // Mono refused this account a moment ago (for a token or a link): asking again would only
+    // hammer it on the app's behalf.
+    if let Some(message) = state.refusals.recall(ask.account.as_str()) {
+        return Err(ApiError::MonoRefused(message));
+    }
+    if state.tokens.breaker_state() == BreakerState::Open {
+        return Err(ApiError::MonoUnavailable {
+            reason: "Mono circuit is open".into(),
+            retry_after: retry_after(state),
+        });
+    }
+    let deadline = Instant::now() + state.token_deadline;
+    let key = format!("{}\n{}", ask.account.as_str(), ask.redirect.as_deref().unwrap_or_default());
+    loop {
+        match state.link_flights.join(&key) {
+            Joined::Leader(lead) => return lead_link(state, &ask, deadline, lead).await,
+            Joined::Follower(offer) => match tokio::time::timeout_at(deadline, follow(offer)).await {
+                Ok(Some(outcome)) => {
+                    metrics::counter!(mono_client::MetricNames::API.calls_shared).increment(1);
+                    return outcome;
+                }
+                // The leader went away before calling Mono: lead, or follow the next leader.
+                Ok(None) => continue,
+                Err(_) => return Err(past_deadline()),
+            },
+        }
+    }
+}
+
+async fn read_state(state: &AppState, account: &AccountId) -> Result<LinkState, ApiError> {
+    let current = db::link_state(&state.pool, account.as_str()).await?.ok_or(ApiError::NotFound)?;
+    if current.unlinked {
+        return Err(ApiError::AccountUnlinked);
+    }
+    if !current.reauth_required {
+        return Err(ApiError::ReauthNotRequired);
+    }
+    Ok(current)
+}
+
+/// A link of this episode for the account and redirect made within `REAUTH_LINK_REUSE_SECS` or,
+/// for a request that waited for another's call, since it could have started.
+async fn reusable(
+    state: &AppState,
+    ask: &Ask,
+    current: &LinkState,
+    waited: bool,
+) -> Result<Option<Link>, ApiError> {
+    let mut since = Utc::now() - state.reauth_link_reuse;
+    if waited {
+        let deadline = chrono::Duration::from_std(state.token_deadline).unwrap_or(chrono::Duration::MAX);
+        since = since.min(ask.started - deadline);
+    }
+    let stored =
+        db::reusable_link(&state.pool, ask.account.as_str(), ask.redirect.as_deref(), current.episode, since)
+            .await?;
+    Ok(stored.map(Link::reused))
+}
+
+async fn lead_link(
+    state: &Arc<AppState>,
+    ask: &Ask,
+    deadline: Instant,
+    lead: Lead<LinkOutcome>,
+) -> LinkOutcome {
+    let Ok(slot) = tokio::time::timeout_at(deadline, state.mono_slots.clone().acquire_owned()).await else {
+        return Err(past_deadline());
+    };
+    let slot = slot.expect("the Mono semaphore is never closed");
+    let (lock, waited) = match take_lock(state, ask, deadline).await {
+        Ok(Taken::Lock { lock, waited }) => (lock, waited),
+        Ok(Taken::Served(link)) => {
+            lead.publish(Ok(link.clone()));
+            return Ok(link);
+        }
+        Err(error) => {
+            lead.publish(Err(error.clone()));
+            return Err(error);
+        }
+    };
+    let episode = match check_under_lock(state, ask, waited).await {
+        Ok(episode) => episode,
+        Err(outcome) => {
+            // Released before publishing: a request after the flight never finds it held here.
+            lock.release().await;
+            lead.publish(outcome.clone());
+            return outcome;
+        }
+    };
+    // Mono is asked from here on: in a task of its own, so that the link it creates is stored (and
+    // audited) even if this request goes away meanwhile.
+    let task = {
+        let (state, ask) = (state.clone(), ask.clone());
+        tokio::spawn(async move {
+            let outcome = call_and_store(&state, &ask, episode).await;
+            lock.release().await;
+            lead.publish(outcome.clone());
+            drop(slot);
+            outcome
+        })
+    };
+    match tokio::time::timeout_at(deadline, task).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(_)) => Err(ApiError::MonoUnavailable {
+            reason: "the link request failed".into(),
+            retry_after: OTHER_PROCESS_RETRY_AFTER,
+        }),
+        Err(_) => Err(past_deadline()),
+    }
+}
+
+enum Taken {
+    /// The lock; `waited` if another process held it first.
+    Lock { lock: crate::locks::AccountLock, waited: bool },
+    /// Another request made the link meanwhile.
+    Served(Link),
+}
+
+/// Takes the link lock; while another process holds it, looks for the link it is making.
+async fn take_lock(state: &AppState, ask: &Ask, deadline: Instant) -> Result<Taken, ApiError> {
+    let redirect = ask.redirect.as_deref().unwrap_or_default();
+    let mut waited = false;
+    let mut pause = LOCK_POLL_FIRST;
+    loop {
+        match state.account_locks.try_lock_link(ask.account.as_str(), redirect).await {
+            Ok(Some(lock)) => return Ok(Taken::Lock { lock, waited }),
+            Ok(None) => {}
+            Err(error) => return Err(ApiError::DatabaseUnavailable(error.to_string())),
+        }
+        waited = true;
+        if Instant::now() + pause >= deadline {
+            return Err(ApiError::MonoUnavailable {
+                reason: "another process is still asking Mono for this link".into(),
+                retry_after: OTHER_PROCESS_RETRY_AFTER,
+            });
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(LOCK_POLL_MAX);
+        let current = read_state(state, &ask.account).await?;
+        if let Some(link) = reusable(state, ask, &current, true).await? {
+            return Ok(Taken::Served(link));
+        }
+    }
+}
+
+/// Under the lock, before calling Mono: the account's episode, or the answer if Mono need not (or
+/// must not) be asked.
+async fn check_under_lock(
+    state: &AppState,
+    ask: &Ask,
+    waited: bool,
+) -> Result<Option<DateTime<Utc>>, LinkOutcome> {
+    let current = read_state(state, &ask.account).await.map_err(Err)?;
+    // A request here or in another process may have just made it.
+    if let Some(link) = reusable(state, ask, &current, waited).await.map_err(Err)? {
+        return Err(Ok(link));
+    }
+    if waited {
+        // Another process held the lock and stored nothing: its call failed. Its outcome is this
+        // one's too; asking Mono again would spend a second retry budget on one link.
+        return Err(Err(ApiError::MonoUnavailable {
+            reason: "another process's request for this link failed".into(),
+            retry_after: OTHER_PROCESS_RETRY_AFTER,
+        }));
+    }
+    Ok(current.episode)
+}
+
+/// Asks Mono (breaker, retries) and stores the link with its `ref`. Holds no pool connection while
+/// Mono answers.
+async fn call_and_store(state: &AppState, ask: &Ask, episode: Option<DateTime<Utc>>) -> LinkOutcome {
+    let request = LinkRequest {
+        account: ask.account.clone(),
+        reference: format!("mh_{}", uuid::Uuid::now_v7().simple()),
+        redirect_url: ask.redirect.clone(),
+    };
+    let link = match state.tokens.initiate_link(&request, &CancellationToken::new()).await {
+        Called::Answer(LinkAnswer::Link(link)) => link,
+        Called::Answer(LinkAnswer::Unexpected { fields }) => {
+            metrics::counter!("monohook_api_mono_unexpected_answers_total").increment(1);
+            tracing::warn!(?fields, "Mono's answer to initiate holds no data.mono_url");
+            return Err(ApiError::MonoUnexpectedAnswer("data.mono_url"));
+        }
+        Called::Refused { message, .. } => {
+            state.refusals.remember(ask.account.as_str(), &message);
+            return Err(ApiError::MonoRefused(message));
+        }
+        Called::Park { reason } | Called::Retry { reason } => {
+            return Err(ApiError::MonoUnavailable { reason, retry_after: retry_after(state) });
+        }
+        Called::Abandoned => {
+            return Err(ApiError::MonoUnavailable {
+                reason: "stopping".into(),
+                retry_after: retry_after(state),
+            });
+        }
+    };
+    db::store_link(
+        &state.pool,
+        &db::NewLink {
+            reference: &request.reference,
+            account: ask.account.as_str(),
+            redirect: ask.redirect.as_deref(),
+            url: link.expose(),
+            created_at: link.created_at,
+            episode,
+            key_label: &ask.caller.key_label,
+            request_id: &ask.caller.request_id,
+        },
+    )
+    .await?;
+    Ok(Link {
+        url: link.expose().to_owned(),
+        reference: request.reference,
+        created_at: link.created_at,
+        source: "fresh",
+    })
+}
+
+fn past_deadline() -> ApiError {
+    ApiError::MonoUnavailable {
+        reason: "no link within TOKEN_DEADLINE_MS".into(),
+        retry_after: OTHER_PROCESS_RETRY_AFTER,
+    }
+}
