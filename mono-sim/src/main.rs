@@ -1,8 +1,10 @@
 //! `mono-sim`: a local stand-in for Mono, for demos, chaos runs and benchmarks.
 //!
-//! `serve` answers Mono's re-authorise endpoint with knobs for latency and failures (changeable at
+//! `serve` answers Mono's re-authorise endpoint and its v2 re-auth link (`initiate`, and the link
+//! itself, which plays the customer finishing) with knobs for latency and failures (changeable at
 //! run time through `/_sim/config`); `send` and `story` post Mono-shaped webhooks to an ingest.
 
+mod links;
 mod server;
 mod webhooks;
 
@@ -24,7 +26,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve `POST /accounts/{id}/reauthorise` like Mono.
+    /// Serve `POST /accounts/{id}/reauthorise` and `POST /v2/accounts/initiate` like Mono, and the
+    /// links it hands out (`GET /reauth/{token}`: the customer finishes re-authorising).
     Serve(server::ServeArgs),
     /// Send one Mono-shaped webhook to an ingest.
     Send(webhooks::SendArgs),

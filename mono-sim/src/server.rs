@@ -1,4 +1,4 @@
-//! The simulated re-authorise endpoint.
+//! The simulated re-authorise endpoint (and, in `links`, the v2 re-auth link).
 //!
 //! Like Mono: `mono-sec-key` must match (else 401), a fresh 20-character token per call, and
 //! `{"message": "This account can not be re-authorised."}` with 400 for rejected accounts. Knobs:
@@ -15,6 +15,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
+
+use crate::links::{self, Links, ingest_target};
+use crate::webhooks::Target;
 
 #[derive(Args, Clone, Debug)]
 pub struct ServeArgs {
@@ -39,6 +42,20 @@ pub struct ServeArgs {
     /// Account ids that Mono always refuses (400), comma-separated.
     #[arg(long, env = "SIM_REJECT_ACCOUNTS", value_delimiter = ',')]
     pub reject_accounts: Vec<String>,
+    /// Answer `/v2/accounts/initiate` without `data.mono_url`.
+    #[arg(long, env = "SIM_MISSING_MONO_URL")]
+    pub missing_mono_url: bool,
+    /// The base of the re-auth links the sim hands out, as the customer's browser reaches the sim
+    /// (default: `http://` and the listen address, `0.0.0.0` read as `127.0.0.1`).
+    #[arg(long, env = "SIM_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// ingest's webhook URL: opening a link sends `account_reauthorized` then `account_updated`
+    /// there (with `--webhook-secret`); without it, opening a link sends nothing.
+    #[arg(long, env = "SIM_INGEST_URL")]
+    pub ingest_url: Option<String>,
+    /// The secret to send ingest as `mono-webhook-secret` when a link is opened.
+    #[arg(long, env = "SIM_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
@@ -68,13 +85,31 @@ pub struct Knobs {
     pub failure_mode: FailureMode,
     pub retry_after_secs: u64,
     pub reject_accounts: HashSet<String>,
+    /// Answer `initiate` without `data.mono_url` (absent from older callers' knobs: off).
+    #[serde(default)]
+    pub missing_mono_url: bool,
 }
 
-struct SimState {
+pub struct SimState {
     secret_key: String,
     knobs: RwLock<Knobs>,
     stats: Mutex<BTreeMap<&'static str, u64>>,
     calls: Mutex<Vec<Call>>,
+    /// The base of the links `initiate` hands out.
+    pub public_url: String,
+    pub links: Links,
+    /// Where opened links send their webhooks.
+    pub ingest: Option<Target>,
+}
+
+impl SimState {
+    pub fn knobs(&self) -> Knobs {
+        self.knobs.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn key_matches(&self, request: &HttpRequest) -> bool {
+        request.headers().get("mono-sec-key").and_then(|v| v.to_str().ok()) == Some(self.secret_key.as_str())
+    }
 }
 
 /// One call to the re-authorise endpoint, for `GET /_sim/calls`.
@@ -96,18 +131,31 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         failure_mode: args.failure_mode,
         retry_after_secs: args.retry_after_secs,
         reject_accounts: args.reject_accounts.into_iter().filter(|a| !a.is_empty()).collect(),
+        missing_mono_url: args.missing_mono_url,
     };
+    let public_url = args.public_url.unwrap_or_else(|| {
+        let mut addr = args.listen_addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}")
+    });
     let state = web::Data::new(SimState {
         secret_key: args.secret_key,
         knobs: RwLock::new(knobs),
         stats: Mutex::new(BTreeMap::new()),
         calls: Mutex::new(Vec::new()),
+        public_url: public_url.trim_end_matches('/').to_owned(),
+        links: Links::default(),
+        ingest: ingest_target(args.ingest_url, args.webhook_secret)?,
     });
     tracing::info!(addr = %args.listen_addr, "mono-sim serving the re-authorise endpoint");
     HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
             .route("/accounts/{id}/reauthorise", web::post().to(reauthorise))
+            .route("/v2/accounts/initiate", web::post().to(links::initiate))
+            .route("/reauth/{token}", web::get().to(links::open))
             .route("/_sim/config", web::get().to(get_config))
             .route("/_sim/config", web::post().to(set_config))
             .route("/_sim/stats", web::get().to(get_stats))
@@ -125,12 +173,11 @@ async fn reauthorise(
     state: web::Data<SimState>,
 ) -> HttpResponse {
     let arrived_ms = chrono::Utc::now().timestamp_millis();
-    let knobs = state.knobs.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let knobs = state.knobs();
     if knobs.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(knobs.latency_ms)).await;
     }
-    let key = request.headers().get("mono-sec-key").and_then(|v| v.to_str().ok());
-    let (outcome, response) = if key != Some(state.secret_key.as_str()) {
+    let (outcome, response) = if !state.key_matches(&request) {
         ("unauthorized", HttpResponse::Unauthorized().json(json!({ "message": "Invalid secret key" })))
     } else if knobs.reject_accounts.contains(id.as_str()) {
         (
@@ -138,26 +185,9 @@ async fn reauthorise(
             HttpResponse::BadRequest().json(json!({ "message": "This account can not be re-authorised." })),
         )
     } else if fastrand::f64() < knobs.failure_rate {
-        match knobs.failure_mode {
-            FailureMode::ServerError => (
-                "failed_500",
-                HttpResponse::InternalServerError().json(json!({ "message": "Internal error" })),
-            ),
-            FailureMode::RateLimited => (
-                "failed_429",
-                HttpResponse::TooManyRequests()
-                    .insert_header(("retry-after", knobs.retry_after_secs.to_string()))
-                    .json(json!({ "message": "Too many requests" })),
-            ),
-            FailureMode::KeyRevoked => {
-                ("failed_401", HttpResponse::Unauthorized().json(json!({ "message": "Invalid secret key" })))
-            }
-            FailureMode::Hang => {
-                count(&state, "hung");
-                remember(&state, &id, arrived_ms, "hung");
-                tokio::time::sleep(Duration::from_secs(600)).await;
-                return HttpResponse::GatewayTimeout().finish();
-            }
+        match answer_failure(&state, &id, arrived_ms, knobs.failure_mode, knobs.retry_after_secs).await {
+            Some(failed) => failed,
+            None => return HttpResponse::GatewayTimeout().finish(),
         }
     } else {
         let token: String = std::iter::repeat_with(fastrand::alphanumeric).take(20).collect();
@@ -168,11 +198,41 @@ async fn reauthorise(
     response
 }
 
-fn count(state: &SimState, outcome: &'static str) {
+/// A failing call's answer as `mode` says; `None` after a hang (counted and remembered here).
+pub async fn answer_failure(
+    state: &SimState,
+    account: &str,
+    arrived_ms: i64,
+    mode: FailureMode,
+    retry_after_secs: u64,
+) -> Option<(&'static str, HttpResponse)> {
+    Some(match mode {
+        FailureMode::ServerError => {
+            ("failed_500", HttpResponse::InternalServerError().json(json!({ "message": "Internal error" })))
+        }
+        FailureMode::RateLimited => (
+            "failed_429",
+            HttpResponse::TooManyRequests()
+                .insert_header(("retry-after", retry_after_secs.to_string()))
+                .json(json!({ "message": "Too many requests" })),
+        ),
+        FailureMode::KeyRevoked => {
+            ("failed_401", HttpResponse::Unauthorized().json(json!({ "message": "Invalid secret key" })))
+        }
+        FailureMode::Hang => {
+            count(state, "hung");
+            remember(state, account, arrived_ms, "hung");
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            return None;
+        }
+    })
+}
+
+pub fn count(state: &SimState, outcome: &'static str) {
     *state.stats.lock().unwrap_or_else(|e| e.into_inner()).entry(outcome).or_default() += 1;
 }
 
-fn remember(state: &SimState, account: &str, arrived_ms: i64, outcome: &'static str) {
+pub fn remember(state: &SimState, account: &str, arrived_ms: i64, outcome: &'static str) {
     let mut calls = state.calls.lock().unwrap_or_else(|e| e.into_inner());
     if calls.len() >= MAX_CALLS_KEPT {
         calls.drain(..MAX_CALLS_KEPT / 2);

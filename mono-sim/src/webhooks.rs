@@ -103,7 +103,12 @@ pub async fn story(args: StoryArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn post(http: &reqwest::Client, target: &Target, event: Event, account: &str) -> anyhow::Result<()> {
+pub async fn post(
+    http: &reqwest::Client,
+    target: &Target,
+    event: Event,
+    account: &str,
+) -> anyhow::Result<()> {
     let body = event.body(account);
     let name = body["event"].as_str().unwrap_or_default().to_owned();
     let response = http

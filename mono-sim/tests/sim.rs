@@ -1,4 +1,5 @@
-//! mono-sim as the demo and the chaos suite use it: the binary, on a port of its own.
+//! mono-sim as the demo and the chaos suite use it: the binary, on a port of its own. Its token and
+//! link endpoints, its knobs, and the customer finishing a re-auth link.
 
 use serde_json::{Value, json};
 use std::process::{Child, Command};
@@ -127,4 +128,84 @@ async fn send_fails_loudly_when_ingest_refuses() {
 
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("401"));
+}
+
+async fn initiate(sim: &Sim, key: &str, body: Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}/v2/accounts/initiate", sim.base))
+        .header("mono-sec-key", key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn reauth(account: &str) -> Value {
+    json!({ "scope": "reauth", "account": account, "meta": { "ref": "mh_1" }, "redirect_url": "https://app.example.com/back" })
+}
+
+#[tokio::test]
+async fn initiate_hands_out_a_link_on_its_own_address_after_checking_key_scope_and_account() {
+    let sim = start_sim(&["--reject-accounts", "bad1"]).await;
+
+    let answer: Value = initiate(&sim, "sk_test", reauth("a1")).await.json().await.unwrap();
+
+    let url = answer["data"]["mono_url"].as_str().unwrap();
+    assert!(url.starts_with(&format!("{}/reauth/", sim.base)), "{url}");
+    assert_eq!(answer["status"], "successful");
+    assert_eq!(answer["data"]["meta"]["ref"], "mh_1");
+    assert_eq!(initiate(&sim, "nope", reauth("a1")).await.status().as_u16(), 401);
+    let auth_scope = json!({ "scope": "auth", "account": "a1" });
+    assert_eq!(initiate(&sim, "sk_test", auth_scope).await.status().as_u16(), 400);
+    assert_eq!(initiate(&sim, "sk_test", json!({ "scope": "reauth" })).await.status().as_u16(), 400);
+    let rejected = initiate(&sim, "sk_test", reauth("bad1")).await;
+    assert_eq!(rejected.status().as_u16(), 400);
+    assert_eq!(rejected.json::<Value>().await.unwrap()["message"], "This account can not be re-authorised.");
+}
+
+#[tokio::test]
+async fn initiate_fails_or_answers_without_mono_url_as_the_knobs_say() {
+    let sim = start_sim(&["--missing-mono-url"]).await;
+
+    let answer: Value = initiate(&sim, "sk_test", reauth("a1")).await.json().await.unwrap();
+    assert!(answer["data"].get("mono_url").is_none(), "{answer}");
+
+    let knobs = json!({ "latency_ms": 0, "failure_rate": 1.0, "failure_mode": "500", "retry_after_secs": 1, "reject_accounts": [] });
+    reqwest::Client::new().post(format!("{}/_sim/config", sim.base)).json(&knobs).send().await.unwrap();
+    assert_eq!(initiate(&sim, "sk_test", reauth("a1")).await.status().as_u16(), 500);
+}
+
+#[tokio::test]
+async fn opening_a_link_sends_reauthorized_then_updated_to_ingest_then_redirects_once() {
+    let ingest = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/webhooks/mono"))
+        .and(header("mono-webhook-secret", "whsec"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({ "id": "x" })))
+        .expect(2)
+        .mount(&ingest)
+        .await;
+    let ingest_url = format!("{}/webhooks/mono", ingest.uri());
+    let sim = start_sim(&["--ingest-url", &ingest_url, "--webhook-secret", "whsec"]).await;
+    let answer: Value = initiate(&sim, "sk_test", reauth("acc-7")).await.json().await.unwrap();
+    let link = answer["data"]["mono_url"].as_str().unwrap();
+    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+
+    let opened = browser.get(link).send().await.unwrap();
+
+    assert_eq!(opened.status().as_u16(), 302);
+    assert_eq!(opened.headers()["location"], "https://app.example.com/back");
+    let sent: Vec<Value> = ingest
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .collect();
+    let events: Vec<&str> = sent.iter().map(|b| b["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["mono.events.account_reauthorized", "mono.events.account_updated"]);
+    assert!(sent.iter().all(|b| b["data"]["account"]["_id"] == "acc-7"));
+    assert_eq!(browser.get(link).send().await.unwrap().status().as_u16(), 410, "a link works once");
+    let unknown = browser.get(format!("{}/reauth/nope", sim.base)).send().await.unwrap();
+    assert_eq!(unknown.status().as_u16(), 404);
 }
