@@ -66,6 +66,15 @@ impl Cluster {
         cluster(&["stop", &node.to_string()]).map(drop)
     }
 
+    /// Stops one node's Erlang VM with SIGSTOP: its connections neither reset nor answer.
+    pub fn freeze(node: u8) -> anyhow::Result<()> {
+        cluster(&["freeze", &node.to_string()]).map(drop)
+    }
+
+    pub fn thaw(node: u8) -> anyhow::Result<()> {
+        cluster(&["thaw", &node.to_string()]).map(drop)
+    }
+
     pub fn start(node: u8) -> anyhow::Result<()> {
         cluster(&["start", &node.to_string()]).map(drop)
     }

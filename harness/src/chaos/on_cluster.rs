@@ -12,14 +12,21 @@ use super::load::{Load, LoadResult};
 use super::scenarios::{all_kinds, finish, wait_ready};
 use crate::system::{System, SystemConfig};
 
-pub const ALL: [&str; 3] =
-    ["cluster_leader_killed", "cluster_ingest_nodes_stopped", "cluster_rolling_restart"];
+pub const ALL: [&str; 5] = [
+    "cluster_leader_killed",
+    "cluster_ingest_nodes_stopped",
+    "cluster_rolling_restart",
+    "cluster_node_frozen",
+    "cluster_two_nodes_down",
+];
 
 pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     match name {
         "cluster_leader_killed" => leader_killed(base).await,
         "cluster_ingest_nodes_stopped" => ingest_nodes_stopped(base).await,
         "cluster_rolling_restart" => rolling_restart(base).await,
+        "cluster_node_frozen" => node_frozen(base).await,
+        "cluster_two_nodes_down" => two_nodes_down(base).await,
         other => anyhow::bail!("no scenario {other}"),
     }
 }
@@ -211,6 +218,111 @@ async fn rolling_restart(base: &SystemConfig) -> anyhow::Result<ScenarioReport> 
 
     let (system, load) = run.stop_load(&mut report).await;
     let mut report = finish("cluster_rolling_restart", started, system, load, report).await?;
+    report.check("nothing was dead-lettered", report.dead_lettered == 0);
+    Ok(report)
+}
+
+/// The node an ingest is connected to freezes (SIGSTOP of its Erlang VM) for 20 s: its connections
+/// neither reset nor answer. Ingest must judge the session by its missing confirms, leave the node
+/// and publish again elsewhere; the workers' heartbeats notice it too.
+async fn node_frozen(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let run = OnCluster::start(base).await?;
+    let mut report = ScenarioReport {
+        // Two ingests post the same re-auth bodies, and two workers may each fetch a token for one.
+        mono_calls_strict: false,
+        min_accepted_share: 0.95,
+        ..ScenarioReport::default()
+    };
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let hosting = Cluster::hosting("monohook-ingest")?;
+    let Some(&node) = hosting.first() else {
+        report.check("an ingest connection was found", false);
+        let (system, load) = run.stop_load(&mut report).await;
+        return finish("cluster_node_frozen", started, system, load, report).await;
+    };
+    Cluster::freeze(node)?;
+    let thaw = scopeguard_thaw(node);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    drop(thaw);
+    let logs = run.system.all_logs();
+    report.check(
+        "ingest left the frozen node because it confirmed nothing, not because its connection dropped",
+        logs.contains("the node confirmed no publish for"),
+    );
+    report.check("every process is ready once the node thaws", run.all_ready(Duration::from_secs(60)).await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let (system, load) = run.stop_load(&mut report).await;
+    let mut report = finish("cluster_node_frozen", started, system, load, report).await?;
+    report.check("nothing was dead-lettered", report.dead_lettered == 0);
+    Ok(report)
+}
+
+/// Thaws a frozen node when dropped, whatever happened in between.
+fn scopeguard_thaw(node: u8) -> impl Drop {
+    struct Thaw(u8);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            if let Err(error) = Cluster::thaw(self.0) {
+                eprintln!("could not thaw node {}: {error:#}", self.0);
+            }
+        }
+    }
+    Thaw(node)
+}
+
+/// Two of the three nodes stop: the queues lose their quorum and the last node pauses itself
+/// (pause_minority). Ingest answers 503 within its deadline instead of hanging, reports not ready,
+/// and everything recovers by itself when a second node returns.
+async fn two_nodes_down(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let run = OnCluster::start(base).await?;
+    let mut report = ScenarioReport {
+        mono_calls_strict: false,
+        // Nothing can be accepted without a quorum, and the outage (two nodes stopped and started
+        // again, ~30 s) outlasts the load's retries (~24 s): webhooks posted early in it are given up.
+        min_accepted_share: 0.5,
+        ..ScenarioReport::default()
+    };
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let leader = Cluster::leader_of(&run.work_queue())?;
+    let other = (1..=3).find(|n| *n != leader).expect("three nodes");
+    Cluster::stop(leader)?;
+    Cluster::stop(other)?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let asked = Instant::now();
+    let answer = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()?
+        .post(format!("{}/webhooks/mono", run.ingest_urls[0]))
+        .header("mono-webhook-secret", crate::system::WEBHOOK_SECRET)
+        .body(crate::bodies::reauthorisation_required("00000000000000000000bbbb"))
+        .send()
+        .await;
+    let took = asked.elapsed();
+    report.check(
+        format!("without a quorum ingest answers 503 within its deadline ({} ms)", took.as_millis()),
+        answer.is_ok_and(|r| r.status().as_u16() == 503) && took < Duration::from_secs(6),
+    );
+    let mut not_ready = true;
+    for url in &run.ingest_urls {
+        not_ready &= !wait_ready(&format!("{url}/readyz"), Duration::from_secs(2)).await;
+    }
+    report.check("ingest reports not ready without a quorum", not_ready);
+    Cluster::start(other)?;
+    Cluster::start(leader)?;
+    report.check(
+        "every process recovers by itself once the nodes are back",
+        run.all_ready(Duration::from_secs(90)).await,
+    );
+    // Mono's retries of what was refused need the time their backoff takes.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+
+    let (system, load) = run.stop_load(&mut report).await;
+    let mut report = finish("cluster_two_nodes_down", started, system, load, report).await?;
     report.check("nothing was dead-lettered", report.dead_lettered == 0);
     Ok(report)
 }

@@ -757,9 +757,9 @@ fn p99(samples: &mut [f64]) -> f64 {
 
 /// Mono answering in 3 s while the app's customers sign in: 40 clients ask the api for re-auth
 /// tokens (fresh from the slow Mono once a token is 5 s old, else stored), 10 read accounts, and a
-/// probe checks `/readyz`, while webhooks keep coming. Reads and stored tokens keep their latency (p99 < 250 ms on
-/// this debug build) and the api stays ready: no Mono call holds a connection of the pool that
-/// serves them.
+/// probe checks `/readyz`, while webhooks keep coming. No read or stored token waits behind a Mono call (p99 far
+/// below Mono's 3 s: under 1 s; the figure itself is printed) and the api stays ready: no Mono call
+/// holds a connection of the pool that serves them.
 async fn mono_slow_at_sign_in_peak(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     let started = Instant::now();
     let mut system = System::start(base.clone(), 2).await?;
@@ -844,12 +844,12 @@ async fn mono_slow_at_sign_in_peak(base: &SystemConfig) -> anyhow::Result<Scenar
         peak.fresh, peak.errors, peak.readyz_failures, peak.readyz_checks
     ));
     report.check(
-        format!("reads kept their latency (p99 {reads_p99:.1} ms < 250 ms)"),
-        reads > 0 && reads_p99 < 250.0,
+        format!("no read waited for Mono (p99 {reads_p99:.1} ms, under 1 s)"),
+        reads > 0 && reads_p99 < 1000.0,
     );
     report.check(
-        format!("stored tokens kept their latency (p99 {stored_p99:.1} ms < 250 ms)"),
-        stored > 0 && stored_p99 < 250.0,
+        format!("no stored token waited for Mono (p99 {stored_p99:.1} ms, under 1 s)"),
+        stored > 0 && stored_p99 < 1000.0,
     );
     report.check(format!("fresh tokens came from the slow Mono ({})", peak.fresh), peak.fresh > 0);
     report.check(format!("the api answered every request ({} errors)", peak.errors), peak.errors == 0);
