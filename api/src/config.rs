@@ -73,7 +73,8 @@ pub struct ApiConfig {
 
     /// How long a request for a fresh token may wait for its account's lock, a Mono slot and Mono
     /// before it answers (the stored token if it works 30 s longer, else 503), in ms. A call to Mono
-    /// already made goes on after it, and its token is stored for the next request.
+    /// already made goes on after it, and its token is stored for the next request. A re-auth link
+    /// request waits as long (then 503).
     #[arg(long, env = "TOKEN_DEADLINE_MS", default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub token_deadline_ms: u64,
 

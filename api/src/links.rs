@@ -25,7 +25,7 @@
 //! at `TOKEN_DEADLINE_MS`; a link Mono created is stored (with its `ref`) even if its request has
 //! gone.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -290,6 +290,8 @@ async fn call_and_store(state: &AppState, ask: &Ask, episode: Option<DateTime<Ut
             });
         }
     };
+    // PostgreSQL keeps microseconds: the same instant whether it is answered now or reused later.
+    let created_at = link.created_at.trunc_subsecs(6);
     db::store_link(
         &state.pool,
         &db::NewLink {
@@ -297,19 +299,14 @@ async fn call_and_store(state: &AppState, ask: &Ask, episode: Option<DateTime<Ut
             account: ask.account.as_str(),
             redirect: ask.redirect.as_deref(),
             url: link.expose(),
-            created_at: link.created_at,
+            created_at,
             episode,
             key_label: &ask.caller.key_label,
             request_id: &ask.caller.request_id,
         },
     )
     .await?;
-    Ok(Link {
-        url: link.expose().to_owned(),
-        reference: request.reference,
-        created_at: link.created_at,
-        source: "fresh",
-    })
+    Ok(Link { url: link.expose().to_owned(), reference: request.reference, created_at, source: "fresh" })
 }
 
 fn past_deadline() -> ApiError {

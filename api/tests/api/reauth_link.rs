@@ -182,6 +182,7 @@ async fn a_link_is_reused_within_the_window_for_the_same_redirect_only(pool: PgP
 
     assert_eq!(again["url"], first["url"]);
     assert_eq!(again["ref"], first["ref"]);
+    assert_eq!(again["created_at"], first["created_at"]);
     assert_eq!(again["source"], "reused");
     assert_eq!(elsewhere["url"], "https://link.mono.co/RI2", "another redirect needs another link");
     let handouts: Vec<(String, String)> =
