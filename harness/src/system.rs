@@ -79,17 +79,24 @@ impl System {
         let pool = PgPool::connect(&format!("{}/{database}", config.database_server)).await?;
 
         let mono_port = free_port();
+        let ingest_port = free_port();
+        // A re-auth link mono-sim hands out, once opened, sends the customer-finished webhooks to
+        // this system's ingest, as Mono would.
         let mut mono = Service::spawn(
             "mono-sim",
             "mono-sim",
             &["serve", "--listen-addr", &format!("127.0.0.1:{mono_port}")],
-            &[("SIM_SECRET_KEY", MONO_KEY.to_owned()), ("RUST_LOG", "info".into())],
+            &[
+                ("SIM_SECRET_KEY", MONO_KEY.to_owned()),
+                ("SIM_INGEST_URL", format!("http://127.0.0.1:{ingest_port}/webhooks/mono")),
+                ("SIM_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
+                ("RUST_LOG", "info".into()),
+            ],
             &config.log_dir,
         )?;
         let mono_url = format!("http://127.0.0.1:{mono_port}");
         wait_until_ready(&mut mono, &format!("{mono_url}/_sim/config"), Duration::from_secs(20)).await?;
 
-        let ingest_port = free_port();
         let mut system = Self {
             config,
             prefix,

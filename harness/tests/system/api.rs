@@ -58,3 +58,46 @@ async fn mono_calls(system: &System) -> usize {
         reqwest::get(format!("{}/_sim/calls", system.mono_url)).await.unwrap().json().await.unwrap();
     calls.iter().filter(|c| c["account"] == ACCOUNT).count()
 }
+
+#[tokio::test]
+async fn a_re_auth_link_opened_by_the_customer_clears_the_account_through_mono_s_webhooks() {
+    let mut system = System::start(SystemConfig::default(), 1).await.unwrap();
+    let api =
+        system.start_api_with(&[("MONO_REAUTH_REDIRECT_URLS", "https://app.example.com")]).await.unwrap();
+    let (status, _) = system.post(&harness::bodies::reauthorisation_required(ACCOUNT)).await.unwrap();
+    assert_eq!(status, 200);
+    let flagged = "SELECT count(*) FROM accounts WHERE reauth_required";
+    assert_eq!(system.wait_for_count(flagged, 1, Duration::from_secs(20)).await.unwrap(), 1);
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+
+    let answer: serde_json::Value = http
+        .post(format!("{api}/v1/accounts/{ACCOUNT}/reauth-link"))
+        .bearer_auth(APP_API_KEY)
+        .json(&serde_json::json!({ "redirect_url": "https://app.example.com/done" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // The customer opens the link and finishes: mono-sim sends account_reauthorized, then
+    // account_updated, to ingest.
+    let opened = http.get(answer["url"].as_str().unwrap()).send().await.unwrap();
+
+    assert_eq!(opened.status().as_u16(), 302);
+    assert_eq!(opened.headers()["location"], "https://app.example.com/done");
+    let healthy = "SELECT count(*) FROM accounts
+                   WHERE NOT reauth_required AND reauthorized_at IS NOT NULL AND data_status = 'AVAILABLE'";
+    assert_eq!(system.wait_for_count(healthy, 1, Duration::from_secs(20)).await.unwrap(), 1);
+    let account: serde_json::Value = http
+        .get(format!("{api}/v1/accounts/{ACCOUNT}"))
+        .bearer_auth(APP_API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(account["reauth_required"], false);
+    system.shut_down().await.unwrap();
+}
