@@ -27,6 +27,9 @@ async fn spawn_ingest(world: &TestWorld) -> (String, CancellationToken) {
         &world.broker.retry_delays_arg(),
         "--http-workers",
         "1",
+        // Never the default port: another ingest may run on this machine.
+        "--metrics-addr",
+        "127.0.0.1:0",
         "--amqp-url",
         amqp_url().expose_secret(),
     ]);
