@@ -31,6 +31,13 @@ pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioRepo
     }
 }
 
+/// A cluster scenario's report: Mono's tokens are reported, not checked (two ingests post the same
+/// re-auth bodies, and two workers may each fetch a token for one), and at least `min_share` of the
+/// webhooks must end accepted.
+fn cluster_report(min_share: f64) -> ScenarioReport {
+    ScenarioReport { mono_calls_strict: false, min_accepted_share: min_share, ..ScenarioReport::default() }
+}
+
 /// A system on the cluster, with both ingests under load.
 struct OnCluster {
     system: System,
@@ -114,12 +121,7 @@ async fn declared_from_every_node_at_once() -> anyhow::Result<bool> {
 /// The node leading the work queue dies (`kill -9` of its VM) mid-load, and comes back later.
 async fn leader_killed(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     let started = Instant::now();
-    let mut report = ScenarioReport {
-        // Two ingests post the same re-auth bodies, and two workers may each fetch a token for one.
-        mono_calls_strict: false,
-        min_accepted_share: 0.95,
-        ..ScenarioReport::default()
-    };
+    let mut report = cluster_report(0.95);
     report.check(
         "one topology declared from all three nodes at once: every declaration succeeds",
         declared_from_every_node_at_once().await?,
@@ -156,12 +158,7 @@ async fn leader_killed(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
 async fn ingest_nodes_stopped(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     let started = Instant::now();
     let run = OnCluster::start(base).await?;
-    let mut report = ScenarioReport {
-        // Two ingests post the same re-auth bodies, and two workers may each fetch a token for one.
-        mono_calls_strict: false,
-        min_accepted_share: 0.95,
-        ..ScenarioReport::default()
-    };
+    let mut report = cluster_report(0.95);
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     let mut stopped = Vec::new();
@@ -196,12 +193,7 @@ async fn ingest_nodes_stopped(base: &SystemConfig) -> anyhow::Result<ScenarioRep
 async fn rolling_restart(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     let started = Instant::now();
     let run = OnCluster::start(base).await?;
-    let mut report = ScenarioReport {
-        // Two ingests post the same re-auth bodies, and two workers may each fetch a token for one.
-        mono_calls_strict: false,
-        min_accepted_share: 0.95,
-        ..ScenarioReport::default()
-    };
+    let mut report = cluster_report(0.95);
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     for node in 1..=3 {
@@ -228,12 +220,7 @@ async fn rolling_restart(base: &SystemConfig) -> anyhow::Result<ScenarioReport> 
 async fn node_frozen(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     let started = Instant::now();
     let run = OnCluster::start(base).await?;
-    let mut report = ScenarioReport {
-        // Two ingests post the same re-auth bodies, and two workers may each fetch a token for one.
-        mono_calls_strict: false,
-        min_accepted_share: 0.95,
-        ..ScenarioReport::default()
-    };
+    let mut report = cluster_report(0.95);
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     let hosting = Cluster::hosting("monohook-ingest")?;
@@ -279,13 +266,9 @@ fn scopeguard_thaw(node: u8) -> impl Drop {
 async fn two_nodes_down(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     let started = Instant::now();
     let run = OnCluster::start(base).await?;
-    let mut report = ScenarioReport {
-        mono_calls_strict: false,
-        // Nothing can be accepted without a quorum, and the outage (two nodes stopped and started
-        // again, ~30 s) outlasts the load's retries (~24 s): webhooks posted early in it are given up.
-        min_accepted_share: 0.5,
-        ..ScenarioReport::default()
-    };
+    // Nothing can be accepted without a quorum, and the outage (two nodes stopped and started
+    // again, ~30 s) outlasts the load's retries (~24 s): webhooks posted early in it are given up.
+    let mut report = cluster_report(0.5);
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     let leader = Cluster::leader_of(&run.work_queue())?;
