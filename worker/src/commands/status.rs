@@ -60,6 +60,9 @@ pub struct QueueState {
     /// Ready messages (not those a consumer holds unacked).
     pub messages: u32,
     pub consumers: u32,
+    /// `false` when the broker answered without the queue's leader: it lists no consumer on the
+    /// work queue while a worker reports consuming it, so its 0 messages mean nothing.
+    pub depth_known: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -148,6 +151,7 @@ async fn gather(
                     queue: depth.queue,
                     messages: depth.messages,
                     consumers: depth.consumers,
+                    depth_known: true,
                 })
                 .collect();
             (queues, None)
@@ -185,6 +189,8 @@ async fn gather(
         workers.push(ask_worker(&http, url).await);
     }
 
+    let mut queues = queues;
+    mark_unknown_depths(&mut queues, &workers);
     let mut status = Status {
         queues,
         queues_error,
@@ -232,8 +238,25 @@ async fn ask_worker(http: &reqwest::Client, url: &str) -> WorkerState {
 }
 
 /// What `--check` fails on.
+/// A worker consuming the work queue while the broker lists no consumer on it: the broker answered
+/// without the queue's leader (an election, lost quorum), and the depth is unknown, not 0.
+fn mark_unknown_depths(queues: &mut [QueueState], workers: &[WorkerState]) {
+    let someone_consumes = workers.iter().any(|w| w.consumer.as_deref() == Some("alive"));
+    for queue in queues.iter_mut().filter(|q| q.role == "work") {
+        queue.depth_known = !(someone_consumes && queue.consumers == 0);
+    }
+}
+
 fn problems(status: &Status, topology: &Topology) -> Vec<Problem> {
     let mut problems = Vec::new();
+    for queue in status.queues.iter().filter(|q| !q.depth_known) {
+        problems.push(Problem {
+            check: "queue_depth_unknown",
+            subject: queue.queue.clone(),
+            detail: "the broker lists no consumer while a worker consumes it: its leader did not answer"
+                .to_owned(),
+        });
+    }
     for worker in &status.workers {
         let subject = worker.url.clone();
         if !worker.reachable {
@@ -309,7 +332,11 @@ fn problems(status: &Status, topology: &Topology) -> Vec<Problem> {
 fn print_text(status: &Status, check: bool) {
     println!("{:<40} {:>9} {:>10}", "queue", "messages", "consumers");
     for queue in &status.queues {
-        println!("{:<40} {:>9} {:>10}", queue.queue, queue.messages, queue.consumers);
+        if queue.depth_known {
+            println!("{:<40} {:>9} {:>10}", queue.queue, queue.messages, queue.consumers);
+        } else {
+            println!("{:<40} {:>9} {:>10}  (no leader answered)", queue.queue, "unknown", "unknown");
+        }
     }
     if let Some(error) = &status.queues_error {
         println!("queues not declared yet ({error})");
@@ -395,6 +422,33 @@ mod tests {
             problems: Vec::new(),
             ok: true,
         }
+    }
+
+    #[test]
+    fn a_work_queue_with_no_consumer_while_a_worker_consumes_has_an_unknown_depth() {
+        let queue = |consumers| QueueState {
+            queue: "p.work".into(),
+            role: "work",
+            messages: 0,
+            consumers,
+            depth_known: true,
+        };
+        let consuming = vec![worker("w1", readyz("ready", "up", "closed", "accepted"))];
+        let mut queues = vec![queue(0)];
+        mark_unknown_depths(&mut queues, &consuming);
+        assert!(!queues[0].depth_known, "the leader did not answer");
+        let mut with_consumer = vec![queue(1)];
+        mark_unknown_depths(&mut with_consumer, &consuming);
+        assert!(with_consumer[0].depth_known);
+        let mut nobody = vec![queue(0)];
+        mark_unknown_depths(&mut nobody, &[worker("w1", None)]);
+        assert!(nobody[0].depth_known, "no worker consumes: 0 consumers may be true");
+
+        let mut unknown = status(consuming, 0);
+        unknown.queues = queues;
+        let checks: Vec<&str> =
+            problems(&unknown, &Topology::new("p", vec![], 10)).iter().map(|p| p.check).collect();
+        assert!(checks.contains(&"queue_depth_unknown"), "{checks:?}");
     }
 
     fn readyz(status: &str, database: &str, circuit: &str, key: &str) -> Option<Value> {

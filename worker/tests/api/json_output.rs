@@ -80,7 +80,7 @@ async fn status_json_is_one_document_with_queues_dead_letters_workers_and_proble
     );
     let queues = status["queues"].as_array().unwrap();
     assert_eq!(queues.len(), world.broker.topology.queues().len(), "{queues:?}");
-    assert_eq!(keys(&queues[0]), set(&["queue", "role", "messages", "consumers"]));
+    assert_eq!(keys(&queues[0]), set(&["queue", "role", "messages", "consumers", "depth_known"]));
     assert_eq!(
         (&queues[0]["queue"], &queues[0]["role"]),
         (&Value::from(world.broker.topology.work_queue()), &Value::from("work"))
