@@ -81,15 +81,16 @@ struct Ask {
     started: DateTime<Utc>,
 }
 
-/// A link for `account` sending the customer back to `redirect` (already allowed).
+/// A link for `account` sending the customer back to `redirect` (already allowed); `current` is
+/// the account as [`read_state`] found it.
 pub async fn link(
     state: &Arc<AppState>,
     account: AccountId,
     redirect: Option<String>,
     caller: Caller,
+    current: LinkState,
 ) -> LinkOutcome {
     let ask = Ask { account, redirect, caller, started: Utc::now() };
-    let current = read_state(state, &ask.account).await?;
     if let Some(link) = reusable(state, &ask, &current, false).await? {
         return Ok(link);
     }
@@ -122,7 +123,8 @@ pub async fn link(
     }
 }
 
-async fn read_state(state: &AppState, account: &AccountId) -> Result<LinkState, ApiError> {
+/// The account, if it needs a link: 404 unknown, 409 unlinked or not needing re-auth.
+pub async fn read_state(state: &AppState, account: &AccountId) -> Result<LinkState, ApiError> {
     let current = db::link_state(&state.pool, account.as_str()).await?.ok_or(ApiError::NotFound)?;
     if current.unlinked {
         return Err(ApiError::AccountUnlinked);

@@ -38,12 +38,15 @@ pub async fn reauth_link(
 ) -> Result<HttpResponse, ApiError> {
     let account = AccountId::parse(id.into_inner()).ok_or(ApiError::NotFound)?;
     let asked = parse_body(&body)?;
+    // The account first: an unknown or settled account is 404 / 409 whatever the redirect.
+    let current = links::read_state(&state, &account).await?;
     let redirect = state
         .redirects
         .choose(asked.redirect_url.as_deref())
         .map_err(|why| ApiError::RedirectNotAllowed(why.to_string()))?
         .map(String::from);
-    let link = links::link(&state.clone().into_inner(), account.clone(), redirect, caller.clone()).await?;
+    let link =
+        links::link(&state.clone().into_inner(), account.clone(), redirect, caller.clone(), current).await?;
     db::record_link_handout(
         &state.pool,
         &link.reference,

@@ -263,6 +263,9 @@ async fn unknown_unneeded_unlinked_and_unauthenticated_get_their_answers_without
         let response = ask_link(&app, account, None).await;
         assert_eq!(response.status().as_u16(), status, "{account}");
         assert_eq!(json(response).await, json!({ "error": error }), "{account}");
+        // The account is answered for first, whatever the redirect.
+        let elsewhere = ask_link(&app, account, Some(json!({ "redirect_url": "https://evil.com/" }))).await;
+        assert_eq!(elsewhere.status().as_u16(), status, "{account}");
     }
     let anonymous =
         app.http.post(format!("{}/v1/accounts/fine/reauth-link", app.address)).send().await.unwrap();
