@@ -427,3 +427,79 @@ async fn until_mono_is_asked(mono: &MockServer) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// The api binary over the test's database, logging JSON to a pipe.
+fn api_process(pool: &PgPool, mono: &MockServer, port: u16, extra: &[(&str, &str)]) -> std::process::Child {
+    let server = std::env::var("DATABASE_URL").unwrap();
+    let server = server.rsplit_once('/').unwrap().0;
+    let database = pool.connect_options().get_database().unwrap().to_owned();
+    std::process::Command::new(env!("CARGO_BIN_EXE_api"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("DATABASE_URL", format!("{server}/{database}"))
+        .env("APP_API_KEYS", format!("app:{}", crate::helpers::MOBILE_KEY))
+        .env("MONO_SECRET_KEY", MONO_KEY)
+        .env("MONO_API_URL", mono.uri())
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .envs(extra.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_unexpected_answer_is_logged_by_its_field_names_never_their_values(pool: PgPool) {
+    let mono = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({ "status": "successful", "data": { "link": "https://link.mono.co/secret-link-value" } }),
+        ))
+        .mount(&mono)
+        .await;
+    Seed::flagged("acct-1").insert(&pool).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut api = api_process(&pool, &mono, port, &[]);
+    let http = reqwest::Client::new();
+    let mut ready = false;
+    for _ in 0..200 {
+        if http.get(format!("http://127.0.0.1:{port}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ready, "the api did not start");
+
+    let answer = http
+        .post(format!("http://127.0.0.1:{port}/v1/accounts/acct-1/reauth-link"))
+        .bearer_auth(crate::helpers::MOBILE_KEY)
+        .send()
+        .await
+        .unwrap();
+    let _ = api.kill();
+    let output = api.wait_with_output().unwrap();
+
+    assert_eq!(answer.status().as_u16(), 502);
+    let logs =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let line = logs.lines().find(|l| l.contains("no data.mono_url")).unwrap_or_else(|| panic!("{logs}"));
+    assert!(line.contains("data.link") && line.contains("status"), "{line}");
+    assert!(!logs.contains("secret-link-value"), "the answer's values reached the logs");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_redirect_allowlist_entry_that_is_not_an_absolute_http_url_stops_the_api(pool: PgPool) {
+    let mono = MockServer::start().await;
+
+    let api =
+        api_process(&pool, &mono, 0, &[("MONO_REAUTH_REDIRECT_URLS", "https://app.example.com,//evil.com")]);
+    let output = api.wait_with_output().unwrap();
+
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("MONO_REAUTH_REDIRECT_URLS") && stderr.contains("//evil.com"), "{stderr}");
+}
