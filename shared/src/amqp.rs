@@ -3,19 +3,22 @@
 //! lapin does not reconnect by itself, and a consumer can go quiet after its connection drops without
 //! ending its stream. So each binary runs a supervisor that opens a connection with [`connect`], then
 //! waits on [`connection_lost`], and starts over (with backoff) when it returns. On a cluster,
-//! `AMQP_URL` lists the nodes and a reconnect moves on to the next node.
+//! `AMQP_URL` lists the nodes and a reconnect moves on to the next node. `amqps://` connections trust
+//! the bundled webpki roots plus the private CA of `AMQP_CA_FILE`, if set ([`trust_ca`]).
 
 use futures_util::StreamExt;
+use lapin::tcp::OwnedTLSConfig;
 use lapin::uri::AMQPUri;
-use lapin::{Connection, ConnectionProperties, Event};
+use lapin::{Connect, Connection, ConnectionProperties, Event};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use secrecy::{ExposeSecret, SecretString};
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
+use crate::amqp_tls::TrustedCa;
 use crate::config::redact_url;
 
 /// Heartbeat asked of the broker unless the URL sets one: a dead peer is noticed within ~2 intervals.
@@ -48,10 +51,30 @@ pub enum ConnectError {
 static NEXT_NODE: AtomicUsize = AtomicUsize::new(0);
 static CONNECTED_NODE: AtomicUsize = AtomicUsize::new(0);
 
+/// The private CA every `amqps://` connection of this process trusts besides the webpki roots.
+/// Process-wide like the node order: set once at start from `AMQP_CA_FILE`, so that every
+/// connection (ingest, the worker, its commands) trusts it without each caller passing it along.
+static TRUSTED_CA: OnceLock<TrustedCa> = OnceLock::new();
+
+/// Makes every later [`connect`] of this process trust `ca` (the first call wins; the setting is
+/// read once, at start, by [`crate::config::parse_or_exit`]).
+pub fn trust_ca(ca: TrustedCa) {
+    let _ = TRUSTED_CA.set(ca);
+}
+
 /// Opens a connection named `name` (visible in RabbitMQ's connection list). `urls` is one URL or a
 /// comma-separated list of a cluster's nodes: they are tried in this process's own order, starting
 /// after the node it last lost, and the first that answers is used.
 pub async fn connect(urls: &SecretString, name: &str) -> Result<Connection, ConnectError> {
+    connect_trusting(urls, TRUSTED_CA.get(), name).await
+}
+
+/// [`connect`] with the private CA given rather than the process's own (for tests).
+pub async fn connect_trusting(
+    urls: &SecretString,
+    ca: Option<&TrustedCa>,
+    name: &str,
+) -> Result<Connection, ConnectError> {
     let nodes = node_urls(urls.expose_secret());
     if nodes.is_empty() {
         return Err(ConnectError::InvalidUrl("no URL given".to_owned()));
@@ -61,7 +84,7 @@ pub async fn connect(urls: &SecretString, name: &str) -> Result<Connection, Conn
     let mut last_error = None;
     for step in 0..nodes.len() {
         let position = (start + step) % nodes.len();
-        match connect_one(nodes[order[position]], name).await {
+        match connect_one(nodes[order[position]], ca, name).await {
             Ok(connection) => {
                 NEXT_NODE.store(position, Ordering::Relaxed);
                 CONNECTED_NODE.store(position, Ordering::Relaxed);
@@ -108,13 +131,17 @@ fn move_past_lost_node() {
     let _ = NEXT_NODE.compare_exchange(lost, lost + 1, Ordering::Relaxed, Ordering::Relaxed);
 }
 
-async fn connect_one(url: &str, name: &str) -> Result<Connection, ConnectError> {
+async fn connect_one(url: &str, ca: Option<&TrustedCa>, name: &str) -> Result<Connection, ConnectError> {
     let shown = redact_url(url);
     // AMQPUri's parse error can echo the input; never let it reach a log.
     let mut uri: AMQPUri = url.parse().map_err(|_: String| ConnectError::InvalidUrl(shown.clone()))?;
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, properties)).await {
+    // lapin adds `cert_chain` to the webpki roots rather than replacing them.
+    let tls = OwnedTLSConfig { identity: None, cert_chain: ca.map(|ca| ca.pem().to_owned()) };
+    let runtime = lapin::runtime::default_runtime()
+        .map_err(|source| ConnectError::Unreachable { url: shown.clone(), source })?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, uri.connect_with_config(properties, tls, runtime)).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(source)) => Err(ConnectError::Unreachable { url: shown, source }),
         Err(_) => Err(ConnectError::TimedOut { url: shown }),

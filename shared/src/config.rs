@@ -9,6 +9,7 @@ use secrecy::SecretString;
 use std::convert::Infallible;
 use std::time::Duration;
 
+use crate::amqp_tls::{CaFile, ca_file};
 use crate::topology::Topology;
 
 /// Where RabbitMQ is and how monohook's queues are laid out on it.
@@ -29,6 +30,12 @@ pub struct BrokerArgs {
         hide_env_values = true
     )]
     pub amqp_url: SecretString,
+
+    /// PEM file of a private CA's certificates that `amqps://` connections trust in addition to the
+    /// bundled public (webpki) roots, for a cluster whose TLS certificates that CA signed. Read once
+    /// at start: a missing or unparseable file stops the process. Unset or empty: public roots only.
+    #[arg(long, global = true, env = "AMQP_CA_FILE", value_parser = ca_file, value_name = "PATH")]
+    pub amqp_ca_file: Option<CaFile>,
 
     /// Prefix of the exchange and every queue name: `<prefix>`, `<prefix>.work`, `<prefix>.retry.<n>`,
     /// `<prefix>.dead`.
@@ -156,7 +163,16 @@ pub fn parse_or_exit<T: clap::Parser>() -> T {
         }
         std::process::exit(0);
     }
+    apply_process_settings(&matches);
     T::from_arg_matches_mut(&mut matches).unwrap_or_else(|error| exit_on_parse_error(&command, error))
+}
+
+/// Settings that hold for the whole process rather than one component: every RabbitMQ connection
+/// trusts `AMQP_CA_FILE`'s CA, whichever command opens it.
+pub fn apply_process_settings(matches: &clap::ArgMatches) {
+    if let Ok(Some(CaFile(Some(ca)))) = matches.try_get_one::<CaFile>("amqp_ca_file") {
+        crate::amqp::trust_ca(ca.clone());
+    }
 }
 
 /// The crate version and the git revision of the build, e.g. `0.1.0 (git 1a2b3c4)`.

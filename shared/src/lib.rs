@@ -4,6 +4,7 @@
 //! Nothing here holds long-lived state; each binary owns its connections and decides how to recover.
 
 pub mod amqp;
+pub mod amqp_tls;
 pub mod cli_docs;
 pub mod config;
 pub mod credentials;

@@ -241,3 +241,21 @@ fn a_setting_out_of_its_range_is_refused_with_one_line_naming_it() {
         assert!(stderr.contains(accepted), "{env}={value}: {stderr}");
     }
 }
+
+#[test]
+fn a_missing_or_unparseable_ca_file_stops_the_start_naming_the_setting_not_the_file() {
+    let unparseable = std::env::temp_dir().join(format!("monohook-ca-{}.pem", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&unparseable, "hunter2\n").unwrap();
+    for (path, reason) in
+        [("/nonexistent/ca.pem", "cannot read the file"), (unparseable.to_str().unwrap(), "no PEM")]
+    {
+        let output = worker().env("MONO_SECRET_KEY", "sk").env("AMQP_CA_FILE", path).output().unwrap();
+
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(output.status.code(), Some(2), "{path}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with("worker: invalid AMQP_CA_FILE (--amqp-ca-file): "), "{stderr}");
+        assert!(stderr.contains(reason) && !stderr.contains("hunter2"), "{stderr}");
+    }
+    std::fs::remove_file(unparseable).unwrap();
+}
