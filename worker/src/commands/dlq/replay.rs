@@ -280,33 +280,44 @@ async fn act(pool: &PgPool, broker: &BrokerArgs, plan: Plan<'_>) -> anyhow::Resu
     let (mut done, mut resumed) = (0u64, 0u64);
     let mut seen = HashSet::new();
     let limit = plan.filter.limit.map_or(u64::MAX, |l| l.max(0) as u64);
-    while !cancel.is_cancelled() {
-        let Some(message) = walk.next().await? else { break };
-        progress.inc(1);
-        let delivery = &message.delivery;
-        let id = DeliveryMeta::from_properties(&delivery.properties, &delivery.data).id.as_uuid();
-        seen.insert(id);
-        if let Some(action) = unfinished.get(&id) {
-            finish_action(pool, &queue, &mut walk, &message, action).await?;
-            resumed += 1;
-            continue;
+    // Asked while the walk still holds what it left: did it see everything? Messages found waiting
+    // in the walk's own lanes at that question are walked too, never taken for missing.
+    let complete = loop {
+        while !cancel.is_cancelled() {
+            let Some(message) = walk.next().await? else { break };
+            progress.inc(1);
+            let delivery = &message.delivery;
+            let id = DeliveryMeta::from_properties(&delivery.properties, &delivery.data).id.as_uuid();
+            seen.insert(id);
+            if let Some(action) = unfinished.get(&id) {
+                finish_action(pool, &queue, &mut walk, &message, action).await?;
+                resumed += 1;
+                continue;
+            }
+            // A dead letter the journal does not know (e.g. dead-lettered by the broker itself) is only
+            // taken by --all.
+            let wanted = selected.contains_key(&id) || (plan.filter.all && !journaled_dead.contains(&id));
+            if !wanted || done >= limit {
+                walk.leave(&message);
+                continue;
+            }
+            let subject = selected.get(&id).map_or_else(|| Subject::of_message(id, delivery), Subject::of);
+            let action = record(pool, &plan, subject).await?;
+            finish_action(pool, &queue, &mut walk, &message, &action).await?;
+            done += 1;
+            progress.set_message(format!("{} {done}", plan.kind.as_str()));
         }
-        // A dead letter the journal does not know (e.g. dead-lettered by the broker itself) is only
-        // taken by --all.
-        let wanted = selected.contains_key(&id) || (plan.filter.all && !journaled_dead.contains(&id));
-        if !wanted || done >= limit {
-            walk.leave(&message);
-            continue;
+        if cancel.is_cancelled() {
+            break false;
         }
-        let subject = selected.get(&id).map_or_else(|| Subject::of_message(id, delivery), Subject::of);
-        let action = record(pool, &plan, subject).await?;
-        finish_action(pool, &queue, &mut walk, &message, &action).await?;
-        done += 1;
-        progress.set_message(format!("{} {done}", plan.kind.as_str()));
-    }
+        if queue.fully_seen(&mut walk).await? {
+            break true;
+        }
+        if !walk.has_waiting() {
+            break false;
+        }
+    };
     progress.finish_and_clear();
-    // Asked while the walk still holds what it left: did it see everything?
-    let complete = !cancel.is_cancelled() && queue.fully_seen(&walk).await?;
     let (left, looked_at) = (walk.left, walk.seen);
     walk.finish().await?;
 

@@ -104,23 +104,31 @@ async fn peek(
     let progress = super::progress::bar(u64::from(queue.depth().await?));
     progress.set_message("looking for it in the dead-letter queue");
     let mut found = None;
-    while let Some(seen) = walk.next().await? {
-        progress.inc(1);
-        walk.leave(&seen);
-        let delivery = &seen.delivery;
-        if DeliveryMeta::from_properties(&delivery.properties, &delivery.data).id.as_uuid() == id {
-            let headers = delivery.properties.headers().clone().unwrap_or_default();
-            let mut shown: BTreeMap<String, String> =
-                headers.inner().iter().map(|(name, value)| (name.to_string(), display(value))).collect();
-            if let Some(message_id) = delivery.properties.message_id() {
-                shown.insert("message_id".into(), message_id.to_string());
+    // A message found waiting in the walk's own lanes when it is judged whole is looked at too.
+    let fully_seen = 'walk: loop {
+        while let Some(seen) = walk.next().await? {
+            progress.inc(1);
+            walk.leave(&seen);
+            let delivery = &seen.delivery;
+            if DeliveryMeta::from_properties(&delivery.properties, &delivery.data).id.as_uuid() == id {
+                let headers = delivery.properties.headers().clone().unwrap_or_default();
+                let mut shown: BTreeMap<String, String> =
+                    headers.inner().iter().map(|(name, value)| (name.to_string(), display(value))).collect();
+                if let Some(message_id) = delivery.properties.message_id() {
+                    shown.insert("message_id".into(), message_id.to_string());
+                }
+                found = Some(shown);
+                break 'walk true;
             }
-            found = Some(shown);
-            break;
         }
-    }
+        if queue.fully_seen(&mut walk).await? {
+            break true;
+        }
+        if !walk.has_waiting() {
+            break false;
+        }
+    };
     progress.finish_and_clear();
-    let fully_seen = found.is_some() || queue.fully_seen(&walk).await?;
     walk.finish().await?;
     queue.close().await;
     Ok((found, fully_seen))
