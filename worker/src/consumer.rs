@@ -26,8 +26,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::acks::AckTracker;
-use crate::dlq::Republisher;
 use crate::pipeline::{Pipeline, PipelineSettings};
+use crate::republish::Republisher;
 use shared::amqp::{self, ConnectError};
 use shared::retry::RetryPolicy;
 use shared::topology::{Topology, TopologyError};

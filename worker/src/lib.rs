@@ -8,7 +8,6 @@ pub mod commands;
 pub mod config;
 pub mod consumer;
 pub mod db;
-pub mod dlq;
 pub mod event;
 pub mod handlers;
 pub mod health;
@@ -16,6 +15,7 @@ pub mod journal_payload;
 pub mod pipeline;
 pub mod processor;
 pub mod queue_watch;
+pub mod republish;
 pub mod retention;
 pub mod startup;
 

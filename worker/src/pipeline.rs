@@ -30,10 +30,10 @@ use tracing::Instrument;
 use crate::acks::AckTracker;
 use crate::batch::Candidate;
 use crate::db::events::{EventRecord, EventStatus};
-use crate::dlq::Republisher;
 use crate::event::IncomingEvent;
 use crate::mono::ReauthToken;
 use crate::processor::{Hold, Interrupted, ItemOutcome, Processor};
+use crate::republish::{DeadClass, Republisher};
 use crate::tokens::{Flight, TokenFetcher, TokenOutcome};
 use shared::delivery::{AttemptHistory, DeliveryMeta, HEADER_REPLAY_FORCE, as_u32, header_str};
 use shared::event::EventKind;
@@ -115,27 +115,6 @@ pub fn judge_handout(broker_count: u32, lost: u32, carried: u32, limit: u32) -> 
     }
 }
 
-/// Why a delivery is dead (the `x-dead-class` header and the metric label).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeadClass {
-    /// Not an event, or handed out too many times.
-    Poison,
-    /// Mono refused the account, or the database refused the event.
-    Permanent,
-    /// Every retry tier was used up.
-    Exhausted,
-}
-
-impl DeadClass {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Poison => "poison",
-            Self::Permanent => "permanent",
-            Self::Exhausted => "exhausted",
-        }
-    }
-}
-
 /// One delivery on its way through the pipeline.
 struct Work {
     delivery: Delivery,
@@ -196,7 +175,7 @@ impl Pipeline {
             delivery.properties.headers().as_ref().and_then(|h| h.inner().get(name)).and_then(as_u32)
         };
         let broker_count = header("x-delivery-count").unwrap_or(0);
-        let carried = header(crate::dlq::HEADER_HANDED_OUT).unwrap_or(0);
+        let carried = header(crate::republish::HEADER_HANDED_OUT).unwrap_or(0);
         let forced = delivery
             .properties
             .headers()
@@ -510,7 +489,7 @@ impl Inner {
     async fn patiently<F, Fut>(&self, mut publish: F) -> bool
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<(), crate::dlq::RepublishError>>,
+        Fut: std::future::Future<Output = Result<(), crate::republish::RepublishError>>,
     {
         let mut schedule = MOVE_RETRY.schedule();
         loop {

@@ -82,7 +82,7 @@ impl DeadQueue {
         topology.declare_on(&connection).await?;
         let publish = connection.create_channel().await?;
         publish.confirm_select(Default::default()).await?;
-        Ok(Self { connection, publish, topology, confirm_timeout: crate::dlq::CONFIRM_TIMEOUT })
+        Ok(Self { connection, publish, topology, confirm_timeout: crate::republish::CONFIRM_TIMEOUT })
     }
 
     /// Ready messages and consumers of the dead-letter queue now.

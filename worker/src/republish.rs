@@ -12,7 +12,6 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use std::sync::Arc;
 
-use crate::pipeline::DeadClass;
 use shared::delivery::{
     AttemptHistory, BROKER_HEADERS, HEADER_ATTEMPTS, HEADER_DEAD_CLASS, HEADER_DEAD_REASON,
     HEADER_FIRST_ATTEMPT_AT, HEADER_LAST_ATTEMPT_AT, HEADER_LAST_ERROR, format_time, long_string,
@@ -23,6 +22,27 @@ use shared::topology::Topology;
 /// copy: the copy is a new message, whose `x-delivery-count` starts again. Only parks carry it (a
 /// move to a retry tier spends an attempt instead, and a dead letter is done).
 pub const HEADER_HANDED_OUT: &str = "x-handed-out";
+
+/// Why a delivery is dead (the `x-dead-class` header and the metric label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeadClass {
+    /// Not an event, or handed out too many times.
+    Poison,
+    /// Mono refused the account, or the database refused the event.
+    Permanent,
+    /// Every retry tier was used up.
+    Exhausted,
+}
+
+impl DeadClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Poison => "poison",
+            Self::Permanent => "permanent",
+            Self::Exhausted => "exhausted",
+        }
+    }
+}
 
 /// Longest reason kept in a header.
 const MAX_REASON_CHARS: usize = 1000;
