@@ -22,12 +22,14 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use secrecy::SecretString;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::acks::AckTracker;
+use crate::dlq::Republisher;
+use crate::health::Health;
 use crate::pipeline::{Pipeline, PipelineSettings};
-use crate::republish::Republisher;
 use shared::amqp::{self, ConnectError};
 use shared::retry::RetryPolicy;
 use shared::topology::{Topology, TopologyError};
@@ -44,6 +46,47 @@ pub struct ConsumerSettings {
 
 /// Answers in a row that list no consumer on the work queue before the session counts as lost.
 const NO_CONSUMER_ANSWERS: u32 = 3;
+
+/// Answers in a row that show ready messages while our consumer, with room for more, received
+/// nothing, before the node counts as useless and is left (issue 21, point 1): a consumer that the
+/// node keeps but never feeds (cut off from the queue's leader, a stuck channel) does not end its
+/// connection, so only what it does tells.
+const STARVED_ANSWERS: u32 = 3;
+
+/// What one answer about the work queue says of our consumer's intake since the previous answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Intake {
+    /// Deliveries arrived, or nothing was ready to deliver.
+    Fed,
+    /// Messages were ready, but we hold a full prefetch (a slow database): the broker rightly
+    /// sends nothing until we ack.
+    Full,
+    /// Messages were ready, we had room, and nothing arrived.
+    Starved,
+}
+
+/// Judges one answer: `ready` messages in the queue, `received` deliveries since the previous
+/// answer, `outstanding` deliveries held unacked, against the channel's `prefetch`.
+pub fn judge_intake(ready: u32, received: u64, outstanding: usize, prefetch: u16) -> Intake {
+    if received > 0 || ready == 0 {
+        Intake::Fed
+    } else if outstanding >= usize::from(prefetch) {
+        Intake::Full
+    } else {
+        Intake::Starved
+    }
+}
+
+/// What the session's watch needs to judge the consumer by its intake.
+struct IntakeWatch<'a> {
+    /// Deliveries received by the consuming loop (one relaxed increment each).
+    received: &'a AtomicU64,
+    pipeline: &'a Pipeline,
+    prefetch: u16,
+    health: &'a Health,
+    /// Time between two looks at the queue (its passive declaration).
+    every: Duration,
+}
 
 /// Why a broker session could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -86,8 +129,59 @@ impl Session {
     }
 
     /// Resolves when the connection or one of the channels has failed, or when the broker no longer
-    /// lists any consumer on `queue` although this session is consuming it (a consumer gone quiet).
-    async fn lost(&self, queue: &str) -> String {
+    /// lists any consumer on `queue` although this session is consuming it (a consumer gone quiet),
+    /// or when our consumer receives nothing while the queue has messages ready (a useless node,
+    /// which is then left for the next).
+    async fn lost(&self, queue: &str, intake: IntakeWatch<'_>) -> String {
+        let starved = async {
+            let options = QueueDeclareOptions { passive: true, ..Default::default() };
+            let mut poll = tokio::time::interval(intake.every);
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            poll.tick().await;
+            let mut seen = intake.received.load(Ordering::Relaxed);
+            let mut starved_answers: u32 = 0;
+            loop {
+                poll.tick().await;
+                let answer =
+                    self.republish_channel.queue_declare(queue.into(), options, FieldTable::default()).await;
+                // A failed look is the other watch's business (it asks the same channel).
+                let Ok(state) = answer else { continue };
+                let received = intake.received.load(Ordering::Relaxed);
+                let since = received.wrapping_sub(seen);
+                seen = received;
+                match judge_intake(
+                    state.message_count(),
+                    since,
+                    intake.pipeline.outstanding(),
+                    intake.prefetch,
+                ) {
+                    Intake::Fed | Intake::Full => {
+                        if starved_answers > 0 {
+                            intake.health.set_consuming(true);
+                        }
+                        starved_answers = 0;
+                    }
+                    Intake::Starved => {
+                        starved_answers += 1;
+                        // Not ready from the first such answer: this node may not be serving us.
+                        intake.health.set_consuming(false);
+                        if starved_answers >= STARVED_ANSWERS {
+                            amqp::leave_node();
+                            return format!(
+                                "{queue} has {} messages ready but the consumer received nothing ({starved_answers} looks in a row); leaving the node",
+                                state.message_count()
+                            );
+                        }
+                        tracing::warn!(
+                            queue,
+                            ready = state.message_count(),
+                            starved_answers,
+                            "the work queue has messages ready but none reach the consumer"
+                        );
+                    }
+                }
+            }
+        };
         let channels = async {
             let mut poll = tokio::time::interval(Duration::from_millis(500));
             let mut polls: u32 = 0;
@@ -134,6 +228,7 @@ impl Session {
         tokio::select! {
             reason = amqp::connection_lost(&self.connection) => reason,
             reason = channels => reason,
+            reason = starved => reason,
         }
     }
 
@@ -224,7 +319,15 @@ async fn consume(
     ));
     let acks = Arc::new(AckTracker::new(session.consume_channel.clone()));
     let pipeline = Pipeline::start(settings.clone(), republisher, acks);
-    let lost = session.lost(&work_queue);
+    let received = AtomicU64::new(0);
+    let intake = IntakeWatch {
+        received: &received,
+        pipeline: &pipeline,
+        prefetch: consumer_settings.prefetch,
+        health: &settings.health,
+        every: consumer_settings.queue_poll,
+    };
+    let lost = session.lost(&work_queue, intake);
     tokio::pin!(lost);
     let poll_queues = crate::queue_watch::run(
         &session.connection,
@@ -242,7 +345,10 @@ async fn consume(
             reason = &mut lost => break SessionEnd::Lost(reason),
             () = &mut poll_queues => {}
             next = consumer.next() => match next {
-                Some(Ok(delivery)) => pipeline.accept(delivery),
+                Some(Ok(delivery)) => {
+                    received.fetch_add(1, Ordering::Relaxed);
+                    pipeline.accept(delivery);
+                }
                 Some(Err(error)) => break SessionEnd::Lost(format!("consumer failed: {error}")),
                 None => break SessionEnd::Lost("the broker cancelled the consumer".to_owned()),
             },
@@ -269,4 +375,19 @@ async fn consume(
     pipeline.abandon().await;
     session.close().await;
     end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_ready_messages_with_room_to_take_them_and_nothing_received_is_starvation() {
+        let prefetch = 4;
+        assert_eq!(judge_intake(0, 0, 0, prefetch), Intake::Fed, "nothing to deliver");
+        assert_eq!(judge_intake(10, 3, 0, prefetch), Intake::Fed, "deliveries arrived");
+        assert_eq!(judge_intake(10, 0, 4, prefetch), Intake::Full, "a slow database holds the prefetch");
+        assert_eq!(judge_intake(10, 0, 3, prefetch), Intake::Starved);
+        assert_eq!(judge_intake(1, 0, 0, prefetch), Intake::Starved);
+    }
 }
