@@ -4,6 +4,7 @@
 //! restarts the shared services, so it runs alone, after the other tests).
 
 pub mod cluster;
+pub mod common;
 pub mod load;
 pub mod model;
 pub mod on_cluster;

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use super::ScenarioReport;
 use super::cluster::Cluster;
+use super::common::{all_kinds, finish, wait_ready};
 use super::load::{Load, LoadResult};
-use super::scenarios::{all_kinds, finish, wait_ready};
 use crate::system::{System, SystemConfig};
 
 pub const ALL: [&str; 5] = [

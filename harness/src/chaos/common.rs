@@ -1,0 +1,117 @@
+//! What the scenarios on one node and on the cluster share: the usual load, waiting for a
+//! component to be ready, and the end of a scenario (drain, verify against the model, fill the
+//! common columns, shut down). Its own module so that neither scenario file imports the other.
+
+use std::time::{Duration, Instant};
+
+use super::load::{Kind, LoadPlan, LoadResult};
+use super::model::{self, Verdict};
+use super::{DRAIN_PATIENCE, ScenarioReport};
+use crate::system::System;
+
+/// Every event kind, at `per_second` over `accounts` accounts.
+pub(super) fn all_kinds(per_second: u32, accounts: u64) -> LoadPlan {
+    LoadPlan {
+        per_second,
+        accounts,
+        kinds: vec![Kind::ReauthorisationRequired, Kind::AccountReauthorized, Kind::AccountUpdated],
+    }
+}
+
+/// Whether `url` answers 2xx now.
+pub(super) async fn ready(url: &str) -> bool {
+    reqwest::get(url).await.is_ok_and(|r| r.status().is_success())
+}
+
+pub(super) async fn wait_ready(url: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if ready(url).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+async fn dead_total(system: &System) -> usize {
+    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM webhook_events WHERE status = 'dead'")
+        .fetch_one(&system.pool)
+        .await
+        .map_or(0, |n| n as usize)
+}
+
+/// The worker's dedup window in every scenario (its default).
+const MODEL_DEDUP_WINDOW: Duration = Duration::from_secs(600);
+
+/// How many tokens the Mono simulator handed out.
+async fn mono_tokens_issued(system: &System) -> anyhow::Result<u64> {
+    let stats: serde_json::Value =
+        reqwest::get(format!("{}/_sim/stats", system.mono_url)).await?.json().await?;
+    Ok(stats["token"].as_u64().unwrap_or(0))
+}
+
+/// Drains, verifies, fills the common columns and shuts the system down.
+pub(super) async fn finish(
+    name: &str,
+    started: Instant,
+    system: System,
+    load: LoadResult,
+    mut report: ScenarioReport,
+) -> anyhow::Result<ScenarioReport> {
+    let verdict: Verdict =
+        model::settle_and_verify(&system.pool, &load.accepted, &load.uncertain, DRAIN_PATIENCE).await?;
+    report.name = name.to_owned();
+    report.posted = load.posted;
+    report.accepted_share = load.accepted_share();
+    report.accepted = load.accepted.len();
+    if load.reposts > 0 {
+        report.note(format!(
+            "{} webhook(s) posted again after no 200, as Mono would; {} never accepted",
+            load.reposts, load.given_up
+        ));
+    }
+    let tokens = mono_tokens_issued(&system).await?;
+    let reauths = model::model_reauths(&system.pool, MODEL_DEDUP_WINDOW).await?;
+    report.mono_tokens = Some((tokens, reauths));
+    if report.mono_calls_strict {
+        report.check(
+            format!("Mono issued no more tokens ({tokens}) than the model's re-auths ({reauths})"),
+            tokens <= reauths as u64,
+        );
+    } else if tokens > reauths as u64 {
+        report.note(format!(
+            "Mono issued {tokens} tokens for the model's {reauths} re-auths (not a check here: see the scenario)"
+        ));
+    }
+    report.processed = verdict.processed;
+    report.lost = verdict.lost.len();
+    report.double_effects = verdict.wrong_accounts.len();
+    if verdict.delivered_without_200 > 0 {
+        report.note(format!(
+            "{} webhook(s) answered 503 reached the queue anyway and were processed (counted, not lost)",
+            verdict.delivered_without_200
+        ));
+    }
+    report.dead_lettered = dead_total(&system).await;
+    if !verdict.lost.is_empty() {
+        eprintln!(
+            "  {name}: lost {:?} (logs in {})",
+            &verdict.lost[..verdict.lost.len().min(5)],
+            system.config.log_dir.display()
+        );
+    }
+    if !verdict.wrong_accounts.is_empty() {
+        eprintln!(
+            "  {name}: accounts not as one-by-one processing leaves them: {:?}",
+            &verdict.wrong_accounts[..verdict.wrong_accounts.len().min(5)]
+        );
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    if report.passed() {
+        system.shut_down().await?;
+    } else {
+        eprintln!("  {name}: logs kept in {}", system.config.log_dir.display());
+    }
+    Ok(report)
+}
