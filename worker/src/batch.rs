@@ -42,12 +42,15 @@ pub struct BatchState {
 }
 
 impl BatchState {
-    /// Whether an event other than `body` was applied to `account` strictly between `a` and `b`.
+    /// Whether an event other than `body` was in effect on `account` between `a` and `b`, both
+    /// included: an event received in the same millisecond as a copy may come before or after it
+    /// (two ingests stamp their own clocks), so the copy cannot be said to restate what the account
+    /// shows.
     fn applied_between(&self, account: &str, body: &str, a: DateTime<Utc>, b: DateTime<Utc>) -> bool {
         let (from, to) = if a <= b { (a, b) } else { (b, a) };
         self.applied
             .get(account)
-            .is_some_and(|events| events.iter().any(|(at, other)| *at > from && *at < to && other != body))
+            .is_some_and(|events| events.iter().any(|(at, other)| *at >= from && *at <= to && other != body))
     }
 }
 
@@ -185,6 +188,27 @@ mod tests {
         let decisions = decide(&mut state, &candidates(&events, Some(&token)), WINDOW);
 
         assert_eq!(decisions[0], Decision::Journal { status: EventStatus::Processed, note: None });
+    }
+
+    #[test]
+    fn an_event_received_in_the_same_millisecond_as_the_copy_is_between() {
+        let t0 = Utc::now();
+        let reauthorized = event_at("mono.events.account_reauthorized", t0, serde_json::json!({}));
+        let mut copy =
+            event_at("mono.events.account_reauthorized", t0 + Span::seconds(1), serde_json::json!({}));
+        copy.record.body_sha256.clone_from(&reauthorized.record.body_sha256);
+        let mut state = state_with_account();
+        state.bodies.insert(copy.record.body_sha256.clone(), vec![(reauthorized.record.id, t0)]);
+        // A re-auth stamped in the same millisecond as the first copy was applied after it.
+        state
+            .applied
+            .insert("a1".into(), vec![(t0, copy.record.body_sha256.clone()), (t0, "required".into())]);
+        let events = [copy];
+
+        let decisions = decide(&mut state, &candidates(&events, None), WINDOW);
+
+        assert_eq!(decisions[0], Decision::Journal { status: EventStatus::Processed, note: None });
+        assert!(!state.accounts["a1"].reauth_required);
     }
 
     #[test]
