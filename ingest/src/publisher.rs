@@ -85,7 +85,8 @@ struct Inner {
 }
 
 struct Session {
-    connection: Connection,
+    /// Shared with a declaration running beside the publishes after a reconnect.
+    connection: Arc<Connection>,
     channels: Vec<Channel>,
     next_channel: AtomicUsize,
     opened: std::time::Instant,
@@ -99,7 +100,7 @@ impl Publisher {
     /// Connects and declares the topology once; fails if the broker cannot be reached now, so a
     /// misconfigured process stops at start with a clear error.
     pub async fn connect(settings: PublisherSettings) -> Result<Self, SessionError> {
-        let session = open_session(&settings).await?;
+        let session = open_session(&settings, Declare::First).await?;
         metrics::gauge!("monohook_ingest_broker_connected").set(1.0);
         Ok(Self { inner: Arc::new(Inner { settings, session: RwLock::new(Some(Arc::new(session))) }) })
     }
@@ -212,7 +213,7 @@ impl Publisher {
                     () = tokio::time::sleep(delay) => {}
                     () = cancel.cancelled() => return,
                 }
-                match open_session(&self.inner.settings).await {
+                match open_session(&self.inner.settings, Declare::Beside).await {
                     Ok(session) => {
                         tracing::info!("reconnected to RabbitMQ");
                         self.replace(Some(Arc::new(session)));
@@ -302,15 +303,36 @@ pub enum SessionError {
     Topology(#[from] shared::topology::TopologyError),
 }
 
-async fn open_session(settings: &PublisherSettings) -> Result<Session, SessionError> {
-    let connection = amqp::connect(&settings.amqp_url, "monohook-ingest").await?;
+/// When a session declares the topology: before it publishes (at start: a process whose queues are
+/// wrong must not start), or beside its publishes (on a reconnect: the objects are durable and were
+/// declared at start, and a declaration waits for a quorum queue's leader, so during an election it
+/// would keep ingest from publishing at all, while a publish can wait out the election within its
+/// deadline).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Declare {
+    First,
+    Beside,
+}
+
+async fn open_session(settings: &PublisherSettings, declare: Declare) -> Result<Session, SessionError> {
+    let connection = Arc::new(amqp::connect(&settings.amqp_url, "monohook-ingest").await?);
     let mut channels = Vec::with_capacity(settings.channels.max(1));
     for _ in 0..settings.channels.max(1) {
         let channel = connection.create_channel().await.map_err(SessionError::Channel)?;
         channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(SessionError::Channel)?;
         channels.push(channel);
     }
-    settings.topology.declare_on(&connection).await?;
+    match declare {
+        Declare::First => settings.topology.declare_on(&connection).await?,
+        Declare::Beside => {
+            let (topology, connection) = (settings.topology.clone(), Arc::clone(&connection));
+            tokio::spawn(async move {
+                if let Err(error) = topology.declare_on(&connection).await {
+                    tracing::warn!(%error, "declaring the topology again after a reconnect failed");
+                }
+            });
+        }
+    }
     Ok(Session {
         connection,
         channels,
