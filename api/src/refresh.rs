@@ -183,7 +183,8 @@ enum Taken {
 }
 
 /// Takes the account's lock; while another process holds it, polls the stored token (which that
-/// process is about to refresh), within the deadline.
+/// process is about to refresh) until the deadline, then answers as a failure of Mono would (the
+/// stored token above the floor, else 503).
 async fn take_lock(state: &AppState, account: &AccountId, deadline: Instant) -> Result<Taken, ApiError> {
     let mut waited = false;
     let mut pause = LOCK_POLL_FIRST;
@@ -194,13 +195,13 @@ async fn take_lock(state: &AppState, account: &AccountId, deadline: Instant) -> 
             Err(error) => return Err(ApiError::DatabaseUnavailable(error.to_string())),
         }
         waited = true;
-        if Instant::now() + pause >= deadline {
-            return Err(ApiError::MonoUnavailable {
-                reason: "another process is still refreshing this account's token".into(),
-                retry_after: OTHER_PROCESS_RETRY_AFTER,
-            });
+        let now = Instant::now();
+        if now >= deadline {
+            // Out of time as when Mono fails: the stored token above the floor, else 503.
+            let reason = "another process is still refreshing this account's token".into();
+            return unavailable(state, account, reason, OTHER_PROCESS_RETRY_AFTER).await.map(Taken::Served);
         }
-        tokio::time::sleep(pause).await;
+        tokio::time::sleep(pause.min(deadline - now)).await;
         pause = (pause * 2).min(LOCK_POLL_MAX);
         let current = db::token_state(&state.pool, account.as_str()).await?.ok_or(ApiError::NotFound)?;
         refuse_unless_needed(&current)?;
