@@ -27,9 +27,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::acks::AckTracker;
-use crate::dlq::Republisher;
 use crate::health::Health;
 use crate::pipeline::{Pipeline, PipelineSettings};
+use crate::republish::Republisher;
 use shared::amqp::{self, ConnectError};
 use shared::retry::RetryPolicy;
 use shared::topology::{Topology, TopologyError};
