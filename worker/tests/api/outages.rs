@@ -106,8 +106,9 @@ async fn a_long_database_outage_parks_held_deliveries_and_dead_letters_none_acro
     let pool = pool_options.connect_with(connect_options.clone()).await.unwrap();
     let mut world = TestWorld::new(pool).await;
     // Parked copies wait 4 s in tier 1, long enough to be counted there together. A delivery limit
-    // of 3 makes two counted returns look like poison. (Not 2: a delivery the stopping worker has
-    // received but not yet handed to a batch can still return counted once, a known gap.)
+    // of 3 makes two counted returns look like poison. (Not 2: at shutdown a batch whose database
+    // call is under way parks only when that call fails, here after the pool's 1 s acquire timeout,
+    // as long as the 1 s grace: its deliveries can return counted once, a known gap.)
     let mut broker = TestBroker::with_retry_delays(vec![Duration::from_secs(4)]).await;
     broker.topology.delete(&broker.channel).await.unwrap();
     broker.topology = Topology::new(&broker.prefix, vec![Duration::from_secs(4)], 3);
