@@ -6,12 +6,12 @@
 use chrono::{Duration as Span, Utc};
 use sqlx::PgPool;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
-use crate::helpers::{ACCOUNT, PATIENCE, TestWorld, body};
+use crate::helpers::{ACCOUNT, NumberedTokens, PATIENCE, TestWorld, body};
 use shared::delivery::{DeliveryMeta, HEADER_ATTEMPTS, as_u32};
 use shared::testing::eventually;
 
@@ -20,19 +20,6 @@ const REAUTHORIZED: &str = "mono.events.account_reauthorized";
 
 fn reauthorise_path(account: &str) -> wiremock::matchers::PathExactMatcher {
     path(format!("/accounts/{account}/reauthorise"))
-}
-
-/// Hands out `token-1`, `token-2`, ... and counts the calls.
-#[derive(Clone, Default)]
-struct NumberedTokens {
-    calls: Arc<AtomicUsize>,
-}
-
-impl Respond for NumberedTokens {
-    fn respond(&self, _: &Request) -> ResponseTemplate {
-        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        ResponseTemplate::new(200).set_body_json(serde_json::json!({ "token": format!("token-{n}") }))
-    }
 }
 
 #[sqlx::test(migrations = "../migrations")]

@@ -267,3 +267,16 @@ pub fn body(event: &str, account: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "event": event, "data": { "account": { "_id": account } } }))
         .unwrap()
 }
+
+/// A Mono that hands out `token-1`, `token-2`, ... and counts the calls.
+#[derive(Clone, Default)]
+pub struct NumberedTokens {
+    pub calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl wiremock::Respond for NumberedTokens {
+    fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({ "token": format!("token-{n}") }))
+    }
+}

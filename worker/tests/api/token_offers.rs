@@ -3,30 +3,16 @@
 
 use chrono::{DateTime, Duration as Span, Utc};
 use sqlx::{Executor, PgPool};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
+use wiremock::Mock;
 use wiremock::matchers::{method, path};
-use wiremock::{Mock, Request, Respond, ResponseTemplate};
 
-use crate::helpers::{ACCOUNT, PATIENCE, TestWorld, body};
+use crate::helpers::{ACCOUNT, NumberedTokens, PATIENCE, TestWorld, body};
 use shared::delivery::DeliveryMeta;
 use shared::testing::eventually;
 
 const REAUTH: &str = "mono.events.reauthorisation_required";
 const REAUTHORIZED: &str = "mono.events.account_reauthorized";
-
-/// Hands out `token-1`, `token-2`, ... and counts the calls.
-#[derive(Clone, Default)]
-struct NumberedTokens {
-    calls: Arc<AtomicUsize>,
-}
-
-impl Respond for NumberedTokens {
-    fn respond(&self, _: &Request) -> ResponseTemplate {
-        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        ResponseTemplate::new(200).set_body_json(serde_json::json!({ "token": format!("token-{n}") }))
-    }
-}
 
 #[sqlx::test(migrations = "../migrations")]
 async fn a_reauthorisation_ends_the_offer_of_a_token_whose_delivery_is_still_held(pool: PgPool) {
