@@ -488,3 +488,38 @@ async fn a_replay_rebuilt_from_the_journal_of_a_body_applied_since_is_a_duplicat
     assert_eq!(world.journal(&dead).await.unwrap().status, "duplicate");
     assert_eq!(world.stored_token("acct-r").await.as_deref(), Some("second-copy"));
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_replay_rebuilt_from_a_minimal_journal_row_names_what_the_copy_lacks(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    for account in ["acct-json", "acct-text"] {
+        world.mono_refuses(account).await;
+    }
+    world.start_worker().await;
+    for account in ["acct-json", "acct-text"] {
+        let mut sent: serde_json::Value = serde_json::from_slice(&body(REAUTH, account)).unwrap();
+        sent["data"]["account"]["name"] = "Amaka Eze".into();
+        let dead = world.publish(&serde_json::to_vec(&sent).unwrap()).await;
+        assert_eq!(world.settled(&dead).await.status, "dead");
+    }
+    world.stop_workers().await;
+    // The messages are gone from the dead-letter queue: a replay rebuilds them from the journal,
+    // whose minimal rows do not hold the name.
+    assert_eq!(world.broker.drain(&world.dead_queue()).await.len(), 2);
+
+    let json: serde_json::Value = serde_json::from_str(&stdout(
+        &world.run_cli(&["dlq", "replay", "--account", "acct-json", "--json"], "").await,
+    ))
+    .unwrap();
+    let text = stdout(&world.run_cli(&["dlq", "replay", "--account", "acct-text"], "").await);
+
+    assert_eq!(json["acted"], 1);
+    let lacks = json["rebuilt"][0]["lacks"].as_array().unwrap();
+    assert!(lacks.contains(&"data.account.name".into()), "{json}");
+    assert!(
+        text.contains(
+            "from its minimal journal row (its message had left the queue): the copy lacks data.account.name"
+        ),
+        "{text}"
+    );
+}

@@ -50,8 +50,18 @@ fn checks(status: &Value) -> BTreeSet<&str> {
 
 const DEAD_LETTER_FIELDS: &[&str] =
     &["id", "event", "account_id", "reason", "attempts", "received_at", "first_attempt_at", "dead_at"];
-const REPORT_FIELDS: &[&str] =
-    &["action", "outcome", "batch_id", "selected", "acted", "resumed", "seen", "left_in_queue", "unseen"];
+const REPORT_FIELDS: &[&str] = &[
+    "action",
+    "outcome",
+    "batch_id",
+    "selected",
+    "acted",
+    "resumed",
+    "seen",
+    "left_in_queue",
+    "unseen",
+    "rebuilt",
+];
 
 #[sqlx::test(migrations = "../migrations")]
 async fn status_json_is_one_document_with_queues_dead_letters_workers_and_problems(pool: PgPool) {

@@ -32,6 +32,7 @@ use super::filter::{DeadFilter, DeadLetter};
 use super::queue::{DeadQueue, Seen};
 use super::{PurgeArgs, ReplayArgs};
 use crate::commands::output::{self, UsageError};
+use crate::journal_payload;
 use shared::config::BrokerArgs;
 use shared::delivery::{
     ATTEMPT_HEADERS, BROKER_HEADERS, DeliveryId, DeliveryMeta, HEADER_REPLAY_BATCH, HEADER_REPLAY_FORCE,
@@ -94,6 +95,19 @@ pub struct Report {
     left_in_queue: u32,
     /// Selected dead letters left untouched because the walk did not see them (0 when `done`).
     unseen: usize,
+    /// Replays rebuilt from the journal because their message had left the dead-letter queue, each
+    /// with what its copy lacks of the original body.
+    rebuilt: Vec<Rebuilt>,
+}
+
+/// A replay whose copy was rebuilt from its journal row.
+#[derive(Debug, Serialize)]
+struct Rebuilt {
+    id: Uuid,
+    /// The fields of the original body the journal row does not hold (`JOURNAL_PAYLOAD=minimal`
+    /// keeps only its allowlist): the copy goes without them, never with a guess. Empty for a row
+    /// journaled with the whole body.
+    lacks: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -129,6 +143,14 @@ impl Report {
                 self.resumed,
                 self.left_in_queue
             );
+            for rebuilt in self.rebuilt.iter().filter(|r| !r.lacks.is_empty()) {
+                println!(
+                    "replayed {} from its minimal journal row (its message had left the queue): the copy \
+                     lacks {}",
+                    rebuilt.id,
+                    rebuilt.lacks.join(", ")
+                );
+            }
         }
         match self.outcome {
             Outcome::Done | Outcome::Declined => Ok(()),
@@ -194,6 +216,7 @@ pub async fn run_purge(pool: &PgPool, broker: &BrokerArgs, args: &PurgeArgs) -> 
                     seen: 0,
                     left_in_queue: 0,
                     unseen: 0,
+                    rebuilt: Vec::new(),
                 };
                 return report.print(args.json);
             }
@@ -279,6 +302,7 @@ async fn act(pool: &PgPool, broker: &BrokerArgs, plan: Plan<'_>) -> anyhow::Resu
     let progress = super::progress::bar(u64::from(queue.depth().await?));
     let (mut done, mut resumed) = (0u64, 0u64);
     let mut seen = HashSet::new();
+    let mut rebuilt = Vec::new();
     let limit = plan.filter.limit.map_or(u64::MAX, |l| l.max(0) as u64);
     // Asked while the walk still holds what it left: did it see everything? Messages found waiting
     // in the walk's own lanes at that question are walked too, never taken for missing.
@@ -332,8 +356,11 @@ async fn act(pool: &PgPool, broker: &BrokerArgs, plan: Plan<'_>) -> anyhow::Resu
             if done >= limit {
                 break;
             }
-            if reconcile_missing(pool, &queue, &plan, letter).await? {
+            if let Some(lacks) = reconcile_missing(pool, &queue, &plan, letter).await? {
                 done += 1;
+                if plan.kind == Kind::Replay {
+                    rebuilt.push(Rebuilt { id: letter.id, lacks });
+                }
             }
         }
     }
@@ -357,20 +384,23 @@ async fn act(pool: &PgPool, broker: &BrokerArgs, plan: Plan<'_>) -> anyhow::Resu
         seen: looked_at,
         left_in_queue: left,
         unseen,
+        rebuilt,
     })
 }
 
 /// A journaled dead letter whose message is not in the queue (the walk saw it whole): a replay
-/// publishes a copy rebuilt from the journal, a purge forgets the row. Skipped (`false`) if the row
-/// is no longer a dead letter (another run handled it meanwhile).
+/// publishes a copy rebuilt from the journal, a purge forgets the row. Returns what the rebuilt copy
+/// lacks of the original body (the paths a minimal row names as dropped; empty for a purge or a
+/// whole body), or `None` if skipped: the row is no longer a dead letter (another run handled it
+/// meanwhile), or holds no body to rebuild.
 async fn reconcile_missing(
     pool: &PgPool,
     queue: &DeadQueue,
     plan: &Plan<'_>,
     letter: &DeadLetter,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Option<Vec<String>>> {
     if plan.kind == Kind::Replay && letter.payload.is_none() {
-        return Ok(false);
+        return Ok(None);
     }
     let mut tx = pool.begin().await?;
     insert_action(&mut tx, plan, &Subject::of(letter)).await?;
@@ -381,10 +411,18 @@ async fn reconcile_missing(
         .rows_affected();
     if removed == 0 {
         tx.rollback().await?;
-        return Ok(false);
+        return Ok(None);
     }
     tx.commit().await?;
+    let mut lacks = Vec::new();
     if let (Kind::Replay, Some(payload)) = (plan.kind, &letter.payload) {
+        // The copy carries the row's own list of what was dropped (`journal_payload::MARKER`), so
+        // the worker journals it as minimal again; the operator is told here.
+        lacks = journal_payload::lacks(payload).unwrap_or_default();
+        if !lacks.is_empty() {
+            tracing::warn!(delivery_id = %letter.id, lacks = %lacks.join(","),
+                "a replay rebuilt from a minimal journal row lacks fields of the original body");
+        }
         let body = serde_json::to_vec(payload)?;
         let mut meta = DeliveryMeta::stamp(&body);
         meta.id = DeliveryId::from(letter.id);
@@ -397,7 +435,7 @@ async fn reconcile_missing(
         queue.publish_to_work(&body, properties.with_headers(headers)).await?;
     }
     complete(pool, letter.id).await?;
-    Ok(true)
+    Ok(Some(lacks))
 }
 
 fn plan_action(plan: &Plan<'_>, id: Uuid) -> Action {
