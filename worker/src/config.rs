@@ -134,7 +134,8 @@ pub struct RunArgs {
     pub journal_retention_days: u64,
 
     /// Days the audit is kept: tokens handed out (`token_issuances`), dead-letter replays and purges
-    /// (`dead_letter_actions`, an unfinished one stays), account erasures.
+    /// (`dead_letter_actions`, an unfinished one stays), account erasures, the api's re-auth links and
+    /// their hand-outs (a link stays while a hand-out of it does).
     #[arg(long, env = "AUDIT_RETENTION_DAYS", default_value_t = 400, value_parser = clap::value_parser!(u64).range(1..=36_500))]
     pub audit_retention_days: u64,
 

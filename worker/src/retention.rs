@@ -11,6 +11,9 @@
 //!   token_issuances      served before now − AUDIT_RETENTION_DAYS
 //!   dead_letter_actions  started before it and completed (an unfinished one is the next run's work)
 //!   account_erasures     erased before it
+//!   reauth_link_handouts served before it
+//!   reauth_links         created before it, once none of its hand-outs is left (a link's url is
+//!                        the customer's way in: it goes with the audit of its hand-outs)
 //!        each: DELETE … LIMIT RETENTION_STEP_ROWS, again until a step deletes less;
 //!        a metric and a log line per step
 //!        ▼
@@ -34,7 +37,8 @@ pub const RETENTION_LOCK: i64 = 0x006d_6f6e_6f72_6574;
 pub struct RetentionPolicy {
     /// `JOURNAL_RETENTION_DAYS`.
     pub journal: Duration,
-    /// `AUDIT_RETENTION_DAYS`: token issuances, dead-letter actions, erasures.
+    /// `AUDIT_RETENTION_DAYS`: token issuances, dead-letter actions, erasures, the api's re-auth
+    /// links and their hand-outs.
     pub audit: Duration,
     /// `DEDUP_WINDOW_SECS`: a journal row inside it may still be the copy a new delivery matches.
     pub dedup_window: Duration,
@@ -65,6 +69,8 @@ pub struct Swept {
     pub token_issuances: u64,
     pub dead_letter_actions: u64,
     pub account_erasures: u64,
+    pub reauth_link_handouts: u64,
+    pub reauth_links: u64,
     pub steps: u32,
 }
 
@@ -79,7 +85,7 @@ pub enum Round {
 
 /// The tables retention keeps short, each with the statement of one step: `$1` the cutoff, `$2` the
 /// step size.
-const TABLES: [(&str, Cutoff, &str); 4] = [
+const TABLES: [(&str, Cutoff, &str); 6] = [
     (
         "webhook_events",
         Cutoff::Journal,
@@ -105,6 +111,22 @@ const TABLES: [(&str, Cutoff, &str); 4] = [
         Cutoff::Audit,
         "DELETE FROM account_erasures WHERE id IN (
              SELECT id FROM account_erasures WHERE erased_at < $1 ORDER BY erased_at LIMIT $2)",
+    ),
+    (
+        "reauth_link_handouts",
+        Cutoff::Audit,
+        "DELETE FROM reauth_link_handouts WHERE id IN (
+             SELECT id FROM reauth_link_handouts WHERE served_at < $1 ORDER BY served_at LIMIT $2)",
+    ),
+    // After the hand-outs: a link still handed out within the retention stays with its record
+    // (deleting it would cascade to that record).
+    (
+        "reauth_links",
+        Cutoff::Audit,
+        "DELETE FROM reauth_links WHERE ref IN (
+             SELECT ref FROM reauth_links AS l WHERE created_at < $1
+                 AND NOT EXISTS (SELECT 1 FROM reauth_link_handouts AS h WHERE h.ref = l.ref)
+             ORDER BY created_at LIMIT $2)",
     ),
 ];
 
@@ -144,7 +166,9 @@ pub async fn sweep(
             "webhook_events" => swept.journal = deleted.0,
             "token_issuances" => swept.token_issuances = deleted.0,
             "dead_letter_actions" => swept.dead_letter_actions = deleted.0,
-            _ => swept.account_erasures = deleted.0,
+            "account_erasures" => swept.account_erasures = deleted.0,
+            "reauth_link_handouts" => swept.reauth_link_handouts = deleted.0,
+            _ => swept.reauth_links = deleted.0,
         }
     }
     Ok(Round::Swept(swept))

@@ -24,8 +24,9 @@ pub struct AccountArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum AccountAction {
-    /// Remove the account's personal data (its token, snapshot, customer id and journal bodies),
-    /// record who and why, and print what was removed. Ids, kinds, statuses and times stay.
+    /// Remove the account's personal data (its token, snapshot, customer id, journal bodies and
+    /// re-auth links), record who and why, and print what was removed. Ids, kinds, statuses and
+    /// times stay.
     Erase(EraseArgs),
 }
 

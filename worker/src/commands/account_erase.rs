@@ -3,8 +3,9 @@
 //!
 //! One transaction under the account's row lock (the lock every batch takes first), so no batch
 //! writes the account or its journal halfway through. What goes: the stored re-auth token and its
-//! times, the account snapshot, the customer id, and the body (`payload`) of every journal row of the
-//! account. What stays, for the audit: ids, event kinds, statuses, attempts, errors and times, and
+//! times, the account snapshot, the customer id, the body (`payload`) of every journal row of the
+//! account, and the api's re-auth links made for it (`reauth_links`: each url is the customer's way
+//! in, so the rows go, and their hand-out records with them). What stays, for the audit: ids, event kinds, statuses, attempts, errors and times, and
 //! the account's flags and ordering guards (so a late event is still recognised as stale). Dead
 //! letters keep their whole body in the dead-letter queue: the command counts them and says how to
 //! purge them. Running it twice removes nothing the second time and records the request again.
@@ -54,6 +55,10 @@ pub struct Removed {
     pub customer_id: bool,
     /// Journal rows of the account whose body was removed.
     pub journal_payloads: u64,
+    /// Re-auth links the api made for the account (`reauth_links` rows, each with its url), removed.
+    pub reauth_links: u64,
+    /// Records of those links being handed out (`reauth_link_handouts`), removed with them.
+    pub reauth_link_handouts: u64,
 }
 
 pub async fn run(pool: &PgPool, args: &EraseArgs) -> anyhow::Result<()> {
@@ -76,6 +81,12 @@ pub async fn run(pool: &PgPool, args: &EraseArgs) -> anyhow::Result<()> {
     .collect();
     if removed.journal_payloads > 0 {
         what.push(format!("the bodies of its journal rows ({})", removed.journal_payloads));
+    }
+    if removed.reauth_links > 0 {
+        what.push(format!(
+            "its re-auth links ({}, handed out {} time(s))",
+            removed.reauth_links, removed.reauth_link_handouts
+        ));
     }
     let what =
         if what.is_empty() { "nothing (no personal data was held)".to_owned() } else { what.join(", ") };
@@ -107,7 +118,11 @@ pub async fn erase(pool: &PgPool, account: &str, actor: &str, reason: &str) -> a
             .bind(account)
             .fetch_one(&mut *tx)
             .await?;
-    if held.is_none() && !journaled {
+    let linked: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM reauth_links WHERE account_id = $1)")
+        .bind(account)
+        .fetch_one(&mut *tx)
+        .await?;
+    if held.is_none() && !journaled && !linked {
         anyhow::bail!("no account {account} (nothing to erase)");
     }
     let (reauth_token, account_snapshot, customer_id) = held.unwrap_or_default();
@@ -125,12 +140,31 @@ pub async fn erase(pool: &PgPool, account: &str, actor: &str, reason: &str) -> a
             .execute(&mut *tx)
             .await?
             .rows_affected();
+    // The hand-outs go with their link (ON DELETE CASCADE); counted first, for the report.
+    let reauth_link_handouts = sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM reauth_link_handouts h JOIN reauth_links l USING (ref) WHERE l.account_id = $1",
+    )
+    .bind(account)
+    .fetch_one(&mut *tx)
+    .await?;
+    let reauth_links = sqlx::query("DELETE FROM reauth_links WHERE account_id = $1")
+        .bind(account)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
     let dead_letters_waiting: i64 =
         sqlx::query_scalar("SELECT count(*) FROM webhook_events WHERE account_id = $1 AND status = 'dead'")
             .bind(account)
             .fetch_one(&mut *tx)
             .await?;
-    let removed = Removed { reauth_token, account_snapshot, customer_id, journal_payloads };
+    let removed = Removed {
+        reauth_token,
+        account_snapshot,
+        customer_id,
+        journal_payloads,
+        reauth_links,
+        reauth_link_handouts: u64::try_from(reauth_link_handouts).unwrap_or_default(),
+    };
     let (erasure_id, erased_at): (i64, DateTime<Utc>) = sqlx::query_as(
         "INSERT INTO account_erasures (account_id, actor, reason, removed) VALUES ($1, $2, $3, $4)
          RETURNING id, erased_at",

@@ -34,7 +34,8 @@ async fn erase_removes_token_snapshot_and_journal_bodies_and_records_who_and_why
     assert_eq!(printed["account_id"], ERASED);
     assert_eq!(
         printed["removed"],
-        serde_json::json!({"reauth_token": true, "account_snapshot": true, "customer_id": false, "journal_payloads": 2})
+        serde_json::json!({"reauth_token": true, "account_snapshot": true, "customer_id": false,
+            "journal_payloads": 2, "reauth_links": 0, "reauth_link_handouts": 0})
     );
     assert_eq!(printed["dead_letters_waiting"], 0);
     for value in personal_values() {
@@ -108,4 +109,50 @@ async fn erasing_an_unknown_account_fails_and_an_erasure_without_a_reason_is_a_u
     let recorded: i64 =
         sqlx::query_scalar("SELECT count(*) FROM account_erasures").fetch_one(&world.pool).await.unwrap();
     assert_eq!(recorded, 0);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn erase_removes_the_accounts_reauth_links_and_says_so(pool: PgPool) {
+    let world = TestWorld::new(pool).await;
+    // What the api writes when it hands out a hosted re-auth link (one made, handed out twice),
+    // and another account's link, which stays.
+    for (reference, account) in [("ref-erased", ERASED), ("ref-other", "65f0c1aa0d")] {
+        sqlx::query(
+            "INSERT INTO reauth_links (ref, account_id, url, created_at, key_label)
+             VALUES ($1, $2, 'https://connect.mono.co/link-' || $1, now(), 'app')",
+        )
+        .bind(reference)
+        .bind(account)
+        .execute(&world.pool)
+        .await
+        .unwrap();
+    }
+    for source in ["fresh", "reused"] {
+        sqlx::query(
+            "INSERT INTO reauth_link_handouts (ref, account_id, key_label, source) VALUES ('ref-erased', $1, 'app', $2)",
+        )
+        .bind(ERASED)
+        .bind(source)
+        .execute(&world.pool)
+        .await
+        .unwrap();
+    }
+
+    let json = world.run_cli(&["account", "erase", ERASED, "--reason-note", "request", "--json"], "").await;
+    let text = world.run_cli(&["account", "erase", "65f0c1aa0d", "--reason-note", "request"], "").await;
+
+    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(
+        (&printed["removed"]["reauth_links"], &printed["removed"]["reauth_link_handouts"]),
+        (&1.into(), &2.into())
+    );
+    assert_eq!(tables_holding(&world.pool, "link-ref-erased").await, []);
+    assert!(
+        String::from_utf8_lossy(&text.stdout)
+            .contains("erased account 65f0c1aa0d: its re-auth links (1, handed out 0 time(s))"),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+    assert_eq!(tables_holding(&world.pool, "link-ref-other").await, []);
 }

@@ -74,8 +74,15 @@ async fn a_round_deletes_expired_rows_in_steps_and_keeps_dead_letters_and_unfini
     let round = retention::sweep(&pool, &policy(90, 600), &CancellationToken::new()).await.unwrap();
 
     // 25 expired journal rows at 10 a step take 3 steps; each audit table one.
-    let swept =
-        Swept { journal: 25, token_issuances: 1, dead_letter_actions: 1, account_erasures: 1, steps: 6 };
+    let swept = Swept {
+        journal: 25,
+        token_issuances: 1,
+        dead_letter_actions: 1,
+        account_erasures: 1,
+        reauth_link_handouts: 0,
+        reauth_links: 0,
+        steps: 8,
+    };
     assert_eq!(round, Round::Swept(swept));
     assert_eq!(count(&pool, "SELECT count(*) FROM webhook_events WHERE status = 'dead'").await, 1);
     assert_eq!(count(&pool, "SELECT count(*) FROM webhook_events WHERE status = 'processed'").await, 3);
@@ -190,4 +197,56 @@ async fn status_check_reports_dead_letters_older_than_the_setting(pool: PgPool) 
     assert!(at_30_days.contains(&"dead_letters_old".to_owned()), "{at_30_days:?}");
     assert!(!at_60_days.contains(&"dead_letters_old".to_owned()), "{at_60_days:?}");
     assert!(at_60_days.contains(&"dead_letters_waiting".to_owned()), "{at_60_days:?}");
+}
+
+/// A re-auth link made `days_ago` for `account`, handed out at each of `handed_out_days_ago`.
+async fn reauth_link(
+    pool: &PgPool,
+    reference: &str,
+    account: &str,
+    days_ago: i32,
+    handed_out_days_ago: &[i32],
+) {
+    sqlx::query(
+        "INSERT INTO reauth_links (ref, account_id, url, created_at, key_label)
+         VALUES ($1, $2, 'https://connect.mono.co/' || $1, now() - make_interval(days => $3), 'app')",
+    )
+    .bind(reference)
+    .bind(account)
+    .bind(days_ago)
+    .execute(pool)
+    .await
+    .unwrap();
+    for days in handed_out_days_ago {
+        sqlx::query(
+            "INSERT INTO reauth_link_handouts (ref, account_id, served_at, key_label, source)
+             VALUES ($1, $2, now() - make_interval(days => $3), 'app', 'fresh')",
+        )
+        .bind(reference)
+        .bind(account)
+        .bind(days)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn old_reauth_links_and_their_handouts_go_under_the_audit_retention(pool: PgPool) {
+    // Made and handed out long ago; made long ago but handed out within the retention; recent.
+    reauth_link(&pool, "old", "a", 500, &[500, 499]).await;
+    reauth_link(&pool, "old-but-handed-out-lately", "a", 500, &[500, 10]).await;
+    reauth_link(&pool, "recent", "b", 10, &[10]).await;
+
+    let round = retention::sweep(&pool, &policy(90, 600), &CancellationToken::new()).await.unwrap();
+
+    assert!(
+        matches!(round, Round::Swept(Swept { reauth_link_handouts: 3, reauth_links: 1, .. })),
+        "{round:?}"
+    );
+    let links: Vec<String> =
+        sqlx::query_scalar("SELECT ref FROM reauth_links ORDER BY ref").fetch_all(&pool).await.unwrap();
+    assert_eq!(links, ["old-but-handed-out-lately", "recent"]);
+    assert_eq!(count(&pool, "SELECT count(*) FROM reauth_link_handouts").await, 2);
+    assert_eq!(count(&pool, "SELECT count(*) FROM reauth_links WHERE url LIKE '%/old'").await, 0);
 }
