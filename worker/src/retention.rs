@@ -6,6 +6,9 @@
 //!   pg_try_advisory_lock(RETENTION_LOCK) ── taken by another worker ──▶ skip this round
 //!        │ held
 //!        ▼
+//!   journal partitions   the months ahead created; each partition whose ids all predate the
+//!                        journal's cutoff dropped whole, unless it holds a row kept below
+//!                        (`partitions`)
 //!   webhook_events       received before now − max(JOURNAL_RETENTION_DAYS, DEDUP_WINDOW_SECS),
 //!                        never `dead` (its letter still waits; `status --check` reports old ones)
 //!   token_issuances      served before now − AUDIT_RETENTION_DAYS
@@ -28,6 +31,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+use crate::partitions;
 
 /// The advisory lock whose holder does the retention work ("monoret" in ASCII).
 pub const RETENTION_LOCK: i64 = 0x006d_6f6e_6f72_6574;
@@ -69,6 +74,8 @@ pub struct Swept {
     pub token_issuances: u64,
     pub dead_letter_actions: u64,
     pub account_erasures: u64,
+    /// Journal partitions dropped whole (their rows are not counted in `journal`).
+    pub journal_partitions: u32,
     pub reauth_link_handouts: u64,
     pub reauth_links: u64,
     pub steps: u32,
@@ -154,7 +161,9 @@ pub async fn sweep(
         return Ok(Round::Busy);
     }
     let now = Utc::now();
-    let mut swept = Swept::default();
+    // Whole months first: what they take, the row deletes need not.
+    let journal_partitions = partitions::maintain(&mut conn, now, policy.journal_cutoff(now)).await?;
+    let mut swept = Swept { journal_partitions, ..Swept::default() };
     for (table, cutoff, statement) in TABLES {
         let cutoff = match cutoff {
             Cutoff::Journal => policy.journal_cutoff(now),

@@ -97,8 +97,15 @@ pub fn classify(error: &sqlx::Error) -> DbFault {
 }
 
 /// The unique constraints on keys the worker itself chooses: a conflict on one is a race between two
-/// of our transactions (both saw the key free), never something wrong with the event.
+/// of our transactions (both saw the key free), never something wrong with the event. The journal
+/// is partitioned: a conflict names the primary key of the partition it happened in
+/// (`webhook_events_2027_01_pkey`, `webhook_events_before_pkey`, ...).
 const OUR_KEYS: [&str; 2] = ["webhook_events_pkey", "accounts_pkey"];
+
+fn is_our_key(constraint: &str) -> bool {
+    OUR_KEYS.contains(&constraint)
+        || (constraint.starts_with("webhook_events_") && constraint.ends_with("_pkey"))
+}
 
 /// Whose fault the SQLSTATE `code` is, given the constraint it names (if any). Only data exceptions
 /// (class 22: a value the database cannot take, e.g. a NUL in text) and integrity violations (class
@@ -108,9 +115,7 @@ const OUR_KEYS: [&str; 2] = ["webhook_events_pkey", "accounts_pkey"];
 /// not restored yet), 53 insufficient resources, 57P operator intervention (shutdown, restart), 58
 /// system error, 25006 read-only transaction (a failover landed on a replica).
 pub fn fault_of(code: &str, constraint: Option<&str>) -> DbFault {
-    if code.starts_with("22")
-        || (code.starts_with("23") && !constraint.is_some_and(|c| OUR_KEYS.contains(&c)))
-    {
+    if code.starts_with("22") || (code.starts_with("23") && !constraint.is_some_and(is_our_key)) {
         DbFault::Event
     } else if ["08", "28", "53", "57P", "58"].iter().any(|class| code.starts_with(class))
         || ["3D000", "25006"].contains(&code)
@@ -147,9 +152,12 @@ mod tests {
         for code in ["P0001", "XX000", "0A000", "54000"] {
             assert_eq!(fault_of(code, None), DbFault::Ours, "{code}");
         }
-        for constraint in OUR_KEYS {
+        for constraint in
+            OUR_KEYS.into_iter().chain(["webhook_events_2027_01_pkey", "webhook_events_before_pkey"])
+        {
             assert_eq!(fault_of("23505", Some(constraint)), DbFault::Ours, "a race on {constraint}");
         }
+        assert_eq!(fault_of("23505", Some("reauth_links_pkey")), DbFault::Event);
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod erasure;
 mod events;
 mod helpers;
 mod idempotency;
+mod journal_migration;
 mod json_output;
 mod mono_failures;
 mod ordering;

@@ -30,11 +30,15 @@ pub fn personal_values() -> [String; 4] {
 }
 
 /// Every table of the database (any schema but PostgreSQL's own) holding `needle` anywhere in a
-/// row, each with how many rows.
+/// row, each with how many rows. A partitioned table is searched through its parent (the journal
+/// is partitioned by month), so each row is counted once, under the table's name.
 pub async fn tables_holding(pool: &PgPool, needle: &str) -> Vec<(String, i64)> {
     let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT quote_ident(table_schema) || '.' || quote_ident(table_name) FROM information_schema.tables
-         WHERE table_type = 'BASE TABLE' AND table_schema NOT IN ('pg_catalog', 'information_schema')",
+        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+         FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+         WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+           AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'
+         ORDER BY 1",
     )
     .fetch_all(pool)
     .await

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{PATIENCE, TestWorld, body};
 use shared::testing::eventually;
+use worker::partitions::{self, Month};
 use worker::retention::{self, RETENTION_LOCK, RetentionPolicy, Round, Swept};
 
 const DAY: u64 = 86_400;
@@ -79,6 +80,7 @@ async fn a_round_deletes_expired_rows_in_steps_and_keeps_dead_letters_and_unfini
         token_issuances: 1,
         dead_letter_actions: 1,
         account_erasures: 1,
+        journal_partitions: 0,
         reauth_link_handouts: 0,
         reauth_links: 0,
         steps: 8,
@@ -249,4 +251,108 @@ async fn old_reauth_links_and_their_handouts_go_under_the_audit_retention(pool: 
     assert_eq!(links, ["old-but-handed-out-lately", "recent"]);
     assert_eq!(count(&pool, "SELECT count(*) FROM reauth_link_handouts").await, 2);
     assert_eq!(count(&pool, "SELECT count(*) FROM reauth_links WHERE url LIKE '%/old'").await, 0);
+}
+
+/// Gives the journal monthly partitions from `months_back` months ago to the current month and no
+/// other (the default aside), as on a database partitioned that long ago: what the migration made
+/// goes (empty in a fresh test database), and the months are made as the worker makes them.
+async fn partitioned_since(pool: &PgPool, months_back: u32) {
+    let mut conn = pool.acquire().await.unwrap();
+    for partition in partitions::list(&mut conn).await.unwrap() {
+        if partition.bounds != partitions::Bounds::Default {
+            sqlx::raw_sql(&format!(
+                "ALTER TABLE webhook_events DETACH PARTITION {0}; DROP TABLE {0}",
+                partition.name
+            ))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        }
+    }
+    let now = Utc::now();
+    let mut month = Month::containing(now.checked_sub_months(chrono::Months::new(months_back)).unwrap());
+    while month.start <= now {
+        partitions::create(&mut conn, &month, Some("webhook_events_default")).await.unwrap();
+        month = month.next();
+    }
+}
+
+/// `count` journal rows with `status`, stamped (id and receive time) `days_ago` as ingest stamps
+/// them: a UUIDv7 of that millisecond.
+async fn stamped_rows(pool: &PgPool, count: i32, status: &str, days_ago: i32) {
+    sqlx::query(
+        "INSERT INTO webhook_events (id, event, account_id, body_sha256, received_at, status, attempts, processed_at)
+         SELECT (substr(replace(journal_id_floor(t)::text, '-', ''), 1, 12) || '7'
+                 || substr(md5(random()::text), 1, 19))::uuid,
+                'mono.events.account_updated', 'acct-' || n, md5(random()::text), t, $2, 1, t
+         FROM generate_series(1, $1) AS n, LATERAL (SELECT now() - make_interval(days => $3)) AS at(t)",
+    )
+    .bind(count)
+    .bind(status)
+    .bind(days_ago)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+async fn partition_names(pool: &PgPool) -> Vec<String> {
+    let mut conn = pool.acquire().await.unwrap();
+    partitions::list(&mut conn).await.unwrap().into_iter().map(|p| p.name).collect()
+}
+
+fn month_name(days_ago: i64) -> String {
+    Month::containing(Utc::now() - chrono::Duration::days(days_ago)).name()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_expired_month_goes_with_its_partition_not_row_by_row(pool: PgPool) {
+    partitioned_since(&pool, 7).await;
+    stamped_rows(&pool, 30, "processed", 160).await;
+    stamped_rows(&pool, 3, "processed", 10).await;
+    assert!(partition_names(&pool).await.contains(&month_name(160)));
+
+    let round = retention::sweep(&pool, &policy(90, 600), &CancellationToken::new()).await.unwrap();
+
+    let Round::Swept(swept) = round else { panic!("{round:?}") };
+    assert!(swept.journal_partitions >= 1, "{swept:?}");
+    assert_eq!(swept.journal, 0, "no row was deleted one by one");
+    let left = partition_names(&pool).await;
+    assert!(!left.contains(&month_name(160)), "{left:?}");
+    assert!(left.contains(&month_name(10)), "{left:?}");
+    assert_eq!(count(&pool, "SELECT count(*) FROM webhook_events").await, 3);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_expired_month_holding_a_waiting_dead_letter_keeps_its_partition(pool: PgPool) {
+    partitioned_since(&pool, 7).await;
+    stamped_rows(&pool, 30, "processed", 160).await;
+    stamped_rows(&pool, 1, "dead", 160).await;
+
+    let round = retention::sweep(&pool, &policy(90, 600), &CancellationToken::new()).await.unwrap();
+
+    let Round::Swept(swept) = round else { panic!("{round:?}") };
+    // The month stays for its dead letter; its other rows go by the bounded deletes.
+    assert_eq!(swept.journal, 30, "{swept:?}");
+    assert!(partition_names(&pool).await.contains(&month_name(160)));
+    assert_eq!(count(&pool, "SELECT count(*) FROM webhook_events WHERE status = 'dead'").await, 1);
+    assert_eq!(count(&pool, "SELECT count(*) FROM webhook_events").await, 1);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_round_creates_the_months_ahead_and_takes_their_rows_out_of_the_default(pool: PgPool) {
+    partitioned_since(&pool, 1).await;
+    // Stamped by a clock 35 days ahead: no month holds them yet.
+    stamped_rows(&pool, 2, "processed", -35).await;
+    assert_eq!(count(&pool, "SELECT count(*) FROM webhook_events_default").await, 2);
+
+    retention::sweep(&pool, &policy(90, 600), &CancellationToken::new()).await.unwrap();
+
+    let names = partition_names(&pool).await;
+    let now = Utc::now();
+    for ahead in 1..=partitions::MONTHS_AHEAD {
+        let month = Month::containing(now.checked_add_months(chrono::Months::new(ahead)).unwrap());
+        assert!(names.contains(&month.name()), "{} missing from {names:?}", month.name());
+    }
+    assert_eq!(count(&pool, "SELECT count(*) FROM webhook_events_default").await, 0);
+    assert_eq!(count(&pool, "SELECT count(*) FROM webhook_events").await, 2);
 }
