@@ -28,6 +28,10 @@ use crate::db::{self, DbFault, batch::JournalEntry, events::EventStatus};
 use crate::journal_payload::JournalPayload;
 use shared::retry::{self, Failure, RetryError, RetryPolicy};
 
+/// How long an attempt with no failure before it may still run once its [`Hold`] has ended (a
+/// stopping worker): a database that answers commits a batch well within it.
+const FIRST_ATTEMPT_ALLOWANCE: Duration = Duration::from_millis(500);
+
 /// What became of one delivery of a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ItemOutcome {
@@ -64,6 +68,14 @@ impl Hold<'_> {
             format!("held for HOLD_MAX_SECS while the database failed (ours, not the event's): {error}")
         }
     }
+}
+
+/// Why [`Processor::retry_held`] gave up.
+enum Held<E> {
+    /// As [`retry::retry`] ended.
+    Retry(RetryError<E>),
+    /// The [`Hold`] ended during an attempt that followed a failure; carries that failure.
+    Ended(String),
 }
 
 /// Why a wait on the database ended without an answer.
@@ -155,13 +167,16 @@ impl Processor {
         };
         match self.retry_held(abandon, hold, attempt, on_retry).await {
             Ok(outcomes) => outcomes,
-            Err(RetryError::Cancelled(_)) if abandon.is_cancelled() => {
+            Err(Held::Retry(RetryError::Cancelled(_)) | Held::Ended(_)) if abandon.is_cancelled() => {
                 vec![ItemOutcome::Abandoned; candidates.len()]
             }
-            Err(RetryError::Cancelled(error)) => {
+            Err(Held::Retry(RetryError::Cancelled(error))) => {
                 vec![ItemOutcome::Parked { reason: hold.reason(&error) }; candidates.len()]
             }
-            Err(RetryError::Permanent(error) | RetryError::Exhausted { last: error, .. }) => {
+            Err(Held::Ended(error)) => {
+                vec![ItemOutcome::Parked { reason: hold.reason(&error) }; candidates.len()]
+            }
+            Err(Held::Retry(RetryError::Permanent(error) | RetryError::Exhausted { last: error, .. })) => {
                 let ours = match &error {
                     BatchError::Database(db_error) => db::classify(db_error) != DbFault::Event,
                     BatchError::Conflict => true,
@@ -301,38 +316,55 @@ impl Processor {
         };
         match self.retry_held(abandon, hold, attempt, on_retry).await {
             Ok(journaled) => Ok(journaled),
-            Err(RetryError::Cancelled(_)) if abandon.is_cancelled() => Err(Interrupted::Abandoned),
-            Err(RetryError::Cancelled(error)) => Err(Interrupted::Park(hold.reason(&error))),
+            Err(Held::Retry(RetryError::Cancelled(_)) | Held::Ended(_)) if abandon.is_cancelled() => {
+                Err(Interrupted::Abandoned)
+            }
+            Err(Held::Retry(RetryError::Cancelled(error))) => Err(Interrupted::Park(hold.reason(&error))),
+            Err(Held::Ended(error)) => Err(Interrupted::Park(hold.reason(&error))),
             // Cannot know: the guard does its job (the dead letter can be replayed; its id is applied once).
             Err(_) => Ok(false),
         }
     }
 
     /// [`retry::retry`] with the database policy, whose waits end when `abandon` fires or `hold`
-    /// ends (then `Cancelled`; `abandon` says which).
+    /// ends (then `Cancelled`; `abandon` says which). When the hold ends during an attempt, that
+    /// attempt is cut too (`Ended`): at once if it follows a failure, else after
+    /// [`FIRST_ATTEMPT_ALLOWANCE`]. A pool acquire or a statement can take seconds on a database that
+    /// does not answer (forever on a connection that went silent), longer than a stopping worker's
+    /// grace. A cut attempt is rolled back with its connection, or was committed just before: the
+    /// parked copy keeps its id and settles once.
     async fn retry_held<T, E, F, Fut>(
         &self,
         abandon: &CancellationToken,
         hold: &Hold<'_>,
         attempt: F,
-        on_retry: impl FnMut(&E, Duration),
-    ) -> Result<T, RetryError<E>>
+        mut on_retry: impl FnMut(&E, Duration),
+    ) -> Result<T, Held<E>>
     where
+        E: std::fmt::Display,
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, Failure<E>>>,
     {
+        // Shared by the two futures below, never across an await.
+        let last_error = std::sync::Mutex::new(None::<String>);
+        let on_retry = |error: &E, delay: Duration| {
+            *last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
+            on_retry(error, delay);
+        };
         let stop = abandon.child_token();
-        let bound = async {
+        let ended = async {
             tokio::select! {
                 () = tokio::time::sleep_until(hold.until) => {}
                 () = hold.release.cancelled() => {}
             }
             stop.cancel();
-            std::future::pending::<std::convert::Infallible>().await
+            if last_error.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+                tokio::time::sleep(FIRST_ATTEMPT_ALLOWANCE).await;
+            }
         };
         tokio::select! {
-            result = retry::retry(&self.db_retry, &stop, attempt, on_retry) => result,
-            never = bound => match never {},
+            result = retry::retry(&self.db_retry, &stop, attempt, on_retry) => result.map_err(Held::Retry),
+            () = ended => Err(Held::Ended(last_error.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default())),
         }
     }
 

@@ -106,25 +106,25 @@ async fn a_long_database_outage_parks_held_deliveries_and_dead_letters_none_acro
     let pool = pool_options.connect_with(connect_options.clone()).await.unwrap();
     let mut world = TestWorld::new(pool).await;
     // Parked copies wait 4 s in tier 1, long enough to be counted there together. A delivery limit
-    // of 3 makes two counted returns look like poison. (Not 2: at shutdown a batch whose database
-    // call is under way parks only when that call fails, here after the pool's 1 s acquire timeout,
-    // as long as the 1 s grace: its deliveries can return counted once, a known gap.)
+    // of 2 makes one counted return look like poison. The database is silent, not refusing: each
+    // call waits out the pool's 5 s acquire timeout, longer than the 2 s grace, so a stopping worker
+    // must cut the call under way and park its deliveries rather than let them return.
     let mut broker = TestBroker::with_retry_delays(vec![Duration::from_secs(4)]).await;
     broker.topology.delete(&broker.channel).await.unwrap();
-    broker.topology = Topology::new(&broker.prefix, vec![Duration::from_secs(4)], 3);
+    broker.topology = Topology::new(&broker.prefix, vec![Duration::from_secs(4)], 2);
     broker.topology.declare_on(&broker.connection).await.unwrap();
     world.broker = broker;
     let proxy = TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let proxied_pool = || {
         PgPoolOptions::new()
             .max_connections(4)
-            .acquire_timeout(Duration::from_secs(1))
+            .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(connect_options.clone().host("127.0.0.1").port(proxy.addr().port()))
     };
-    let flags = ["--hold-max-secs", "2", "--delivery-limit", "3", "--shutdown-grace-secs", "1"];
+    let flags = ["--hold-max-secs", "2", "--delivery-limit", "2", "--shutdown-grace-secs", "2"];
     world.start_worker_on(world.cli(&flags), proxied_pool()).await;
 
-    proxy.cut();
+    proxy.stall();
     let mut held = Vec::new();
     for account in ["held-1", "held-2", "held-3"] {
         held.push(world.publish(&body("mono.events.account_updated", account)).await);
@@ -142,12 +142,18 @@ async fn a_long_database_outage_parks_held_deliveries_and_dead_letters_none_acro
     })
     .await;
     world.stop_workers().await;
+    assert_eq!(
+        (world.broker.depth(&work).await, world.broker.depth(&tier).await),
+        (0, 3),
+        "the stopping worker parks what it holds; none returns to the work queue counted"
+    );
     world.start_worker_on(world.cli(&flags), proxied_pool()).await;
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(world.broker.depth(&dead).await, 0, "a held delivery was dead-lettered");
     }
 
+    proxy.cut();
     proxy.restore().await;
     for meta in &held {
         let row = world.settled(meta).await;
