@@ -3,6 +3,7 @@
 
 use anyhow::{Context, bail};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 fn script() -> Command {
     Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/cluster"))
@@ -50,7 +51,9 @@ impl Cluster {
         cluster(&["leader", queue])?.parse().context("unexpected answer from scripts/cluster leader")
     }
 
-    /// The nodes holding connections named `name`.
+    /// The node of each connection named `name` (one entry per connection, sorted). Asks the first
+    /// node whose CLI answers; a node cut off or paused lists nothing, so its connections are gone
+    /// from the answer only once it has closed them or the others have seen it go.
     pub fn hosting(name: &str) -> anyhow::Result<Vec<u8>> {
         cluster(&["hosting", name])?
             .split_whitespace()
@@ -77,6 +80,31 @@ impl Cluster {
 
     pub fn start(node: u8) -> anyhow::Result<()> {
         cluster(&["start", &node.to_string()]).map(drop)
+    }
+
+    /// Cuts `node` off from the other two for `secs` seconds, at the Erlang distribution level
+    /// (`scripts/cluster partition`: refused both ways, healed by the node itself when the time is
+    /// up, so a harness that dies meanwhile leaves no partition behind).
+    pub fn partition(node: u8, secs: u64) -> anyhow::Result<()> {
+        cluster(&["partition", &node.to_string(), &secs.to_string()]).map(drop)
+    }
+
+    /// Whether `node` accepts AMQP clients now (a paused node has closed its listener).
+    pub fn accepts_clients(node: u8) -> bool {
+        let port = 5680 + u16::from(node);
+        std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))
+            .is_ok()
+    }
+
+    /// Suspends, on the broker, the channel processes of the consumers whose tag starts with
+    /// `tag_prefix`; returns how many. Their connections live on; they receive nothing more.
+    pub fn stick(tag_prefix: &str) -> anyhow::Result<usize> {
+        cluster(&["stick", tag_prefix])?.parse().context("unexpected answer from scripts/cluster stick")
+    }
+
+    /// Resumes what [`Cluster::stick`] suspended.
+    pub fn unstick(tag_prefix: &str) -> anyhow::Result<usize> {
+        cluster(&["unstick", tag_prefix])?.parse().context("unexpected answer from scripts/cluster unstick")
     }
 }
 

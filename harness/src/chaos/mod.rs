@@ -10,6 +10,7 @@ pub mod model;
 pub mod on_cluster;
 pub mod scenarios;
 pub mod services;
+pub mod useless_node;
 
 use std::time::Duration;
 

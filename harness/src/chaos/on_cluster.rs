@@ -12,12 +12,14 @@ use super::common::{all_kinds, finish, wait_ready};
 use super::load::{Load, LoadResult};
 use crate::system::{System, SystemConfig};
 
-pub const ALL: [&str; 5] = [
+pub const ALL: [&str; 7] = [
     "cluster_leader_killed",
     "cluster_ingest_nodes_stopped",
     "cluster_rolling_restart",
     "cluster_node_frozen",
     "cluster_two_nodes_down",
+    "cluster_node_partitioned",
+    "cluster_consumer_starved",
 ];
 
 pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
@@ -27,6 +29,8 @@ pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioRepo
         "cluster_rolling_restart" => rolling_restart(base).await,
         "cluster_node_frozen" => node_frozen(base).await,
         "cluster_two_nodes_down" => two_nodes_down(base).await,
+        "cluster_node_partitioned" => super::useless_node::node_partitioned(base).await,
+        "cluster_consumer_starved" => super::useless_node::consumer_starved(base).await,
         other => anyhow::bail!("no scenario {other}"),
     }
 }
@@ -34,26 +38,31 @@ pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioRepo
 /// A cluster scenario's report: Mono's tokens are reported, not checked (two ingests post the same
 /// re-auth bodies, and two workers may each fetch a token for one), and at least `min_share` of the
 /// webhooks must end accepted.
-fn cluster_report(min_share: f64) -> ScenarioReport {
+pub(super) fn cluster_report(min_share: f64) -> ScenarioReport {
     ScenarioReport { mono_calls_strict: false, min_accepted_share: min_share, ..ScenarioReport::default() }
 }
 
 /// A system on the cluster, with both ingests under load.
-struct OnCluster {
-    system: System,
-    ingest_urls: [String; 2],
+pub(super) struct OnCluster {
+    pub(super) system: System,
+    pub(super) ingest_urls: [String; 2],
     loads: [Load; 2],
 }
 
 impl OnCluster {
     async fn start(base: &SystemConfig) -> anyhow::Result<Self> {
+        Self::start_with(base, 2).await
+    }
+
+    /// A system with `workers` workers.
+    pub(super) async fn start_with(base: &SystemConfig, workers: usize) -> anyhow::Result<Self> {
         let mut config = base.clone();
         config.amqp_url = Cluster::url()?;
         // Every queue on all three nodes, so that it survives the loss of any one.
         for env in [&mut config.worker_env, &mut config.ingest_env] {
             env.push(("QUORUM_INITIAL_GROUP_SIZE", "3".into()));
         }
-        let mut system = System::start(config, 2).await?;
+        let mut system = System::start(config, workers).await?;
         let second = system.start_another_ingest().await?;
         let ingest_urls = [system.ingest_url(), second];
         let plan = all_kinds(50, 40);
@@ -64,12 +73,12 @@ impl OnCluster {
         Ok(Self { system, ingest_urls, loads })
     }
 
-    fn work_queue(&self) -> String {
+    pub(super) fn work_queue(&self) -> String {
         self.system.topology().work_queue()
     }
 
     /// Whether every ingest and worker is ready (again) within `within`.
-    async fn all_ready(&self, within: Duration) -> bool {
+    pub(super) async fn all_ready(&self, within: Duration) -> bool {
         let mut ready = true;
         for url in &self.ingest_urls {
             ready &= wait_ready(&format!("{url}/readyz"), within).await;
@@ -81,7 +90,7 @@ impl OnCluster {
     }
 
     /// Stops the load and checks what every node loss must leave true of ingest's answers.
-    async fn stop_load(self, report: &mut ScenarioReport) -> (System, LoadResult) {
+    pub(super) async fn stop_load(self, report: &mut ScenarioReport) -> (System, LoadResult) {
         let [first, second] = self.loads;
         let load = first.stop().await.merge(second.stop().await);
         report
