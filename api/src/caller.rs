@@ -5,8 +5,8 @@ use actix_web::dev::Payload;
 use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
 use std::future::{Ready, ready};
 
+use crate::auth::ApiKeys;
 use crate::errors::ApiError;
-use crate::startup::AppState;
 
 /// The request id (`x-request-id`, the client's if it sent a sane one), set by the middleware.
 #[derive(Clone, Debug)]
@@ -24,9 +24,9 @@ impl FromRequest for Caller {
     type Future = Ready<Result<Self, Self::Error>>;
 
     fn from_request(request: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let state = request.app_data::<web::Data<AppState>>().expect("AppState is registered");
+        let keys = request.app_data::<web::Data<ApiKeys>>().expect("the API keys are registered");
         let header = request.headers().get("authorization").map(|v| v.as_bytes());
-        let caller = state.keys.verify_header(header).map(|label| Caller {
+        let caller = keys.verify_header(header).map(|label| Caller {
             key_label: label.to_owned(),
             request_id: request.extensions().get::<RequestId>().map(|id| id.0.clone()).unwrap_or_default(),
         });

@@ -34,9 +34,8 @@ use tokio_util::sync::CancellationToken;
 use crate::caller::Caller;
 use crate::db::{self, LinkState, StoredLink};
 use crate::errors::ApiError;
-use crate::flights::{Joined, Lead, follow};
-use crate::refresh::retry_after;
-use crate::startup::AppState;
+use crate::flights::{Flights, Joined, Lead, follow};
+use crate::mono_access::MonoAccess;
 use mono_client::circuit::BreakerState;
 use mono_client::links::{LinkAnswer, LinkRequest};
 use mono_client::tokens::Called;
@@ -71,6 +70,21 @@ impl Link {
 
 pub type LinkOutcome = Result<Link, ApiError>;
 
+/// Re-auth links for the app's requests: one request to Mono per account and redirect within the
+/// process, the others share its outcome.
+pub struct LinkDesk {
+    pub mono: Arc<MonoAccess>,
+    /// How long a link is handed out again (`REAUTH_LINK_REUSE_SECS`).
+    pub reuse: chrono::Duration,
+    flights: Flights<LinkOutcome>,
+}
+
+impl LinkDesk {
+    pub fn new(mono: Arc<MonoAccess>, reuse: chrono::Duration) -> Self {
+        Self { mono, reuse, flights: Flights::default() }
+    }
+}
+
 /// What one request asks for.
 #[derive(Clone)]
 struct Ask {
@@ -84,32 +98,32 @@ struct Ask {
 /// A link for `account` sending the customer back to `redirect` (already allowed); `current` is
 /// the account as [`read_state`] found it.
 pub async fn link(
-    state: &Arc<AppState>,
+    desk: &Arc<LinkDesk>,
     account: AccountId,
     redirect: Option<String>,
     caller: Caller,
     current: LinkState,
 ) -> LinkOutcome {
     let ask = Ask { account, redirect, caller, started: Utc::now() };
-    if let Some(link) = reusable(state, &ask, &current, false).await? {
+    if let Some(link) = reusable(desk, &ask, &current, false).await? {
         return Ok(link);
     }
     // Mono refused this account a moment ago (for a token or a link): asking again would only
     // hammer it on the app's behalf.
-    if let Some(message) = state.refusals.recall(ask.account.as_str()) {
+    if let Some(message) = desk.mono.refusals.recall(ask.account.as_str()) {
         return Err(ApiError::MonoRefused(message));
     }
-    if state.tokens.breaker_state() == BreakerState::Open {
+    if desk.mono.tokens.breaker_state() == BreakerState::Open {
         return Err(ApiError::MonoUnavailable {
             reason: "Mono circuit is open".into(),
-            retry_after: retry_after(state),
+            retry_after: desk.mono.retry_after(),
         });
     }
-    let deadline = Instant::now() + state.token_deadline;
+    let deadline = Instant::now() + desk.mono.deadline;
     let key = format!("{}\n{}", ask.account.as_str(), ask.redirect.as_deref().unwrap_or_default());
     loop {
-        match state.link_flights.join(&key) {
-            Joined::Leader(lead) => return lead_link(state, &ask, deadline, lead).await,
+        match desk.flights.join(&key) {
+            Joined::Leader(lead) => return lead_link(desk, &ask, deadline, lead).await,
             Joined::Follower(offer) => match tokio::time::timeout_at(deadline, follow(offer)).await {
                 Ok(Some(outcome)) => {
                     metrics::counter!(mono_client::MetricNames::API.calls_shared).increment(1);
@@ -124,8 +138,8 @@ pub async fn link(
 }
 
 /// The account, if it needs a link: 404 unknown, 409 unlinked or not needing re-auth.
-pub async fn read_state(state: &AppState, account: &AccountId) -> Result<LinkState, ApiError> {
-    let current = db::link_state(&state.pool, account.as_str()).await?.ok_or(ApiError::NotFound)?;
+pub async fn read_state(desk: &LinkDesk, account: &AccountId) -> Result<LinkState, ApiError> {
+    let current = db::link_state(&desk.mono.pool, account.as_str()).await?.ok_or(ApiError::NotFound)?;
     if current.unlinked {
         return Err(ApiError::AccountUnlinked);
     }
@@ -138,33 +152,38 @@ pub async fn read_state(state: &AppState, account: &AccountId) -> Result<LinkSta
 /// A link of this episode for the account and redirect made within `REAUTH_LINK_REUSE_SECS` or,
 /// for a request that waited for another's call, since it could have started.
 async fn reusable(
-    state: &AppState,
+    desk: &LinkDesk,
     ask: &Ask,
     current: &LinkState,
     waited: bool,
 ) -> Result<Option<Link>, ApiError> {
-    let mut since = Utc::now() - state.reauth_link_reuse;
+    let mut since = Utc::now() - desk.reuse;
     if waited {
-        let deadline = chrono::Duration::from_std(state.token_deadline).unwrap_or(chrono::Duration::MAX);
+        let deadline = chrono::Duration::from_std(desk.mono.deadline).unwrap_or(chrono::Duration::MAX);
         since = since.min(ask.started - deadline);
     }
-    let stored =
-        db::reusable_link(&state.pool, ask.account.as_str(), ask.redirect.as_deref(), current.episode, since)
-            .await?;
+    let stored = db::reusable_link(
+        &desk.mono.pool,
+        ask.account.as_str(),
+        ask.redirect.as_deref(),
+        current.episode,
+        since,
+    )
+    .await?;
     Ok(stored.map(Link::reused))
 }
 
 async fn lead_link(
-    state: &Arc<AppState>,
+    desk: &Arc<LinkDesk>,
     ask: &Ask,
     deadline: Instant,
     lead: Lead<LinkOutcome>,
 ) -> LinkOutcome {
-    let Ok(slot) = tokio::time::timeout_at(deadline, state.mono_slots.clone().acquire_owned()).await else {
+    let Ok(slot) = tokio::time::timeout_at(deadline, desk.mono.slots.clone().acquire_owned()).await else {
         return Err(past_deadline());
     };
     let slot = slot.expect("the Mono semaphore is never closed");
-    let (lock, waited) = match take_lock(state, ask, deadline).await {
+    let (lock, waited) = match take_lock(desk, ask, deadline).await {
         Ok(Taken::Lock { lock, waited }) => (lock, waited),
         Ok(Taken::Served(link)) => {
             lead.publish(Ok(link.clone()));
@@ -175,7 +194,7 @@ async fn lead_link(
             return Err(error);
         }
     };
-    let episode = match check_under_lock(state, ask, waited).await {
+    let episode = match check_under_lock(desk, ask, waited).await {
         Ok(episode) => episode,
         Err(outcome) => {
             // Released before publishing: a request after the flight never finds it held here.
@@ -187,9 +206,9 @@ async fn lead_link(
     // Mono is asked from here on: in a task of its own, so that the link it creates is stored (and
     // audited) even if this request goes away meanwhile.
     let task = {
-        let (state, ask) = (state.clone(), ask.clone());
+        let (desk, ask) = (desk.clone(), ask.clone());
         tokio::spawn(async move {
-            let outcome = call_and_store(&state, &ask, episode).await;
+            let outcome = call_and_store(&desk, &ask, episode).await;
             lock.release().await;
             lead.publish(outcome.clone());
             drop(slot);
@@ -214,12 +233,12 @@ enum Taken {
 }
 
 /// Takes the link lock; while another process holds it, looks for the link it is making.
-async fn take_lock(state: &AppState, ask: &Ask, deadline: Instant) -> Result<Taken, ApiError> {
+async fn take_lock(desk: &LinkDesk, ask: &Ask, deadline: Instant) -> Result<Taken, ApiError> {
     let redirect = ask.redirect.as_deref().unwrap_or_default();
     let mut waited = false;
     let mut pause = LOCK_POLL_FIRST;
     loop {
-        match state.account_locks.try_lock_link(ask.account.as_str(), redirect).await {
+        match desk.mono.account_locks.try_lock_link(ask.account.as_str(), redirect).await {
             Ok(Some(lock)) => return Ok(Taken::Lock { lock, waited }),
             Ok(None) => {}
             Err(error) => return Err(ApiError::DatabaseUnavailable(error.to_string())),
@@ -233,8 +252,8 @@ async fn take_lock(state: &AppState, ask: &Ask, deadline: Instant) -> Result<Tak
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(LOCK_POLL_MAX);
-        let current = read_state(state, &ask.account).await?;
-        if let Some(link) = reusable(state, ask, &current, true).await? {
+        let current = read_state(desk, &ask.account).await?;
+        if let Some(link) = reusable(desk, ask, &current, true).await? {
             return Ok(Taken::Served(link));
         }
     }
@@ -243,13 +262,13 @@ async fn take_lock(state: &AppState, ask: &Ask, deadline: Instant) -> Result<Tak
 /// Under the lock, before calling Mono: the account's episode, or the answer if Mono need not (or
 /// must not) be asked.
 async fn check_under_lock(
-    state: &AppState,
+    desk: &LinkDesk,
     ask: &Ask,
     waited: bool,
 ) -> Result<Option<DateTime<Utc>>, LinkOutcome> {
-    let current = read_state(state, &ask.account).await.map_err(Err)?;
+    let current = read_state(desk, &ask.account).await.map_err(Err)?;
     // A request here or in another process may have just made it.
-    if let Some(link) = reusable(state, ask, &current, waited).await.map_err(Err)? {
+    if let Some(link) = reusable(desk, ask, &current, waited).await.map_err(Err)? {
         return Err(Ok(link));
     }
     if waited {
@@ -265,13 +284,13 @@ async fn check_under_lock(
 
 /// Asks Mono (breaker, retries) and stores the link with its `ref`. Holds no pool connection while
 /// Mono answers.
-async fn call_and_store(state: &AppState, ask: &Ask, episode: Option<DateTime<Utc>>) -> LinkOutcome {
+async fn call_and_store(desk: &LinkDesk, ask: &Ask, episode: Option<DateTime<Utc>>) -> LinkOutcome {
     let request = LinkRequest {
         account: ask.account.clone(),
         reference: format!("mh_{}", uuid::Uuid::now_v7().simple()),
         redirect_url: ask.redirect.clone(),
     };
-    let link = match state.tokens.initiate_link(&request, &CancellationToken::new()).await {
+    let link = match desk.mono.tokens.initiate_link(&request, &CancellationToken::new()).await {
         Called::Answer(LinkAnswer::Link(link)) => link,
         Called::Answer(LinkAnswer::Unexpected { fields }) => {
             metrics::counter!("monohook_api_mono_unexpected_answers_total").increment(1);
@@ -279,23 +298,23 @@ async fn call_and_store(state: &AppState, ask: &Ask, episode: Option<DateTime<Ut
             return Err(ApiError::MonoUnexpectedAnswer("data.mono_url"));
         }
         Called::Refused { message, .. } => {
-            state.refusals.remember(ask.account.as_str(), &message);
+            desk.mono.refusals.remember(ask.account.as_str(), &message);
             return Err(ApiError::MonoRefused(message));
         }
         Called::Park { reason } | Called::Retry { reason } => {
-            return Err(ApiError::MonoUnavailable { reason, retry_after: retry_after(state) });
+            return Err(ApiError::MonoUnavailable { reason, retry_after: desk.mono.retry_after() });
         }
         Called::Abandoned => {
             return Err(ApiError::MonoUnavailable {
                 reason: "stopping".into(),
-                retry_after: retry_after(state),
+                retry_after: desk.mono.retry_after(),
             });
         }
     };
     // PostgreSQL keeps microseconds: the same instant whether it is answered now or reused later.
     let created_at = link.created_at.trunc_subsecs(6);
     db::store_link(
-        &state.pool,
+        &desk.mono.pool,
         &db::NewLink {
             reference: &request.reference,
             account: ask.account.as_str(),

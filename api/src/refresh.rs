@@ -31,8 +31,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::{self, TokenState};
 use crate::errors::ApiError;
-use crate::flights::{Joined, follow};
-use crate::startup::AppState;
+use crate::flights::{Flights, Joined, follow};
+use crate::mono_access::{DEFAULT_RETRY_AFTER, MonoAccess};
 use mono_client::circuit::BreakerState;
 use mono_client::tokens::TokenOutcome;
 use shared::event::AccountId;
@@ -42,8 +42,6 @@ const TOKEN_LIFETIME: chrono::Duration = chrono::Duration::minutes(10);
 /// While Mono is unavailable, a stored token that still works this much longer is handed out
 /// (`source: "stored"`) rather than a 503: a short re-auth window beats none.
 pub const STORED_FLOOR_WHILE_MONO_UNAVAILABLE: chrono::Duration = chrono::Duration::seconds(30);
-/// `Retry-After` when Mono failed and the breaker gives no better estimate.
-const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// `Retry-After` when another process's refresh of the account stored nothing.
 const OTHER_PROCESS_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How often a request waiting for another process's lock looks at the stored token, at first and
@@ -79,6 +77,21 @@ impl Handout {
 
 pub type Outcome = Result<Handout, ApiError>;
 
+/// Fresh tokens for the app's requests: one refresh per account within the process, the others
+/// share its outcome.
+pub struct Refresher {
+    pub mono: Arc<MonoAccess>,
+    /// A stored token with less than this left is refreshed (`TOKEN_MIN_REMAINING_SECS`).
+    pub token_min_remaining: chrono::Duration,
+    flights: Flights<Outcome>,
+}
+
+impl Refresher {
+    pub fn new(mono: Arc<MonoAccess>, token_min_remaining: chrono::Duration) -> Self {
+        Self { mono, token_min_remaining, flights: Flights::default() }
+    }
+}
+
 /// The refused and not-needed answers, before any token is considered.
 pub fn refuse_unless_needed(state: &TokenState) -> Result<(), ApiError> {
     if state.unlinked {
@@ -91,20 +104,21 @@ pub fn refuse_unless_needed(state: &TokenState) -> Result<(), ApiError> {
 }
 
 /// A token for `account` whose stored one has less than the minimum left.
-pub async fn fresh(state: &Arc<AppState>, account: &AccountId) -> Outcome {
-    let deadline = Instant::now() + state.token_deadline;
+pub async fn fresh(refresher: &Arc<Refresher>, account: &AccountId) -> Outcome {
+    let deadline = Instant::now() + refresher.mono.deadline;
     // Mono refused this account a moment ago (maybe for the request this one queued behind): asking
     // again would only hammer it on the app's behalf.
-    if let Some(message) = state.refusals.recall(account.as_str()) {
+    if let Some(message) = refresher.mono.refusals.recall(account.as_str()) {
         return Err(ApiError::MonoRefused(message));
     }
-    if state.tokens.breaker_state() == BreakerState::Open {
-        return unavailable(state, account, "Mono circuit is open".into(), retry_after(state)).await;
+    if refresher.mono.tokens.breaker_state() == BreakerState::Open {
+        return unavailable(refresher, account, "Mono circuit is open".into(), refresher.mono.retry_after())
+            .await;
     }
     loop {
-        match state.flights.join(account.as_str()) {
+        match refresher.flights.join(account.as_str()) {
             Joined::Leader(lead) => {
-                let outcome = lead_refresh(state, account, deadline, lead).await;
+                let outcome = lead_refresh(refresher, account, deadline, lead).await;
                 return outcome;
             }
             Joined::Follower(offer) => match tokio::time::timeout_at(deadline, follow(offer)).await {
@@ -114,24 +128,25 @@ pub async fn fresh(state: &Arc<AppState>, account: &AccountId) -> Outcome {
                 }
                 // The leader went away before calling Mono: lead, or follow the next leader.
                 Ok(None) => continue,
-                Err(_) => return past_deadline(state, account).await,
+                Err(_) => return past_deadline(refresher, account).await,
             },
         }
     }
 }
 
 async fn lead_refresh(
-    state: &Arc<AppState>,
+    refresher: &Arc<Refresher>,
     account: &AccountId,
     deadline: Instant,
     lead: crate::flights::Lead<Outcome>,
 ) -> Outcome {
     // A Mono slot before any database work: a process never holds more locks than it can call for.
-    let Ok(slot) = tokio::time::timeout_at(deadline, state.mono_slots.clone().acquire_owned()).await else {
-        return past_deadline(state, account).await;
+    let Ok(slot) = tokio::time::timeout_at(deadline, refresher.mono.slots.clone().acquire_owned()).await
+    else {
+        return past_deadline(refresher, account).await;
     };
     let slot = slot.expect("the Mono semaphore is never closed");
-    let lock = match take_lock(state, account, deadline).await {
+    let lock = match take_lock(refresher, account, deadline).await {
         Ok(Taken::Lock { lock, waited }) => (lock, waited),
         Ok(Taken::Served(handout)) => {
             lead.publish(Ok(handout.clone()));
@@ -143,7 +158,7 @@ async fn lead_refresh(
         }
     };
     let (lock, waited) = lock;
-    let checked = check_under_lock(state, account, waited).await;
+    let checked = check_under_lock(refresher, account, waited).await;
     if let Some(outcome) = checked {
         // Released before publishing: a request that comes after the flight ends never finds the
         // lock still held by this process (its session would take it again).
@@ -154,9 +169,9 @@ async fn lead_refresh(
     // Mono is asked from here on: in a task of its own, so that the token it issues is stored and
     // shared even if this request goes away meanwhile.
     let task = {
-        let (state, account) = (state.clone(), account.clone());
+        let (refresher, account) = (refresher.clone(), account.clone());
         tokio::spawn(async move {
-            let outcome = call_and_store(&state, &account).await;
+            let outcome = call_and_store(&refresher, &account).await;
             lock.release().await;
             lead.publish(outcome.clone());
             drop(slot);
@@ -169,7 +184,7 @@ async fn lead_refresh(
             reason: "the refresh failed".into(),
             retry_after: DEFAULT_RETRY_AFTER,
         }),
-        Err(_) => past_deadline(state, account).await,
+        Err(_) => past_deadline(refresher, account).await,
     }
 }
 
@@ -185,11 +200,11 @@ enum Taken {
 /// Takes the account's lock; while another process holds it, polls the stored token (which that
 /// process is about to refresh) until the deadline, then answers as a failure of Mono would (the
 /// stored token above the floor, else 503).
-async fn take_lock(state: &AppState, account: &AccountId, deadline: Instant) -> Result<Taken, ApiError> {
+async fn take_lock(refresher: &Refresher, account: &AccountId, deadline: Instant) -> Result<Taken, ApiError> {
     let mut waited = false;
     let mut pause = LOCK_POLL_FIRST;
     loop {
-        match state.account_locks.try_lock(account.as_str()).await {
+        match refresher.mono.account_locks.try_lock(account.as_str()).await {
             Ok(Some(lock)) => return Ok(Taken::Lock { lock, waited }),
             Ok(None) => {}
             Err(error) => return Err(ApiError::DatabaseUnavailable(error.to_string())),
@@ -199,21 +214,24 @@ async fn take_lock(state: &AppState, account: &AccountId, deadline: Instant) -> 
         if now >= deadline {
             // Out of time as when Mono fails: the stored token above the floor, else 503.
             let reason = "another process is still refreshing this account's token".into();
-            return unavailable(state, account, reason, OTHER_PROCESS_RETRY_AFTER).await.map(Taken::Served);
+            return unavailable(refresher, account, reason, OTHER_PROCESS_RETRY_AFTER)
+                .await
+                .map(Taken::Served);
         }
         tokio::time::sleep(pause.min(deadline - now)).await;
         pause = (pause * 2).min(LOCK_POLL_MAX);
-        let current = db::token_state(&state.pool, account.as_str()).await?.ok_or(ApiError::NotFound)?;
+        let current =
+            db::token_state(&refresher.mono.pool, account.as_str()).await?.ok_or(ApiError::NotFound)?;
         refuse_unless_needed(&current)?;
-        if let Some(handout) = Handout::stored(&current, Utc::now() + state.token_min_remaining) {
+        if let Some(handout) = Handout::stored(&current, Utc::now() + refresher.token_min_remaining) {
             return Ok(Taken::Served(handout));
         }
     }
 }
 
 /// Under the lock, before calling Mono: the answer if Mono need not (or must not) be asked.
-async fn check_under_lock(state: &AppState, account: &AccountId, waited: bool) -> Option<Outcome> {
-    let current = match db::token_state(&state.pool, account.as_str()).await {
+async fn check_under_lock(refresher: &Refresher, account: &AccountId, waited: bool) -> Option<Outcome> {
+    let current = match db::token_state(&refresher.mono.pool, account.as_str()).await {
         Ok(Some(current)) => current,
         Ok(None) => return Some(Err(ApiError::NotFound)),
         Err(error) => return Some(Err(error.into())),
@@ -222,7 +240,7 @@ async fn check_under_lock(state: &AppState, account: &AccountId, waited: bool) -
         return Some(Err(error));
     }
     // A concurrent request (here or in another process) may have just refreshed it.
-    if let Some(handout) = Handout::stored(&current, Utc::now() + state.token_min_remaining) {
+    if let Some(handout) = Handout::stored(&current, Utc::now() + refresher.token_min_remaining) {
         return Some(Ok(handout));
     }
     if waited {
@@ -239,16 +257,16 @@ async fn check_under_lock(state: &AppState, account: &AccountId, waited: bool) -
 
 /// Calls Mono (breaker, retries) and stores what it issues. Holds no pool connection while Mono
 /// answers.
-async fn call_and_store(state: &AppState, account: &AccountId) -> Outcome {
-    let (outcome, _flight) = state.tokens.fetch(account, &CancellationToken::new()).await;
+async fn call_and_store(refresher: &Refresher, account: &AccountId) -> Outcome {
+    let (outcome, _flight) = refresher.mono.tokens.fetch(account, &CancellationToken::new()).await;
     let token = match outcome {
         TokenOutcome::Token(token) => token,
         TokenOutcome::Refused { message, .. } => {
-            state.refusals.remember(account.as_str(), &message);
+            refresher.mono.refusals.remember(account.as_str(), &message);
             return Err(ApiError::MonoRefused(message));
         }
         TokenOutcome::Park { reason } | TokenOutcome::Retry { reason } => {
-            return unavailable(state, account, reason, retry_after(state)).await;
+            return unavailable(refresher, account, reason, refresher.mono.retry_after()).await;
         }
         TokenOutcome::Abandoned => {
             return Err(ApiError::MonoUnavailable {
@@ -260,14 +278,19 @@ async fn call_and_store(state: &AppState, account: &AccountId) -> Outcome {
     let expires_at = token.issued_at + TOKEN_LIFETIME;
     let fresh =
         Handout { token: token.expose().to_owned(), issued_at: token.issued_at, expires_at, source: "fresh" };
-    let now =
-        match db::store_fresh(&state.pool, account.as_str(), token.expose(), token.issued_at, expires_at)
-            .await?
-        {
-            db::Store::Stored => return Ok(fresh),
-            db::Store::Missing => return Err(ApiError::NotFound),
-            db::Store::NotStored(now) => now,
-        };
+    let now = match db::store_fresh(
+        &refresher.mono.pool,
+        account.as_str(),
+        token.expose(),
+        token.issued_at,
+        expires_at,
+    )
+    .await?
+    {
+        db::Store::Stored => return Ok(fresh),
+        db::Store::Missing => return Err(ApiError::NotFound),
+        db::Store::NotStored(now) => now,
+    };
     // Not stored: the account changed while Mono answered (re-authorised, unlinked), or the worker
     // stored a token Mono issued later, which is the one to hand out.
     refuse_unless_needed(&now)?;
@@ -276,13 +299,13 @@ async fn call_and_store(state: &AppState, account: &AccountId) -> Outcome {
 
 /// Mono is unavailable for this request: the stored token above the floor, else 503.
 async fn unavailable(
-    state: &AppState,
+    refresher: &Refresher,
     account: &AccountId,
     reason: String,
     retry_after: Duration,
 ) -> Outcome {
     // Read again: the worker may have stored one while Mono was failing us.
-    let current = db::token_state(&state.pool, account.as_str()).await?.ok_or(ApiError::NotFound)?;
+    let current = db::token_state(&refresher.mono.pool, account.as_str()).await?.ok_or(ApiError::NotFound)?;
     refuse_unless_needed(&current)?;
     degrade(&current, reason, retry_after)
 }
@@ -300,12 +323,12 @@ fn degrade(current: &TokenState, reason: String, retry_after: Duration) -> Outco
 }
 
 /// The request's deadline passed while it waited (for a slot, the lock or the leader).
-async fn past_deadline(state: &AppState, account: &AccountId) -> Outcome {
-    unavailable(state, account, "no fresh token within TOKEN_DEADLINE_MS".into(), OTHER_PROCESS_RETRY_AFTER)
-        .await
-}
-
-/// `Retry-After` for a Mono that failed: the breaker's estimate, else a default.
-pub(crate) fn retry_after(state: &AppState) -> Duration {
-    state.tokens.retry_in().filter(|d| !d.is_zero()).unwrap_or(DEFAULT_RETRY_AFTER)
+async fn past_deadline(refresher: &Refresher, account: &AccountId) -> Outcome {
+    unavailable(
+        refresher,
+        account,
+        "no fresh token within TOKEN_DEADLINE_MS".into(),
+        OTHER_PROCESS_RETRY_AFTER,
+    )
+    .await
 }

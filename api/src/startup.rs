@@ -16,49 +16,22 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::auth::ApiKeys;
 use crate::caller::RequestId;
 use crate::config::ApiConfig;
 use crate::errors::ApiError;
-use crate::flights::Flights;
-use crate::links::LinkOutcome;
+use crate::links::LinkDesk;
 use crate::locks::AccountLocks;
+use crate::mono_access::MonoAccess;
 use crate::recorder::IssuanceRecorder;
-use crate::redirects::RedirectAllowlist;
-use crate::refresh::Outcome;
+use crate::refresh::Refresher;
 use crate::refusals::RefusalMemory;
 use crate::routes;
+use crate::state::AppState;
 use mono_client::MetricNames;
 use mono_client::circuit::{BreakerSettings, CircuitBreaker};
 use mono_client::client::MonoClient;
 use mono_client::tokens::TokenFetcher;
 use shared::retry::RetryPolicy;
-
-/// What every request handler can reach.
-pub struct AppState {
-    pub pool: PgPool,
-    pub keys: ApiKeys,
-    pub tokens: Arc<TokenFetcher>,
-    pub token_min_remaining: chrono::Duration,
-    /// How long a fresh-token request waits for the lock, a Mono slot and Mono (`TOKEN_DEADLINE_MS`).
-    pub token_deadline: Duration,
-    /// The cross-process account locks, on a connection of their own (never one of `pool`'s).
-    pub account_locks: Arc<AccountLocks>,
-    /// One refresh per account within the process; the others share its outcome.
-    pub flights: Flights<Outcome>,
-    /// Bounds the refreshes under way (and so the locks held and Mono calls), taken before any
-    /// database work.
-    pub mono_slots: Arc<Semaphore>,
-    pub recorder: IssuanceRecorder,
-    /// Accounts Mono refused lately: answered 422 without asking it again.
-    pub refusals: RefusalMemory,
-    /// One request for a re-auth link per account and redirect within the process.
-    pub link_flights: Flights<LinkOutcome>,
-    /// Where a re-auth link may send the customer back to (`MONO_REAUTH_REDIRECT_URLS`).
-    pub redirects: RedirectAllowlist,
-    /// How long a link is handed out again (`REAUTH_LINK_REUSE_SECS`).
-    pub reauth_link_reuse: chrono::Duration,
-}
 
 /// A built, not yet running, API.
 pub struct Application {
@@ -107,21 +80,23 @@ impl Application {
         let tokens = Arc::new(TokenFetcher::new(mono, breaker, policy, mono_max_in_flight, MetricNames::API));
         let account_locks = AccountLocks::new((*pool.connect_options()).clone());
         let recorder = IssuanceRecorder::start(pool.clone());
+        let mono = Arc::new(MonoAccess {
+            pool: pool.clone(),
+            tokens,
+            deadline: config.token_deadline(),
+            account_locks,
+            slots: Arc::new(Semaphore::new(mono_max_in_flight)),
+            refusals: RefusalMemory::new(Duration::from_secs(config.mono_refusal_memory_secs)),
+        });
         let state = web::Data::new(AppState {
             recorder,
             pool,
-            keys: config.app_api_keys.clone(),
-            tokens,
-            token_min_remaining: config.token_min_remaining(),
-            token_deadline: config.token_deadline(),
-            account_locks,
-            flights: Flights::default(),
-            mono_slots: Arc::new(Semaphore::new(mono_max_in_flight)),
-            refusals: RefusalMemory::new(Duration::from_secs(config.mono_refusal_memory_secs)),
-            link_flights: Flights::default(),
+            refresher: Arc::new(Refresher::new(mono.clone(), config.token_min_remaining())),
+            links: Arc::new(LinkDesk::new(mono.clone(), config.reauth_link_reuse())),
+            mono,
             redirects: config.mono_reauth_redirect_urls.clone(),
-            reauth_link_reuse: config.reauth_link_reuse(),
         });
+        let keys = web::Data::new(config.app_api_keys.clone());
 
         let listener = TcpListener::bind(config.listen_addr)
             .with_context(|| format!("cannot listen on LISTEN_ADDR {}", config.listen_addr))?;
@@ -138,6 +113,7 @@ impl Application {
                 .error_handler(|error, _| ApiError::InvalidQuery(error.to_string()).into());
             App::new()
                 .app_data(state.clone())
+                .app_data(keys.clone())
                 .app_data(query_errors)
                 .wrap_fn(|request, service| {
                     let request_id = request_id(request.headers().get("x-request-id"));

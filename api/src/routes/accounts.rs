@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::caller::Caller;
 use crate::db;
 use crate::errors::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 use shared::event::AccountId;
 
 /// Most accounts one page holds.

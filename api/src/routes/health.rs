@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use serde_json::json;
 use std::time::Duration;
 
-use crate::startup::AppState;
+use crate::state::AppState;
 
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
@@ -17,8 +17,8 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let body = json!({
         "status": if database { "ready" } else { "not_ready" },
         "database": if database { "up" } else { "down" },
-        "mono_circuit": state.tokens.breaker_state().as_str(),
-        "mono_key": if state.tokens.key_refused() { "refused" } else { "accepted" },
+        "mono_circuit": state.mono.tokens.breaker_state().as_str(),
+        "mono_key": if state.mono.tokens.key_refused() { "refused" } else { "accepted" },
     });
     if database { HttpResponse::Ok().json(body) } else { HttpResponse::ServiceUnavailable().json(body) }
 }

@@ -18,7 +18,7 @@ use crate::caller::Caller;
 use crate::db;
 use crate::errors::ApiError;
 use crate::links;
-use crate::startup::AppState;
+use crate::state::AppState;
 use shared::event::AccountId;
 
 /// Longest body taken: a redirect URL and a little room.
@@ -39,14 +39,13 @@ pub async fn reauth_link(
     let account = AccountId::parse(id.into_inner()).ok_or(ApiError::NotFound)?;
     let asked = parse_body(&body)?;
     // The account first: an unknown or settled account is 404 / 409 whatever the redirect.
-    let current = links::read_state(&state, &account).await?;
+    let current = links::read_state(&state.links, &account).await?;
     let redirect = state
         .redirects
         .choose(asked.redirect_url.as_deref())
         .map_err(|why| ApiError::RedirectNotAllowed(why.to_string()))?
         .map(String::from);
-    let link =
-        links::link(&state.clone().into_inner(), account.clone(), redirect, caller.clone(), current).await?;
+    let link = links::link(&state.links, account.clone(), redirect, caller.clone(), current).await?;
     db::record_link_handout(
         &state.pool,
         &link.reference,

@@ -20,7 +20,7 @@ use crate::db;
 use crate::errors::ApiError;
 use crate::recorder::IssuanceRecord;
 use crate::refresh::{self, Handout, refuse_unless_needed};
-use crate::startup::AppState;
+use crate::state::AppState;
 use shared::event::AccountId;
 
 pub async fn reauth_token(
@@ -29,14 +29,14 @@ pub async fn reauth_token(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let account = AccountId::parse(id.into_inner()).ok_or(ApiError::NotFound)?;
-    let until = Utc::now() + state.token_min_remaining;
+    let until = Utc::now() + state.refresher.token_min_remaining;
     let token_state = db::token_state(&state.pool, account.as_str()).await?.ok_or(ApiError::NotFound)?;
     refuse_unless_needed(&token_state)?;
     let handout = match token_state.token_working_until(until) {
         Some((token, issued_at, expires_at)) => {
             Handout { token: token.to_owned(), issued_at, expires_at, source: "stored" }
         }
-        None => refresh::fresh(&state.clone().into_inner(), &account).await?,
+        None => refresh::fresh(&state.refresher, &account).await?,
     };
     state
         .recorder
