@@ -12,18 +12,10 @@ use std::net::TcpListener;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::WebhookSecrets;
 use crate::config::IngestConfig;
 use crate::publisher::{Publisher, PublisherSettings};
 use crate::routes;
-
-/// What every request handler can reach.
-pub struct AppState {
-    pub publisher: Publisher,
-    pub secrets: WebhookSecrets,
-    pub max_body_bytes: usize,
-    pub client_timeout: Duration,
-}
+use crate::state::AppState;
 
 /// A built, not yet running, ingest.
 pub struct Application {

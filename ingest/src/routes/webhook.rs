@@ -13,7 +13,7 @@ use serde_json::json;
 use tracing::Instrument;
 
 use crate::publisher::PublishError;
-use crate::startup::AppState;
+use crate::state::AppState;
 use shared::delivery::DeliveryMeta;
 use shared::event::{Envelope, EnvelopeError};
 use shared::telemetry::{self, propagation};
