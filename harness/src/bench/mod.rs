@@ -4,6 +4,8 @@
 pub mod api_load;
 pub mod broker;
 pub mod ingest_load;
+pub mod journal;
+pub mod journal_report;
 pub mod report;
 pub mod worker_drain;
 

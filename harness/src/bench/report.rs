@@ -159,21 +159,7 @@ pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> Stri
     render_baseline(&mut out, runs);
 
     let _ = writeln!(out, "\n## Machine\n");
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, usize::from);
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| m.lines().next().map(|l| l.trim_start_matches("MemTotal:").trim().to_owned()))
-        .unwrap_or_default();
-    let _ = writeln!(out, "- CPU: {cpu}, {cores} cores; memory {memory}");
-    let _ = writeln!(out, "- {}", command_line("rustc", &["--version"]));
+    out.push_str(&machine());
     let _ = writeln!(out, "- RabbitMQ {}", command_line("rabbitmqctl", &["-q", "version"]));
     let _ = writeln!(out, "- {postgres_version}");
     let _ = writeln!(out, "- {}", command_line("wrk", &["--version"]).lines().next().unwrap_or_default());
@@ -300,6 +286,24 @@ fn render_api(out: &mut String, config: &BenchConfig, api: &[ApiResult]) {
             100.0 * r.post_stored.requests_per_sec / r.reference.requests_per_sec
         );
     }
+}
+
+/// The machine's CPU, cores, memory and rustc, as markdown list items.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().map(|l| l.trim_start_matches("MemTotal:").trim().to_owned()))
+        .unwrap_or_default();
+    format!("- CPU: {cpu}, {cores} cores; memory {memory}\n- {}\n", command_line("rustc", &["--version"]))
 }
 
 fn command_line(program: &str, args: &[&str]) -> String {
