@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 
 use api::config::ApiConfig;
 use api::startup::Application;
-use shared::config::redact_url;
+use shared::redact::redact_url;
 use shared::telemetry;
 
 #[actix_web::main]

@@ -19,7 +19,7 @@ use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
 use crate::amqp_tls::TrustedCa;
-use crate::config::redact_url;
+use crate::redact::redact_url;
 
 /// Heartbeat asked of the broker unless the URL sets one: a dead peer is noticed within ~2 intervals.
 const DEFAULT_HEARTBEAT_SECS: u16 = 10;

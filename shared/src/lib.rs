@@ -11,6 +11,7 @@ pub mod credentials;
 pub mod delivery;
 pub mod event;
 pub mod metrics;
+pub mod redact;
 pub mod retry;
 pub mod shutdown;
 pub mod telemetry;

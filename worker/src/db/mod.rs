@@ -18,7 +18,8 @@ use sqlx::{PgPool, Postgres};
 use std::str::FromStr;
 use std::time::Duration;
 
-use shared::config::{DatabaseArgs, redact_url};
+use shared::config::DatabaseArgs;
+use shared::redact::redact_url;
 
 /// The schema, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
