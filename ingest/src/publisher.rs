@@ -7,7 +7,8 @@
 //!
 //! A session is judged by what it does, not by its TCP connection: one whose channel fails under a
 //! publish, or that confirms nothing for three confirm timeouts in a row (a frozen node, a node cut
-//! off from the queue's leader), is condemned; readiness says not ready and the supervisor moves to
+//! off from the queue's leader, channels that still address a queue's old leader: only nacks and
+//! timeouts), is condemned; readiness says not ready and the supervisor moves to
 //! the next node at once. A publish that was not confirmed is published again (same message id: the
 //! worker's journal takes one copy) until the request's deadline (`PUBLISH_DEADLINE_MS`), so a node
 //! that dies under a request costs Mono no retry; past the deadline the request gets 503.
@@ -71,7 +72,8 @@ pub struct PublisherSettings {
 
 /// How long a publish that failed waits before trying again (for a new session, mostly).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
-/// Confirm timeouts with no confirm between them after which a session is condemned.
+/// Confirm timeouts with no publish taken (only nacks and timeouts) after which a session is
+/// condemned.
 const SILENT_CONFIRM_TIMEOUTS: u32 = 3;
 
 #[derive(Clone)]
@@ -90,7 +92,8 @@ struct Session {
     channels: Vec<Channel>,
     next_channel: AtomicUsize,
     opened: std::time::Instant,
-    /// When the broker last answered a publish, in ms after `opened`.
+    /// When the broker last took a publish (an ack, or an unroutable message returned), in ms
+    /// after `opened`.
     last_heard_ms: AtomicU64,
     /// Fired when the session is judged useless by what it does: the supervisor moves on.
     condemned: CancellationToken,
@@ -169,8 +172,12 @@ impl Publisher {
             Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(PublishError::Nacked),
         };
         match &result {
-            Ok(()) | Err(PublishError::Unroutable(_) | PublishError::Nacked) => session.heard_from(),
-            Err(PublishError::TimedOut(_)) => {
+            Ok(()) | Err(PublishError::Unroutable(_)) => session.heard_from(),
+            // A nack is no better than silence: a channel opened on a node while a quorum queue
+            // elects a leader can keep sending to the old one, cut off or dead, and gets only
+            // nacks and timeouts until that node returns (RabbitMQ 3.10; seen for 25 s in the
+            // partition scenario). A new session, after the election, reaches the new leader.
+            Err(PublishError::TimedOut(_) | PublishError::Nacked) => {
                 let silent_for = session.silent_for();
                 if silent_for >= self.inner.settings.confirm_timeout * SILENT_CONFIRM_TIMEOUTS {
                     session.condemn(format!("the node confirmed no publish for {silent_for:?}"));

@@ -177,3 +177,54 @@ async fn a_frozen_node_is_left_for_the_next_and_readiness_says_so_meanwhile() {
     .await;
     assert_eq!(app.queued().await.len(), 2);
 }
+
+/// How many times ingest has left a session, from its `/metrics` (0 before the first).
+async fn node_moves(app: &crate::helpers::TestApp) -> f64 {
+    let text = app.http.get(&app.metrics).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("monohook_ingest_node_moves_total "))
+        .map_or(0.0, |value| value.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_node_that_only_nacks_is_left_like_one_that_confirms_nothing() {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let app = crate::helpers::spawn_app_with(|config| config.publish_timeout_ms = 300).await;
+    assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 200);
+    assert_eq!(node_moves(&app).await, 0.0);
+
+    // A queue that takes nothing, bound beside the work queue: the broker nacks every publish, as a
+    // channel still addressing a quorum queue's old leader is answered during an election.
+    let nacker = format!("{}.nacker", app.broker.prefix);
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    arguments.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+    let channel = &app.broker.channel;
+    channel.queue_declare(nacker.as_str().into(), QueueDeclareOptions::default(), arguments).await.unwrap();
+    channel
+        .queue_bind(
+            nacker.as_str().into(),
+            app.broker.topology.exchange().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    // Nacks only, for more than three publish timeouts: the session is condemned.
+    let started = Instant::now();
+    while node_moves(&app).await < 1.0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "a node that only nacks was never left");
+        assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 503);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    channel.queue_delete(nacker.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
+    eventually("a webhook is taken again", Duration::from_secs(10), || async {
+        app.post_webhook(fixture("account_updated.json")).await.status().as_u16() == 200
+    })
+    .await;
+}
