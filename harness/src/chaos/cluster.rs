@@ -51,6 +51,18 @@ impl Cluster {
         cluster(&["leader", queue])?.parse().context("unexpected answer from scripts/cluster leader")
     }
 
+    /// Makes `node` the leader of quorum queue `queue` and waits (up to 10 s) until it is.
+    pub fn make_leader(queue: &str, node: u8) -> anyhow::Result<()> {
+        cluster(&["lead", queue, &node.to_string()])?;
+        for _ in 0..20 {
+            if Self::leader_of(queue).ok() == Some(node) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        bail!("node {node} did not become the leader of {queue}")
+    }
+
     /// The node of each connection named `name` (one entry per connection, sorted). Asks the first
     /// node whose CLI answers; a node cut off or paused lists nothing, so its connections are gone
     /// from the answer only once it has closed them or the others have seen it go.
@@ -94,6 +106,16 @@ impl Cluster {
         let port = 5680 + u16::from(node);
         std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))
             .is_ok()
+    }
+
+    /// Closes `node`'s client listeners: new connections are refused, those open stay.
+    pub fn refuse_clients(node: u8) -> anyhow::Result<()> {
+        cluster(&["refuse", &node.to_string()]).map(drop)
+    }
+
+    /// Opens what [`Cluster::refuse_clients`] closed.
+    pub fn welcome_clients(node: u8) -> anyhow::Result<()> {
+        cluster(&["welcome", &node.to_string()]).map(drop)
     }
 
     /// Suspends, on the broker, the channel processes of the consumers whose tag starts with

@@ -23,21 +23,37 @@ use crate::system::SystemConfig;
 /// majority for a while, short enough for Mono's retries (~24 s in the load) to cover a stall.
 const PARTITION_SECS: u64 = 25;
 
-/// The node, of the three, that holds a connection of an ingest and one of a worker. Started
-/// workers land on the nodes of their own random orders, so more are started until one shares a
-/// node with an ingest (at most five more).
+/// A node that holds a connection of an ingest and one of a worker: an ingest's node, where one
+/// more worker is started if no worker landed there (each process picks its first node from an
+/// order of its own), while the other two nodes refuse new clients.
 async fn node_with_ingest_and_worker(run: &mut OnCluster) -> anyhow::Result<Option<u8>> {
-    for attempt in 0..=5 {
-        let ingests = Cluster::hosting("monohook-ingest")?;
-        let workers = Cluster::hosting("monohook-worker")?;
-        if let Some(node) = ingests.iter().find(|n| workers.contains(n)) {
-            return Ok(Some(*node));
-        }
-        if attempt < 5 {
-            run.system.start_worker().await?;
+    let ingests = Cluster::hosting("monohook-ingest")?;
+    let workers = Cluster::hosting("monohook-worker")?;
+    if let Some(node) = ingests.iter().find(|n| workers.contains(n)) {
+        return Ok(Some(*node));
+    }
+    let Some(&node) = ingests.first() else { return Ok(None) };
+    let others: Vec<u8> = (1..=3).filter(|n| *n != node).collect();
+    let welcome = WelcomeAgain(others.clone());
+    for other in &others {
+        Cluster::refuse_clients(*other)?;
+    }
+    run.system.start_worker().await?;
+    drop(welcome);
+    Ok(Cluster::hosting("monohook-worker")?.contains(&node).then_some(node))
+}
+
+/// Opens the nodes' client listeners again when dropped, whatever happened in between.
+struct WelcomeAgain(Vec<u8>);
+
+impl Drop for WelcomeAgain {
+    fn drop(&mut self) {
+        for node in &self.0 {
+            if let Err(error) = Cluster::welcome_clients(*node) {
+                eprintln!("could not reopen node {node}'s client listeners: {error:#}");
+            }
         }
     }
-    Ok(None)
 }
 
 /// For each `(name, count)`: how long after `since` all `count` connections named `name` were on
@@ -87,6 +103,9 @@ pub(super) async fn node_partitioned(base: &SystemConfig) -> anyhow::Result<Scen
     };
     let ingests = Cluster::hosting("monohook-ingest")?.len();
     let workers = Cluster::hosting("monohook-worker")?.len();
+    // The hard case: the cut-off node also leads the work queue, so the majority must elect
+    // another leader while the processes move.
+    Cluster::make_leader(&run.work_queue(), node)?;
     Cluster::partition(node, PARTITION_SECS)?;
     let cut = Instant::now();
 
@@ -131,6 +150,10 @@ pub(super) async fn node_partitioned(base: &SystemConfig) -> anyhow::Result<Scen
     report.check("every process is ready after the partition", run.all_ready(Duration::from_secs(30)).await);
     tokio::time::sleep(Duration::from_secs(4)).await;
 
+    report.note(format!(
+        "ingest left a session that took no publish (nacks, timeouts) {} time(s)",
+        run.ingest_sessions_left_for_silence()
+    ));
     let (system, load) = run.stop_load(&mut report).await;
     let mut report = finish("cluster_node_partitioned", started, system, load, report).await?;
     report.check("nothing was dead-lettered", report.dead_lettered == 0);
