@@ -32,6 +32,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate, matchers::method};
 
+mod common;
+
+use common::ScratchDatabase;
 use shared::delivery::{AttemptHistory, DeliveryMeta};
 use shared::event::AccountId;
 use shared::retry::RetryPolicy;
@@ -703,42 +706,10 @@ async fn run_history_traced(
 
 // ---------------------------------------------------------------------------------------------
 
-/// A database of this test's own, migrated, dropped at the end.
-struct ModelDatabase {
-    admin: PgPool,
-    name: String,
-    pool: PgPool,
-}
-
-impl ModelDatabase {
-    async fn create() -> Self {
-        let url = std::env::var("DATABASE_URL").expect("DATABASE_URL names the test server");
-        let admin = PgPool::connect(&url).await.expect("the test server is reachable");
-        let name = format!("monohook_model_{}", Uuid::new_v4().simple());
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("a database is created");
-        let mut options: sqlx::postgres::PgConnectOptions = url.parse().expect("a valid DATABASE_URL");
-        options = options.database(&name);
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await
-            .expect("the new database is reachable");
-        worker::db::MIGRATOR.run(&pool).await.expect("migrations apply");
-        Self { admin, name, pool }
-    }
-
-    async fn drop_it(self) {
-        self.pool.close().await;
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
-            .execute(&self.admin)
-            .await;
-    }
-}
-
 #[test]
 fn the_worker_decides_as_the_model_over_generated_histories() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let database = runtime.block_on(ModelDatabase::create());
+    let database = runtime.block_on(ScratchDatabase::create());
     let cases = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256);
     let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
     let pool = database.pool.clone();
