@@ -4,15 +4,15 @@
 //! the table's size before and after. PostgreSQL only: no broker, no worker process.
 //!
 //! ```text
-//! fill(1 M) ─▶ measure ─▶ fill(10 M) ─▶ measure ─▶ concurrent batches alone (baseline)
-//!                                              ─▶ … during row-delete steps
-//!                                              ─▶ … during one partition drop
+//! fill each size, a database each ─▶ batches on each in turns, round after round
+//!   ─▶ at the largest: batches alone (baseline) ─▶ … during row-delete steps ─▶ … during one
+//!      partition drop ─▶ the databases dropped
 //! ```
 //!
-//! A fill makes the journal as a database partitioned long ago holds it after the same traffic went
-//! on for longer: the largest size spans `days`, a smaller one as many fewer days (so the rows per
-//! second, and the rows in a dedup window, are the same at every size). One partition per month
-//! (plus the months ahead and the default), rows spread evenly over the span, UUIDv7 ids of their
+//! A fill makes the journal as a database partitioned long ago holds it: each size is a number of
+//! rows spread evenly over a number of days before now (so the same rows over fewer days is the
+//! same traffic for less time, and more rows over the same days more traffic, with as many
+//! partitions). One partition per month (plus the months ahead and the default), UUIDv7 ids of their
 //! receive time. Each month is filled as a table of its own with `INSERT … SELECT generate_series`
 //! and then attached, which builds its indexes in one sort instead of row by row (minutes saved;
 //! the indexes come out tighter than those of a journal written over months). The queries, the
@@ -35,11 +35,9 @@ const DATABASE: &str = "monohook_bench_journal";
 #[derive(Clone, Debug)]
 pub struct JournalConfig {
     pub database_server: String,
-    /// The sizes measured, smallest first; retention is measured at the last.
-    pub sizes: Vec<u64>,
-    /// Days the rows of the largest size are spread over (more than the retention and a month, so
-    /// the oldest month has expired); a smaller size spans as many fewer days.
-    pub days: u32,
+    /// The sizes measured; retention is measured at the last, whose days must pass the retention
+    /// by a month (so its oldest month has expired).
+    pub sizes: Vec<Size>,
     /// Samples of each query and commit at each size.
     pub samples: usize,
     /// Deliveries per batch (the worker's `BATCH_MAX` default).
@@ -51,6 +49,38 @@ pub struct JournalConfig {
     pub retention_days: i64,
     /// `DEDUP_WINDOW_SECS` default.
     pub dedup_window_secs: i64,
+}
+
+/// A journal size: `rows` rows received over the last `days` days.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size {
+    pub rows: u64,
+    pub days: u32,
+}
+
+impl Size {
+    /// The time the rows span, in ms.
+    fn span_ms(self) -> i64 {
+        i64::from(self.days) * 86_400_000
+    }
+}
+
+impl std::str::FromStr for Size {
+    type Err = String;
+
+    /// `ROWS@DAYS`, e.g. `10000000@150`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (rows, days) = text.split_once('@').ok_or_else(|| format!("{text}: expected ROWS@DAYS"))?;
+        let number = |v: &str| v.replace('_', "").parse::<u64>().map_err(|e| format!("{text}: {e}"));
+        let days = u32::try_from(number(days)?).map_err(|e| format!("{text}: {e}"))?;
+        Ok(Self { rows: number(rows)?, days })
+    }
+}
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.rows, self.days)
+    }
 }
 
 /// Milliseconds at the 50th and 99th percentile and the longest.
@@ -76,7 +106,7 @@ impl Latency {
 /// The figures at one size.
 #[derive(Clone, Debug)]
 pub struct Scale {
-    pub rows: u64,
+    pub size: Size,
     pub fill_secs: f64,
     pub partitions: usize,
     /// `SELECT id … WHERE id = ANY($1)`: which of a batch's deliveries are journaled already.
@@ -112,33 +142,55 @@ pub struct JournalResult {
 }
 
 pub async fn run(config: &JournalConfig) -> anyhow::Result<JournalResult> {
-    let pool = prepare_database(config).await?;
-    let mut anchor = Utc::now();
-    let mut scales = Vec::new();
-    for &rows in &config.sizes {
-        eprintln!("journal: filling {rows} rows");
+    // One database per size, all filled first, then measured in turns (a batch on each, round
+    // after round), so that the machine's other load falls on every size alike.
+    let mut journals = Vec::new();
+    for (i, &size) in config.sizes.iter().enumerate() {
+        eprintln!("journal: filling {} rows over {} days", size.rows, size.days);
+        let pool = prepare_database(config, &format!("{DATABASE}_{i}")).await?;
         let started = Instant::now();
         // The newest rows are received now, so a batch finds copies of its bodies in the window.
-        anchor = Utc::now();
-        let partitions = fill(&pool, config, rows, anchor).await?;
-        let fill_secs = started.elapsed().as_secs_f64();
-        eprintln!("journal: measuring at {rows} rows ({fill_secs:.0} s to fill)");
-        let (settled, copies, commit) = measure_queries(&pool, config, rows, anchor).await?;
-        let size_bytes = journal_size(&pool).await?;
-        scales.push(Scale { rows, fill_secs, partitions, settled, copies, commit, size_bytes });
+        let anchor = Utc::now();
+        let partitions = fill(&pool, size, anchor).await?;
+        journals.push((pool, size, anchor, partitions, started.elapsed().as_secs_f64()));
     }
-    let rows = *config.sizes.last().unwrap_or(&0);
+    eprintln!("journal: {} batches on each size, in turns", config.samples);
+    let mut samples = vec![(Vec::new(), Vec::new(), Vec::new()); journals.len()];
+    for round in 0..config.samples as u64 {
+        for ((pool, size, anchor, ..), (settled, copies, commits)) in journals.iter().zip(&mut samples) {
+            let (s, c, w) = measure_batch(pool, config, *size, *anchor, round).await?;
+            settled.push(s);
+            copies.push(c);
+            commits.push(w);
+        }
+    }
+    let mut scales = Vec::new();
+    for ((pool, size, _, partitions, fill_secs), (settled, copies, commits)) in journals.iter().zip(samples) {
+        scales.push(Scale {
+            size: *size,
+            fill_secs: *fill_secs,
+            partitions: *partitions,
+            settled: Latency::of(settled),
+            copies: Latency::of(copies),
+            commit: Latency::of(commits),
+            size_bytes: journal_size(pool).await?,
+        });
+    }
+    for (pool, ..) in journals.iter().rev().skip(1) {
+        pool.close().await;
+    }
+    let (pool, size, anchor, ..) = journals.pop().ok_or_else(|| anyhow::anyhow!("no size to measure"))?;
     let cutoff = anchor - chrono::Duration::days(config.retention_days);
     let size_before_steps = journal_size(&pool).await?;
 
     eprintln!("journal: batches alone");
     let baseline =
-        batches_during(&pool, config, rows, async { tokio::time::sleep(Duration::from_secs(3)).await })
+        batches_during(&pool, config, size, async { tokio::time::sleep(Duration::from_secs(3)).await })
             .await?
             .1;
 
     eprintln!("journal: {} row-delete steps", config.steps);
-    let (step_times, during) = batches_during(&pool, config, rows, async {
+    let (step_times, during) = batches_during(&pool, config, size, async {
         let mut times = Vec::new();
         let mut deleted = 0;
         for _ in 0..config.steps {
@@ -171,7 +223,7 @@ pub async fn run(config: &JournalConfig) -> anyhow::Result<JournalResult> {
     let partition_rows: i64 =
         sqlx::query_scalar(&format!("SELECT count(*) FROM {oldest}")).fetch_one(&mut *conn).await?;
     eprintln!("journal: dropping {oldest} ({partition_rows} rows)");
-    let (dropped, during) = batches_during(&pool, config, rows, async {
+    let (dropped, during) = batches_during(&pool, config, size, async {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let started = Instant::now();
         let expiry = partitions::drop_if_unneeded(&mut conn, &oldest, cutoff).await?;
@@ -186,10 +238,19 @@ pub async fn run(config: &JournalConfig) -> anyhow::Result<JournalResult> {
     Ok(JournalResult { scales, baseline, row_steps, partition_drop, size_before_steps })
 }
 
-async fn prepare_database(config: &JournalConfig) -> anyhow::Result<PgPool> {
+/// Drops the benchmark's databases (each holds gigabytes).
+pub async fn drop_databases(config: &JournalConfig) -> anyhow::Result<()> {
     let admin = PgPool::connect(&format!("{}/postgres", config.database_server)).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")).execute(&admin).await?;
-    sqlx::query(&format!("CREATE DATABASE {DATABASE}")).execute(&admin).await?;
+    for i in 0..config.sizes.len() {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {DATABASE}_{i} WITH (FORCE)")).execute(&admin).await?;
+    }
+    Ok(())
+}
+
+async fn prepare_database(config: &JournalConfig, database: &str) -> anyhow::Result<PgPool> {
+    let admin = PgPool::connect(&format!("{}/postgres", config.database_server)).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")).execute(&admin).await?;
+    sqlx::query(&format!("CREATE DATABASE {database}")).execute(&admin).await?;
     admin.close().await;
     let pool = PgPoolOptions::new()
         .max_connections(4)
@@ -197,18 +258,10 @@ async fn prepare_database(config: &JournalConfig) -> anyhow::Result<PgPool> {
         .after_connect(|conn, _| {
             Box::pin(async move { conn.execute("SET maintenance_work_mem = '512MB'").await.map(drop) })
         })
-        .connect(&format!("{}/{DATABASE}", config.database_server))
+        .connect(&format!("{}/{database}", config.database_server))
         .await?;
     worker::db::MIGRATOR.run(&pool).await?;
     Ok(pool)
-}
-
-impl JournalConfig {
-    /// The time `rows` rows span, in ms: the same rows per second at every size.
-    fn span_ms(&self, rows: u64) -> i64 {
-        let largest = self.sizes.iter().copied().max().unwrap_or(rows).max(1);
-        (i128::from(self.days) * 86_400_000 * i128::from(rows) / i128::from(largest)) as i64
-    }
 }
 
 /// The receive time of row `n` of `rows` spread evenly over `span_ms` before `anchor`, in Unix ms.
@@ -229,12 +282,8 @@ fn row_digest(n: u64) -> String {
 
 /// Empties the journal and fills it with `rows` rows over their span before `anchor`, one
 /// partition per month. Returns the partitions. No row is `dead`: a month is dropped only without.
-async fn fill(
-    pool: &PgPool,
-    config: &JournalConfig,
-    rows: u64,
-    anchor: DateTime<Utc>,
-) -> anyhow::Result<usize> {
+async fn fill(pool: &PgPool, size: Size, anchor: DateTime<Utc>) -> anyhow::Result<usize> {
+    let rows = size.rows;
     let mut conn = pool.acquire().await?;
     for partition in partitions::list(&mut conn).await? {
         if partition.bounds != Bounds::Default {
@@ -248,7 +297,7 @@ async fn fill(
     conn.execute("TRUNCATE webhook_events").await?;
     // The months of the rows, and those the worker keeps ahead.
     let last = (0..partitions::MONTHS_AHEAD).fold(Month::containing(anchor), |m, _| m.next());
-    let span_ms = config.span_ms(rows);
+    let span_ms = size.span_ms();
     let mut month = Month::containing(anchor - chrono::Duration::milliseconds(span_ms));
     let mut months = Vec::new();
     while month.start <= last.start {
@@ -326,13 +375,14 @@ fn written_at(batch: &Batch) -> DateTime<Utc> {
     batch.received + chrono::Duration::days(1)
 }
 
-fn batch(config: &JournalConfig, rows: u64, round: u64) -> Batch {
+fn batch(config: &JournalConfig, size: Size, round: u64) -> Batch {
+    let rows = size.rows;
     let received = Utc::now();
     let mut ids = Vec::with_capacity(config.batch);
     let mut digests = Vec::with_capacity(config.batch);
     // Rows received within the window before the anchor: n with n·span/rows < window.
-    let recent = ((config.dedup_window_secs as u128 * 1000 * rows as u128) / config.span_ms(rows) as u128)
-        .max(1) as u64;
+    let recent =
+        ((config.dedup_window_secs as u128 * 1000 * rows as u128) / size.span_ms() as u128).max(1) as u64;
     for i in 0..config.batch as u64 {
         ids.push(Uuid::now_v7());
         let n = if i % 2 == 0 {
@@ -403,32 +453,32 @@ async fn commit(pool: &PgPool, b: &Batch) -> anyhow::Result<f64> {
     Ok(started.elapsed().as_secs_f64() * 1000.0)
 }
 
-async fn measure_queries(
+/// One batch on the journal of `size`: its two reads (which ids are journaled: half the batch's
+/// own, half redeliveries of rows received in the last hour; the dedup lookup) and its write and
+/// commit. Returns the three times in ms.
+async fn measure_batch(
     pool: &PgPool,
     config: &JournalConfig,
-    rows: u64,
+    size: Size,
     anchor: DateTime<Utc>,
-) -> anyhow::Result<(Latency, Latency, Latency)> {
+    round: u64,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let rows = size.rows;
+    let b = batch(config, size, round);
+    let last_hour = ((3_600_000u128 * u128::from(rows)) / size.span_ms() as u128).max(1) as u64;
+    let ids: Vec<Uuid> = (0..config.batch as u64)
+        .map(|i| {
+            if i % 2 == 0 {
+                row_id(1 + (round * 7919 + i * 104_729) % last_hour, rows, size.span_ms(), anchor)
+            } else {
+                b.ids[i as usize]
+            }
+        })
+        .collect();
     let mut conn = pool.acquire().await?;
-    let (mut settled, mut copies, mut commits) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..config.samples as u64 {
-        let b = batch(config, rows, round);
-        // Half journaled ids (rows spread over the whole journal), half the batch's own.
-        let ids: Vec<Uuid> = (0..config.batch as u64)
-            .map(|i| {
-                if i % 2 == 0 {
-                    row_id(1 + (round * 7919 + i * 104_729) % rows, rows, config.span_ms(rows), anchor)
-                } else {
-                    b.ids[i as usize]
-                }
-            })
-            .collect();
-        let (s, c) = lookups(&mut conn, config, &b, &ids).await?;
-        settled.push(s);
-        copies.push(c);
-        commits.push(commit(pool, &b).await?);
-    }
-    Ok((Latency::of(settled), Latency::of(copies), Latency::of(commits)))
+    let (settled, copies) = lookups(&mut conn, config, &b, &ids).await?;
+    drop(conn);
+    Ok((settled, copies, commit(pool, &b).await?))
 }
 
 /// Runs batches (both lookups, then the write and commit) back to back while `work` runs; returns
@@ -436,7 +486,7 @@ async fn measure_queries(
 async fn batches_during<T>(
     pool: &PgPool,
     config: &JournalConfig,
-    rows: u64,
+    size: Size,
     work: impl std::future::Future<Output = T>,
 ) -> anyhow::Result<(T, Latency)> {
     let stop = CancellationToken::new();
@@ -448,7 +498,7 @@ async fn batches_during<T>(
             let mut round = 1_000_000;
             while !stop.is_cancelled() {
                 round += 1;
-                let b = batch(&config, rows, round);
+                let b = batch(&config, size, round);
                 let started = Instant::now();
                 lookups(&mut conn, &config, &b, &b.ids).await?;
                 commit(&pool, &b).await?;

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::journal::{JournalConfig, JournalResult, Latency};
+use super::journal::{JournalConfig, JournalResult, Latency, Scale};
 
 fn gib(bytes: i64) -> String {
     format!("{:.2} GiB", bytes as f64 / (1024.0 * 1024.0 * 1024.0))
@@ -27,50 +27,72 @@ pub fn render(
     let _ = writeln!(
         out,
         "`./scripts/bench-journal` (release build; PostgreSQL only, no broker). One run; every ratio is \
-         between figures of that run. The journal as a database partitioned by month holds it after \
-         steady traffic: the largest size's rows spread evenly over the last {} days, a smaller size's \
-         over as many fewer (the same rows per second, so a dedup window holds as many rows at each \
-         size; UUIDv7 ids of their receive time, minimal payloads, 100,000 accounts), one partition \
-         per month plus {} ahead and the default. Each figure is over \
-         {} batches of {} deliveries (`BATCH_MAX`), p50 / p99: the worker's two journal reads of a \
-         batch (`worker/src/db/batch.rs`: which ids are journaled, half of them spread over the whole \
-         journal; and the dedup lookup, half the bodies journaled within `DEDUP_WINDOW_SECS` = {} s), \
-         and its journal insert (`ON CONFLICT (id) DO NOTHING`) with the commit.\n",
-        config.days,
+         between figures of that run. Each size is the journal as a database partitioned by month \
+         holds it: its rows spread evenly over its last days (UUIDv7 ids of their receive time, \
+         minimal payloads, 100,000 accounts), one partition per month plus {} ahead and the default. \
+         The same rows over fewer days is the same traffic for less time (fewer months); more rows \
+         over the same days is more traffic (as many months, more rows in each). Each size has a \
+         database of its own; all are filled first, then measured in turns, a batch on each, round \
+         after round, so the machine's other load falls on all alike. Each figure is over {} batches \
+         of {} deliveries (`BATCH_MAX`), p50 / p99: the worker's two journal reads of a batch \
+         (`worker/src/db/batch.rs`: which ids are journaled, half the batch's own and half \
+         redeliveries of rows received in the last hour; and the dedup lookup, half the bodies \
+         journaled within `DEDUP_WINDOW_SECS` = {} s), and its journal insert (`ON CONFLICT (id) DO \
+         NOTHING`) with the commit. The ratios compare the last size with each other one (p50).\n",
         worker::partitions::MONTHS_AHEAD,
         config.samples,
         config.batch,
         config.dedup_window_secs
     );
-    let (Some(small), Some(large)) = (result.scales.first(), result.scales.last()) else {
+    let Some((large, others)) = result.scales.split_last() else {
         return out;
     };
-    let _ = writeln!(
-        out,
-        "| measure | {} rows | {} rows | ratio (p50) |",
-        thousands(small.rows),
-        thousands(large.rows)
-    );
-    let _ = writeln!(out, "|---|---|---|---|");
-    for (name, a, b) in [
-        ("journaled ids (`id = ANY`), p50 / p99", &small.settled, &large.settled),
-        ("dedup lookup (bodies in the window), p50 / p99", &small.copies, &large.copies),
-        ("batch journal insert + commit, p50 / p99", &small.commit, &large.commit),
-    ] {
-        let _ = writeln!(out, "| {name} | {} | {} | {:.2} |", millis(a), millis(b), b.p50_ms / a.p50_ms);
+    let label = |s: &Scale| format!("{} rows, {} days", thousands(s.size.rows), s.size.days);
+    let mut header = String::from("| measure |");
+    for scale in &result.scales {
+        let _ = write!(header, " {} |", label(scale));
     }
-    let _ = writeln!(
-        out,
-        "| journal on disk (tables, indexes, TOAST) | {} | {} | {:.1} |",
-        gib(small.size_bytes),
-        gib(large.size_bytes),
-        large.size_bytes as f64 / small.size_bytes as f64
-    );
-    let _ = writeln!(out, "| partitions | {} | {} | |", small.partitions, large.partitions);
-    let _ = writeln!(out, "| time to fill | {:.0} s | {:.0} s | |", small.fill_secs, large.fill_secs);
+    for other in others {
+        let _ = write!(header, " ratio to {} |", label(other));
+    }
+    let _ = writeln!(out, "{header}\n|---|{}", "---|".repeat(result.scales.len() + others.len()));
+    type Figure = fn(&Scale) -> &Latency;
+    let figures: [(&str, Figure); 3] = [
+        ("journaled ids (`id = ANY`), p50 / p99", |s| &s.settled),
+        ("dedup lookup (bodies in the window), p50 / p99", |s| &s.copies),
+        ("batch journal insert + commit, p50 / p99", |s| &s.commit),
+    ];
+    for (name, figure) in figures {
+        let mut row = format!("| {name} |");
+        for scale in &result.scales {
+            let _ = write!(row, " {} |", millis(figure(scale)));
+        }
+        for other in others {
+            let _ = write!(row, " {:.2} |", figure(large).p50_ms / figure(other).p50_ms);
+        }
+        let _ = writeln!(out, "{row}");
+    }
+    let mut row = String::from("| journal on disk (tables, indexes, TOAST) |");
+    for scale in &result.scales {
+        let _ = write!(row, " {} |", gib(scale.size_bytes));
+    }
+    for other in others {
+        let _ = write!(row, " {:.1} |", large.size_bytes as f64 / other.size_bytes as f64);
+    }
+    let _ = writeln!(out, "{row}");
+    for (name, value) in [
+        ("partitions", (|s: &Scale| s.partitions.to_string()) as fn(&Scale) -> String),
+        ("time to fill", |s| format!("{:.0} s", s.fill_secs)),
+    ] {
+        let mut row = format!("| {name} |");
+        for scale in &result.scales {
+            let _ = write!(row, " {} |", value(scale));
+        }
+        let _ = writeln!(out, "{row}{}", " |".repeat(others.len()));
+    }
 
     let (rows_step, drop) = (&result.row_steps, &result.partition_drop);
-    let _ = writeln!(out, "\n## One retention step at {} rows\n", thousands(large.rows));
+    let _ = writeln!(out, "\n## One retention step at {} rows\n", thousands(large.size.rows));
     let _ = writeln!(
         out,
         "While each step ran, one connection ran batches back to back (both reads, the insert, the \

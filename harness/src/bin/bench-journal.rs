@@ -5,19 +5,18 @@
 use clap::Parser;
 use std::path::PathBuf;
 
-use harness::bench::journal::{self, JournalConfig};
+use harness::bench::journal::{self, JournalConfig, Size};
 use harness::bench::{journal_report, report};
 
 #[derive(Debug, Parser)]
 #[command(name = "bench-journal", about = "Benchmark the journal at 1 and 10 million rows")]
 struct Args {
-    /// Journal sizes measured, smallest first (retention is measured at the last).
-    #[arg(long, value_delimiter = ',', default_values_t = [1_000_000u64, 10_000_000])]
-    rows: Vec<u64>,
-    /// Days the largest size's rows are spread over (a smaller size's over as many fewer): more
-    /// than the retention plus a month, so a month has expired.
-    #[arg(long, default_value_t = 150)]
-    days: u32,
+    /// Journal sizes measured, as ROWS@DAYS (rows spread over that many days before now):
+    /// 1 M over 15 days and 10 M over 150 is the same traffic ten times longer; 1 M and 10 M over
+    /// 150 days, ten times the traffic. Retention is measured at the last, whose days must pass
+    /// the retention (90) by a month.
+    #[arg(long, value_delimiter = ',', default_value = "1000000@15,1000000@150,10000000@150")]
+    sizes: Vec<Size>,
     /// Batches timed at each size.
     #[arg(long, default_value_t = 300)]
     samples: usize,
@@ -37,8 +36,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = JournalConfig {
         database_server: args.database_server,
-        sizes: args.rows,
-        days: args.days,
+        sizes: args.sizes,
         samples: args.samples,
         // The worker's defaults: BATCH_MAX, RETENTION_STEP_ROWS, JOURNAL_RETENTION_DAYS, DEDUP_WINDOW_SECS.
         batch: 128,
@@ -48,7 +46,9 @@ async fn main() -> anyhow::Result<()> {
         dedup_window_secs: 600,
     };
     let started = std::time::Instant::now();
-    let result = journal::run(&config).await?;
+    let result = journal::run(&config).await;
+    journal::drop_databases(&config).await?;
+    let result = result?;
     let admin = sqlx::PgPool::connect(&format!("{}/postgres", config.database_server)).await?;
     let postgres_version: String = sqlx::query_scalar("SELECT version()").fetch_one(&admin).await?;
     let markdown = journal_report::render(
