@@ -18,7 +18,7 @@ const REAUTH: &str = "mono.events.reauthorisation_required";
 
 /// Puts a dead letter for each account onto the dead-letter queue, in order, each journaled as the
 /// worker would have. Publishes are pipelined so that tens of thousands take seconds.
-async fn seed_dead_letters(world: &TestWorld, accounts: &[String]) -> Vec<DeliveryMeta> {
+pub(crate) async fn seed_dead_letters(world: &TestWorld, accounts: &[String]) -> Vec<DeliveryMeta> {
     let bodies: Vec<Vec<u8>> = accounts.iter().map(|account| body(REAUTH, account)).collect();
     let metas: Vec<DeliveryMeta> = bodies.iter().map(|b| DeliveryMeta::stamp(b)).collect();
     for chunk in (0..accounts.len()).collect::<Vec<_>>().chunks(10_000) {
@@ -85,7 +85,7 @@ async fn hold_messages(world: &TestWorld, count: u16) -> lapin::Channel {
 }
 
 /// Takes every message off the work queue (no worker runs in these tests) and returns their ids.
-async fn replayed_ids(world: &TestWorld) -> Vec<Uuid> {
+pub(crate) async fn replayed_ids(world: &TestWorld) -> Vec<Uuid> {
     world
         .broker
         .drain(&world.broker.topology.work_queue())
@@ -95,7 +95,7 @@ async fn replayed_ids(world: &TestWorld) -> Vec<Uuid> {
         .collect()
 }
 
-async fn dead_rows(world: &TestWorld) -> HashSet<Uuid> {
+pub(crate) async fn dead_rows(world: &TestWorld) -> HashSet<Uuid> {
     sqlx::query_scalar("SELECT id FROM webhook_events WHERE status = 'dead'")
         .fetch_all(&world.pool)
         .await
@@ -104,7 +104,7 @@ async fn dead_rows(world: &TestWorld) -> HashSet<Uuid> {
         .collect()
 }
 
-async fn unfinished_actions(world: &TestWorld) -> i64 {
+pub(crate) async fn unfinished_actions(world: &TestWorld) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM dead_letter_actions WHERE completed_at IS NULL")
         .fetch_one(&world.pool)
         .await

@@ -4,6 +4,7 @@
 mod cli;
 mod database_faults;
 mod dlq;
+mod dlq_model;
 mod dlq_walks;
 mod edges;
 mod erasure;
