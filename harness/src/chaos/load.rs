@@ -72,6 +72,8 @@ pub struct LoadResult {
     pub statuses: BTreeMap<u16, u64>,
     /// Posts that got no HTTP answer at all (connection refused or reset).
     pub no_answer: u64,
+    /// What the first few of those failed with, for the report.
+    pub no_answer_errors: Vec<String>,
     /// Every post that got no 200 (an error status or no answer): ingest promised nothing for it,
     /// yet the broker may have taken one whose confirm came too late, so it may be processed.
     pub uncertain: Vec<Posted>,
@@ -106,6 +108,7 @@ impl LoadResult {
             *self.statuses.entry(status).or_default() += count;
         }
         self.no_answer += other.no_answer;
+        self.no_answer_errors.extend(other.no_answer_errors);
         self.uncertain.extend(other.uncertain);
         self.refused_at.extend(other.refused_at);
         self.slowest = self.slowest.max(other.slowest);
@@ -150,6 +153,7 @@ async fn post_until_accepted(http: &reqwest::Client, url: &str, posted: Posted, 
             .send()
             .await;
         let answered_at = Instant::now();
+        let mut failure = None;
         let (status, id) = match sent {
             Ok(response) => {
                 let status = response.status().as_u16();
@@ -159,13 +163,28 @@ async fn post_until_accepted(http: &reqwest::Client, url: &str, posted: Posted, 
                 };
                 (Some(status), id)
             }
-            Err(_) => (None, None),
+            Err(error) => {
+                // The cause chain: reqwest's own message says little ("error sending request").
+                let mut text = error.to_string();
+                let mut source = std::error::Error::source(&error);
+                while let Some(cause) = source {
+                    text.push_str(&format!(": {cause}"));
+                    source = cause.source();
+                }
+                failure = Some(text);
+                (None, None)
+            }
         };
         let mut result = result.lock().await;
         result.slowest = result.slowest.max(answered_at - sent_at);
         match status {
             Some(status) => *result.statuses.entry(status).or_default() += 1,
-            None => result.no_answer += 1,
+            None => {
+                result.no_answer += 1;
+                if result.no_answer_errors.len() < 3 {
+                    result.no_answer_errors.extend(failure);
+                }
+            }
         }
         if let Some(id) = id {
             result.accepted.insert(id, posted);
@@ -198,7 +217,13 @@ impl Load {
         let stop = CancellationToken::new();
         let token = stop.clone();
         let task = tokio::spawn(async move {
-            let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+            // Idle connections are dropped before ingest's keep-alive (actix's 5 s) can close
+            // them: reusing one the server is closing fails a post that ingest never saw.
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .pool_idle_timeout(Duration::from_secs(2))
+                .build()
+                .expect("client");
             let result = Arc::new(Mutex::new(LoadResult::default()));
             // Enough for the re-posts of a few seconds' outage at the load's rate.
             let in_flight = Arc::new(Semaphore::new(512));

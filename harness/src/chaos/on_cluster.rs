@@ -104,6 +104,9 @@ impl OnCluster {
             // PUBLISH_DEADLINE_MS (5 s with a node list) bounds every answer.
             .check("ingest never hung: every answer came within 6 s", load.slowest < Duration::from_secs(6));
         report.check("every webhook got an answer", load.no_answer == 0);
+        for error in &load.no_answer_errors {
+            report.note(format!("a post got no answer: {error}"));
+        }
         let refused: u64 = load.statuses.iter().filter(|(s, _)| **s != 200).map(|(_, n)| n).sum();
         report.note(format!(
             "ingest answered {refused} webhook(s) with 503, within {:.2} s in all; {} got 200; slowest answer {} ms",
