@@ -137,7 +137,8 @@ async fn declared_from_every_node_at_once() -> anyhow::Result<bool> {
     Ok(declared.iter().all(Result::is_ok))
 }
 
-/// The node leading the work queue dies (`kill -9` of its VM) mid-load, and comes back later.
+/// The node leading the work queue, and holding an ingest's connection, dies (`kill -9` of its VM)
+/// mid-load, and comes back later.
 async fn leader_killed(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     let started = Instant::now();
     let mut report = cluster_report(0.95);
@@ -148,6 +149,11 @@ async fn leader_killed(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     let run = OnCluster::start(base).await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
 
+    // The hard case on every run: the leader also holds an ingest's connection, so that ingest
+    // opens its next session while the queue elects a leader.
+    if let Some(&node) = Cluster::hosting("monohook-ingest")?.first() {
+        Cluster::make_leader(&run.work_queue(), node)?;
+    }
     let leader = Cluster::leader_of(&run.work_queue())?;
     Cluster::kill(leader)?;
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -165,15 +171,14 @@ async fn leader_killed(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
         run.ingest_sessions_left_for_silence()
     ));
     let (system, load) = run.stop_load(&mut report).await;
-    // Issue 21's goal, at most 1 % of posts without a 200, is reported, not checked: runs on this
-    // machine gave 0 % three times, 8.7 % and 24 % twice (elections longer than PUBLISH_DEADLINE_MS).
-    // What is checked: nothing lost or doubled, and the accepted share on Mono's retries.
+    // Issue 21's goal: at most 1 % of posts without a 200. It used to miss by 0-24 %: an ingest
+    // that reconnected during the election got channels that kept addressing the dead leader and
+    // were only nacked or left unanswered until its node came back; it now leaves such a session
+    // (four runs of this hard case: 0 %, against 10 % and 15 % before).
     let posts: u64 = load.statuses.values().sum::<u64>() + load.no_answer;
     let refused = posts - load.statuses.get(&200).copied().unwrap_or(0);
-    report.note(format!(
-        "{refused} of {posts} posts got no 200 ({:.1} %; the goal is at most 1 %)",
-        refused as f64 * 100.0 / posts.max(1) as f64
-    ));
+    let share = refused as f64 * 100.0 / posts.max(1) as f64;
+    report.check(format!("{refused} of {posts} posts got no 200 ({share:.1} %; at most 1 %)"), share <= 1.0);
     let mut report = finish("cluster_leader_killed", started, system, load, report).await?;
     report.check("nothing was dead-lettered", report.dead_lettered == 0);
     Ok(report)
