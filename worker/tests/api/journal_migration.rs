@@ -142,3 +142,28 @@ async fn a_journal_filled_by_the_previous_schema_keeps_every_row_and_the_worker_
     .await;
     assert_eq!(world.journal_count().await, 3053, "the redelivered id is journaled once");
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_migration_interrupted_after_its_first_steps_is_finished_by_running_it_again(pool: PgPool) {
+    Migrator::new(Before(PARTITIONING)).await.unwrap().run(&pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO webhook_events (id, event, body_sha256, received_at, status, attempts)
+         SELECT gen_random_uuid(), 'e', md5(n::text), now(), 'processed', 1 FROM generate_series(1, 200) AS n",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let before = every_row(&pool).await;
+    // The steps up to the move of the rows above the boundary, as if the process died there.
+    let migration = worker::db::MIGRATOR.iter().find(|m| m.version == PARTITIONING).unwrap();
+    let first_steps = &migration.sql[..migration.sql.find("-- 3.").unwrap()];
+    sqlx::raw_sql(first_steps).execute(&pool).await.unwrap();
+    assert_eq!(relkind(&pool).await, "r");
+    let moved = count(&pool, "SELECT count(*) FROM webhook_events_by_month").await;
+    assert!(moved > 0, "random ids above the boundary were moved beside");
+
+    worker::db::MIGRATOR.run(&pool).await.unwrap();
+
+    assert_eq!(relkind(&pool).await, "p");
+    assert_eq!(every_row(&pool).await, before);
+}
