@@ -129,7 +129,7 @@ pub struct RunArgs {
     pub journal_payload: JournalPayload,
 
     /// Days a journal row is kept (never less than the dedup window); a `dead` row stays until its
-    /// letter is replayed or purged.
+    /// letter is replayed or purged. Expired months go whole (the journal is partitioned by month).
     #[arg(long, env = "JOURNAL_RETENTION_DAYS", default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=36_500))]
     pub journal_retention_days: u64,
 
