@@ -31,6 +31,9 @@ CREATE OR REPLACE FUNCTION journal_id_floor(at timestamptz) RETURNS uuid
 
 -- 1. The partitioned table beside the old one, and the old table's bound (not checked yet).
 BEGIN;
+-- Months are UTC months (as the worker makes them); adding a month in a zone with summer time
+-- would move a bound by an hour.
+SET LOCAL TimeZone = 'UTC';
 DO $$
 DECLARE
     boundary timestamptz := date_trunc('month', now() + interval '7 days', 'UTC') + interval '1 month';
