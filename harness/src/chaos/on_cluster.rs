@@ -29,8 +29,6 @@ pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioRepo
         "cluster_rolling_restart" => rolling_restart(base).await,
         "cluster_node_frozen" => node_frozen(base).await,
         "cluster_two_nodes_down" => two_nodes_down(base).await,
-        "cluster_node_partitioned" => super::useless_node::node_partitioned(base).await,
-        "cluster_consumer_starved" => super::useless_node::consumer_starved(base).await,
         other => anyhow::bail!("no scenario {other}"),
     }
 }

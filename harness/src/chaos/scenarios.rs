@@ -47,6 +47,8 @@ pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioRepo
         "database_errors_of_ours" => database_errors_of_ours(base).await,
         "postgres_outage_past_consumer_timeout" => postgres_outage_past_consumer_timeout(base).await,
         "mono_slow_at_sign_in_peak" => mono_slow_at_sign_in_peak(base).await,
+        "cluster_node_partitioned" => super::useless_node::node_partitioned(base).await,
+        "cluster_consumer_starved" => super::useless_node::consumer_starved(base).await,
         other => super::on_cluster::run(other, base).await,
     }
 }
