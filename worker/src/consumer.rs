@@ -49,8 +49,9 @@ const NO_CONSUMER_ANSWERS: u32 = 3;
 
 /// Answers in a row that show ready messages while our consumer, with room for more, received
 /// nothing, before the node counts as useless and is left (issue 21, point 1): a consumer that the
-/// node keeps but never feeds (cut off from the queue's leader, a stuck channel) does not end its
-/// connection, so only what it does tells.
+/// node keeps but never feeds (a stuck channel) does not end its connection, so only what it does
+/// tells. (A node cut off from the queue's leader answers 0 messages and 0 consumers: the
+/// no-consumer rule leaves that one.)
 const STARVED_ANSWERS: u32 = 3;
 
 /// What one answer about the work queue says of our consumer's intake since the previous answer.
