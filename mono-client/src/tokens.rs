@@ -137,6 +137,28 @@ impl TokenFetcher {
         account: &AccountId,
         abandon: &CancellationToken,
     ) -> (TokenOutcome, Option<Flight>) {
+        self.fetch_if_needed(account, abandon, || std::future::ready(true))
+            .await
+            .expect("a token that is always needed is always fetched")
+    }
+
+    /// As [`Self::fetch`], but a delivery that would call Mono first asks `needed`, with its flight
+    /// already on offer, and calls only if it answers `true`; `None` (nothing fetched, no flight) if
+    /// not. Asked before the flight, a copy could see its re-auth not yet settled, then find the
+    /// settled delivery's offer withdrawn, and ask Mono for a token nobody stores; asked with the
+    /// flight on offer, either the offer is still there (shared, no call) or the settle it waited
+    /// for is visible to `needed`.
+    pub async fn fetch_if_needed<F, Fut>(
+        &self,
+        account: &AccountId,
+        abandon: &CancellationToken,
+        needed: F,
+    ) -> Option<(TokenOutcome, Option<Flight>)>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let mut needed = Some(needed);
         loop {
             let joined = {
                 let mut flights = lock(&self.flights);
@@ -157,17 +179,24 @@ impl TokenFetcher {
             };
             match joined {
                 Ok((sender, flight)) => {
+                    if let Some(needed) = needed.take()
+                        && !needed().await
+                    {
+                        // Withdrawn: copies that joined meanwhile try again, each asking itself.
+                        drop((sender, flight));
+                        return None;
+                    }
                     let outcome = self.fetch_alone(account, abandon).await;
                     sender.send_replace(Some(outcome.clone()));
                     if matches!(outcome, TokenOutcome::Abandoned) {
-                        return (outcome, None);
+                        return Some((outcome, None));
                     }
-                    return (outcome, Some(flight));
+                    return Some((outcome, Some(flight)));
                 }
                 Err(mut offer) => {
                     let shared = tokio::select! {
                         shared = offer.wait_for(Option::is_some) => shared.ok().and_then(|s| s.clone()),
-                        () = abandon.cancelled() => return (TokenOutcome::Abandoned, None),
+                        () = abandon.cancelled() => return Some((TokenOutcome::Abandoned, None)),
                     };
                     match shared {
                         // The caller gave up (its session went): try again, maybe as the caller.
@@ -177,7 +206,7 @@ impl TokenFetcher {
                         }
                         Some(outcome) => {
                             metrics::counter!(self.names.calls_shared).increment(1);
-                            return (outcome, None);
+                            return Some((outcome, None));
                         }
                     }
                 }
@@ -396,6 +425,68 @@ mod tests {
 
         assert!(matches!(&next, TokenOutcome::Token(t) if t.expose() == "fresh"), "{next:?}");
         assert_eq!(fetcher.breaker_state(), BreakerState::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_delivery_asks_whether_it_still_needs_a_token_with_its_flight_on_offer() {
+        let mono = MockServer::start().await;
+        Mock::given(method("POST")).respond_with(token("t1")).expect(1).mount(&mono).await;
+        let fetcher = fetcher(&mono, Duration::from_secs(5));
+        let account = AccountId::parse("acct-1").unwrap();
+        let never = CancellationToken::new();
+        let (asked, answer) = tokio::sync::oneshot::channel::<()>();
+        let (go, wait) = tokio::sync::oneshot::channel::<bool>();
+
+        let first = fetcher.fetch_if_needed(&account, &never, || async move {
+            let _ = asked.send(());
+            wait.await.unwrap()
+        });
+        let copy = async {
+            answer.await.unwrap();
+            // While the first decides, its flight is on offer: a copy joins it instead of leading.
+            let joined = fetcher.fetch_if_needed(&account, &never, || async {
+                panic!("a copy led while another delivery's flight was on offer")
+            });
+            let (joined, ()) = tokio::join!(joined, async { go.send(true).unwrap() });
+            joined
+        };
+        let (first, copy) = tokio::join!(first, copy);
+
+        let (first, flight) = first.expect("still needed: fetched");
+        assert!(matches!(&first, TokenOutcome::Token(t) if t.expose() == "t1"), "{first:?}");
+        assert!(flight.is_some());
+        let (copy, _) = copy.expect("shared");
+        assert!(matches!(&copy, TokenOutcome::Token(t) if t.expose() == "t1"), "{copy:?}");
+    }
+
+    #[tokio::test]
+    async fn a_delivery_no_longer_needing_a_token_asks_mono_nothing_and_its_waiting_copy_asks_itself() {
+        let mono = MockServer::start().await;
+        Mock::given(method("POST")).respond_with(token("t2")).expect(1).mount(&mono).await;
+        let fetcher = fetcher(&mono, Duration::from_secs(5));
+        let account = AccountId::parse("acct-1").unwrap();
+        let never = CancellationToken::new();
+        let (asked, answer) = tokio::sync::oneshot::channel::<()>();
+        let (go, wait) = tokio::sync::oneshot::channel::<bool>();
+
+        let first = fetcher.fetch_if_needed(&account, &never, || async move {
+            let _ = asked.send(());
+            wait.await.unwrap()
+        });
+        let copy = async {
+            answer.await.unwrap();
+            let joined = fetcher.fetch_if_needed(&account, &never, || async { true });
+            let (joined, ()) = tokio::join!(joined, async {
+                tokio::task::yield_now().await;
+                go.send(false).unwrap()
+            });
+            joined
+        };
+        let (first, copy) = tokio::join!(first, copy);
+
+        assert!(first.is_none(), "not needed: nothing fetched");
+        let (copy, _) = copy.expect("the copy still needs one");
+        assert!(matches!(&copy, TokenOutcome::Token(t) if t.expose() == "t2"), "{copy:?}");
     }
 
     async fn wait_for_requests(mono: &MockServer, count: usize) {

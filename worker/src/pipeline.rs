@@ -418,12 +418,15 @@ impl Inner {
 
     async fn fetch_token(self: Arc<Self>, mut work: Work) {
         let account = work.event.account_id.clone().expect("re-auth events carry an account id");
-        if !self.settings.processor.still_needs_token(&work.event).await {
+        // Decided again just before Mono would be asked, with this delivery's flight on offer.
+        let still_needed = || self.settings.processor.still_needs_token(&work.event);
+        let Some((outcome, flight)) =
+            self.settings.tokens.fetch_if_needed(&account, &self.abandon, still_needed).await
+        else {
             // A copy settled the re-auth meanwhile: the batcher settles this one, without Mono.
             let _ = self.input.send(work);
             return;
-        }
-        let (outcome, flight) = self.settings.tokens.fetch(&account, &self.abandon).await;
+        };
         work.flight = flight;
         match outcome {
             TokenOutcome::Token(token) => {
