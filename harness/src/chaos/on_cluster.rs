@@ -98,9 +98,13 @@ impl OnCluster {
     pub(super) async fn stop_load(self, report: &mut ScenarioReport) -> (System, LoadResult) {
         let [first, second] = self.loads;
         let load = first.stop().await.merge(second.stop().await);
-        report
-            // PUBLISH_DEADLINE_MS (5 s with a node list) bounds every answer.
-            .check("ingest never hung: every answer came within 6 s", load.slowest < Duration::from_secs(6));
+        // PUBLISH_DEADLINE_MS (5 s with a node list) bounds every answer ingest gives; the load
+        // measures on the same two cores as three broker nodes, two ingests and two workers, and
+        // has seen 6.0 and 6.75 s there. A hang is tens of seconds or none: 3 s of slack tells it.
+        report.check(
+            "ingest never hung: every answer came within PUBLISH_DEADLINE_MS + 3 s",
+            load.slowest < Duration::from_secs(8),
+        );
         report.check("every webhook got an answer", load.no_answer == 0);
         for error in &load.no_answer_errors {
             report.note(format!("a post got no answer: {error}"));
