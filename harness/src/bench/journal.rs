@@ -427,28 +427,23 @@ async fn commit(pool: &PgPool, b: &Batch) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut tx = pool.begin().await?;
     let n = b.ids.len();
-    let _: Vec<Uuid> = sqlx::query_scalar(
-        "INSERT INTO webhook_events
-             (id, event, account_id, body_sha256, received_at, status, attempts, last_error, payload, processed_at)
-         SELECT id, event, account_id, body_sha256, received_at, status, attempts, last_error, payload::jsonb,
-                clock_timestamp()
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::int4[],
-                     $8::text[], $9::text[])
-             AS v(id, event, account_id, body_sha256, received_at, status, attempts, last_error, payload)
-         ON CONFLICT (id) DO NOTHING
-         RETURNING id",
-    )
-    .bind(&b.ids)
-    .bind(vec!["mono.events.account_updated"; n])
-    .bind((0..n).map(|i| format!("acct-{i}")).collect::<Vec<_>>())
-    .bind(&b.digests)
-    .bind(vec![written_at(b); n])
-    .bind(vec!["processed"; n])
-    .bind(vec![1i32; n])
-    .bind(vec![None::<String>; n])
-    .bind(vec![Some(r#"{"event": "mono.events.account_updated", "data": {"meta": {"data_status": "AVAILABLE"}}}"#); n])
-    .fetch_all(&mut *tx)
-    .await?;
+    let _: Vec<Uuid> = sqlx::query_scalar(worker::db::batch::JOURNAL_INSERT)
+        .bind(&b.ids)
+        .bind(vec!["mono.events.account_updated"; n])
+        .bind((0..n).map(|i| format!("acct-{i}")).collect::<Vec<_>>())
+        .bind(&b.digests)
+        .bind(vec![written_at(b); n])
+        .bind(vec!["processed"; n])
+        .bind(vec![1i32; n])
+        .bind(vec![None::<String>; n])
+        .bind(vec![
+            Some(
+                r#"{"event": "mono.events.account_updated", "data": {"meta": {"data_status": "AVAILABLE"}}}"#
+            );
+            n
+        ])
+        .fetch_all(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(started.elapsed().as_secs_f64() * 1000.0)
 }

@@ -12,18 +12,14 @@
 //! some letters, or new letters arriving. No worker runs: replayed copies wait in the work queue,
 //! where the test takes them. `PROPTEST_CASES` raises the number of sequences.
 
-use futures_util::StreamExt;
-use lapin::options::BasicConsumeOptions;
-use lapin::types::FieldTable;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 use sqlx::PgPool;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use uuid::Uuid;
 
-use crate::dlq_walks::{dead_rows, replayed_ids, seed_dead_letters, unfinished_actions};
+use crate::dlq_walks::{dead_rows, hold_messages, replayed_ids, seed_dead_letters, unfinished_actions};
 use crate::helpers::{PATIENCE, TestWorld};
-use shared::delivery::DeliveryMeta;
 
 const ACCOUNTS: usize = 3;
 
@@ -134,27 +130,6 @@ async fn run(world: &TestWorld, walks: &[&Walk]) -> Vec<std::process::Output> {
         .unwrap()
 }
 
-/// Another consumer holding up to `count` letters; their ids.
-async fn hold(world: &TestWorld, count: u16) -> (lapin::Channel, BTreeSet<Uuid>) {
-    let channel = world.broker.connection.create_channel().await.unwrap();
-    channel.basic_qos(count, Default::default()).await.unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            world.dead_queue().as_str().into(),
-            "holder".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut held = BTreeSet::new();
-    for _ in 0..count {
-        let delivery = consumer.next().await.unwrap().unwrap();
-        held.insert(DeliveryMeta::from_properties(&delivery.properties, &delivery.data).id.as_uuid());
-    }
-    (channel, held)
-}
-
 /// What the walks of one step took: replayed copies from the work queue, purged letters from the
 /// rows that went; checked against the rule and applied to `letters`.
 async fn settle(
@@ -250,7 +225,7 @@ async fn run_sequence(pool: &PgPool, first: &[usize], steps: &[Step]) -> Result<
             }
             Step::WhileHeld(count, walk) => {
                 let count = (*count).min(letters.dead.len() as u16);
-                let (holder, held) = hold(&world, count).await;
+                let (holder, held) = hold_messages(&world, count).await;
                 let visible: BTreeSet<Uuid> = letters.dead.difference(&held).copied().collect();
                 let output = run(&world, &[walk]).await.remove(0);
                 settle(&world, &mut letters, &[(walk, visible)]).await?;

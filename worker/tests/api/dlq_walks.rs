@@ -6,7 +6,7 @@ use lapin::options::{BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, 
 use lapin::types::{AMQPValue, FieldTable};
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -65,8 +65,8 @@ pub(crate) async fn seed_dead_letters(world: &TestWorld, accounts: &[String]) ->
     metas
 }
 
-/// Another walker: a consumer on the dead-letter queue holding `count` messages unacked.
-async fn hold_messages(world: &TestWorld, count: u16) -> lapin::Channel {
+/// Another walker: a consumer on the dead-letter queue holding `count` messages unacked; their ids.
+pub(crate) async fn hold_messages(world: &TestWorld, count: u16) -> (lapin::Channel, BTreeSet<Uuid>) {
     let channel = world.broker.connection.create_channel().await.unwrap();
     channel.basic_qos(count, BasicQosOptions::default()).await.unwrap();
     let mut consumer = channel
@@ -78,10 +78,12 @@ async fn hold_messages(world: &TestWorld, count: u16) -> lapin::Channel {
         )
         .await
         .unwrap();
+    let mut held = BTreeSet::new();
     for _ in 0..count {
-        consumer.next().await.unwrap().unwrap();
+        let delivery = consumer.next().await.unwrap().unwrap();
+        held.insert(DeliveryMeta::from_properties(&delivery.properties, &delivery.data).id.as_uuid());
     }
-    channel
+    (channel, held)
 }
 
 /// Takes every message off the work queue (no worker runs in these tests) and returns their ids.
@@ -164,7 +166,7 @@ async fn a_replay_killed_between_record_and_publish_is_finished_only_by_a_walk_t
     .unwrap();
     sqlx::query("DELETE FROM webhook_events WHERE id = $1").bind(killed).execute(&world.pool).await.unwrap();
     // Another walker holds that message (the head of the queue) while the next replay runs.
-    let other = hold_messages(&world, 1).await;
+    let (other, _) = hold_messages(&world, 1).await;
 
     let partial = world.run_cli(&["dlq", "replay", "--all"], "").await;
 
@@ -192,7 +194,7 @@ async fn a_replay_killed_between_record_and_publish_is_finished_only_by_a_walk_t
 async fn a_purge_after_a_partial_walk_keeps_the_rows_of_letters_it_did_not_remove(pool: PgPool) {
     let world = TestWorld::new(pool).await;
     let seeded = seed_dead_letters(&world, &accounts(5)).await;
-    let other = hold_messages(&world, 1).await;
+    let (other, _) = hold_messages(&world, 1).await;
 
     let partial = world.run_cli(&["dlq", "purge", "--all", "--yes"], "").await;
 
@@ -240,7 +242,7 @@ async fn a_walk_sees_seventy_thousand_dead_letters_and_replays_only_those_select
 async fn show_says_when_it_could_not_see_the_whole_queue_and_exits_1(pool: PgPool) {
     let world = TestWorld::new(pool).await;
     let seeded = seed_dead_letters(&world, &accounts(2)).await;
-    let _other = hold_messages(&world, 1).await;
+    let (_other, _) = hold_messages(&world, 1).await;
     let id = seeded[0].id.to_string();
 
     let output = world.run_cli(&["dlq", "show", &id], "").await;
@@ -298,7 +300,7 @@ async fn a_second_ctrl_c_ends_a_walk_stuck_on_a_stalled_broker_at_once(pool: PgP
     let world = TestWorld::new(pool).await;
     seed_dead_letters(&world, &accounts(2)).await;
     // Another walker holds one message: the replay's walk waits for it before it gives up.
-    let _other = hold_messages(&world, 1).await;
+    let (_other, _) = hold_messages(&world, 1).await;
     let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
     let url = amqp_url().expose_secret().replace("127.0.0.1:5672", &proxy.addr().to_string());
     let mut command =
