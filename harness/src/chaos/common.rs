@@ -51,6 +51,48 @@ async fn mono_tokens_issued(system: &System) -> anyhow::Result<u64> {
     Ok(stats["token"].as_u64().unwrap_or(0))
 }
 
+/// Prints, for each account Mono issued more tokens for than the model counts re-auths, its journal
+/// and Mono's calls, so that a failed check can be understood from the log alone.
+async fn explain_extra_tokens(system: &System) {
+    let Ok(by_account) = model::model_reauths_by_account(&system.pool, MODEL_DEDUP_WINDOW).await else {
+        return;
+    };
+    let Ok(response) = reqwest::get(format!("{}/_sim/calls", system.mono_url)).await else { return };
+    let Ok(calls) = response.json::<Vec<serde_json::Value>>().await else { return };
+    let mut issued: std::collections::HashMap<String, Vec<i64>> = std::collections::HashMap::new();
+    for call in &calls {
+        if call["outcome"] == "token" {
+            let account = call["account"].as_str().unwrap_or_default().to_owned();
+            issued.entry(account).or_default().push(call["at_ms"].as_i64().unwrap_or_default());
+        }
+    }
+    for (account, at_ms) in issued {
+        let counted = by_account.get(&account).copied().unwrap_or(0);
+        if at_ms.len() <= counted {
+            continue;
+        }
+        eprintln!(
+            "  account {account}: {} token(s) from Mono at {at_ms:?} (ms), {counted} re-auth(s) in the model",
+            at_ms.len()
+        );
+        type Row =
+            (String, String, String, chrono::DateTime<chrono::Utc>, Option<chrono::DateTime<chrono::Utc>>);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT event, status, left(body_sha256, 8), received_at, processed_at FROM webhook_events
+                 WHERE account_id = $1 ORDER BY received_at, id",
+        )
+        .bind(&account)
+        .fetch_all(&system.pool)
+        .await
+        .unwrap_or_default();
+        for (event, status, body, received, processed) in rows {
+            let received = received.timestamp_millis();
+            let processed = processed.map(|p| p.timestamp_millis());
+            eprintln!("    received {received} processed {processed:?} {status:9} body {body} {event}");
+        }
+    }
+}
+
 /// Drains, verifies, fills the common columns and shuts the system down.
 pub(super) async fn finish(
     name: &str,
@@ -79,6 +121,9 @@ pub(super) async fn finish(
             format!("Mono issued no more tokens ({tokens}) than the model's re-auths ({reauths})"),
             tokens <= reauths as u64,
         );
+        if tokens > reauths as u64 {
+            explain_extra_tokens(&system).await;
+        }
     } else if tokens > reauths as u64 {
         report.note(format!(
             "Mono issued {tokens} tokens for the model's {reauths} re-auths (not a check here: see the scenario)"

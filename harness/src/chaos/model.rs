@@ -153,6 +153,14 @@ fn last_of<'a>(events: &[(&'a Posted, &Journaled)], wanted: impl Fn(Kind) -> boo
 /// is not a copy of one in effect within `window` with nothing else in effect between the two, and
 /// for a copy decided before the copies that chain it to the one in effect.
 pub async fn model_reauths(pool: &PgPool, window: Duration) -> anyhow::Result<usize> {
+    Ok(model_reauths_by_account(pool, window).await?.values().sum())
+}
+
+/// [`model_reauths`] account by account.
+pub async fn model_reauths_by_account(
+    pool: &PgPool,
+    window: Duration,
+) -> anyhow::Result<HashMap<String, usize>> {
     let rows: Vec<(String, String, String, DateTime<Utc>)> = sqlx::query_as(
         "SELECT account_id, event, body_sha256, received_at FROM webhook_events
          WHERE status <> 'dead' AND account_id IS NOT NULL ORDER BY received_at, id",
@@ -161,9 +169,9 @@ pub async fn model_reauths(pool: &PgPool, window: Duration) -> anyhow::Result<us
     .await?;
     let window = chrono::Duration::from_std(window)?;
     let mut taken: HashMap<String, Vec<(DateTime<Utc>, String, bool)>> = HashMap::new();
-    let mut reauths = 0;
+    let mut reauths: HashMap<String, usize> = HashMap::new();
     for (account, event, body, at) in rows {
-        let history = taken.entry(account).or_default();
+        let history = taken.entry(account.clone()).or_default();
         let copy_in_effect = |only_applied: bool| {
             history.iter().rev().take_while(|(copy_at, _, _)| at - *copy_at <= window).any(
                 |(copy_at, copy, applied)| {
@@ -177,7 +185,7 @@ pub async fn model_reauths(pool: &PgPool, window: Duration) -> anyhow::Result<us
         };
         let duplicate = copy_in_effect(false);
         if event == "mono.events.reauthorisation_required" && (!duplicate || !copy_in_effect(true)) {
-            reauths += 1;
+            *reauths.entry(account).or_default() += 1;
         }
         history.push((at, body, !duplicate));
     }
