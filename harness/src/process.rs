@@ -27,6 +27,9 @@ pub struct Service {
     pub name: String,
     child: Child,
     log_path: PathBuf,
+    /// Where this process's output starts in its log: a scenario's log directory holds, under the
+    /// same name, the processes of the scenarios before it, whose lines must not answer its checks.
+    log_start: u64,
     exit: Option<ExitStatus>,
 }
 
@@ -47,6 +50,7 @@ impl Service {
         std::fs::create_dir_all(log_dir)?;
         let log_path = log_dir.join(format!("{name}.log"));
         let log = File::options().create(true).append(true).open(&log_path)?;
+        let log_start = log.metadata()?.len();
         let child = Command::new(&path)
             .args(args)
             .env_clear()
@@ -57,7 +61,7 @@ impl Service {
             .stderr(log)
             .spawn()
             .with_context(|| format!("cannot start {}", path.display()))?;
-        Ok(Self { name: name.to_owned(), child, log_path, exit: None })
+        Ok(Self { name: name.to_owned(), child, log_path, log_start, exit: None })
     }
 
     pub fn pid(&self) -> u32 {
@@ -103,9 +107,11 @@ impl Service {
         line.split_whitespace().nth(1)?.parse().ok()
     }
 
-    /// Everything the process has written so far.
+    /// Everything the process has written so far (not what earlier processes of its name wrote).
     pub fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        let all = std::fs::read(&self.log_path).unwrap_or_default();
+        let start = usize::try_from(self.log_start).unwrap_or(usize::MAX).min(all.len());
+        String::from_utf8_lossy(&all[start..]).into_owned()
     }
 
     pub fn log_path(&self) -> &Path {

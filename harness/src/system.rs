@@ -257,6 +257,9 @@ impl System {
         if let Some(ingest) = &self.ingest {
             logs.push_str(&ingest.logs());
         }
+        for (ingest, _) in &self.more_ingests {
+            logs.push_str(&ingest.logs());
+        }
         for (worker, _) in &self.workers {
             logs.push_str(&worker.logs());
         }
