@@ -51,8 +51,13 @@ async fn mono_tokens_issued(system: &System) -> anyhow::Result<u64> {
     Ok(stats["token"].as_u64().unwrap_or(0))
 }
 
-/// Prints, for each account Mono issued more tokens for than the model counts re-auths, its journal
-/// and Mono's calls, so that a failed check can be understood from the log alone.
+/// Accounts [`explain_extra_tokens`] prints at most: where extra tokens are expected (a process
+/// killed mid-call) there can be hundreds, and the first few say enough.
+const EXPLAINED_ACCOUNTS: usize = 3;
+
+/// Prints, for each account Mono issued more tokens for than the model counts re-auths (the first
+/// [`EXPLAINED_ACCOUNTS`]), its journal and Mono's calls, so that an extra token can be understood
+/// from the log alone.
 async fn explain_extra_tokens(system: &System) {
     let Ok(by_account) = model::model_reauths_by_account(&system.pool, MODEL_DEDUP_WINDOW).await else {
         return;
@@ -66,11 +71,15 @@ async fn explain_extra_tokens(system: &System) {
             issued.entry(account).or_default().push(call["at_ms"].as_i64().unwrap_or_default());
         }
     }
-    for (account, at_ms) in issued {
-        let counted = by_account.get(&account).copied().unwrap_or(0);
-        if at_ms.len() <= counted {
-            continue;
-        }
+    let mut extra: Vec<(String, Vec<i64>, usize)> = issued
+        .into_iter()
+        .filter_map(|(account, at_ms)| {
+            let counted = by_account.get(&account).copied().unwrap_or(0);
+            (at_ms.len() > counted).then_some((account, at_ms, counted))
+        })
+        .collect();
+    extra.sort();
+    for (account, at_ms, counted) in extra.into_iter().take(EXPLAINED_ACCOUNTS) {
         eprintln!(
             "  account {account}: {} token(s) from Mono at {at_ms:?} (ms), {counted} re-auth(s) in the model",
             at_ms.len()
@@ -128,6 +137,7 @@ pub(super) async fn finish(
         report.note(format!(
             "Mono issued {tokens} tokens for the model's {reauths} re-auths (not a check here: see the scenario)"
         ));
+        explain_extra_tokens(&system).await;
     }
     report.processed = verdict.processed;
     report.lost = verdict.lost.len();

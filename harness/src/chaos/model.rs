@@ -151,7 +151,10 @@ fn last_of<'a>(events: &[(&'a Posted, &Journaled)], wanted: impl Fn(Kind) -> boo
 /// The re-auths the model counts over the journal (dead letters aside): a worker taking every
 /// delivery once, in receive order, asks Mono for a token for each `reauthorisation_required` that
 /// is not a copy of one in effect within `window` with nothing else in effect between the two, and
-/// for a copy decided before the copies that chain it to the one in effect.
+/// for a copy decided before the copies that chain it to the one in effect. As in the worker,
+/// "between" includes both ends' millisecond: events stamped in the same millisecond have no known
+/// order (two ingests, two clocks), so another body stamped with either copy's time may have been
+/// in effect between them, and the copy is taken as a new re-auth.
 pub async fn model_reauths(pool: &PgPool, window: Duration) -> anyhow::Result<usize> {
     Ok(model_reauths_by_account(pool, window).await?.values().sum())
 }
@@ -167,27 +170,95 @@ pub async fn model_reauths_by_account(
     )
     .fetch_all(pool)
     .await?;
-    let window = chrono::Duration::from_std(window)?;
-    let mut taken: HashMap<String, Vec<(DateTime<Utc>, String, bool)>> = HashMap::new();
-    let mut reauths: HashMap<String, usize> = HashMap::new();
+    Ok(count_reauths(rows, chrono::Duration::from_std(window)?))
+}
+
+/// [`model_reauths_by_account`] over journal rows (account, event, body digest, received), in
+/// receive order.
+fn count_reauths(
+    rows: Vec<(String, String, String, DateTime<Utc>)>,
+    window: chrono::Duration,
+) -> HashMap<String, usize> {
+    let mut by_account: HashMap<String, Vec<(String, String, DateTime<Utc>)>> = HashMap::new();
     for (account, event, body, at) in rows {
-        let history = taken.entry(account.clone()).or_default();
-        let copy_in_effect = |only_applied: bool| {
-            history.iter().rev().take_while(|(copy_at, _, _)| at - *copy_at <= window).any(
-                |(copy_at, copy, applied)| {
-                    *copy == body
-                        && (*applied || !only_applied)
-                        && !history.iter().any(|(between, other, applied)| {
-                            *applied && *other != body && between > copy_at && *between < at
-                        })
-                },
-            )
-        };
-        let duplicate = copy_in_effect(false);
-        if event == "mono.events.reauthorisation_required" && (!duplicate || !copy_in_effect(true)) {
-            *reauths.entry(account).or_default() += 1;
-        }
-        history.push((at, body, !duplicate));
+        by_account.entry(account).or_default().push((event, body, at));
     }
-    Ok(reauths)
+    let mut reauths: HashMap<String, usize> = HashMap::new();
+    for (account, rows) in by_account {
+        let mut history: Vec<(DateTime<Utc>, &str, bool)> = Vec::with_capacity(rows.len());
+        for (index, (event, body, at)) in rows.iter().enumerate() {
+            let (body, at) = (body.as_str(), *at);
+            // Listed after this one but stamped in its millisecond: possibly in effect before it.
+            let other_in_same_millisecond = rows[index + 1..]
+                .iter()
+                .take_while(|(_, _, later)| *later == at)
+                .any(|(_, other, _)| other != body);
+            let copy_in_effect = |only_applied: bool| {
+                history.iter().rev().take_while(|(copy_at, _, _)| at - *copy_at <= window).any(
+                    |(copy_at, copy, applied)| {
+                        *copy == body
+                            && (*applied || !only_applied)
+                            && !other_in_same_millisecond
+                            && !history.iter().any(|(between, other, applied)| {
+                                *applied && *other != body && between >= copy_at && *between <= at
+                            })
+                    },
+                )
+            };
+            let duplicate = copy_in_effect(false);
+            if event == "mono.events.reauthorisation_required" && (!duplicate || !copy_in_effect(true)) {
+                *reauths.entry(account.clone()).or_default() += 1;
+            }
+            history.push((at, body, !duplicate));
+        }
+    }
+    reauths
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REQUIRED: &str = "mono.events.reauthorisation_required";
+    const REAUTHORIZED: &str = "mono.events.account_reauthorized";
+
+    fn reauths(rows: &[(&str, &str, i64)]) -> usize {
+        let start = DateTime::from_timestamp_millis(1_800_000_000_000).expect("a valid time");
+        let rows = rows
+            .iter()
+            .map(|(event, body, ms)| {
+                (
+                    "acct".to_owned(),
+                    (*event).to_owned(),
+                    (*body).to_owned(),
+                    start + chrono::Duration::milliseconds(*ms),
+                )
+            })
+            .collect();
+        count_reauths(rows, chrono::Duration::minutes(10)).values().sum()
+    }
+
+    #[test]
+    fn a_copy_with_nothing_between_is_one_re_auth() {
+        assert_eq!(reauths(&[(REQUIRED, "r", 0), (REQUIRED, "r", 500)]), 1);
+    }
+
+    #[test]
+    fn a_copy_after_another_event_is_a_new_re_auth() {
+        assert_eq!(reauths(&[(REQUIRED, "r", 0), (REAUTHORIZED, "a", 200), (REQUIRED, "r", 500)]), 2);
+    }
+
+    #[test]
+    fn another_event_in_either_copy_s_millisecond_may_be_between_them() {
+        // As the worker decides: within a millisecond the order is unknown.
+        assert_eq!(reauths(&[(REAUTHORIZED, "a", 0), (REQUIRED, "r", 0), (REQUIRED, "r", 500)]), 2);
+        assert_eq!(reauths(&[(REQUIRED, "r", 0), (REAUTHORIZED, "a", 0), (REQUIRED, "r", 500)]), 2);
+        assert_eq!(reauths(&[(REQUIRED, "r", 0), (REQUIRED, "r", 500), (REAUTHORIZED, "a", 500)]), 2);
+        assert_eq!(reauths(&[(REQUIRED, "r", 0), (REAUTHORIZED, "a", 500), (REQUIRED, "r", 500)]), 2);
+    }
+
+    #[test]
+    fn a_copy_outside_the_window_is_a_new_re_auth() {
+        assert_eq!(reauths(&[(REQUIRED, "r", 0), (REQUIRED, "r", 601_000)]), 2);
+    }
 }
