@@ -23,13 +23,19 @@ fn policy(journal_days: u64, dedup_window_secs: u64) -> RetentionPolicy {
     }
 }
 
-/// `count` journal rows with `status`, received and processed `days_ago`.
+/// `count` journal rows with `status`, received and processed `days_ago`, with random (v4) ids, whose
+/// bits say nothing of their receive time.
 async fn journal_rows(pool: &PgPool, count: i32, status: &str, days_ago: i32) {
-    sqlx::query(
+    insert_rows(pool, "gen_random_uuid()", count, status, days_ago).await;
+}
+
+/// `count` journal rows whose id is `id_sql` (SQL over the receive time `t`).
+async fn insert_rows(pool: &PgPool, id_sql: &str, count: i32, status: &str, days_ago: i32) {
+    sqlx::query(&format!(
         "INSERT INTO webhook_events (id, event, account_id, body_sha256, received_at, status, attempts, processed_at)
-         SELECT gen_random_uuid(), 'mono.events.account_updated', 'acct-' || n, md5(random()::text), t, $2, 1, t
-         FROM generate_series(1, $1) AS n, LATERAL (SELECT now() - make_interval(days => $3)) AS at(t)",
-    )
+         SELECT {id_sql}, 'mono.events.account_updated', 'acct-' || n, md5(random()::text), t, $2, 1, t
+         FROM generate_series(1, $1) AS n, LATERAL (SELECT now() - make_interval(days => $3)) AS at(t)"
+    ))
     .bind(count)
     .bind(status)
     .bind(days_ago)
@@ -128,13 +134,21 @@ async fn one_worker_at_a_time_does_a_round(pool: PgPool) {
     assert_eq!(while_held, Round::Busy);
     assert_eq!(rows_while_held, 2);
     assert!(matches!(after, Round::Swept(Swept { journal: 2, .. })), "{after:?}");
-    // The round's connection was closed, so its lock is free again.
-    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(RETENTION_LOCK)
-        .fetch_one(&mut *holder)
-        .await
-        .unwrap();
-    assert!(free);
+    // The round's connection was closed, so its lock is free again: once the server has ended that
+    // session, which the close does not wait for.
+    let mut free = false;
+    for _ in 0..250 {
+        free = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(RETENTION_LOCK)
+            .fetch_one(&mut *holder)
+            .await
+            .unwrap();
+        if free {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(free, "the round's lock is still held 5 s after it ended");
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -280,19 +294,9 @@ async fn partitioned_since(pool: &PgPool, months_back: u32) {
 /// `count` journal rows with `status`, stamped (id and receive time) `days_ago` as ingest stamps
 /// them: a UUIDv7 of that millisecond.
 async fn stamped_rows(pool: &PgPool, count: i32, status: &str, days_ago: i32) {
-    sqlx::query(
-        "INSERT INTO webhook_events (id, event, account_id, body_sha256, received_at, status, attempts, processed_at)
-         SELECT (substr(replace(journal_id_floor(t)::text, '-', ''), 1, 12) || '7'
-                 || substr(md5(random()::text), 1, 19))::uuid,
-                'mono.events.account_updated', 'acct-' || n, md5(random()::text), t, $2, 1, t
-         FROM generate_series(1, $1) AS n, LATERAL (SELECT now() - make_interval(days => $3)) AS at(t)",
-    )
-    .bind(count)
-    .bind(status)
-    .bind(days_ago)
-    .execute(pool)
-    .await
-    .unwrap();
+    let v7_of_t = "(substr(replace(journal_id_floor(t)::text, '-', ''), 1, 12) || '7'
+                    || substr(md5(random()::text), 1, 19))::uuid";
+    insert_rows(pool, v7_of_t, count, status, days_ago).await;
 }
 
 async fn partition_names(pool: &PgPool) -> Vec<String> {
