@@ -18,7 +18,11 @@
 --      check proves the partition's bound, so ATTACH does not scan it; its indexes are attached
 --      as they are, not built again.
 -- Ingest never touches PostgreSQL. The worker waits at most for steps 1, 2 and 4 (short locks);
--- rows moved in step 2 are out of its sight until step 4 (there are none from ingest).
+-- rows moved in step 2 are out of its sight until step 4 (there are none from ingest). Steps 1 and
+-- 4 take ACCESS EXCLUSIVE on the journal: each waits at most 5 s for it (lock_timeout), so that a
+-- long reader (a dump, a report) fails the migration, to be run again, instead of queueing every
+-- worker statement behind the wait. Between steps 1 and 4 a row the check refuses (an id at or
+-- above B) is our fault, not the event's: the worker parks its delivery until the swap.
 -- Each step is its own transaction and first looks at what is done already, so a run interrupted
 -- midway is finished by running `worker migrate` again. The worker creates later months ahead and
 -- drops expired ones (`worker/src/partitions.rs`).
@@ -31,6 +35,7 @@ CREATE OR REPLACE FUNCTION journal_id_floor(at timestamptz) RETURNS uuid
 
 -- 1. The partitioned table beside the old one, and the old table's bound (not checked yet).
 BEGIN;
+SET LOCAL lock_timeout = '5s';
 -- Months are UTC months (as the worker makes them); adding a month in a zone with summer time
 -- would move a bound by an hour.
 SET LOCAL TimeZone = 'UTC';
@@ -93,6 +98,7 @@ COMMIT;
 
 -- 4. The swap, in one short transaction.
 BEGIN;
+SET LOCAL lock_timeout = '5s';
 DO $$
 DECLARE
     boundary uuid;

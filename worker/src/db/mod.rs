@@ -108,6 +108,15 @@ fn is_our_key(constraint: &str) -> bool {
         || (constraint.starts_with("webhook_events_") && constraint.ends_with("_pkey"))
 }
 
+/// The check the migration to the partitioned journal puts on the old table until its last step (no
+/// id at or above the boundary): a row it refuses is refused by our half-done migration, not for
+/// anything in the event, so the delivery waits (parked) instead of going to the dead letters.
+const MIGRATION_BOUND: &str = "webhook_events_before_bound";
+
+fn is_ours(constraint: &str) -> bool {
+    is_our_key(constraint) || constraint == MIGRATION_BOUND
+}
+
 /// Whose fault the SQLSTATE `code` is, given the constraint it names (if any). Only data exceptions
 /// (class 22: a value the database cannot take, e.g. a NUL in text) and integrity violations (class
 /// 23: a constraint the row breaks), apart from conflicts on [`OUR_KEYS`], are the event's. Outages
@@ -116,7 +125,7 @@ fn is_our_key(constraint: &str) -> bool {
 /// not restored yet), 53 insufficient resources, 57P operator intervention (shutdown, restart), 58
 /// system error, 25006 read-only transaction (a failover landed on a replica).
 pub fn fault_of(code: &str, constraint: Option<&str>) -> DbFault {
-    if code.starts_with("22") || (code.starts_with("23") && !constraint.is_some_and(is_our_key)) {
+    if code.starts_with("22") || (code.starts_with("23") && !constraint.is_some_and(is_ours)) {
         DbFault::Event
     } else if ["08", "28", "53", "57P", "58"].iter().any(|class| code.starts_with(class))
         || ["3D000", "25006"].contains(&code)
@@ -159,6 +168,8 @@ mod tests {
             assert_eq!(fault_of("23505", Some(constraint)), DbFault::Ours, "a race on {constraint}");
         }
         assert_eq!(fault_of("23505", Some("reauth_links_pkey")), DbFault::Event);
+        assert_eq!(fault_of("23514", Some(MIGRATION_BOUND)), DbFault::Ours, "a half-done migration");
+        assert_eq!(fault_of("23514", Some("webhook_events_status_check")), DbFault::Event);
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! on a database the previous schema filled: every row is kept as it was, and the worker's journal
 //! paths (redelivery, dedup, insert) work on the partitioned table.
 
-use sqlx::PgPool;
 use sqlx::error::BoxDynError;
 use sqlx::migrate::{Migration, MigrationSource, Migrator};
+use sqlx::{Connection, PgConnection, PgPool};
 use std::future::Future;
 use std::pin::Pin;
 
@@ -166,4 +166,29 @@ async fn a_migration_interrupted_after_its_first_steps_is_finished_by_running_it
 
     assert_eq!(relkind(&pool).await, "p");
     assert_eq!(every_row(&pool).await, before);
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_long_reader_fails_the_migration_at_once_instead_of_queueing_the_worker_behind_it(pool: PgPool) {
+    Migrator::new(Before(PARTITIONING)).await.unwrap().run(&pool).await.unwrap();
+    // A dump or a report, reading the journal in a long transaction.
+    let mut reader = pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM webhook_events").execute(&mut *reader).await.unwrap();
+
+    // On a connection of its own, as a starting worker that exits when its migration fails: the
+    // failed run leaves its session inside the aborted transaction and holding sqlx's lock.
+    let mut migrating = PgConnection::connect_with(&pool.connect_options()).await.unwrap();
+    let started = std::time::Instant::now();
+    let refused = tokio::time::timeout(PATIENCE, worker::db::MIGRATOR.run(&mut migrating)).await;
+    let waited = started.elapsed();
+    let error =
+        refused.expect("the migration waits for its lock no longer than its lock_timeout").unwrap_err();
+    assert!(error.to_string().contains("lock timeout"), "{error}");
+    assert!(waited < std::time::Duration::from_secs(10), "waited {waited:?}");
+    migrating.close().await.unwrap();
+    assert_eq!(relkind(&pool).await, "r", "nothing of the refused step is left");
+
+    reader.rollback().await.unwrap();
+    worker::db::MIGRATOR.run(&pool).await.unwrap();
+    assert_eq!(relkind(&pool).await, "p");
 }
