@@ -72,8 +72,8 @@ pub struct PublisherSettings {
 
 /// How long a publish that failed waits before trying again (for a new session, mostly).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
-/// Confirm timeouts with no publish taken (only nacks and timeouts) after which a session is
-/// condemned.
+/// Confirm timeouts of failed publishes only (nacks and timeouts, none taken), counted from the first
+/// failure since the broker last took one, after which a session is condemned.
 const SILENT_CONFIRM_TIMEOUTS: u32 = 3;
 
 #[derive(Clone)]
@@ -95,6 +95,10 @@ struct Session {
     /// When the broker last took a publish (an ack, or an unroutable message returned), in ms
     /// after `opened`.
     last_heard_ms: AtomicU64,
+    /// When the first publish that failed since then was sent, in ms after `opened` (`u64::MAX`:
+    /// none failed). Counted from there, not from the last ack: after a quiet spell one nack is
+    /// not three timeouts of failure.
+    failing_since_ms: AtomicU64,
     /// Fired when the session is judged useless by what it does: the supervisor moves on.
     condemned: CancellationToken,
 }
@@ -148,6 +152,7 @@ impl Publisher {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let timeout = self.inner.settings.confirm_timeout.min(left);
         let exchange = self.inner.settings.topology.exchange();
+        let sent_ms = session.opened.elapsed().as_millis() as u64;
         let confirmed = tokio::time::timeout(timeout, async {
             channel
                 .basic_publish(
@@ -178,9 +183,9 @@ impl Publisher {
             // nacks and timeouts until that node returns (RabbitMQ 3.10; seen for 25 s in the
             // partition scenario). A new session, after the election, reaches the new leader.
             Err(PublishError::TimedOut(_) | PublishError::Nacked) => {
-                let silent_for = session.silent_for();
-                if silent_for >= self.inner.settings.confirm_timeout * SILENT_CONFIRM_TIMEOUTS {
-                    session.condemn(format!("the node confirmed no publish for {silent_for:?}"));
+                let failing_for = session.failed(sent_ms);
+                if failing_for >= self.inner.settings.confirm_timeout * SILENT_CONFIRM_TIMEOUTS {
+                    session.condemn(format!("the node confirmed no publish for {failing_for:?}"));
                 }
             }
             Err(PublishError::Broker(error)) => session.condemn(format!("a publish failed: {error}")),
@@ -256,12 +261,15 @@ impl Publisher {
 impl Session {
     fn heard_from(&self) {
         self.last_heard_ms.fetch_max(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.failing_since_ms.store(u64::MAX, Ordering::Relaxed);
     }
 
-    fn silent_for(&self) -> Duration {
-        self.opened
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last_heard_ms.load(Ordering::Relaxed)))
+    /// Notes a failed publish sent at `sent_ms`; returns how long publishes have failed with none
+    /// taken: since the first failed one sent after the broker last took a publish.
+    fn failed(&self, sent_ms: u64) -> Duration {
+        let sent_ms = sent_ms.max(self.last_heard_ms.load(Ordering::Relaxed));
+        let since = self.failing_since_ms.fetch_min(sent_ms, Ordering::Relaxed).min(sent_ms);
+        self.opened.elapsed().saturating_sub(Duration::from_millis(since))
     }
 
     fn condemn(&self, reason: String) {
@@ -346,6 +354,7 @@ async fn open_session(settings: &PublisherSettings, declare: Declare) -> Result<
         next_channel: AtomicUsize::new(0),
         opened: std::time::Instant::now(),
         last_heard_ms: AtomicU64::new(0),
+        failing_since_ms: AtomicU64::new(u64::MAX),
         condemned: CancellationToken::new(),
     })
 }

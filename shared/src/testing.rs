@@ -186,6 +186,7 @@ pub struct TcpProxy {
     addr: SocketAddr,
     target: SocketAddr,
     state: Arc<Mutex<Option<Generation>>>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// One listening period of the proxy: cut ends it, stall freezes it.
@@ -199,13 +200,19 @@ impl TcpProxy {
     pub async fn start(target: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("cannot bind the proxy");
         let addr = listener.local_addr().expect("proxy address");
-        let proxy = Self { addr, target, state: Arc::new(Mutex::new(None)) };
+        let proxy = Self { addr, target, state: Arc::new(Mutex::new(None)), accepted: Arc::default() };
         proxy.serve(listener);
         proxy
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Connections the proxy has taken so far: one more each time the service behind it is
+    /// connected to again (a per-test signal, where metrics are one registry per test process).
+    pub fn connections_accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Closes the listener and every proxied connection: the service looks down.
@@ -237,6 +244,7 @@ impl TcpProxy {
         let generation = Generation { cut: CancellationToken::new(), stall: CancellationToken::new() };
         *self.state.lock().unwrap() = Some(generation.clone());
         let target = self.target;
+        let counted = self.accepted.clone();
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -244,6 +252,7 @@ impl TcpProxy {
                     () = generation.cut.cancelled() => return,
                 };
                 let Ok((mut inbound, _)) = accepted else { continue };
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let generation = generation.clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(target).await else {

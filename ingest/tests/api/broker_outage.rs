@@ -178,25 +178,13 @@ async fn a_frozen_node_is_left_for_the_next_and_readiness_says_so_meanwhile() {
     assert_eq!(app.queued().await.len(), 2);
 }
 
-/// How many times ingest has left a session, from its `/metrics` (0 before the first).
-async fn node_moves(app: &crate::helpers::TestApp) -> f64 {
-    let text = app.http.get(&app.metrics).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix("monohook_ingest_node_moves_total "))
-        .map_or(0.0, |value| value.trim().parse().unwrap())
-}
-
-#[tokio::test]
-async fn a_node_that_only_nacks_is_left_like_one_that_confirms_nothing() {
-    use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+/// Binds, beside the work queue, a queue that takes nothing: the broker nacks every publish, as a
+/// channel still addressing a quorum queue's old leader is answered during an election. Returns its
+/// name.
+async fn bind_a_queue_that_nacks_everything(app: &crate::helpers::TestApp) -> String {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
     use lapin::types::{AMQPValue, FieldTable};
 
-    let app = crate::helpers::spawn_app_with(|config| config.publish_timeout_ms = 300).await;
-    assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 200);
-    assert_eq!(node_moves(&app).await, 0.0);
-
-    // A queue that takes nothing, bound beside the work queue: the broker nacks every publish, as a
-    // channel still addressing a quorum queue's old leader is answered during an election.
     let nacker = format!("{}.nacker", app.broker.prefix);
     let mut arguments = FieldTable::default();
     arguments.insert("x-max-length".into(), AMQPValue::LongInt(0));
@@ -213,18 +201,56 @@ async fn a_node_that_only_nacks_is_left_like_one_that_confirms_nothing() {
         )
         .await
         .unwrap();
+    nacker
+}
+
+// Whether ingest left its session is read from the connections its proxy took (a new one per
+// session), not from `/metrics`: the metrics registry is one per test process, shared by the
+// ingests of the tests running beside.
+
+#[tokio::test]
+async fn a_node_that_only_nacks_is_left_like_one_that_confirms_nothing() {
+    let proxied = crate::helpers::spawn_app_behind_proxy_with(|config| config.publish_timeout_ms = 300).await;
+    let app = &proxied.app;
+    assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 200);
+    let sessions = proxied.proxy.connections_accepted();
+
+    let nacker = bind_a_queue_that_nacks_everything(app).await;
 
     // Nacks only, for more than three publish timeouts: the session is condemned.
     let started = Instant::now();
-    while node_moves(&app).await < 1.0 {
+    while proxied.proxy.connections_accepted() == sessions {
         assert!(started.elapsed() < Duration::from_secs(5), "a node that only nacks was never left");
         assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 503);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    channel.queue_delete(nacker.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
+    app.broker.channel.queue_delete(nacker.as_str().into(), Default::default()).await.unwrap();
     eventually("a webhook is taken again", Duration::from_secs(10), || async {
         app.post_webhook(fixture("account_updated.json")).await.status().as_u16() == 200
     })
     .await;
+}
+
+#[tokio::test]
+async fn one_nack_after_a_quiet_spell_does_not_leave_the_node() {
+    let proxied = crate::helpers::spawn_app_behind_proxy_with(|config| config.publish_timeout_ms = 300).await;
+    let app = &proxied.app;
+    assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 200);
+    let sessions = proxied.proxy.connections_accepted();
+    let nacker = bind_a_queue_that_nacks_everything(app).await;
+    // Quiet for longer than three publish timeouts: no ack since.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // One webhook, nacked on each try until its deadline (one publish timeout here): 503.
+    assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 503);
+    app.broker.channel.queue_delete(nacker.as_str().into(), Default::default()).await.unwrap();
+
+    assert_eq!(app.get("/readyz").await.status().as_u16(), 200);
+    assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 200);
+    assert_eq!(
+        proxied.proxy.connections_accepted(),
+        sessions,
+        "one refused webhook after a quiet spell left a healthy node"
+    );
 }

@@ -46,9 +46,17 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut IngestConfig)) -> TestAp
 }
 
 pub async fn spawn_app_behind_proxy() -> ProxiedApp {
+    spawn_app_behind_proxy_with(|_| {}).await
+}
+
+pub async fn spawn_app_behind_proxy_with(customize: impl FnOnce(&mut IngestConfig)) -> ProxiedApp {
     let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
     let url = proxied_amqp_url(&proxy);
-    let app = spawn_app_with(|config| config.broker.amqp_url = url.into()).await;
+    let app = spawn_app_with(|config| {
+        config.broker.amqp_url = url.into();
+        customize(config);
+    })
+    .await;
     ProxiedApp { app, proxy }
 }
 
