@@ -178,12 +178,21 @@ async fn a_frozen_node_is_left_for_the_next_and_readiness_says_so_meanwhile() {
     assert_eq!(app.queued().await.len(), 2);
 }
 
-/// Binds, beside the work queue, a queue that takes nothing: the broker nacks every publish, as a
-/// channel still addressing a quorum queue's old leader is answered during an election. Returns its
-/// name.
-async fn bind_a_queue_that_nacks_everything(app: &crate::helpers::TestApp) -> String {
+/// An ingest behind a proxy (publish timeout 300 ms) that has had one webhook taken; then, beside the
+/// work queue, a queue that takes nothing, so that the broker nacks every publish, as a channel still
+/// addressing a quorum queue's old leader is answered during an election. Returns the ingest, the
+/// connections its proxy had taken before the nacks, and the nacking queue's name.
+///
+/// Whether ingest left its session is read from those connections (a new one per session), not from
+/// `/metrics`: the metrics registry is one per test process, shared by the tests running beside.
+async fn published_once_then_nacked() -> (crate::helpers::ProxiedApp, usize, String) {
     use lapin::options::{QueueBindOptions, QueueDeclareOptions};
     use lapin::types::{AMQPValue, FieldTable};
+
+    let proxied = crate::helpers::spawn_app_behind_proxy_with(|config| config.publish_timeout_ms = 300).await;
+    let app = &proxied.app;
+    assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 200);
+    let sessions = proxied.proxy.connections_accepted();
 
     let nacker = format!("{}.nacker", app.broker.prefix);
     let mut arguments = FieldTable::default();
@@ -201,21 +210,13 @@ async fn bind_a_queue_that_nacks_everything(app: &crate::helpers::TestApp) -> St
         )
         .await
         .unwrap();
-    nacker
+    (proxied, sessions, nacker)
 }
-
-// Whether ingest left its session is read from the connections its proxy took (a new one per
-// session), not from `/metrics`: the metrics registry is one per test process, shared by the
-// ingests of the tests running beside.
 
 #[tokio::test]
 async fn a_node_that_only_nacks_is_left_like_one_that_confirms_nothing() {
-    let proxied = crate::helpers::spawn_app_behind_proxy_with(|config| config.publish_timeout_ms = 300).await;
+    let (proxied, sessions, nacker) = published_once_then_nacked().await;
     let app = &proxied.app;
-    assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 200);
-    let sessions = proxied.proxy.connections_accepted();
-
-    let nacker = bind_a_queue_that_nacks_everything(app).await;
 
     // Nacks only, for more than three publish timeouts: the session is condemned.
     let started = Instant::now();
@@ -234,11 +235,8 @@ async fn a_node_that_only_nacks_is_left_like_one_that_confirms_nothing() {
 
 #[tokio::test]
 async fn one_nack_after_a_quiet_spell_does_not_leave_the_node() {
-    let proxied = crate::helpers::spawn_app_behind_proxy_with(|config| config.publish_timeout_ms = 300).await;
+    let (proxied, sessions, nacker) = published_once_then_nacked().await;
     let app = &proxied.app;
-    assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 200);
-    let sessions = proxied.proxy.connections_accepted();
-    let nacker = bind_a_queue_that_nacks_everything(app).await;
     // Quiet for longer than three publish timeouts: no ack since.
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
