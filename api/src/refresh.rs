@@ -152,6 +152,9 @@ async fn lead_refresh(
             lead.publish(Ok(handout.clone()));
             return Ok(handout);
         }
+        // Not published: the lead goes with this request, and a follower leads with its own deadline
+        // (as when the deadline comes before a Mono slot).
+        Ok(Taken::OutOfTime(outcome)) => return outcome,
         Err(error) => {
             lead.publish(Err(error.clone()));
             return Err(error);
@@ -195,6 +198,9 @@ enum Taken {
     },
     /// Another process stored a token with enough time left while this one waited for its lock.
     Served(Handout),
+    /// This request's deadline came while another process still held the lock: its own answer (the
+    /// fallback or 503), not its followers', whose deadlines are later.
+    OutOfTime(Outcome),
 }
 
 /// Takes the account's lock; while another process holds it, polls the stored token (which that
@@ -214,9 +220,9 @@ async fn take_lock(refresher: &Refresher, account: &AccountId, deadline: Instant
         if now >= deadline {
             // Out of time as when Mono fails: the stored token above the floor, else 503.
             let reason = "another process is still refreshing this account's token".into();
-            return unavailable(refresher, account, reason, OTHER_PROCESS_RETRY_AFTER)
-                .await
-                .map(Taken::Served);
+            return Ok(Taken::OutOfTime(
+                unavailable(refresher, account, reason, OTHER_PROCESS_RETRY_AFTER).await,
+            ));
         }
         tokio::time::sleep(pause.min(deadline - now)).await;
         pause = (pause * 2).min(LOCK_POLL_MAX);

@@ -719,3 +719,54 @@ async fn a_request_behind_another_process_s_slow_call_gets_the_fallback_at_its_d
         app.cancel.cancel();
     }
 }
+
+/// The second counterexample the property found, shrunk: two requests to the process without the
+/// lock, the second sent while the first waits. The first reached its deadline and took the
+/// fallback; the second got that same answer at once, 25 ms before its own deadline, though Mono
+/// was not yet unavailable to it. A deadline is each request's own: only outcomes of Mono (or of
+/// the stored token) are shared.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_request_queued_behind_one_that_ran_out_of_time_waits_for_its_own_deadline(pool: PgPool) {
+    let mono = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({ "token": "late" }))
+                .set_delay(Duration::from_millis(SLOW_MS)),
+        )
+        .expect(1)
+        .mount(&mono)
+        .await;
+    seed(&pool, "acct-0", Seeded::BelowMinimum.issued_ago().map(|ago| Utc::now() - ago)).await;
+    let options = (*pool.connect_options()).clone();
+    let (first, second) = (spawn_app(&options, &mono).await, spawn_app(&options, &mono).await);
+    let http = reqwest::Client::new();
+
+    let holder = ask(&http, &first.address, "acct-0");
+    let behind = async {
+        // The first process holds the lock and waits for Mono.
+        while mono.received_requests().await.unwrap_or_default().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let leader = ask(&http, &second.address, "acct-0");
+        let follower = async {
+            // Sent 50 ms later: its deadline comes before Mono answers, after the leader's.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let sent = std::time::Instant::now();
+            let answer = ask(&http, &second.address, "acct-0").await;
+            (answer, sent.elapsed())
+        };
+        tokio::join!(leader, follower)
+    };
+    let (_, (_, ((status, _, body), took))) = tokio::join!(holder, behind);
+
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["source"], "stored", "{body}");
+    assert!(
+        took >= Duration::from_millis(DEADLINE_MS - 20),
+        "the follower took the leader's fallback after {took:?}, before its own deadline"
+    );
+    for app in [first, second] {
+        app.cancel.cancel();
+    }
+}
