@@ -61,6 +61,11 @@ pub struct ApiConfig {
     #[arg(long, env = "MONO_REFUSAL_MEMORY_SECS", default_value_t = 60)]
     pub mono_refusal_memory_secs: u64,
 
+    /// How long the api's Mono circuit breaker stays open before one probe call may go, in ms
+    /// (100 to 60000). Each failed probe doubles it, up to 12 times this (60 s by default).
+    #[arg(long, env = "MONO_CIRCUIT_OPEN_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub mono_circuit_open_ms: u64,
+
     /// A stored token is handed out only if it works at least this much longer, in seconds;
     /// otherwise a fresh one is fetched from Mono (its tokens live 10 minutes).
     #[arg(long, env = "TOKEN_MIN_REMAINING_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..600))]
@@ -111,6 +116,12 @@ impl ApiConfig {
 
     pub fn reauth_link_reuse(&self) -> chrono::Duration {
         chrono::Duration::seconds(i64::try_from(self.reauth_link_reuse_secs).unwrap_or(i64::MAX))
+    }
+
+    /// How long the breaker stays open at first, and at most.
+    pub fn mono_circuit_open(&self) -> (Duration, Duration) {
+        let open = Duration::from_millis(self.mono_circuit_open_ms);
+        (open, open * 12)
     }
 
     pub fn mono_timeout(&self) -> Duration {

@@ -36,7 +36,6 @@ use crate::db::{self, LinkState, StoredLink};
 use crate::errors::ApiError;
 use crate::flights::{Flights, Joined, Lead, follow};
 use crate::mono_access::MonoAccess;
-use mono_client::circuit::BreakerState;
 use mono_client::links::{LinkAnswer, LinkRequest};
 use mono_client::tokens::Called;
 use shared::event::AccountId;
@@ -113,10 +112,11 @@ pub async fn link(
     if let Some(message) = desk.mono.refusals.recall(ask.account.as_str()) {
         return Err(ApiError::MonoRefused(message));
     }
-    if desk.mono.tokens.breaker_state() == BreakerState::Open {
+    // Only while the opening lasts: once its time is up this request may be the probe.
+    if let Some(open_for) = desk.mono.circuit_open_for() {
         return Err(ApiError::MonoUnavailable {
             reason: "Mono circuit is open".into(),
-            retry_after: desk.mono.retry_after(),
+            retry_after: open_for,
         });
     }
     let deadline = Instant::now() + desk.mono.deadline;

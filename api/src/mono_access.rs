@@ -29,6 +29,17 @@ pub struct MonoAccess {
 }
 
 impl MonoAccess {
+    /// How much longer the breaker refuses calls, while it is open; `None` once the opening's time
+    /// is up (the next call is the probe that may close it) or while it is closed.
+    pub fn circuit_open_for(&self) -> Option<Duration> {
+        self.tokens.retry_in().filter(|left| !left.is_zero())
+    }
+
+    /// Whether Mono is unavailable to the api now: its breaker is open, or Mono refuses our key.
+    pub fn unavailable(&self) -> bool {
+        self.circuit_open_for().is_some() || self.tokens.key_refused()
+    }
+
     /// `Retry-After` for a Mono that failed: the breaker's estimate, else a default.
     pub fn retry_after(&self) -> Duration {
         self.tokens.retry_in().filter(|d| !d.is_zero()).unwrap_or(DEFAULT_RETRY_AFTER)

@@ -33,7 +33,6 @@ use crate::db::{self, TokenState};
 use crate::errors::ApiError;
 use crate::flights::{Flights, Joined, follow};
 use crate::mono_access::{DEFAULT_RETRY_AFTER, MonoAccess};
-use mono_client::circuit::BreakerState;
 use mono_client::tokens::TokenOutcome;
 use shared::event::AccountId;
 
@@ -111,9 +110,10 @@ pub async fn fresh(refresher: &Arc<Refresher>, account: &AccountId) -> Outcome {
     if let Some(message) = refresher.mono.refusals.recall(account.as_str()) {
         return Err(ApiError::MonoRefused(message));
     }
-    if refresher.mono.tokens.breaker_state() == BreakerState::Open {
-        return unavailable(refresher, account, "Mono circuit is open".into(), refresher.mono.retry_after())
-            .await;
+    // Only while the opening lasts: once its time is up this request may be the probe that closes
+    // the breaker again.
+    if let Some(open_for) = refresher.mono.circuit_open_for() {
+        return unavailable(refresher, account, "Mono circuit is open".into(), open_for).await;
     }
     loop {
         match refresher.flights.join(account.as_str()) {

@@ -59,14 +59,15 @@ impl Application {
             config.mono_timeout(),
             Duration::from_secs(config.mono_retry_after_max_secs),
         )?;
+        let (open_for, max_open_for) = config.mono_circuit_open();
         let breaker = CircuitBreaker::new(
             BreakerSettings {
                 window: Duration::from_secs(10),
                 min_calls: 10,
                 failure_ratio: 0.5,
                 consecutive_failures: 5,
-                open_for: Duration::from_secs(5),
-                max_open_for: Duration::from_secs(60),
+                open_for,
+                max_open_for,
             },
             MetricNames::API,
         );
@@ -96,6 +97,7 @@ impl Application {
             mono,
             redirects: config.mono_reauth_redirect_urls.clone(),
         });
+        let mono_for_metrics = state.mono.clone();
         let keys = web::Data::new(config.app_api_keys.clone());
 
         let listener = TcpListener::bind(config.listen_addr)
@@ -153,10 +155,14 @@ impl Application {
         .shutdown_signal(cancel.clone().cancelled_owned())
         .listen(listener)?
         .run();
-        let metrics_server = HttpServer::new(|| {
-            App::new().route(
+        let breaker_of = web::Data::new(mono_for_metrics);
+        let metrics_server = HttpServer::new(move || {
+            App::new().app_data(breaker_of.clone()).route(
                 "/metrics",
-                web::get().to(|| async {
+                web::get().to(|mono: web::Data<Arc<MonoAccess>>| async move {
+                    // Brings the circuit gauge up to date: an opening whose time is up shows as
+                    // half-open even when no request has asked since.
+                    let _ = mono.tokens.breaker_state();
                     HttpResponse::Ok()
                         .content_type("text/plain; version=0.0.4")
                         .body(shared::metrics::render())

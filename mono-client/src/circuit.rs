@@ -305,8 +305,14 @@ impl CircuitBreaker {
         drop(permit);
     }
 
+    /// The state now. An opening whose time is up is reported (and exported) as half-open, a probe
+    /// free to go: callers that look before they call (the api refuses early while it is open) must
+    /// never take an opening that has ended for one that lasts, or no call would ever reach
+    /// [`Self::try_acquire`] to probe, and the breaker would stay open for good.
     pub fn state(&self) -> BreakerState {
-        match self.lock().state {
+        let mut inner = self.lock();
+        self.end_opening_if_due(&mut inner, Instant::now());
+        match inner.state {
             Phase::Closed => BreakerState::Closed,
             Phase::Open { .. } => BreakerState::Open,
             Phase::HalfOpen { .. } => BreakerState::HalfOpen,
@@ -315,10 +321,20 @@ impl CircuitBreaker {
 
     /// How long until a call may go through again: `None` while closed, zero while a probe may go.
     pub fn retry_in(&self) -> Option<Duration> {
-        match self.lock().state {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        self.end_opening_if_due(&mut inner, now);
+        match inner.state {
             Phase::Closed => None,
-            Phase::Open { until } => Some(until.saturating_duration_since(Instant::now())),
+            Phase::Open { until } => Some(until.saturating_duration_since(now)),
             Phase::HalfOpen { .. } => Some(Duration::ZERO),
+        }
+    }
+
+    /// An opening whose time is up becomes half-open with no probe out: the next caller probes.
+    fn end_opening_if_due(&self, inner: &mut Inner, now: Instant) {
+        if matches!(inner.state, Phase::Open { until } if now >= until) {
+            self.change(inner, Phase::HalfOpen { probing: None });
         }
     }
 
@@ -343,7 +359,7 @@ impl CircuitBreaker {
                 "Mono circuit opened: Mono looks unavailable; re-auth deliveries wait in the retry tier"
             ),
             BreakerState::HalfOpen => {
-                tracing::info!(circuit = state.as_str(), "Mono circuit half-open: probing")
+                tracing::info!(circuit = state.as_str(), "Mono circuit half-open: the next call probes")
             }
             BreakerState::Closed => {
                 tracing::info!(circuit = state.as_str(), "Mono circuit closed: calls flow again")
@@ -445,6 +461,23 @@ mod tests {
         breaker.record(probe, CallResult::Answered);
         assert_eq!(breaker.state(), BreakerState::Closed);
         assert!(call(&breaker, false), "closed again, with a clean window");
+        assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn an_opening_whose_time_is_up_is_reported_half_open_and_lets_a_probe_go() {
+        let breaker = breaker(10);
+        for _ in 0..4 {
+            call(&breaker, false);
+        }
+        assert_eq!(breaker.state(), BreakerState::Open);
+        std::thread::sleep(Duration::from_millis(20));
+
+        // Asked before any call, as the api asks: an ended opening is no reason to refuse.
+        assert_eq!(breaker.state(), BreakerState::HalfOpen, "the opening's time is up");
+        assert_eq!(breaker.retry_in(), Some(Duration::ZERO));
+        let probe = breaker.try_acquire(&another_account()).expect("a probe after open_for");
+        breaker.record(probe, CallResult::Answered);
         assert_eq!(breaker.state(), BreakerState::Closed);
     }
 

@@ -7,5 +7,6 @@ mod contract;
 mod helpers;
 mod reauth_link;
 mod reauth_token;
+mod recovery;
 mod sharing;
 mod slow_mono;

@@ -20,7 +20,7 @@ fn with_allowlist(extra: &[&'static str]) -> Vec<&'static str> {
 
 /// Mono creates a link for `account` (checking key and scope) after `delay_ms`, answering the way
 /// its `scope: "auth"` answers look, with fields we do not read.
-fn mono_links(account: &str, url: &str, delay_ms: u64) -> Mock {
+pub(crate) fn mono_links(account: &str, url: &str, delay_ms: u64) -> Mock {
     Mock::given(method("POST"))
         .and(path("/v2/accounts/initiate"))
         .and(header("mono-sec-key", MONO_KEY))
@@ -37,7 +37,7 @@ fn mono_links(account: &str, url: &str, delay_ms: u64) -> Mock {
         )
 }
 
-async fn ask_link(app: &TestApp, account: &str, body: Option<Value>) -> reqwest::Response {
+pub(crate) async fn ask_link(app: &TestApp, account: &str, body: Option<Value>) -> reqwest::Response {
     ask_link_with(app, account, body, crate::helpers::MOBILE_KEY).await
 }
 
