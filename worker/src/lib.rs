@@ -16,6 +16,7 @@ pub mod partitions;
 pub mod pipeline;
 pub mod processor;
 pub mod queue_watch;
+pub mod relay;
 pub mod republish;
 pub mod retention;
 pub mod startup;

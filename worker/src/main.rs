@@ -28,20 +28,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Account(args)) => {
-            // Erasing writes its record: the schema must be there.
-            let pool = if args.writes() {
-                db::connect_and_migrate(&cli.database).await?
-            } else {
-                db::connect(&cli.database).await?
-            };
+            let pool = db::connect_current(&cli.database).await?;
             commands::account::run(&pool, &args).await
         }
         Some(Command::Dlq(command)) => {
-            let pool = db::connect_and_migrate(&cli.database).await?;
+            let pool = db::connect_current(&cli.database).await?;
             commands::dlq::run(command, &pool, &cli.broker, cli.run.dedup_window()).await
         }
         Some(Command::Status(args)) => {
-            let pool = db::connect(&cli.database).await?;
+            let pool = db::connect_current(&cli.database).await?;
             commands::status::run(&pool, &cli.broker, &args).await
         }
         None => {

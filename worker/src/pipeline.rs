@@ -29,6 +29,7 @@ use tracing::Instrument;
 
 use crate::acks::AckTracker;
 use crate::batch::Candidate;
+use crate::db::dead_letters::{self, NewDeadLetter};
 use crate::db::events::{EventRecord, EventStatus};
 use crate::event::IncomingEvent;
 use crate::mono::ReauthToken;
@@ -518,7 +519,9 @@ impl Inner {
         self.dead_letter(work.delivery, work.history, work.event.record, reason, class, work.started).await;
     }
 
-    /// Copies the delivery into the dead-letter queue, journals it, then acks it.
+    /// Stores the delivery as a dead letter (its row and its journal status, one transaction), then
+    /// acks it. While the database fails it is held like any other delivery, never past
+    /// `HOLD_MAX_SECS`: then it is parked and comes back to be stored later.
     async fn dead_letter(
         self: Arc<Self>,
         delivery: Delivery,
@@ -528,9 +531,36 @@ impl Inner {
         class: DeadClass,
         started: Instant,
     ) {
-        if !self.patiently(|| self.republisher.to_dead_letters(&delivery, &history, &reason, class)).await {
-            tracing::info!("delivery abandoned before it could be dead-lettered; it returns to the queue");
-            return;
+        let letter = NewDeadLetter {
+            id: record.id,
+            event: record.event.clone(),
+            account_id: record.account_id.clone(),
+            body: delivery.data.clone(),
+            body_sha256: record.body_sha256.clone(),
+            received_at: record.received_at,
+            headers: dead_letters::carried_headers(&delivery.properties),
+            reason: reason.clone(),
+            class: class.as_str(),
+            attempts: i32::try_from(history.previous_attempts + 1).unwrap_or(i32::MAX),
+            first_attempt_at: history.first_attempt_at,
+        };
+        let hold = self.hold_from(started);
+        match self.settings.processor.bury(&record, &letter, &self.abandon, &hold).await {
+            Ok(()) => {}
+            Err(Interrupted::Abandoned) => {
+                tracing::info!(
+                    "delivery abandoned before it could be dead-lettered; it returns to the queue"
+                );
+                return;
+            }
+            Err(Interrupted::Park(why)) => {
+                let moved = self.patiently(|| self.republisher.park(&delivery, &history, 0, &why)).await;
+                if moved {
+                    tracing::warn!(reason = %why, "the dead letter could not be stored; parked to be stored later");
+                    self.acks.settle(&[delivery.delivery_tag]).await;
+                }
+                return;
+            }
         }
         tracing::warn!(%reason, class = class.as_str(), "dead-lettered");
         metrics::counter!("monohook_worker_dead_letters_total", "class" => class.as_str()).increment(1);
@@ -540,13 +570,7 @@ impl Inner {
             .increment(1);
         metrics::histogram!("monohook_worker_processing_seconds", "event" => label)
             .record(started.elapsed().as_secs_f64());
-        if self.settings.processor.record_dead(&record, &reason, &self.abandon).await {
-            self.acks.settle(&[delivery.delivery_tag]).await;
-        } else if !self.abandon.is_cancelled() {
-            // Without its journal row the dead letter would be invisible to `worker dlq`: keep the
-            // delivery unacked, so it comes back with the next session and is tried again.
-            tracing::error!("the dead letter could not be journaled; the delivery is held, not acked");
-        }
+        self.acks.settle(&[delivery.delivery_tag]).await;
     }
 }
 

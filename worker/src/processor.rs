@@ -368,36 +368,60 @@ impl Processor {
         }
     }
 
-    /// Journals a dead letter, retrying while the database fails for a reason of ours. `false` if
-    /// abandoned or if no journal row can be written at all: then the delivery must not be acked.
-    pub async fn record_dead(
+    /// Stores a dead letter: its row (the whole message) and its journal status `dead`, in one
+    /// transaction, retried while the database fails for a reason of ours and never past `hold`
+    /// (then the caller parks the delivery: it comes back and is stored later). A body the journal's
+    /// jsonb refuses is journaled without its payload; the row keeps the body whatever it holds.
+    pub async fn bury(
         &self,
         record: &db::events::EventRecord,
-        reason: &str,
+        letter: &db::dead_letters::NewDeadLetter,
         abandon: &CancellationToken,
-    ) -> bool {
-        match self.record_dead_once(record, reason, abandon).await {
-            Some(true) => return true,
-            None => return false,
-            Some(false) => {}
-        }
-        // The body itself may be what the database refuses (jsonb rejects some valid JSON): keep
-        // the row, reason and all, without it; the message in the dead-letter queue has the body.
+        hold: &Hold<'_>,
+    ) -> Result<(), Interrupted> {
         let bare = db::events::EventRecord { payload: None, ..record.clone() };
-        let reason = format!("{reason} (body not journaled: the database refused it)");
-        self.record_dead_once(&bare, &reason, abandon).await == Some(true)
+        for record in [record, &bare] {
+            match self.bury_once(record, letter, abandon, hold).await {
+                Ok(()) => return Ok(()),
+                Err(Held::Retry(RetryError::Cancelled(_)) | Held::Ended(_)) if abandon.is_cancelled() => {
+                    return Err(Interrupted::Abandoned);
+                }
+                Err(Held::Retry(RetryError::Cancelled(error))) => {
+                    return Err(Interrupted::Park(hold.reason(&error)));
+                }
+                Err(Held::Ended(error)) => return Err(Interrupted::Park(hold.reason(&error))),
+                Err(Held::Retry(RetryError::Exhausted { last, .. })) => {
+                    return Err(Interrupted::Park(format!(
+                        "the dead letter could not be stored (ours, not the event's): {last}"
+                    )));
+                }
+                Err(Held::Retry(RetryError::Permanent(error))) => {
+                    tracing::warn!(%error, "the journal refused the body; journaling the dead letter without it");
+                }
+            }
+        }
+        Err(Interrupted::Park(
+            "the database refuses the dead letter, even without its journal payload".into(),
+        ))
     }
 
-    /// One journaling try: `Some(true)` written, `Some(false)` refused for good, `None` abandoned.
-    async fn record_dead_once(
+    async fn bury_once(
         &self,
         record: &db::events::EventRecord,
-        reason: &str,
+        letter: &db::dead_letters::NewDeadLetter,
         abandon: &CancellationToken,
-    ) -> Option<bool> {
+        hold: &Hold<'_>,
+    ) -> Result<(), Held<sqlx::Error>> {
         let attempt = || async {
+            use sqlx::Connection;
             let mut conn = self.pool.acquire().await.map_err(classify)?;
-            let written = db::events::record_dead(&mut conn, record, reason, self.journal_payload).await;
+            let written = async {
+                let mut tx = conn.begin().await?;
+                db::events::record_dead(&mut tx, record, &letter.reason, self.journal_payload).await?;
+                db::dead_letters::insert(&mut tx, letter).await?;
+                tx.commit().await
+            }
+            .await;
             if let Err(error) = &written
                 && db::poisons_connection(error)
             {
@@ -406,16 +430,9 @@ impl Processor {
             written.map_err(classify)
         };
         let on_retry = |error: &sqlx::Error, delay: Duration| {
-            tracing::warn!(%error, retry_in = ?delay, "database error of ours; dead letter not journaled yet");
+            tracing::warn!(%error, retry_in = ?delay, "database error of ours; dead letter not stored yet");
         };
-        match retry::retry(&self.db_retry, abandon, attempt, on_retry).await {
-            Ok(()) => Some(true),
-            Err(RetryError::Cancelled(_)) => None,
-            Err(RetryError::Permanent(error) | RetryError::Exhausted { last: error, .. }) => {
-                tracing::error!(%error, "cannot journal the dead letter");
-                Some(false)
-            }
-        }
+        self.retry_held(abandon, hold, attempt, on_retry).await
     }
 }
 

@@ -10,8 +10,10 @@
 //!
 //! Ages: a quorum queue does not report the age of its head message, so the work queue's age is
 //! estimated from the newest delivery this worker received (the head was received after it, so the
-//! estimate is an upper bound, and it keeps growing if the worker stops receiving); the dead queue's
-//! age is that of the oldest dead letter in the journal. Retry queues are bounded by their delays.
+//! estimate is an upper bound, and it keeps growing if the worker stops receiving). Retry queues are
+//! bounded by their delays, and the dead-letter queue is a conveyor the worker drains: what waits
+//! for an operator is counted from `dead_letters` (`monohook_dead_letters`, and the oldest's age),
+//! beside the outbox rows not yet published (`monohook_outbox_pending`).
 
 use lapin::Connection;
 use sqlx::PgPool;
@@ -32,12 +34,12 @@ pub async fn run(
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
+        stored_dead_letters(pool).await;
         let Ok(channel) = connection.create_channel().await else { continue };
         let depths = topology.depths(&channel).await;
         let _ = channel.close(200, "polled".into()).await;
         let Ok(depths) = depths else { continue };
         let work = topology.work_queue();
-        let dead = topology.dead_queue();
         for depth in depths {
             let label = depth
                 .queue
@@ -62,8 +64,6 @@ pub async fn run(
             } else if depth.queue == work {
                 let newest = health.last_received_ms.load(Ordering::Relaxed);
                 Some(((chrono::Utc::now().timestamp_millis() - newest).max(0) as f64) / 1000.0)
-            } else if depth.queue == dead {
-                oldest_dead_letter_age(pool).await
             } else {
                 None
             };
@@ -80,13 +80,20 @@ fn depth_is_known(is_work_queue: bool, consumers: u32, consuming: bool) -> bool 
     !(is_work_queue && consumers == 0 && consuming)
 }
 
-async fn oldest_dead_letter_age(pool: &PgPool) -> Option<f64> {
-    let oldest: Option<chrono::DateTime<chrono::Utc>> =
-        sqlx::query_scalar("SELECT min(processed_at) FROM webhook_events WHERE status = 'dead'")
-            .fetch_one(pool)
-            .await
-            .ok()?;
-    oldest.map(|at| (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0)
+/// Dead letters waiting for an operator (rows, not messages: the dead-letter queue is only a
+/// conveyor) and outbox rows waiting for the relay.
+async fn stored_dead_letters(pool: &PgPool) {
+    let counted: Result<(i64, Option<chrono::DateTime<chrono::Utc>>, i64), _> = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM dead_letters), (SELECT min(dead_at) FROM dead_letters),
+                (SELECT count(*) FROM outbox)",
+    )
+    .fetch_one(pool)
+    .await;
+    let Ok((dead, oldest, outbox)) = counted else { return };
+    metrics::gauge!("monohook_dead_letters").set(dead as f64);
+    let age = oldest.map_or(0.0, |at| (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0);
+    metrics::gauge!("monohook_dead_letters_oldest_age_seconds").set(age);
+    metrics::gauge!("monohook_outbox_pending").set(outbox as f64);
 }
 
 #[cfg(test)]

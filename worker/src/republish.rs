@@ -1,4 +1,4 @@
-//! Moving a delivery to a retry tier or to the dead-letter queue.
+//! Moving a delivery to a retry tier (dead letters are rows: `db::dead_letters`).
 //!
 //! The worker republishes rather than nacking: a nack cannot carry the reason and attempt history,
 //! and a requeue would count against the delivery limit. The copy keeps the body, the message id
@@ -13,8 +13,8 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use std::sync::Arc;
 
 use shared::delivery::{
-    AttemptHistory, BROKER_HEADERS, HEADER_ATTEMPTS, HEADER_DEAD_CLASS, HEADER_DEAD_REASON,
-    HEADER_FIRST_ATTEMPT_AT, HEADER_LAST_ATTEMPT_AT, HEADER_LAST_ERROR, format_time, long_string,
+    AttemptHistory, BROKER_HEADERS, HEADER_ATTEMPTS, HEADER_FIRST_ATTEMPT_AT, HEADER_LAST_ATTEMPT_AT,
+    HEADER_LAST_ERROR, format_time, long_string,
 };
 use shared::topology::Topology;
 
@@ -116,20 +116,6 @@ impl Republisher {
     /// of an earlier version (without its delivery limit) is accepted, as at start.
     pub async fn redeclare(&self) -> Result<(), shared::topology::TopologyError> {
         self.topology.declare_on(&self.connection).await
-    }
-
-    /// Sends the delivery to the dead-letter queue with the reason.
-    pub async fn to_dead_letters(
-        &self,
-        delivery: &Delivery,
-        history: &AttemptHistory,
-        reason: &str,
-        class: DeadClass,
-    ) -> Result<(), RepublishError> {
-        let mut headers = attempt_headers(&delivery.properties, history, history.previous_attempts + 1);
-        headers.insert(HEADER_DEAD_REASON.into(), long_string(&truncate(reason)));
-        headers.insert(HEADER_DEAD_CLASS.into(), long_string(class.as_str()));
-        self.publish(&self.topology.dead_queue(), delivery, headers).await
     }
 
     async fn publish(

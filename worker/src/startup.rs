@@ -116,7 +116,16 @@ impl Worker {
             self.retention_interval,
             cancel.clone(),
         ));
+        let relay = tokio::spawn(crate::relay::run(
+            crate::relay::RelaySettings {
+                amqp_url: self.settings.amqp_url.clone(),
+                topology: self.settings.topology.clone(),
+                processor: self.pipeline.processor.clone(),
+            },
+            cancel.clone(),
+        ));
         consumer::run(self.pipeline.clone(), self.settings, self.session, cancel).await;
+        let _ = relay.await;
         let _ = watch.await;
         let _ = report.await;
         let _ = retention.await;

@@ -40,7 +40,8 @@ use shared::event::AccountId;
 use shared::retry::RetryPolicy;
 use worker::batch::Candidate;
 use worker::circuit::{BreakerSettings, CircuitBreaker};
-use worker::commands::dlq::{DeadLetter, predict};
+use worker::commands::dlq::{DeadLetter, predict, replay};
+use worker::db::dead_letters::NewDeadLetter;
 use worker::event::IncomingEvent;
 use worker::mono::{MonoClient, ReauthToken};
 use worker::processor::Hold;
@@ -500,6 +501,7 @@ async fn run_history_traced(
     let mut replays_left = history.mono.len() + 1;
     // What the dry run predicted for a replayed letter, until it is settled (or dead again).
     let mut predictions: HashMap<usize, predict::Outcome> = HashMap::new();
+    let topology = shared::topology::Topology::new("model", vec![Duration::from_secs(30)], 10);
 
     for _ in 0..2_000 {
         if queue.is_empty() && fetches.is_empty() {
@@ -515,22 +517,45 @@ async fn run_history_traced(
             accounts.sort_unstable();
             accounts.dedup();
             let one_per_account = accounts.len() == dead.len();
-            for (position, letter) in dead.iter().enumerate() {
-                let forced = history.force.get(run.dead_letters + position).copied().unwrap_or(false);
-                let letter_row =
-                    DeadLetter::by_id(pool, letter.event.record.id).await.expect("journal is readable");
-                if let (true, Some(row)) = (one_per_account, letter_row) {
-                    let prediction =
-                        predict::predict(pool, &row, forced, WINDOW).await.expect("a prediction");
+            let mut rows = Vec::new();
+            for letter in &dead {
+                let row =
+                    DeadLetter::by_id(pool, letter.event.record.id).await.expect("dead letters are readable");
+                prop_assert!(row.is_some(), "dead letter #{} has no row", letter.index);
+                rows.push(row.expect("checked"));
+            }
+            let forced = history.force.get(run.dead_letters).copied().unwrap_or(false);
+            let predicted = predict::predict_all(pool, &rows, forced, WINDOW).await.expect("a prediction");
+            if one_per_account {
+                for (letter, prediction) in dead.iter().zip(&predicted) {
                     predictions.insert(letter.index, prediction.outcome);
                 }
             }
             for letter in dead.drain(..) {
-                sqlx::query("DELETE FROM webhook_events WHERE id = $1 AND status = 'dead'")
-                    .bind(letter.event.record.id)
+                let forced = history.force.get(run.dead_letters).copied().unwrap_or(false);
+                let plan = replay::Plan {
+                    kind: replay::Kind::Replay,
+                    batch_id: Uuid::now_v7(),
+                    actor: "model".into(),
+                    note: None,
+                    forced,
+                };
+                let replayed = replay::replay_one(pool, &topology, &plan, letter.event.record.id)
+                    .await
+                    .expect("the replay's transaction commits");
+                prop_assert!(
+                    matches!(replayed, replay::Replayed::Done { .. }),
+                    "#{} was not replayed",
+                    letter.index
+                );
+                // The relay: the copy leaves the outbox for the work queue.
+                let published = sqlx::query("DELETE FROM outbox WHERE message_id = $1")
+                    .bind(letter.event.record.id.to_string())
                     .execute(pool)
                     .await
-                    .expect("the dead letter's row can go");
+                    .expect("the outbox is readable")
+                    .rows_affected();
+                prop_assert_eq!(published, 1, "#{} left no copy in the outbox", letter.index);
                 let forced = history.force.get(run.dead_letters).copied().unwrap_or(false);
                 run.dead_letters += 1;
                 if forced {
@@ -571,7 +596,24 @@ async fn run_history_traced(
                 }
                 TokenOutcome::Refused { reason, .. } => {
                     drop(flight);
-                    prop_assert!(processor.record_dead(&work.event.record, &reason, &never).await);
+                    let letter = NewDeadLetter {
+                        id: work.event.record.id,
+                        event: work.event.record.event.clone(),
+                        account_id: work.event.record.account_id.clone(),
+                        body: stamped[work.index].body.clone(),
+                        body_sha256: work.event.record.body_sha256.clone(),
+                        received_at: work.event.record.received_at,
+                        headers: serde_json::json!({}),
+                        reason: reason.clone(),
+                        class: "permanent",
+                        attempts: work.event.record.attempts,
+                        first_attempt_at: None,
+                    };
+                    let hold = Hold {
+                        until: tokio::time::Instant::now() + Duration::from_secs(3600),
+                        release: &never,
+                    };
+                    prop_assert!(processor.bury(&work.event.record, &letter, &never, &hold).await.is_ok());
                     // Mono refused again: the dry run could not know (it does not call Mono).
                     predictions.remove(&work.index);
                     dead.push(work);

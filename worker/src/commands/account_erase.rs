@@ -5,10 +5,11 @@
 //! writes the account or its journal halfway through. What goes: the stored re-auth token and its
 //! times, the account snapshot, the customer id, the body (`payload`) of every journal row of the
 //! account, and the api's re-auth links made for it (`reauth_links`: each url is the customer's way
-//! in, so the rows go, and their hand-out records with them). What stays, for the audit: ids, event kinds, statuses, attempts, errors and times, and
-//! the account's flags and ordering guards (so a late event is still recognised as stale). Dead
-//! letters keep their whole body in the dead-letter queue: the command counts them and says how to
-//! purge them. Running it twice removes nothing the second time and records the request again.
+//! in, so the rows go, and their hand-out records with them), its dead letters and the replay copies
+//! of them not yet published (`dead_letters` and `outbox` rows, each with the whole body). What
+//! stays, for the audit: ids, event kinds, statuses, attempts, errors and times, and the account's
+//! flags and ordering guards (so a late event is still recognised as stale). Running it twice
+//! removes nothing the second time and records the request again.
 
 use chrono::{DateTime, Utc};
 use clap::Args;
@@ -42,9 +43,6 @@ pub struct Erasure {
     pub reason: String,
     pub erased_at: DateTime<Utc>,
     pub removed: Removed,
-    /// Dead letters of the account: each still holds its whole body in the dead-letter queue until
-    /// it is purged (`worker dlq purge --account <id>`).
-    pub dead_letters_waiting: i64,
 }
 
 /// What the erasure found and removed.
@@ -59,6 +57,10 @@ pub struct Removed {
     pub reauth_links: u64,
     /// Records of those links being handed out (`reauth_link_handouts`), removed with them.
     pub reauth_link_handouts: u64,
+    /// Dead letters of the account (`dead_letters` rows, each with its whole body), removed.
+    pub dead_letters: u64,
+    /// Replay copies of the account's dead letters not yet published (`outbox` rows), removed.
+    pub outbox_messages: u64,
 }
 
 pub async fn run(pool: &PgPool, args: &EraseArgs) -> anyhow::Result<()> {
@@ -82,6 +84,12 @@ pub async fn run(pool: &PgPool, args: &EraseArgs) -> anyhow::Result<()> {
     if removed.journal_payloads > 0 {
         what.push(format!("the bodies of its journal rows ({})", removed.journal_payloads));
     }
+    if removed.dead_letters > 0 {
+        what.push(format!("its dead letters ({})", removed.dead_letters));
+    }
+    if removed.outbox_messages > 0 {
+        what.push(format!("its replay copies not yet published ({})", removed.outbox_messages));
+    }
     if removed.reauth_links > 0 {
         what.push(format!(
             "its re-auth links ({}, handed out {} time(s))",
@@ -92,13 +100,6 @@ pub async fn run(pool: &PgPool, args: &EraseArgs) -> anyhow::Result<()> {
         if what.is_empty() { "nothing (no personal data was held)".to_owned() } else { what.join(", ") };
     println!("erased account {}: {what}", erasure.account_id);
     println!("kept for the audit: ids, event kinds, statuses and times; the account's flags and guards");
-    if erasure.dead_letters_waiting > 0 {
-        println!(
-            "dead letters of this account still holding their whole body in the dead-letter queue: {} \
-             (worker dlq purge --account {})",
-            erasure.dead_letters_waiting, erasure.account_id
-        );
-    }
     println!("recorded as erasure {} by {}: {}", erasure.erasure_id, erasure.actor, erasure.reason);
     Ok(())
 }
@@ -152,11 +153,9 @@ pub async fn erase(pool: &PgPool, account: &str, actor: &str, reason: &str) -> a
         .execute(&mut *tx)
         .await?
         .rows_affected();
-    let dead_letters_waiting: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM webhook_events WHERE account_id = $1 AND status = 'dead'")
-            .bind(account)
-            .fetch_one(&mut *tx)
-            .await?;
+    // Dead letters and unpublished replay copies hold the whole body: they go in this transaction.
+    let dead_letters = crate::db::dead_letters::erase_account(&mut tx, account).await?;
+    let outbox_messages = crate::db::outbox::erase_account(&mut tx, account).await?;
     let removed = Removed {
         reauth_token,
         account_snapshot,
@@ -164,6 +163,8 @@ pub async fn erase(pool: &PgPool, account: &str, actor: &str, reason: &str) -> a
         journal_payloads,
         reauth_links,
         reauth_link_handouts: u64::try_from(reauth_link_handouts).unwrap_or_default(),
+        dead_letters,
+        outbox_messages,
     };
     let (erasure_id, erased_at): (i64, DateTime<Utc>) = sqlx::query_as(
         "INSERT INTO account_erasures (account_id, actor, reason, removed) VALUES ($1, $2, $3, $4)
@@ -184,6 +185,5 @@ pub async fn erase(pool: &PgPool, account: &str, actor: &str, reason: &str) -> a
         reason: reason.to_owned(),
         erased_at,
         removed,
-        dead_letters_waiting,
     })
 }

@@ -67,13 +67,16 @@ pub struct QueueState {
 
 #[derive(Debug, Serialize)]
 pub struct DeadLetters {
-    /// Rows with status `dead` in the journal.
-    pub in_journal: i64,
-    /// Ready messages in the dead-letter queue; `null` if the queues could not be read.
+    /// Dead letters waiting for an operator (`dead_letters` rows).
+    pub stored: i64,
+    /// Messages in the dead-letter queue not yet drained into rows by a worker; `null` if the
+    /// queues could not be read.
     pub in_queue: Option<u32>,
-    /// When the oldest journaled dead letter was dead-lettered.
+    /// Replay copies in the outbox not yet published by a worker.
+    pub outbox: i64,
+    /// When the oldest stored dead letter was dead-lettered.
     pub oldest_at: Option<DateTime<Utc>>,
-    /// Journaled dead letters older than `DEAD_LETTER_MAX_AGE_DAYS`.
+    /// Stored dead letters older than `DEAD_LETTER_MAX_AGE_DAYS`.
     pub older_than_max_age: i64,
     pub max_age_days: u64,
 }
@@ -160,18 +163,21 @@ async fn gather(
     };
 
     let max_age_days = args.dead_letter_max_age_days;
-    let (in_journal, oldest_at, older_than_max_age): (i64, Option<DateTime<Utc>>, i64) = sqlx::query_as(
-        "SELECT count(*), min(processed_at), count(*) FILTER (WHERE processed_at < now() - make_interval(days => $1))
-         FROM webhook_events WHERE status = 'dead'",
+    let (stored, oldest_at, older_than_max_age, outbox): (i64, Option<DateTime<Utc>>, i64, i64) = sqlx::query_as(
+        "SELECT count(*), min(dead_at), count(*) FILTER (WHERE dead_at < now() - make_interval(days => $1)),
+             (SELECT count(*) FROM outbox)
+         FROM dead_letters",
     )
     .bind(i32::try_from(max_age_days).unwrap_or(i32::MAX))
     .fetch_one(pool)
     .await?;
     let in_queue = queues.iter().find(|q| q.role == "dead").map(|q| q.messages);
-    let dead_letters = DeadLetters { in_journal, in_queue, oldest_at, older_than_max_age, max_age_days };
+    let dead_letters = DeadLetters { stored, in_queue, outbox, oldest_at, older_than_max_age, max_age_days };
+    // The newest by id (ids are UUIDv7: receive order), read backwards along each partition's key:
+    // bounded time on a journal of any size, where sorting by `processed_at` is not.
     let mut last_processed: Option<LastProcessed> = sqlx::query_as(
         "SELECT event, status, received_at, processed_at FROM webhook_events WHERE status <> 'dead'
-         ORDER BY processed_at DESC NULLS LAST LIMIT 1",
+         ORDER BY id DESC LIMIT 1",
     )
     .fetch_optional(pool)
     .await?;
@@ -300,12 +306,12 @@ fn problems(status: &Status, topology: &Topology) -> Vec<Problem> {
         }
     }
     let dead = &status.dead_letters;
-    if dead.in_journal > 0 || dead.in_queue.unwrap_or(0) > 0 {
+    if dead.stored > 0 || dead.in_queue.unwrap_or(0) > 0 {
         let in_queue = dead.in_queue.map_or_else(|| "?".to_owned(), |n| n.to_string());
         problems.push(Problem {
             check: "dead_letters_waiting",
             subject: topology.dead_queue(),
-            detail: format!("{in_queue} in the dead-letter queue, {} in the journal", dead.in_journal),
+            detail: format!("{} stored, {in_queue} in the dead-letter queue not yet stored", dead.stored),
         });
     }
     if dead.older_than_max_age > 0 {
@@ -342,7 +348,10 @@ fn print_text(status: &Status, check: bool) {
         println!("queues not declared yet ({error})");
     }
     let dead = &status.dead_letters;
-    println!("\ndead letters in the journal   {} (oldest {})", dead.in_journal, age(dead.oldest_at));
+    println!("\ndead letters stored           {} (oldest {})", dead.stored, age(dead.oldest_at));
+    if dead.outbox > 0 {
+        println!("replay copies to publish      {}", dead.outbox);
+    }
     match &status.last_processed {
         Some(last) => println!(
             "last processed event          {} ({}) {} ago, {} ms after ingest received it",
@@ -410,8 +419,9 @@ mod tests {
             queues: Vec::new(),
             queues_error: None,
             dead_letters: DeadLetters {
-                in_journal: dead_in_journal,
+                stored: dead_in_journal,
                 in_queue: Some(0),
+                outbox: 0,
                 oldest_at: None,
                 older_than_max_age: dead_in_journal / 2,
                 max_age_days: 30,

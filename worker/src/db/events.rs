@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::dead_letters::storable;
 use crate::journal_payload::JournalPayload;
 
 /// How a delivery was settled (the `status` column).
@@ -20,7 +21,7 @@ pub enum EventStatus {
     Duplicate,
     /// Received before the last event already applied to the account; no effect.
     Stale,
-    /// Could not succeed; the message waits in the dead-letter queue.
+    /// Could not succeed; the message waits in `dead_letters`.
     Dead,
 }
 
@@ -52,9 +53,9 @@ pub struct EventRecord {
     pub first_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// Records a dead letter (after the message is safely in the dead-letter queue, which keeps its
+/// Journals a dead letter (in the transaction that stores its `dead_letters` row, which keeps the
 /// whole body), its payload cut down to what `kept` allows. A delivery that was already settled
-/// otherwise keeps its status.
+/// otherwise keeps its status. Text is made storable (NUL replaced).
 pub async fn record_dead(
     conn: &mut PgConnection,
     record: &EventRecord,
@@ -71,12 +72,12 @@ pub async fn record_dead(
              WHERE webhook_events.status = 'dead'",
     )
     .bind(record.id)
-    .bind(&record.event)
-    .bind(&record.account_id)
+    .bind(storable(&record.event))
+    .bind(record.account_id.as_deref().map(storable))
     .bind(&record.body_sha256)
     .bind(record.received_at)
     .bind(record.attempts)
-    .bind(reason)
+    .bind(storable(reason))
     .bind(record.payload.as_deref().map(|p| kept.apply(p)))
     .bind(record.first_attempt_at)
     .execute(conn)

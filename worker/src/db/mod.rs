@@ -8,7 +8,9 @@
 
 pub mod accounts;
 pub mod batch;
+pub mod dead_letters;
 pub mod events;
+pub mod outbox;
 
 use anyhow::Context;
 use secrecy::ExposeSecret;
@@ -41,6 +43,33 @@ pub async fn connect_and_migrate(args: &DatabaseArgs) -> anyhow::Result<PgPool> 
     let pool = connect(args).await?;
     migrate(&pool).await?;
     Ok(pool)
+}
+
+/// Connects to an existing database whose schema is exactly this binary's, and leaves it alone: for
+/// every operator command (`dlq`, `account`, `status`). A missing database, or a schema older or
+/// newer than the binary, is refused with one line; only `worker migrate` and a starting worker
+/// create and migrate (a mistyped `DATABASE_URL` must not become an empty database that a replay
+/// then writes into).
+pub async fn connect_current(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
+    let shown = redact_url(args.database_url.expose_secret());
+    let pool = connect(args).await?;
+    let applied: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&pool)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("the database at {shown} has no monohook schema: run `worker migrate` first")
+        })?;
+    let expected = MIGRATOR.iter().map(|m| m.version).max().unwrap_or_default();
+    match applied {
+        Some(version) if version == expected => Ok(pool),
+        Some(version) if version < expected => anyhow::bail!(
+            "the database at {shown} has schema {version}, older than this binary's {expected}: run `worker migrate` first"
+        ),
+        Some(version) => anyhow::bail!(
+            "the database at {shown} has schema {version}, newer than this binary's {expected}: use a newer worker binary"
+        ),
+        None => anyhow::bail!("the database at {shown} has no monohook schema: run `worker migrate` first"),
+    }
 }
 
 /// Connects to an existing database and leaves its schema alone: for the operator commands that only

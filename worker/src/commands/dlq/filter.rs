@@ -3,7 +3,6 @@
 use chrono::{DateTime, Duration, Utc};
 use clap::Args;
 use serde::Serialize;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::commands::output::UsageError;
@@ -33,24 +32,35 @@ pub struct DeadFilter {
     pub all: bool,
 }
 
-/// A dead letter as the journal knows it; an element of `worker dlq list --json`.
+/// A dead letter (a `dead_letters` row); an element of `worker dlq list --json`.
 #[derive(Clone, Debug, Serialize, sqlx::FromRow)]
 pub struct DeadLetter {
     pub id: Uuid,
     pub event: String,
     pub account_id: Option<String>,
     pub reason: Option<String>,
+    /// `poison`, `permanent` or `exhausted`.
+    pub class: String,
     pub attempts: i32,
     pub received_at: DateTime<Utc>,
-    /// Digest of the body as received (the payload column is re-serialised JSON, which differs).
+    /// Digest of the body as received.
     #[serde(skip)]
     pub body_sha256: String,
     pub first_attempt_at: Option<DateTime<Utc>>,
     /// When it was dead-lettered (its last attempt).
     pub dead_at: Option<DateTime<Utc>>,
+    /// The body as received (for a row taken over from the journal on upgrade: its payload).
     #[serde(skip)]
-    pub payload: Option<serde_json::Value>,
+    pub body: Vec<u8>,
+    /// The string headers a replay carries on.
+    #[serde(skip)]
+    pub headers: serde_json::Value,
+    /// Taken over from a journal row whose message was not found: the body may lack fields.
+    pub rebuilt: bool,
 }
+
+const COLUMNS: &str = "id, event, account_id, reason, class, attempts, received_at, body_sha256, first_attempt_at, \
+                       dead_at, body, headers, rebuilt";
 
 impl DeadFilter {
     /// The full event name the filter means.
@@ -66,7 +76,8 @@ impl DeadFilter {
             && self.until.is_none()
     }
 
-    /// Refuses a bulk action with no filter at all (a usage error): `--all` must say so.
+    /// Refuses a bulk action with no filter at all (a usage error): `--all` must say so. `--all`
+    /// only stands in for a filter: beside one, it never widens it.
     pub fn require_selection(&self) -> anyhow::Result<()> {
         if self.is_empty() && !self.all {
             return Err(UsageError::new(
@@ -77,44 +88,50 @@ impl DeadFilter {
         Ok(())
     }
 
-    /// The matching dead letters, oldest first.
-    pub async fn select(&self, pool: &PgPool) -> sqlx::Result<Vec<DeadLetter>> {
-        sqlx::query_as(
-            "SELECT id, event, account_id, last_error AS reason, attempts, received_at, body_sha256, first_attempt_at,
-                 processed_at AS dead_at, payload
-             FROM webhook_events
-             WHERE status = 'dead'
-               AND ($1::text IS NULL OR event = $1)
+    /// The matching dead letters, oldest first (the order a replay applies them in).
+    pub async fn select<'c, E>(&self, executor: E) -> sqlx::Result<Vec<DeadLetter>>
+    where
+        E: sqlx::PgExecutor<'c>,
+    {
+        sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM dead_letters
+             WHERE ($1::text IS NULL OR event = $1)
                AND ($2::text IS NULL OR account_id = $2)
-               AND ($3::text IS NULL OR strpos(lower(coalesce(last_error, '')), lower($3)) > 0)
-               AND ($4::timestamptz IS NULL OR processed_at >= $4)
-               AND ($5::timestamptz IS NULL OR processed_at < $5)
-             ORDER BY processed_at, id
-             LIMIT $6",
-        )
+               AND ($3::text IS NULL OR strpos(lower(reason), lower($3)) > 0)
+               AND ($4::timestamptz IS NULL OR dead_at >= $4)
+               AND ($5::timestamptz IS NULL OR dead_at < $5)
+             ORDER BY dead_at, id
+             LIMIT $6"
+        ))
         .bind(self.event_name())
         .bind(&self.account)
         .bind(&self.reason)
         .bind(self.since)
         .bind(self.until)
         .bind(self.limit.unwrap_or(i64::MAX))
-        .fetch_all(pool)
+        .fetch_all(executor)
         .await
     }
 }
 
 impl DeadLetter {
     /// The dead letter `id`, if it is one.
-    pub async fn by_id(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Self>> {
-        sqlx::query_as(
-            "SELECT id, event, account_id, last_error AS reason, attempts, received_at, body_sha256, first_attempt_at,
-                 processed_at AS dead_at, payload
-             FROM webhook_events
-             WHERE status = 'dead' AND id = $1",
-        )
-        .bind(id)
-        .fetch_optional(pool)
-        .await
+    pub async fn by_id<'c, E>(executor: E, id: Uuid) -> sqlx::Result<Option<Self>>
+    where
+        E: sqlx::PgExecutor<'c>,
+    {
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(executor)
+            .await
+    }
+
+    /// The same, locked for the transaction that acts on it; `None` if another command took it.
+    pub async fn lock(tx: &mut sqlx::PgConnection, id: Uuid) -> sqlx::Result<Option<Self>> {
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = $1 FOR UPDATE"))
+            .bind(id)
+            .fetch_optional(tx)
+            .await
     }
 }
 

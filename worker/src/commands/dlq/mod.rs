@@ -1,17 +1,15 @@
 //! `worker dlq`: inspect, replay and purge dead letters.
 //!
-//! The journal (`webhook_events` rows with status `dead`) says what is dead and why; the dead-letter
-//! queue holds the messages themselves. `list` and `show` read the journal (and `show` peeks at the
-//! queue); `replay` and `purge` walk the queue once, act on the messages that match, and keep the
-//! two in agreement, recording every action in `dead_letter_actions` first so that an interrupted
-//! run is finished, never repeated, by the next one.
+//! Dead letters are rows of `dead_letters` (the whole message, why it died, its attempts); the
+//! journal says `dead` beside each. `list` and `show` read them; `replay` and `purge` are
+//! transactions on them, audited in `dead_letter_actions`, and a replay's copy goes through the
+//! outbox, which the workers publish. No command walks a queue.
 
 mod filter;
 mod list;
 pub mod predict;
 mod progress;
-mod queue;
-mod replay;
+pub mod replay;
 mod show;
 
 use clap::{Args, Subcommand};
@@ -27,8 +25,8 @@ pub enum DlqCommand {
     /// One line per dead letter: delivery id, event, account, attempts, first and last attempt, age,
     /// reason.
     List(ListArgs),
-    /// The whole record of one dead letter: journal row, attempt history, headers of the message in
-    /// the dead-letter queue, the body (token and secret fields masked), and what was done to it.
+    /// The whole record of one dead letter: the message (headers, body with token and secret fields
+    /// masked), why it died, its journal row and attempt history, and what was done to it.
     Show(ShowArgs),
     /// Move matching dead letters back onto the work queue (same delivery id, attempts reset,
     /// lineage headers added). Late events stay guarded by the ordering rule unless --force.
@@ -71,7 +69,8 @@ pub struct ShowArgs {
 pub struct ReplayArgs {
     #[command(flatten)]
     pub filter: DeadFilter,
-    /// Print, for each dead letter, what replaying it would do to its account now; change nothing.
+    /// Print, for each dead letter, what replaying the selection would do to its account now
+    /// (decided together, in the order a replay applies them); change nothing.
     #[arg(long)]
     pub dry_run: bool,
     /// Apply even events older than what their account has already applied.
@@ -118,9 +117,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     match command {
         DlqCommand::List(args) => list::run(pool, &args).await,
-        DlqCommand::Show(args) => show::run(pool, broker, &args).await,
+        DlqCommand::Show(args) => show::run(pool, &args).await,
         DlqCommand::Replay(args) if args.dry_run => predict::run(pool, &args, dedup_window).await,
-        DlqCommand::Replay(args) => replay::run_replay(pool, broker, &args).await,
-        DlqCommand::Purge(args) => replay::run_purge(pool, broker, &args).await,
+        DlqCommand::Replay(args) => replay::run_replay(pool, &broker.topology(), &args).await,
+        DlqCommand::Purge(args) => replay::run_purge(pool, &args).await,
     }
 }

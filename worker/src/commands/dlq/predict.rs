@@ -1,7 +1,7 @@
-//! `worker dlq replay --dry-run`: what replaying each dead letter would do to its account now,
-//! worked out by the worker's own decision code (`db::batch::load` and `batch::decide`) in a
-//! transaction that is rolled back, against the account as it is. Nothing is changed and Mono is not
-//! called.
+//! `worker dlq replay --dry-run`: what replaying the selected dead letters would do to their
+//! accounts now, worked out together by the worker's own decision code (`db::batch::load` and
+//! `batch::decide`) in a transaction that is rolled back, against the accounts as they are. Nothing
+//! is changed and Mono is not called.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -14,10 +14,7 @@ use super::filter::DeadLetter;
 use crate::account::AccountState;
 use crate::batch::{self, Candidate, Decision};
 use crate::commands::output;
-use crate::db::{
-    self,
-    events::{EventRecord, EventStatus},
-};
+use crate::db::{self, events::EventStatus};
 use crate::event::IncomingEvent;
 use crate::mono::ReauthToken;
 use shared::delivery::{AttemptHistory, DeliveryId, DeliveryMeta};
@@ -65,154 +62,138 @@ pub struct Change {
 pub async fn run(pool: &PgPool, args: &ReplayArgs, dedup_window: Duration) -> anyhow::Result<()> {
     args.filter.require_selection()?;
     let dead = args.filter.select(pool).await?;
-    let progress = super::progress::bar(dead.len() as u64);
-    for letter in &dead {
-        let prediction = predict(pool, letter, args.force, dedup_window).await?;
-        progress.inc(1);
-        // Lines go out between two draws of the bar, never through it.
-        progress.suspend(|| {
-            if args.json {
-                output::line(&prediction)
-            } else {
-                println!(
-                    "{}  {:<24}  {:<24}  {}",
-                    letter.id,
-                    letter.event.trim_start_matches("mono.events."),
-                    letter.account_id.as_deref().unwrap_or("-"),
-                    prediction.detail
-                );
-                Ok(())
-            }
-        })?;
+    let predictions = predict_all(pool, &dead, args.force, dedup_window).await?;
+    for (letter, prediction) in dead.iter().zip(&predictions) {
+        if args.json {
+            output::line(prediction)?;
+        } else {
+            println!(
+                "{}  {:<24}  {:<24}  {}",
+                letter.id,
+                letter.event.trim_start_matches("mono.events."),
+                letter.account_id.as_deref().unwrap_or("-"),
+                prediction.detail
+            );
+        }
     }
-    progress.finish_and_clear();
     eprintln!("dry run: {} dead letter(s) examined, nothing changed", dead.len());
     Ok(())
 }
 
-/// What a replay of `letter` would do now.
-pub async fn predict(
+/// What replaying `letters` would do now, letter by letter: decided together, in the order given
+/// (the order a replay applies them), so two copies of one body show one `apply` and one
+/// `duplicate`. The replay's own steps (the dead journal rows go) and the worker's own decision
+/// code (load under the row locks, `batch::decide` with a token) run in one transaction that is
+/// rolled back: the prediction cannot drift from what the worker does, and nothing changes. A lock
+/// held elsewhere makes it fail, never wait long.
+pub async fn predict_all(
     pool: &PgPool,
-    letter: &DeadLetter,
+    letters: &[DeadLetter],
     force: bool,
     dedup_window: Duration,
-) -> anyhow::Result<Prediction> {
-    let prediction = |outcome: Outcome, calls_mono: bool, changes: Vec<Change>, detail: String| Prediction {
-        id: letter.id,
-        event: letter.event.clone(),
-        account_id: letter.account_id.clone(),
-        outcome,
-        calls_mono,
-        changes,
-        detail,
-    };
-    let Some(payload) = &letter.payload else {
-        return Ok(prediction(
-            Outcome::WouldFail,
-            false,
-            Vec::new(),
-            "would fail again: invalid payload, the body is not JSON (see `worker dlq show`)".to_owned(),
-        ));
-    };
-    let body = serde_json::to_vec(payload)?;
-    let mut meta = DeliveryMeta::stamp(&body);
-    meta.id = DeliveryId::from(letter.id);
-    meta.received_at = letter.received_at;
+) -> anyhow::Result<Vec<Prediction>> {
     let history = AttemptHistory { previous_attempts: 0, first_attempt_at: None };
-    let event = match IncomingEvent::parse_with(&body, &meta, &history, force).1 {
-        Ok(event) => event,
-        Err(malformed) => {
-            let detail = format!("would fail again: {malformed}");
-            return Ok(prediction(Outcome::WouldFail, false, Vec::new(), detail));
-        }
-    };
-    // The body's digest as received (the payload column holds re-serialised JSON): dedup uses it.
-    let event = IncomingEvent {
-        record: EventRecord { body_sha256: letter.body_sha256.clone(), ..event.record },
-        ..event
-    };
+    let parsed: Vec<Result<IncomingEvent, String>> = letters
+        .iter()
+        .map(|letter| {
+            let meta = DeliveryMeta {
+                id: DeliveryId::from(letter.id),
+                received_at: letter.received_at,
+                body_sha256: letter.body_sha256.clone(),
+            };
+            IncomingEvent::parse_with(&letter.body, &meta, &history, force).1.map_err(|e| e.to_string())
+        })
+        .collect();
     let token = ReauthToken::placeholder(Utc::now());
-    let decided = decide_as_the_worker(pool, &event, &token, dedup_window).await?;
-    let asks_mono = event.kind == EventKind::ReauthorisationRequired;
-    let refused_before = letter.reason.as_deref().filter(|r| r.starts_with("Mono refused"));
-    Ok(match decided.status {
-        EventStatus::Processed => {
-            let changes = diff(decided.before.as_ref(), decided.after.as_ref());
-            let mono = match (asks_mono, refused_before) {
-                (true, Some(reason)) => {
-                    format!(" (after a token from Mono, which refused last time: {reason})")
-                }
-                (true, None) => " (after a token from Mono)".to_owned(),
-                _ => String::new(),
-            };
-            let detail = format!("apply{mono}: {}", describe(&changes));
-            prediction(Outcome::Apply, asks_mono, changes, detail)
-        }
-        EventStatus::Duplicate => {
-            let detail = match decided.copy {
-                Some(original) => format!("no change: the same body was applied as {original}"),
-                None => "no change: the same body was applied within the dedup window".to_owned(),
-            };
-            prediction(Outcome::Duplicate, false, Vec::new(), detail)
-        }
-        EventStatus::Stale => {
-            let before = decided.before.as_ref();
-            let at = before.and_then(|a| a.reauth_state_received_at.max(a.data_state_received_at));
-            let detail = format!(
-                "no change: stale, the account already applied an event received at {} (--force applies it)",
-                time(at)
-            );
-            prediction(Outcome::Stale, false, Vec::new(), detail)
-        }
-        EventStatus::Ignored | EventStatus::Dead => {
-            let why = decided.note.unwrap_or("nothing to do for this event");
-            prediction(Outcome::Ignored, false, Vec::new(), format!("no change: {why}"))
-        }
-    })
-}
-
-/// What the worker would decide for the replayed copy now.
-struct Decided {
-    status: EventStatus,
-    note: Option<&'static str>,
-    /// A journaled copy of the same body within the window (a duplicate's original).
-    copy: Option<Uuid>,
-    before: Option<AccountState>,
-    after: Option<AccountState>,
-}
-
-/// Runs the replay's own steps (the dead row goes) and the worker's own decision code (load under
-/// the row lock, `batch::decide` with a token) in a transaction that is rolled back: the prediction
-/// cannot drift from what the worker does. A lock held elsewhere makes it fail, never wait long.
-async fn decide_as_the_worker(
-    pool: &PgPool,
-    event: &IncomingEvent,
-    token: &ReauthToken,
-    dedup_window: Duration,
-) -> anyhow::Result<Decided> {
+    let candidates: Vec<Candidate<'_>> =
+        parsed.iter().flatten().map(|event| Candidate { event, token: Some(&token) }).collect();
     let mut tx = pool.begin().await?;
     sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *tx).await?;
-    sqlx::query("DELETE FROM webhook_events WHERE id = $1 AND status = 'dead'")
-        .bind(event.record.id)
+    let ids: Vec<Uuid> = letters.iter().map(|l| l.id).collect();
+    sqlx::query("DELETE FROM webhook_events WHERE id = ANY($1) AND status = 'dead'")
+        .bind(&ids)
         .execute(&mut *tx)
         .await?;
-    let candidate = [Candidate { event, token: Some(token) }];
-    let mut state = db::batch::load(&mut tx, &candidate, dedup_window).await?;
+    let mut state = db::batch::load(&mut tx, &candidates, dedup_window).await?;
     tx.rollback().await?;
-    let account = event.kind.needs_account().then(|| event.account().to_owned());
-    let before = account.as_ref().and_then(|id| state.accounts.get(id).cloned());
-    let copy = state
-        .bodies
-        .get(&event.record.body_sha256)
-        .and_then(|copies| copies.iter().find(|(id, _)| *id != event.record.id).map(|(id, _)| *id));
-    let decision = batch::decide(&mut state, &candidate, dedup_window).pop();
-    let after = account.as_ref().and_then(|id| state.accounts.get(id).cloned());
-    let (status, note) = match decision {
-        Some(Decision::Journal { status, note }) => (status, note),
-        // With a token in hand and the dead row gone, neither can come back.
-        other => anyhow::bail!("unexpected decision for a replay: {other:?}"),
-    };
-    Ok(Decided { status, note, copy, before, after })
+
+    let mut predictions = Vec::with_capacity(letters.len());
+    let mut candidates = candidates.iter();
+    for (letter, event) in letters.iter().zip(&parsed) {
+        let prediction =
+            |outcome: Outcome, calls_mono: bool, changes: Vec<Change>, detail: String| Prediction {
+                id: letter.id,
+                event: letter.event.clone(),
+                account_id: letter.account_id.clone(),
+                outcome,
+                calls_mono,
+                changes,
+                detail,
+            };
+        let event = match event {
+            Ok(event) => event,
+            Err(malformed) => {
+                let detail = format!("would fail again: {malformed}");
+                predictions.push(prediction(Outcome::WouldFail, false, Vec::new(), detail));
+                continue;
+            }
+        };
+        let candidate = candidates.next().expect("one candidate per parsed letter");
+        let account = event.kind.needs_account().then(|| event.account().to_owned());
+        let before = account.as_ref().and_then(|id| state.accounts.get(id).cloned());
+        let copy = state
+            .bodies
+            .get(&event.record.body_sha256)
+            .and_then(|copies| copies.iter().find(|(id, _)| *id != event.record.id).map(|(id, _)| *id));
+        let decision = batch::decide(&mut state, std::slice::from_ref(candidate), dedup_window).pop();
+        let after = account.as_ref().and_then(|id| state.accounts.get(id).cloned());
+        let (status, note) = match decision {
+            Some(Decision::Journal { status, note }) => (status, note),
+            Some(Decision::AlreadySettled) => {
+                let detail = "no change: this delivery id was settled already".to_owned();
+                predictions.push(prediction(Outcome::Duplicate, false, Vec::new(), detail));
+                continue;
+            }
+            // With a token in hand and the dead rows gone, nothing else can come back.
+            other => anyhow::bail!("unexpected decision for a replay: {other:?}"),
+        };
+        let asks_mono = event.kind == EventKind::ReauthorisationRequired;
+        let refused_before = letter.reason.as_deref().filter(|r| r.starts_with("Mono refused"));
+        predictions.push(match status {
+            EventStatus::Processed => {
+                let changes = diff(before.as_ref(), after.as_ref());
+                let mono = match (asks_mono, refused_before) {
+                    (true, Some(reason)) => {
+                        format!(" (after a token from Mono, which refused last time: {reason})")
+                    }
+                    (true, None) => " (after a token from Mono)".to_owned(),
+                    _ => String::new(),
+                };
+                let detail = format!("apply{mono}: {}", describe(&changes));
+                prediction(Outcome::Apply, asks_mono, changes, detail)
+            }
+            EventStatus::Duplicate => {
+                let detail = match copy {
+                    Some(original) => format!("no change: the same body was applied as {original}"),
+                    None => "no change: the same body was applied within the dedup window".to_owned(),
+                };
+                prediction(Outcome::Duplicate, false, Vec::new(), detail)
+            }
+            EventStatus::Stale => {
+                let at = before.as_ref().and_then(|a| a.reauth_state_received_at.max(a.data_state_received_at));
+                let detail = format!(
+                    "no change: stale, the account already applied an event received at {} (--force applies it)",
+                    time(at)
+                );
+                prediction(Outcome::Stale, false, Vec::new(), detail)
+            }
+            EventStatus::Ignored | EventStatus::Dead => {
+                let why = note.unwrap_or("nothing to do for this event");
+                prediction(Outcome::Ignored, false, Vec::new(), format!("no change: {why}"))
+            }
+        });
+    }
+    Ok(predictions)
 }
 
 /// The columns a handler changed, never showing a token.

@@ -1,19 +1,14 @@
-//! `worker dlq show <id>`: everything known about one dead letter. The record is printed whatever
-//! the walk saw; when the message was not found in a queue the walk could not see whole, the
-//! command then fails (exit 1), as every incomplete `worker dlq` command does.
+//! `worker dlq show <id>`: everything known about one dead letter: its row (the whole message,
+//! credential fields masked), its journal row, and what was done to it.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgPool;
-use std::collections::BTreeMap;
 
 use super::ShowArgs;
-use super::queue::DeadQueue;
+use super::filter::DeadLetter;
 use crate::commands::output;
-use lapin::types::AMQPValue;
-use shared::config::BrokerArgs;
-use shared::delivery::DeliveryMeta;
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
 struct JournalRow {
@@ -41,22 +36,36 @@ struct ActionRow {
     completed_at: Option<DateTime<Utc>>,
 }
 
+/// The dead letter's row as `show` prints it.
+#[derive(Debug, Serialize)]
+struct Letter {
+    class: String,
+    reason: Option<String>,
+    attempts: i32,
+    first_attempt_at: Option<DateTime<Utc>>,
+    dead_at: Option<DateTime<Utc>>,
+    /// The headers a replay carries on (trace context, an earlier replay's lineage).
+    headers: Value,
+    /// The body, credential fields masked; a body that is not JSON as `{"not_json": "<n> bytes"}`.
+    body: Value,
+    /// Taken over from the journal on upgrade: the body may lack fields of the original.
+    rebuilt: bool,
+}
+
 /// `worker dlq show <id> --json`.
 #[derive(Debug, Serialize)]
 struct Record {
     /// The delivery id asked about.
     id: uuid::Uuid,
+    /// The dead letter, `null` if it is not one (any more).
+    dead_letter: Option<Letter>,
     /// The journal row (`payload` with credential fields masked); `null` if the journal does not
     /// know it.
     journal: Option<JournalRow>,
-    /// Headers of the message in the dead-letter queue, if it is there.
-    queue_headers: Option<BTreeMap<String, String>>,
-    /// Whether the walk saw the whole queue: when it did not, a missing `queue_headers` proves nothing.
-    queue_fully_seen: bool,
     actions: Vec<ActionRow>,
 }
 
-pub async fn run(pool: &PgPool, broker: &BrokerArgs, args: &ShowArgs) -> anyhow::Result<()> {
+pub async fn run(pool: &PgPool, args: &ShowArgs) -> anyhow::Result<()> {
     let mut journal: Option<JournalRow> = sqlx::query_as(
         "SELECT id, event, account_id, status, attempts, last_error, received_at, first_attempt_at, processed_at,
              body_sha256, payload
@@ -65,83 +74,37 @@ pub async fn run(pool: &PgPool, broker: &BrokerArgs, args: &ShowArgs) -> anyhow:
     .bind(args.id)
     .fetch_optional(pool)
     .await?;
-    if let Some(row) = journal.as_mut() {
+    if let Some(row) = &mut journal {
         row.payload = row.payload.take().map(mask_secrets);
     }
     let actions: Vec<ActionRow> = sqlx::query_as(
-        "SELECT action, batch_id, actor, note, forced, started_at, completed_at
-         FROM dead_letter_actions WHERE delivery_id = $1 ORDER BY started_at",
+        "SELECT action, batch_id, actor, note, forced, started_at, completed_at FROM dead_letter_actions
+         WHERE delivery_id = $1 ORDER BY started_at",
     )
     .bind(args.id)
     .fetch_all(pool)
     .await?;
-    let (queue_headers, queue_fully_seen) = peek(broker, args.id).await?;
-    if journal.is_none() && queue_headers.is_none() && actions.is_empty() && queue_fully_seen {
-        anyhow::bail!("no dead letter {}", args.id);
+    let dead_letter = DeadLetter::by_id(pool, args.id).await?.map(|letter| Letter {
+        body: serde_json::from_slice::<Value>(&letter.body)
+            .map(mask_secrets)
+            .unwrap_or_else(|_| serde_json::json!({ "not_json": format!("{} bytes", letter.body.len()) })),
+        class: letter.class,
+        reason: letter.reason,
+        attempts: letter.attempts,
+        first_attempt_at: letter.first_attempt_at,
+        dead_at: letter.dead_at,
+        headers: letter.headers,
+        rebuilt: letter.rebuilt,
+    });
+    if journal.is_none() && dead_letter.is_none() && actions.is_empty() {
+        anyhow::bail!("no dead letter, journal row or action has delivery id {}", args.id);
     }
-    let record = Record { id: args.id, journal, queue_headers, queue_fully_seen, actions };
+    let record = Record { id: args.id, dead_letter, journal, actions };
     if args.json {
-        output::document(&record)?;
-    } else {
-        print_record(&record);
+        return output::document(&record);
     }
-    // Not seen in a queue that could not be seen whole: the record may be missing its message, so
-    // the command did not do what it was asked (exit 1, as an incomplete replay or purge).
-    if record.queue_headers.is_none() && !record.queue_fully_seen {
-        anyhow::bail!("the dead-letter queue could not be seen whole; run the same command again");
-    }
+    print_record(&record);
     Ok(())
-}
-
-/// The headers of the message with delivery id `id` in the dead-letter queue, leaving it there, and
-/// whether the walk saw the whole queue.
-async fn peek(
-    broker: &BrokerArgs,
-    id: uuid::Uuid,
-) -> anyhow::Result<(Option<BTreeMap<String, String>>, bool)> {
-    let queue = DeadQueue::open(broker).await?;
-    let mut walk = queue.walk().await?;
-    let progress = super::progress::bar(u64::from(queue.depth().await?));
-    progress.set_message("looking for it in the dead-letter queue");
-    let mut found = None;
-    // A message found waiting in the walk's own lanes when it is judged whole is looked at too.
-    let fully_seen = 'walk: loop {
-        while let Some(seen) = walk.next().await? {
-            progress.inc(1);
-            walk.leave(&seen);
-            let delivery = &seen.delivery;
-            if DeliveryMeta::from_properties(&delivery.properties, &delivery.data).id.as_uuid() == id {
-                let headers = delivery.properties.headers().clone().unwrap_or_default();
-                let mut shown: BTreeMap<String, String> =
-                    headers.inner().iter().map(|(name, value)| (name.to_string(), display(value))).collect();
-                if let Some(message_id) = delivery.properties.message_id() {
-                    shown.insert("message_id".into(), message_id.to_string());
-                }
-                found = Some(shown);
-                break 'walk true;
-            }
-        }
-        if queue.fully_seen(&mut walk).await? {
-            break true;
-        }
-        if !walk.has_waiting() {
-            break false;
-        }
-    };
-    progress.finish_and_clear();
-    walk.finish().await?;
-    queue.close().await;
-    Ok((found, fully_seen))
-}
-
-/// A header value as text.
-fn display(value: &AMQPValue) -> String {
-    match value {
-        AMQPValue::LongString(text) => String::from_utf8_lossy(text.as_bytes()).into_owned(),
-        AMQPValue::ShortString(text) => text.to_string(),
-        AMQPValue::Timestamp(seconds) => seconds.to_string(),
-        other => shared::delivery::as_u32(other).map_or_else(|| format!("{other:?}"), |n| n.to_string()),
-    }
 }
 
 /// Replaces the value of any field whose name suggests a credential.
@@ -163,33 +126,37 @@ fn mask_secrets(value: Value) -> Value {
 }
 
 fn print_record(record: &Record) {
+    println!("delivery id      {}", record.id);
+    match &record.dead_letter {
+        Some(letter) => {
+            println!("dead letter      {} ({})", letter.reason.as_deref().unwrap_or("-"), letter.class);
+            println!("attempts         {}", letter.attempts);
+            println!("first attempt    {}", letter.first_attempt_at.map_or("-".into(), |t| t.to_rfc3339()));
+            println!("dead at          {}", letter.dead_at.map_or("-".into(), |t| t.to_rfc3339()));
+            if let Some(headers) = letter.headers.as_object().filter(|h| !h.is_empty()) {
+                println!("headers:");
+                for (name, value) in headers {
+                    println!("  {name}: {}", value.as_str().unwrap_or_default());
+                }
+            }
+            let rebuilt = if letter.rebuilt { " (rebuilt from the journal: may lack fields)" } else { "" };
+            println!("body{rebuilt}             {}", letter.body);
+        }
+        None => println!("not a dead letter (now)"),
+    }
     if let Some(row) = &record.journal {
-        println!("delivery id      {}", row.id);
+        println!(
+            "journal          {} ({} attempt(s), last at {})",
+            row.status,
+            row.attempts,
+            row.processed_at.map_or("-".into(), |t| t.to_rfc3339())
+        );
         println!("event            {}", row.event);
         println!("account          {}", row.account_id.as_deref().unwrap_or("-"));
-        println!("status           {}", row.status);
-        println!("reason           {}", row.last_error.as_deref().unwrap_or("-"));
-        println!("attempts         {}", row.attempts);
         println!("received at      {}", row.received_at.to_rfc3339());
-        println!("first attempt    {}", row.first_attempt_at.map_or("-".into(), |t| t.to_rfc3339()));
-        println!("last attempt     {}", row.processed_at.map_or("-".into(), |t| t.to_rfc3339()));
         println!("body sha256      {}", row.body_sha256);
-        let body = row.payload.as_ref().map_or("(not JSON; see the queue)".into(), |p| p.to_string());
-        println!("body             {body}");
     } else {
         println!("(not in the journal)");
-    }
-    match &record.queue_headers {
-        Some(headers) => {
-            println!("in the dead-letter queue, with headers:");
-            for (name, value) in headers {
-                println!("  {name}: {value}");
-            }
-        }
-        None if record.queue_fully_seen => println!("not in the dead-letter queue"),
-        None => println!(
-            "not seen in the dead-letter queue, which could not be seen whole (another `worker dlq` holds messages?)"
-        ),
     }
     for action in &record.actions {
         println!(
@@ -199,7 +166,7 @@ fn print_record(record: &Record) {
             action.started_at.to_rfc3339(),
             action.batch_id,
             action.note.as_deref().map(|n| format!(": {n}")).unwrap_or_default(),
-            if action.completed_at.is_none() { " — unfinished" } else { "" }
+            if action.completed_at.is_none() { " — unfinished (an earlier version's)" } else { "" }
         );
     }
 }
