@@ -58,40 +58,40 @@ pub struct Plan {
 #[derive(Debug, Serialize)]
 pub struct Report {
     /// `replay` or `purge`.
-    action: &'static str,
-    outcome: Outcome,
+    pub action: &'static str,
+    pub outcome: Outcome,
     /// The batch the actions are recorded under; `null` when nothing was done (declined).
-    batch_id: Option<Uuid>,
+    pub batch_id: Option<Uuid>,
     /// Dead letters the filter selected.
-    selected: usize,
+    pub selected: usize,
     /// Dead letters replayed or purged by this run.
-    acted: u64,
+    pub acted: u64,
     /// Selected dead letters this run did not act on, each with why (another command took it
     /// meanwhile; a row with no body cannot be replayed).
-    skipped: Vec<Skipped>,
+    pub skipped: Vec<Skipped>,
     /// Replays whose body was rebuilt from the journal on upgrade, each with what it lacks of the
     /// original body.
-    rebuilt: Vec<Rebuilt>,
+    pub rebuilt: Vec<Rebuilt>,
 }
 
 #[derive(Debug, Serialize)]
-struct Skipped {
-    id: Uuid,
-    why: String,
+pub struct Skipped {
+    pub id: Uuid,
+    pub why: String,
 }
 
 /// A replay whose copy was rebuilt from its journal row.
 #[derive(Debug, Serialize)]
-struct Rebuilt {
-    id: Uuid,
+pub struct Rebuilt {
+    pub id: Uuid,
     /// The fields of the original body the journal row did not hold (`JOURNAL_PAYLOAD=minimal`):
     /// the copy goes without them, never with a guess. Empty for a row journaled with the whole body.
-    lacks: Vec<String>,
+    pub lacks: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-enum Outcome {
+pub enum Outcome {
     /// Everything selected was acted on (exit 0).
     Done,
     /// Some selected letters were not acted on; `skipped` says which and why (exit 1).
@@ -170,12 +170,31 @@ pub async fn run_replay(pool: &PgPool, topology: &Topology, args: &ReplayArgs) -
         }
     });
     let progress = super::progress::bar(letters.len() as u64);
+    let report = replay_letters(pool, topology, &plan, &letters, &interrupted, |acted| {
+        progress.inc(1);
+        progress.set_message(format!("replayed {acted}"));
+    })
+    .await?;
+    progress.finish_and_clear();
+    report.print(args.json)
+}
+
+/// Replays `letters` in order, one transaction each, until `stop` is set between two of them.
+/// `progress` hears the count replayed after each letter.
+pub async fn replay_letters(
+    pool: &PgPool,
+    topology: &Topology,
+    plan: &Plan,
+    letters: &[DeadLetter],
+    stop: &AtomicBool,
+    mut progress: impl FnMut(u64),
+) -> anyhow::Result<Report> {
     let (mut acted, mut skipped, mut rebuilt) = (0u64, Vec::new(), Vec::new());
-    for letter in &letters {
-        if interrupted.load(Ordering::SeqCst) {
+    for letter in letters {
+        if stop.load(Ordering::SeqCst) {
             break;
         }
-        match replay_one(pool, topology, &plan, letter.id).await? {
+        match replay_one(pool, topology, plan, letter.id).await? {
             Replayed::Done { lacks } => {
                 acted += 1;
                 if let Some(lacks) = lacks {
@@ -184,18 +203,16 @@ pub async fn run_replay(pool: &PgPool, topology: &Topology, args: &ReplayArgs) -
             }
             Replayed::Skipped(why) => skipped.push(Skipped { id: letter.id, why }),
         }
-        progress.inc(1);
-        progress.set_message(format!("replayed {acted}"));
+        progress(acted);
     }
-    progress.finish_and_clear();
-    let outcome = if interrupted.load(Ordering::SeqCst) && (acted as usize + skipped.len()) < letters.len() {
+    let outcome = if (acted as usize + skipped.len()) < letters.len() {
         Outcome::Interrupted
     } else if skipped.is_empty() {
         Outcome::Done
     } else {
         Outcome::Partial
     };
-    Report {
+    Ok(Report {
         action: Kind::Replay.as_str(),
         outcome,
         batch_id: Some(plan.batch_id),
@@ -203,8 +220,7 @@ pub async fn run_replay(pool: &PgPool, topology: &Topology, args: &ReplayArgs) -
         acted,
         skipped,
         rebuilt,
-    }
-    .print(args.json)
+    })
 }
 
 /// What became of one letter a replay selected.
@@ -340,17 +356,19 @@ pub async fn run_purge(pool: &PgPool, args: &PurgeArgs) -> anyhow::Result<()> {
         note: args.reason_note.clone(),
         forced: false,
     };
+    purge_letters(pool, &plan, &letters).await?.print(args.json)
+}
+
+/// Purges exactly `letters` (those still dead letters) in one transaction.
+pub async fn purge_letters(pool: &PgPool, plan: &Plan, letters: &[DeadLetter]) -> anyhow::Result<Report> {
     let ids: Vec<Uuid> = letters.iter().map(|l| l.id).collect();
-    let purged = purge(pool, &plan, &ids).await?;
+    let purged = purge(pool, plan, &ids).await?;
     let skipped: Vec<Skipped> = ids
         .iter()
         .filter(|id| !purged.contains(id))
-        .map(|&id| Skipped {
-            id,
-            why: "no longer a dead letter (replayed or purged by another command)".into(),
-        })
+        .map(|&id| Skipped { id, why: "no longer a dead letter (replayed or purged by another command)".into() })
         .collect();
-    Report {
+    Ok(Report {
         action: Kind::Purge.as_str(),
         outcome: if skipped.is_empty() { Outcome::Done } else { Outcome::Partial },
         batch_id: Some(plan.batch_id),
@@ -358,8 +376,7 @@ pub async fn run_purge(pool: &PgPool, args: &PurgeArgs) -> anyhow::Result<()> {
         acted: purged.len() as u64,
         skipped,
         rebuilt: Vec::new(),
-    }
-    .print(args.json)
+    })
 }
 
 /// Purges exactly `ids` (those still dead letters) in one transaction, with their `dead` journal
