@@ -189,6 +189,9 @@ async fn lead_link(
             lead.publish(Ok(link.clone()));
             return Ok(link);
         }
+        // Not published: the lead goes with this request, and a follower leads on with its own
+        // deadline, as for tokens.
+        Ok(Taken::OutOfTime(error)) => return Err(error),
         Err(error) => {
             lead.publish(Err(error.clone()));
             return Err(error);
@@ -230,6 +233,9 @@ enum Taken {
     Lock { lock: crate::locks::AccountLock, waited: bool },
     /// Another request made the link meanwhile.
     Served(Link),
+    /// This request's deadline came while another process still held the lock (or the lock session
+    /// did not answer): its own answer, not its followers', whose deadlines are later.
+    OutOfTime(ApiError),
 }
 
 /// Takes the link lock; while another process holds it, looks for the link it is making.
@@ -238,19 +244,27 @@ async fn take_lock(desk: &LinkDesk, ask: &Ask, deadline: Instant) -> Result<Take
     let mut waited = false;
     let mut pause = LOCK_POLL_FIRST;
     loop {
-        match desk.mono.account_locks.try_lock_link(ask.account.as_str(), redirect).await {
-            Ok(Some(lock)) => return Ok(Taken::Lock { lock, waited }),
-            Ok(None) => {}
-            Err(error) => return Err(ApiError::DatabaseUnavailable(error.to_string())),
+        // Under the deadline too: the lock session may be reconnecting or stalled. A lock taken after
+        // this request gave up is unlocked by its guard (`locks`).
+        let tried = tokio::time::timeout_at(
+            deadline,
+            desk.mono.account_locks.try_lock_link(ask.account.as_str(), redirect),
+        );
+        match tried.await {
+            Ok(Ok(Some(lock))) => return Ok(Taken::Lock { lock, waited }),
+            Ok(Ok(None)) => {}
+            Ok(Err(error)) => return Err(ApiError::DatabaseUnavailable(error.to_string())),
+            Err(_) => return Ok(Taken::OutOfTime(past_deadline())),
         }
         waited = true;
-        if Instant::now() + pause >= deadline {
-            return Err(ApiError::MonoUnavailable {
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(Taken::OutOfTime(ApiError::MonoUnavailable {
                 reason: "another process is still asking Mono for this link".into(),
                 retry_after: OTHER_PROCESS_RETRY_AFTER,
-            });
+            }));
         }
-        tokio::time::sleep(pause).await;
+        tokio::time::sleep(pause.min(deadline - now)).await;
         pause = (pause * 2).min(LOCK_POLL_MAX);
         let current = read_state(desk, &ask.account).await?;
         if let Some(link) = reusable(desk, ask, &current, true).await? {

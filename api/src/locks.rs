@@ -10,10 +10,23 @@
 //! the process. Nobody ever blocks on the session: a lock is *tried*, and a caller that finds it
 //! taken waits in its own task (`refresh`, `links`), polling, within its deadline.
 //!
+//! Cancellation: a request's future can be dropped at any await (its client hung up, its deadline
+//! came). Every statement on the session therefore runs in a task of its own, which the request only
+//! waits for: a `pg_try_advisory_lock` that PostgreSQL has taken is always turned into an
+//! [`AccountLock`] by that task, so a guard exists for it whatever happened to the request, and a
+//! guard nobody receives is dropped, which unlocks. [`AccountLock::release`] hands its unlock to such a
+//! task before its first await, so dropping the release cannot lose it. A lock of the session that
+//! outlived its request would be held by this process for hours (session locks are re-entrant: the
+//! process itself never notices) while every other process waits out its deadline on that account.
+//!
 //! Failure: a statement that fails or takes longer than [`STATEMENT_TIMEOUT`] closes the session (a
 //! new one is opened on the next try). The locks it held die with it; their holders are not told.
 //! At worst another process then calls Mono for an account already being refreshed, and the guard on
-//! the store (`db::store_fresh`) still never lets an earlier-issued token replace a later one.
+//! the store (`db::store_fresh`) still never lets an earlier-issued token replace a later one. A new
+//! session is opened outside the statements' mutex, one attempt at a time: callers that queued
+//! behind an attempt that failed share its failure at once instead of each trying again in turn
+//! (which made the k-th caller wait k connection timeouts), and callers bound every wait by their
+//! own deadline (`refresh`, `links`).
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -36,18 +49,30 @@ pub enum LockError {
     /// A statement on the lock session took longer than its timeout.
     #[error("the lock session did not answer within {STATEMENT_TIMEOUT:?}")]
     Stalled,
+    /// The attempt to open a session this caller waited for failed.
+    #[error("the lock session could not be opened")]
+    Unreachable,
+    /// The runtime is stopping.
+    #[error("the process is stopping")]
+    Stopped,
 }
 
 struct Session {
     /// Bumped each time a session is opened: a guard from an older session has nothing to unlock.
     generation: u64,
     connection: Option<PgConnection>,
+    /// Attempts to open a session so far: a caller that waited for another's attempt and sees it
+    /// failed takes that failure as its own.
+    connect_attempts: u64,
 }
 
 /// The process's lock session.
 pub struct AccountLocks {
     options: PgConnectOptions,
     session: tokio::sync::Mutex<Session>,
+    /// Held while a session is being opened, never together with a statement: statements of a live
+    /// session never wait for a connection attempt.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 /// A held account lock; released by [`AccountLock::release`], or in the background when dropped.
@@ -64,7 +89,12 @@ impl AccountLocks {
     pub fn new(options: PgConnectOptions) -> Arc<Self> {
         Arc::new(Self {
             options,
-            session: tokio::sync::Mutex::new(Session { generation: 0, connection: None }),
+            session: tokio::sync::Mutex::new(Session {
+                generation: 0,
+                connection: None,
+                connect_attempts: 0,
+            }),
+            connecting: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -83,10 +113,16 @@ impl AccountLocks {
         self.try_lock_key(format!("{LINK_LOCK_PREFIX}{account}\n{redirect}")).await
     }
 
+    /// In a task of its own (see the module's doc): the caller may go away at any await, the lock
+    /// the statement takes never goes without a guard.
     async fn try_lock_key(self: &Arc<Self>, key: String) -> Result<Option<AccountLock>, LockError> {
-        let (taken, generation) =
-            self.run("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &key, None).await?;
-        Ok(taken.then(|| AccountLock { locks: self.clone(), account: key, generation, released: false }))
+        let locks = self.clone();
+        let task = tokio::spawn(async move {
+            let (taken, generation) =
+                locks.run("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &key, None).await?;
+            Ok(taken.then(|| AccountLock { locks, account: key, generation, released: false }))
+        });
+        task.await.unwrap_or_else(|_| Err(LockError::Stopped))
     }
 
     async fn unlock(&self, key: &str, generation: u64) -> Result<(), LockError> {
@@ -102,42 +138,71 @@ impl AccountLocks {
         account: &str,
         on_generation: Option<u64>,
     ) -> Result<(bool, u64), LockError> {
-        let mut session = self.session.lock().await;
-        if let Some(generation) = on_generation
-            && (session.generation != generation || session.connection.is_none())
-        {
-            return Ok((false, generation));
+        loop {
+            let attempts_seen = {
+                let mut session = self.session.lock().await;
+                if let Some(generation) = on_generation
+                    && (session.generation != generation || session.connection.is_none())
+                {
+                    return Ok((false, generation));
+                }
+                if let Some(connection) = session.connection.as_mut() {
+                    let answer = tokio::time::timeout(
+                        STATEMENT_TIMEOUT,
+                        sqlx::query_scalar::<_, bool>(statement).bind(account).fetch_one(connection),
+                    )
+                    .await;
+                    return match answer {
+                        Ok(Ok(value)) => Ok((value, session.generation)),
+                        Ok(Err(error)) => {
+                            session.connection = None;
+                            Err(error.into())
+                        }
+                        Err(_) => {
+                            session.connection = None;
+                            Err(LockError::Stalled)
+                        }
+                    };
+                }
+                session.connect_attempts
+            };
+            self.open_session(attempts_seen).await?;
         }
-        let answer = tokio::time::timeout(STATEMENT_TIMEOUT, async {
-            if session.connection.is_none() {
-                let connection = PgConnection::connect_with(&self.options).await?;
+    }
+
+    /// Opens a session unless one was opened (or failed to open) since the caller saw
+    /// `attempts_seen` attempts; then the caller runs its statement, or shares that failure.
+    async fn open_session(&self, attempts_seen: u64) -> Result<(), LockError> {
+        let _connecting = self.connecting.lock().await;
+        {
+            let session = self.session.lock().await;
+            if session.connect_attempts != attempts_seen {
+                return if session.connection.is_some() { Ok(()) } else { Err(LockError::Unreachable) };
+            }
+        }
+        let opened = tokio::time::timeout(STATEMENT_TIMEOUT, PgConnection::connect_with(&self.options)).await;
+        let mut session = self.session.lock().await;
+        session.connect_attempts += 1;
+        match opened {
+            Ok(Ok(connection)) => {
                 session.generation += 1;
                 session.connection = Some(connection);
+                Ok(())
             }
-            let connection = session.connection.as_mut().expect("opened above");
-            sqlx::query_scalar::<_, bool>(statement).bind(account).fetch_one(connection).await
-        })
-        .await;
-        match answer {
-            Ok(Ok(value)) => Ok((value, session.generation)),
-            Ok(Err(error)) => {
-                session.connection = None;
-                Err(error.into())
-            }
-            Err(_) => {
-                session.connection = None;
-                Err(LockError::Stalled)
-            }
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => Err(LockError::Stalled),
         }
     }
 }
 
 impl AccountLock {
-    /// Releases the lock now.
+    /// Releases the lock now. The unlock runs in a task of its own, handed over before the first
+    /// await: dropping this future (the request went away) cannot keep the lock held.
     pub async fn release(mut self) {
         self.released = true;
-        if let Err(error) = self.locks.unlock(&self.account, self.generation).await {
-            tracing::warn!(error = %error, "releasing an account lock failed; it ends with its session");
+        let task = spawn_unlock(self.locks.clone(), std::mem::take(&mut self.account), self.generation);
+        if let Some(task) = task {
+            let _ = task.await;
         }
     }
 }
@@ -147,14 +212,21 @@ impl Drop for AccountLock {
         if self.released {
             return;
         }
-        let (locks, account, generation) =
-            (self.locks.clone(), std::mem::take(&mut self.account), self.generation);
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(error) = locks.unlock(&account, generation).await {
-                    tracing::warn!(error = %error, "releasing an account lock failed; it ends with its session");
-                }
-            });
-        }
+        spawn_unlock(self.locks.clone(), std::mem::take(&mut self.account), self.generation);
     }
+}
+
+/// Unlocks `key` in the background; `None` if there is no runtime left (the process is ending, and
+/// the session with it).
+fn spawn_unlock(
+    locks: Arc<AccountLocks>,
+    key: String,
+    generation: u64,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    Some(runtime.spawn(async move {
+        if let Err(error) = locks.unlock(&key, generation).await {
+            tracing::warn!(error = %error, "releasing an account lock failed; it ends with its session");
+        }
+    }))
 }

@@ -210,10 +210,20 @@ async fn take_lock(refresher: &Refresher, account: &AccountId, deadline: Instant
     let mut waited = false;
     let mut pause = LOCK_POLL_FIRST;
     loop {
-        match refresher.mono.account_locks.try_lock(account.as_str()).await {
-            Ok(Some(lock)) => return Ok(Taken::Lock { lock, waited }),
-            Ok(None) => {}
-            Err(error) => return Err(ApiError::DatabaseUnavailable(error.to_string())),
+        // Under the deadline too: the lock session may be reconnecting or stalled. A lock taken after
+        // this request gave up is unlocked by its guard (`locks`).
+        let tried =
+            tokio::time::timeout_at(deadline, refresher.mono.account_locks.try_lock(account.as_str()));
+        match tried.await {
+            Ok(Ok(Some(lock))) => return Ok(Taken::Lock { lock, waited }),
+            Ok(Ok(None)) => {}
+            Ok(Err(error)) => return Err(ApiError::DatabaseUnavailable(error.to_string())),
+            Err(_) => {
+                let reason = "the lock session did not answer within TOKEN_DEADLINE_MS".into();
+                return Ok(Taken::OutOfTime(
+                    unavailable(refresher, account, reason, OTHER_PROCESS_RETRY_AFTER).await,
+                ));
+            }
         }
         waited = true;
         let now = Instant::now();

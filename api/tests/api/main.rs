@@ -5,6 +5,7 @@ mod accounts;
 mod cli;
 mod contract;
 mod helpers;
+mod lock_safety;
 mod reauth_link;
 mod reauth_token;
 mod recovery;
