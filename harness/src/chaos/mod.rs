@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod common;
+pub mod dead_letters;
 pub mod load;
 pub mod model;
 pub mod on_cluster;

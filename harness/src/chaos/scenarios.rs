@@ -10,7 +10,7 @@ use super::services::{self, RestoreServices};
 use super::{DRAIN_PATIENCE, ScenarioReport};
 use crate::system::{System, SystemConfig, metric_value};
 
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 17] = [
     "rabbitmq_restart",
     "postgres_restart",
     "worker_sigkill",
@@ -27,6 +27,7 @@ pub const ALL: [&str; 16] = [
     "database_errors_of_ours",
     "postgres_outage_past_consumer_timeout",
     "mono_slow_at_sign_in_peak",
+    "dead_letters_replayed_under_load",
 ];
 
 pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
@@ -47,6 +48,9 @@ pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioRepo
         "database_errors_of_ours" => database_errors_of_ours(base).await,
         "postgres_outage_past_consumer_timeout" => postgres_outage_past_consumer_timeout(base).await,
         "mono_slow_at_sign_in_peak" => mono_slow_at_sign_in_peak(base).await,
+        "dead_letters_replayed_under_load" => {
+            super::dead_letters::dead_letters_replayed_under_load(base).await
+        }
         "cluster_node_partitioned" => super::useless_node::node_partitioned(base).await,
         "cluster_consumer_starved" => super::useless_node::consumer_starved(base).await,
         other => super::on_cluster::run(other, base).await,
