@@ -36,8 +36,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             commands::dlq::run(command, &pool, &cli.broker, cli.run.dedup_window()).await
         }
         Some(Command::Status(args)) => {
-            let pool = db::connect_current(&cli.database).await?;
-            commands::status::run(&pool, &cli.broker, &args).await
+            let pool =
+                tokio::time::timeout(std::time::Duration::from_secs(20), db::connect_current(&cli.database))
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("PostgreSQL did not answer within 20 s")));
+            commands::status::run(pool, &cli.broker, &args).await
         }
         None => {
             let pool = db::connect_and_migrate(&cli.database).await?;

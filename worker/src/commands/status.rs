@@ -40,11 +40,14 @@ pub struct Status {
     /// read (`queues_error` says why).
     pub queues: Vec<QueueState>,
     pub queues_error: Option<String>,
-    pub dead_letters: DeadLetters,
+    /// Why the database could not be read (unreachable, missing, or a schema not this binary's);
+    /// `null` when it was. The parts read from it are then `null`.
+    pub database_error: Option<String>,
+    pub dead_letters: Option<DeadLetters>,
     /// The newest event processed (any status but `dead`); `null` before the first.
     pub last_processed: Option<LastProcessed>,
-    /// Replays and purges recorded but not completed (the same `dlq` command finishes them).
-    pub unfinished_actions: i64,
+    /// Replays and purges an earlier version left unfinished (its queue walks).
+    pub unfinished_actions: Option<i64>,
     pub workers: Vec<WorkerState>,
     /// What `--check` fails on; empty when all is well. Computed with or without `--check`.
     pub problems: Vec<Problem>,
@@ -120,13 +123,25 @@ pub struct Problem {
     pub detail: String,
 }
 
-pub async fn run(pool: &PgPool, broker: &BrokerArgs, args: &StatusArgs) -> anyhow::Result<()> {
+/// Prints what can be read. `pool` is the database or why it cannot be used: either way the
+/// broker and the workers are still reported, and a part that cannot be reached makes it exit 1.
+pub async fn run(pool: anyhow::Result<PgPool>, broker: &BrokerArgs, args: &StatusArgs) -> anyhow::Result<()> {
     let topology = broker.topology();
-    let status = gather(pool, broker, &topology, args).await?;
+    let (pool, database_error) = match pool {
+        Ok(pool) => (Some(pool), None),
+        Err(error) => (None, Some(format!("{error:#}"))),
+    };
+    let (status, broker_reached) = gather(pool.as_ref(), database_error, broker, &topology, args).await?;
     if args.json {
         output::document(&status)?;
     } else {
         print_text(&status, args.check);
+    }
+    if let Some(error) = &status.database_error {
+        anyhow::bail!("the database could not be read: {error}");
+    }
+    if !broker_reached {
+        anyhow::bail!("RabbitMQ could not be reached: {}", status.queues_error.as_deref().unwrap_or("?"));
     }
     if args.check && !status.ok {
         let checks: Vec<&str> = status.problems.iter().map(|p| p.check).collect();
@@ -135,16 +150,29 @@ pub async fn run(pool: &PgPool, broker: &BrokerArgs, args: &StatusArgs) -> anyho
     Ok(())
 }
 
+/// Everything `status` reports, and whether the broker was reached at all.
 async fn gather(
-    pool: &PgPool,
+    pool: Option<&PgPool>,
+    database_error: Option<String>,
     broker: &BrokerArgs,
     topology: &Topology,
     args: &StatusArgs,
-) -> anyhow::Result<Status> {
-    let connection = shared::amqp::connect(&broker.amqp_url, "monohook-status").await?;
-    let channel = connection.create_channel().await?;
-    let depths = topology.depths(&channel).await;
-    let _ = connection.close(200, "done".into()).await;
+) -> anyhow::Result<(Status, bool)> {
+    let depths = async {
+        let connection = shared::amqp::connect(&broker.amqp_url, "monohook-status").await?;
+        let depths = async {
+            let channel = connection.create_channel().await?;
+            anyhow::Ok(topology.depths(&channel).await)
+        }
+        .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "done".into())).await;
+        depths
+    };
+    let (depths, broker_reached) = match tokio::time::timeout(Duration::from_secs(20), depths).await {
+        Ok(Ok(depths)) => (depths.map_err(|e| e.to_string()), true),
+        Ok(Err(error)) => (Err(format!("cannot reach RabbitMQ: {error:#}")), false),
+        Err(_) => (Err("RabbitMQ did not answer within 20 s".to_owned()), false),
+    };
     let (queues, queues_error) = match depths {
         Ok(depths) => {
             let queues = depths
@@ -159,9 +187,46 @@ async fn gather(
                 .collect();
             (queues, None)
         }
-        Err(error) => (Vec::new(), Some(error.to_string())),
+        Err(error) => (Vec::new(), Some(error)),
+    };
+    let (dead_letters, last_processed, unfinished_actions) = match pool {
+        Some(pool) => {
+            let (dead, last, unfinished) = from_database(pool, args, &queues).await?;
+            (Some(dead), last, Some(unfinished))
+        }
+        None => (None, None, None),
     };
 
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(1)).build()?;
+    let mut workers = Vec::new();
+    for url in &args.worker_urls {
+        workers.push(ask_worker(&http, url).await);
+    }
+
+    let mut queues = queues;
+    mark_unknown_depths(&mut queues, &workers);
+    let mut status = Status {
+        queues,
+        queues_error,
+        database_error,
+        dead_letters,
+        last_processed,
+        unfinished_actions,
+        workers,
+        problems: Vec::new(),
+        ok: true,
+    };
+    status.problems = problems(&status, topology);
+    status.ok = status.problems.is_empty();
+    Ok((status, broker_reached))
+}
+
+/// The parts of the status the database holds.
+async fn from_database(
+    pool: &PgPool,
+    args: &StatusArgs,
+    queues: &[QueueState],
+) -> anyhow::Result<(DeadLetters, Option<LastProcessed>, i64)> {
     let max_age_days = args.dead_letter_max_age_days;
     let (stored, oldest_at, older_than_max_age, outbox): (i64, Option<DateTime<Utc>>, i64, i64) = sqlx::query_as(
         "SELECT count(*), min(dead_at), count(*) FILTER (WHERE dead_at < now() - make_interval(days => $1)),
@@ -189,27 +254,7 @@ async fn gather(
             .fetch_one(pool)
             .await?;
 
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(1)).build()?;
-    let mut workers = Vec::new();
-    for url in &args.worker_urls {
-        workers.push(ask_worker(&http, url).await);
-    }
-
-    let mut queues = queues;
-    mark_unknown_depths(&mut queues, &workers);
-    let mut status = Status {
-        queues,
-        queues_error,
-        dead_letters,
-        last_processed,
-        unfinished_actions,
-        workers,
-        problems: Vec::new(),
-        ok: true,
-    };
-    status.problems = problems(&status, topology);
-    status.ok = status.problems.is_empty();
-    Ok(status)
+    Ok((dead_letters, last_processed, unfinished_actions))
 }
 
 fn role(topology: &Topology, queue: &str) -> &'static str {
@@ -305,7 +350,22 @@ fn problems(status: &Status, topology: &Topology) -> Vec<Problem> {
             });
         }
     }
-    let dead = &status.dead_letters;
+    if let Some(error) = &status.database_error {
+        problems.push(Problem {
+            check: "database_unreadable",
+            subject: "database".to_owned(),
+            detail: error.clone(),
+        });
+    }
+    let none = DeadLetters {
+        stored: 0,
+        in_queue: None,
+        outbox: 0,
+        oldest_at: None,
+        older_than_max_age: 0,
+        max_age_days: 0,
+    };
+    let dead = status.dead_letters.as_ref().unwrap_or(&none);
     if dead.stored > 0 || dead.in_queue.unwrap_or(0) > 0 {
         let in_queue = dead.in_queue.map_or_else(|| "?".to_owned(), |n| n.to_string());
         problems.push(Problem {
@@ -347,10 +407,16 @@ fn print_text(status: &Status, check: bool) {
     if let Some(error) = &status.queues_error {
         println!("queues not declared yet ({error})");
     }
-    let dead = &status.dead_letters;
-    println!("\ndead letters stored           {} (oldest {})", dead.stored, age(dead.oldest_at));
-    if dead.outbox > 0 {
-        println!("replay copies to publish      {}", dead.outbox);
+    match &status.dead_letters {
+        Some(dead) => {
+            println!("\ndead letters stored           {} (oldest {})", dead.stored, age(dead.oldest_at));
+            if dead.outbox > 0 {
+                println!("replay copies to publish      {}", dead.outbox);
+            }
+        }
+        None => {
+            println!("\ndatabase not readable         {}", status.database_error.as_deref().unwrap_or("?"))
+        }
     }
     match &status.last_processed {
         Some(last) => println!(
@@ -362,11 +428,8 @@ fn print_text(status: &Status, check: bool) {
         ),
         None => println!("last processed event          none yet"),
     }
-    if status.unfinished_actions > 0 {
-        println!(
-            "unfinished replays/purges     {} (run the same dlq command again to finish them)",
-            status.unfinished_actions
-        );
+    if let Some(unfinished) = status.unfinished_actions.filter(|n| *n > 0) {
+        println!("unfinished replays/purges     {unfinished} (left by an earlier version's queue walks)");
     }
     for worker in &status.workers {
         if worker.reachable {
@@ -418,16 +481,17 @@ mod tests {
         Status {
             queues: Vec::new(),
             queues_error: None,
-            dead_letters: DeadLetters {
+            database_error: None,
+            dead_letters: Some(DeadLetters {
                 stored: dead_in_journal,
                 in_queue: Some(0),
                 outbox: 0,
                 oldest_at: None,
                 older_than_max_age: dead_in_journal / 2,
                 max_age_days: 30,
-            },
+            }),
             last_processed: None,
-            unfinished_actions: 0,
+            unfinished_actions: Some(0),
             workers,
             problems: Vec::new(),
             ok: true,
