@@ -44,21 +44,24 @@ pub struct ApiConfig {
     #[arg(long, env = "MONO_API_URL", default_value = "https://api.withmono.com", value_parser = shared::config::http_url)]
     pub mono_api_url: String,
 
-    /// Time limit of one call to Mono, in ms.
-    #[arg(long, env = "MONO_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Time limit of one call to Mono, in ms (1 to 300000).
+    #[arg(long, env = "MONO_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=300_000))]
     pub mono_timeout_ms: u64,
 
-    /// How long one request keeps retrying a failing Mono before it answers 503, in ms.
-    #[arg(long, env = "MONO_RETRY_BUDGET_MS", default_value_t = 3_000)]
+    /// How long one request keeps retrying a failing Mono before it answers 503, in ms (0 to
+    /// 600000).
+    #[arg(long, env = "MONO_RETRY_BUDGET_MS", default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub mono_retry_budget_ms: u64,
 
-    /// Longest wait a `Retry-After` from Mono can impose, in seconds.
-    #[arg(long, env = "MONO_RETRY_AFTER_MAX_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Longest wait a `Retry-After` from Mono can impose, in seconds (1 to 86400).
+    #[arg(long, env = "MONO_RETRY_AFTER_MAX_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub mono_retry_after_max_secs: u64,
 
     /// After Mono refuses an account (a permanent 4xx), how long the api answers 422 for it without
-    /// asking Mono again, in seconds (0 asks every time).
-    #[arg(long, env = "MONO_REFUSAL_MEMORY_SECS", default_value_t = 60)]
+    /// asking Mono again, in seconds (0 asks every time; at most 86400). Kept per kind of request: a
+    /// refused link does not silence tokens, a refused token (Mono refusing the account) silences
+    /// both.
+    #[arg(long, env = "MONO_REFUSAL_MEMORY_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub mono_refusal_memory_secs: u64,
 
     /// How long the api's Mono circuit breaker stays open before one probe call may go, in ms
@@ -79,8 +82,8 @@ pub struct ApiConfig {
     /// How long a request for a fresh token may wait for its account's lock, a Mono slot and Mono
     /// before it answers (the stored token if it works 30 s longer, else 503), in ms. A call to Mono
     /// already made goes on after it, and its token is stored for the next request. A re-auth link
-    /// request waits as long (then 503).
-    #[arg(long, env = "TOKEN_DEADLINE_MS", default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// request waits as long (then 503). 1 to 600000.
+    #[arg(long, env = "TOKEN_DEADLINE_MS", default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub token_deadline_ms: u64,
 
     /// Where a re-auth link may send the customer back to, comma-separated: an origin
@@ -92,16 +95,16 @@ pub struct ApiConfig {
 
     /// A re-auth link created this recently for the same account and redirect, in the account's
     /// current re-auth episode, is handed out again instead of asking Mono for another, in seconds
-    /// (0: a new link per request, concurrent requests still sharing one).
-    #[arg(long, env = "REAUTH_LINK_REUSE_SECS", default_value_t = 300)]
+    /// (0: a new link per request, concurrent requests still sharing one; at most 86400).
+    #[arg(long, env = "REAUTH_LINK_REUSE_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub reauth_link_reuse_secs: u64,
 
     /// HTTP worker threads (0 = one per CPU).
     #[arg(long, env = "HTTP_WORKERS", default_value_t = 0)]
     pub http_workers: usize,
 
-    /// On SIGTERM, how long in-flight requests may take to finish, in seconds.
-    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    /// On SIGTERM, how long in-flight requests may take to finish, in seconds (1 to 3600).
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3_600))]
     pub shutdown_grace_secs: u64,
 }
 

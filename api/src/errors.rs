@@ -38,6 +38,19 @@ pub enum ApiError {
     DatabaseUnavailable(String),
     #[error("database error: {0}")]
     Database(String),
+    /// The path exists, the method does not: the methods it takes.
+    #[error("method not allowed")]
+    MethodNotAllowed(&'static str),
+    /// The request's body is longer than the endpoint takes (bytes).
+    #[error("body longer than {0} bytes")]
+    PayloadTooLarge(usize),
+}
+
+/// `Retry-After` in whole seconds, rounded up (at least 1): a client that waits what it is told never
+/// comes back before the wait is over.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
 }
 
 impl ApiError {
@@ -55,6 +68,8 @@ impl ApiError {
             Self::MonoUnexpectedAnswer(_) => "mono_unexpected_answer",
             Self::DatabaseUnavailable(_) => "database_unavailable",
             Self::Database(_) => "internal",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::PayloadTooLarge(_) => "payload_too_large",
         }
     }
 }
@@ -86,6 +101,8 @@ impl ResponseError for ApiError {
             Self::MonoUnavailable { .. } | Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MonoUnexpectedAnswer(_) => StatusCode::BAD_GATEWAY,
             Self::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -105,7 +122,10 @@ impl ResponseError for ApiError {
                 response.insert_header(("www-authenticate", "Bearer"));
             }
             Self::MonoUnavailable { retry_after, .. } => {
-                response.insert_header(("retry-after", retry_after.as_secs().max(1).to_string()));
+                response.insert_header(("retry-after", retry_after_secs(*retry_after).to_string()));
+            }
+            Self::MethodNotAllowed(allow) => {
+                response.insert_header(("allow", *allow));
             }
             Self::DatabaseUnavailable(_) => {
                 response.insert_header(("retry-after", "1"));
@@ -116,5 +136,22 @@ impl ResponseError for ApiError {
             tracing::warn!(error = %self, "request failed on the database");
         }
         response.json(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after_secs(Duration::from_millis(1_200)), 2, "1.2 s left: come back in 2");
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        let answer =
+            ApiError::MonoUnavailable { reason: "open".into(), retry_after: Duration::from_millis(4_001) }
+                .error_response();
+        assert_eq!(answer.headers().get("retry-after").unwrap(), "5");
     }
 }

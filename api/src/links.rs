@@ -36,6 +36,7 @@ use crate::db::{self, LinkState, StoredLink};
 use crate::errors::ApiError;
 use crate::flights::{Flights, Joined, Lead, follow};
 use crate::mono_access::MonoAccess;
+use crate::refusals::Refused;
 use mono_client::links::{LinkAnswer, LinkRequest};
 use mono_client::tokens::Called;
 use shared::event::AccountId;
@@ -107,9 +108,9 @@ pub async fn link(
     if let Some(link) = reusable(desk, &ask, &current, false).await? {
         return Ok(link);
     }
-    // Mono refused this account a moment ago (for a token or a link): asking again would only
-    // hammer it on the app's behalf.
-    if let Some(message) = desk.mono.refusals.recall(ask.account.as_str()) {
+    // Mono refused a link for this account a moment ago, or the account itself (a token): asking
+    // again would only hammer it on the app's behalf.
+    if let Some(message) = desk.mono.refusals.recall(Refused::Link, ask.account.as_str()) {
         return Err(ApiError::MonoRefused(message));
     }
     // Only while the opening lasts: once its time is up this request may be the probe.
@@ -312,7 +313,7 @@ async fn call_and_store(desk: &LinkDesk, ask: &Ask, episode: Option<DateTime<Utc
             return Err(ApiError::MonoUnexpectedAnswer("data.mono_url"));
         }
         Called::Refused { message, .. } => {
-            desk.mono.refusals.remember(ask.account.as_str(), &message);
+            desk.mono.refusals.remember(Refused::Link, ask.account.as_str(), &message);
             return Err(ApiError::MonoRefused(message));
         }
         Called::Park { reason } | Called::Retry { reason } => {

@@ -33,6 +33,7 @@ use crate::db::{self, TokenState};
 use crate::errors::ApiError;
 use crate::flights::{Flights, Joined, follow};
 use crate::mono_access::{DEFAULT_RETRY_AFTER, MonoAccess};
+use crate::refusals::Refused;
 use mono_client::tokens::TokenOutcome;
 use shared::event::AccountId;
 
@@ -107,7 +108,7 @@ pub async fn fresh(refresher: &Arc<Refresher>, account: &AccountId) -> Outcome {
     let deadline = Instant::now() + refresher.mono.deadline;
     // Mono refused this account a moment ago (maybe for the request this one queued behind): asking
     // again would only hammer it on the app's behalf.
-    if let Some(message) = refresher.mono.refusals.recall(account.as_str()) {
+    if let Some(message) = refresher.mono.refusals.recall(Refused::Token, account.as_str()) {
         return Err(ApiError::MonoRefused(message));
     }
     // Only while the opening lasts: once its time is up this request may be the probe that closes
@@ -278,7 +279,7 @@ async fn call_and_store(refresher: &Refresher, account: &AccountId) -> Outcome {
     let token = match outcome {
         TokenOutcome::Token(token) => token,
         TokenOutcome::Refused { message, .. } => {
-            refresher.mono.refusals.remember(account.as_str(), &message);
+            refresher.mono.refusals.remember(Refused::Token, account.as_str(), &message);
             return Err(ApiError::MonoRefused(message));
         }
         TokenOutcome::Park { reason } | TokenOutcome::Retry { reason } => {

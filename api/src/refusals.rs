@@ -2,6 +2,11 @@
 //! `MONO_REFUSAL_MEMORY_SECS` so that an app retrying a refused account is answered 422 from here
 //! instead of making us ask Mono again on every request. The memory is per process, bounded, and lost
 //! on restart: at worst each process asks Mono once per account per period.
+//!
+//! Kept per kind of request: Mono refusing a re-auth link (its `initiate`, with our redirect and
+//! scope) says nothing about re-authorising the account with a token, so a refused link never
+//! silences token requests. Mono refusing to re-authorise the account (a token) refuses the account
+//! itself, so it silences link requests for it too.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -10,9 +15,27 @@ use std::time::{Duration, Instant};
 /// Most accounts remembered at once; a refusal that finds the memory full is not remembered.
 const MAX_REMEMBERED: usize = 10_000;
 
+/// What Mono refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// A re-auth token: Mono refuses to re-authorise the account.
+    Token,
+    /// A re-auth link for the account.
+    Link,
+}
+
+impl Refused {
+    fn key(self, account: &str) -> String {
+        match self {
+            Self::Token => format!("token\n{account}"),
+            Self::Link => format!("link\n{account}"),
+        }
+    }
+}
+
 pub struct RefusalMemory {
     remember_for: Duration,
-    /// Account id → (until when, Mono's message).
+    /// Kind and account id → (until when, Mono's message).
     refused: Mutex<HashMap<String, (Instant, String)>>,
 }
 
@@ -22,11 +45,12 @@ impl RefusalMemory {
         Self { remember_for, refused: Mutex::default() }
     }
 
-    /// Notes that Mono refused `account` with `message`.
-    pub fn remember(&self, account: &str, message: &str) {
+    /// Notes that Mono refused `what` for `account` with `message`.
+    pub fn remember(&self, what: Refused, account: &str, message: &str) {
         if self.remember_for.is_zero() {
             return;
         }
+        let account = &what.key(account);
         let now = Instant::now();
         let mut refused = self.lock();
         if refused.len() >= MAX_REMEMBERED {
@@ -37,8 +61,18 @@ impl RefusalMemory {
         }
     }
 
-    /// Mono's message if it refused `account` less than `remember_for` ago.
-    pub fn recall(&self, account: &str) -> Option<String> {
+    /// Mono's message if it refused `what` for `account` (or, for a link, the account itself) less
+    /// than `remember_for` ago.
+    pub fn recall(&self, what: Refused, account: &str) -> Option<String> {
+        match what {
+            Refused::Token => self.recall_key(&Refused::Token.key(account)),
+            Refused::Link => self
+                .recall_key(&Refused::Link.key(account))
+                .or_else(|| self.recall_key(&Refused::Token.key(account))),
+        }
+    }
+
+    fn recall_key(&self, account: &str) -> Option<String> {
         let mut refused = self.lock();
         match refused.get(account) {
             Some((until, message)) if *until > Instant::now() => Some(message.clone()),
@@ -52,5 +86,22 @@ impl RefusalMemory {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, String)>> {
         self.refused.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_link_silences_links_only_and_a_refused_token_silences_both() {
+        let memory = RefusalMemory::new(Duration::from_secs(60));
+        memory.remember(Refused::Link, "acct-1", "bad redirect");
+        assert_eq!(memory.recall(Refused::Link, "acct-1").as_deref(), Some("bad redirect"));
+        assert_eq!(memory.recall(Refused::Token, "acct-1"), None, "a link refusal says nothing of tokens");
+
+        memory.remember(Refused::Token, "acct-2", "account closed");
+        assert_eq!(memory.recall(Refused::Token, "acct-2").as_deref(), Some("account closed"));
+        assert_eq!(memory.recall(Refused::Link, "acct-2").as_deref(), Some("account closed"));
     }
 }

@@ -132,19 +132,15 @@ impl Application {
                         .map(move |answer| answer.map(|response| finish(response, &request_id, started)))
                         .instrument(span)
                 })
-                // Resources, not bare routes: another method on a known path gets 405, not 404.
-                .service(web::resource("/v1/accounts").route(web::get().to(routes::list_accounts)))
-                .service(web::resource("/v1/accounts/{id}").route(web::get().to(routes::get_account)))
-                .service(
-                    web::resource("/v1/accounts/{id}/reauth-token")
-                        .route(web::post().to(routes::reauth_token)),
-                )
-                .service(
-                    web::resource("/v1/accounts/{id}/reauth-link").route(web::post().to(routes::reauth_link)),
-                )
-                .service(web::resource("/healthz").route(web::get().to(routes::healthz)))
-                .service(web::resource("/readyz").route(web::get().to(routes::readyz)))
-                .service(web::resource("/openapi.json").route(web::get().to(routes::openapi)))
+                // Resources, not bare routes: another method on a known path gets 405 (in the API's
+                // error shape, with `Allow`), not 404.
+                .service(get("/v1/accounts").route(web::get().to(routes::list_accounts)))
+                .service(get("/v1/accounts/{id}").route(web::get().to(routes::get_account)))
+                .service(post("/v1/accounts/{id}/reauth-token").route(web::post().to(routes::reauth_token)))
+                .service(post("/v1/accounts/{id}/reauth-link").route(web::post().to(routes::reauth_link)))
+                .service(get("/healthz").route(web::get().to(routes::healthz)))
+                .service(get("/readyz").route(web::get().to(routes::readyz)))
+                .service(get("/openapi.json").route(web::get().to(routes::openapi)))
                 .default_service(web::to(|| async { ApiError::NotFound.error_response() }))
         })
         .workers(workers)
@@ -196,6 +192,20 @@ impl Application {
         tracing::info!("api stopped");
         served
     }
+}
+
+/// A resource answering only GET: any other method is 405 in the API's error shape.
+fn get(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(not_allowed("GET"))
+}
+
+/// A resource answering only POST: any other method is 405 in the API's error shape.
+fn post(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(not_allowed("POST"))
+}
+
+fn not_allowed(allow: &'static str) -> actix_web::Route {
+    web::to(move || async move { ApiError::MethodNotAllowed(allow).error_response() })
 }
 
 /// The client's `x-request-id` if it is a sane one, else a fresh one.

@@ -8,9 +8,11 @@
 //! handed out again (`reused`), otherwise Mono is asked (`links`: one call per account and redirect
 //! at a time across processes). Every link handed out is recorded with the caller's key label
 //! before it is answered. Statuses as for tokens: 401, 404, 409, 422 `mono_refused`, 503 with
-//! `Retry-After`; and 502 `mono_unexpected_answer` when Mono's answer holds no `data.mono_url`.
+//! `Retry-After`; 502 `mono_unexpected_answer` when Mono's answer holds no `data.mono_url`; 413
+//! `payload_too_large` for a body over 4096 bytes.
 
 use actix_web::{HttpResponse, web};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -34,9 +36,10 @@ pub async fn reauth_link(
     caller: Caller,
     state: web::Data<AppState>,
     id: web::Path<String>,
-    body: web::Bytes,
+    body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let account = AccountId::parse(id.into_inner()).ok_or(ApiError::NotFound)?;
+    let body = read_body(body).await?;
     let asked = parse_body(&body)?;
     // The account first: an unknown or settled account is 404 / 409 whatever the redirect.
     let current = links::read_state(&state.links, &account).await?;
@@ -65,10 +68,21 @@ pub async fn reauth_link(
     })))
 }
 
-fn parse_body(body: &[u8]) -> Result<LinkBody, ApiError> {
-    if body.len() > MAX_BODY_BYTES {
-        return Err(ApiError::InvalidBody(format!("longer than {MAX_BODY_BYTES} bytes")));
+/// The body, up to [`MAX_BODY_BYTES`]: longer is 413 in the API's error shape (actix's own limit
+/// would answer plain text), and is not read further.
+async fn read_body(mut payload: web::Payload) -> Result<Vec<u8>, ApiError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::InvalidBody(e.to_string()))?;
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
+        }
+        body.extend_from_slice(&chunk);
     }
+    Ok(body)
+}
+
+fn parse_body(body: &[u8]) -> Result<LinkBody, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(LinkBody::default());
     }

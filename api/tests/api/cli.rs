@@ -36,3 +36,30 @@ fn missing_keys_stop_the_api_naming_them() {
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.starts_with("api: missing required setting: APP_API_KEYS (--app-api-keys)"), "{stderr}");
 }
+
+#[test]
+fn a_duration_out_of_its_range_stops_the_api_with_one_line_naming_it() {
+    for (env, value) in [
+        ("MONO_TIMEOUT_MS", "300001"),
+        ("MONO_RETRY_BUDGET_MS", "600001"),
+        ("MONO_RETRY_AFTER_MAX_SECS", "86401"),
+        ("MONO_REFUSAL_MEMORY_SECS", "18446744073709551615"),
+        ("MONO_CIRCUIT_OPEN_MS", "99"),
+        ("TOKEN_DEADLINE_MS", "600001"),
+        ("REAUTH_LINK_REUSE_SECS", "9223372036854775807"),
+        ("SHUTDOWN_GRACE_SECS", "3601"),
+    ] {
+        let output = api()
+            .env("APP_API_KEYS", "mobile:0123456789abcdef0123")
+            .env("MONO_SECRET_KEY", "test_sk_0123456789")
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+            .env(env, value)
+            .output()
+            .unwrap();
+
+        assert_eq!(output.status.code(), Some(2), "{env}={value}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{env}={value}: {stderr}");
+        assert!(stderr.starts_with("api: invalid ") && stderr.contains(env), "{env}={value}: {stderr}");
+    }
+}

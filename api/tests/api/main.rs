@@ -2,6 +2,7 @@
 //! (wiremock) and its own API on a free port.
 
 mod accounts;
+mod answers;
 mod cli;
 mod contract;
 mod helpers;
