@@ -129,22 +129,34 @@ impl Link {
                     if !self.connection.status().connected() {
                         return Some(amqp::connection_lost(&self.connection).await);
                     }
-                    loop {
-                        match relay_once(&settings.processor, &self.publish).await {
-                            Ok(published) if published == RELAY_BATCH as usize => continue,
-                            Ok(_) => break,
-                            Err(RelayError::Database(error)) => {
-                                tracing::warn!(%error, "the outbox cannot be read yet");
-                                break;
-                            }
-                            Err(RelayError::Broker(error)) => {
-                                if let Err(error) = settings.topology.declare_on(&self.connection).await {
-                                    tracing::warn!(%error, "declaring the topology again failed");
-                                }
-                                return Some(error);
-                            }
-                        }
+                    // Cut when the worker stops: a database gone silent would hold the stop up
+                    // (a query on a silent connection waits forever). A batch cut between its
+                    // confirms and its delete is rolled back and published again (same ids).
+                    tokio::select! {
+                        () = cancel.cancelled() => return None,
+                        lost = self.relay_pending(settings) => if lost.is_some() { return lost },
                     }
+                }
+            }
+        }
+    }
+
+    /// Publishes outbox rows until none is left or the database fails (`None`), or until the
+    /// broker fails (`Some(why)`).
+    async fn relay_pending(&self, settings: &RelaySettings) -> Option<String> {
+        loop {
+            match relay_once(&settings.processor, &self.publish).await {
+                Ok(published) if published == RELAY_BATCH as usize => continue,
+                Ok(_) => return None,
+                Err(RelayError::Database(error)) => {
+                    tracing::warn!(%error, "the outbox cannot be read yet");
+                    return None;
+                }
+                Err(RelayError::Broker(error)) => {
+                    if let Err(error) = settings.topology.declare_on(&self.connection).await {
+                        tracing::warn!(%error, "declaring the topology again failed");
+                    }
+                    return Some(error);
                 }
             }
         }
