@@ -34,14 +34,15 @@ pub struct NewDeadLetter {
     pub first_attempt_at: Option<DateTime<Utc>>,
 }
 
-/// Writes the dead letter. The same id dead again (a replay that died again, a message drained twice,
-/// a row taken over from the journal on upgrade) keeps one row, with the latest death and the whole
-/// body.
+/// Writes the dead letter; one that died on its first attempt (no attempt history yet) was first
+/// attempted now, as its journal row says. The same id dead again (a replay that died again, a
+/// message drained twice, a row taken over from the journal on upgrade) keeps one row, with the
+/// latest death and the whole body.
 pub async fn insert(conn: &mut PgConnection, letter: &NewDeadLetter) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO dead_letters
              (id, event, account_id, body, body_sha256, received_at, headers, reason, class, attempts, first_attempt_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, COALESCE($11, clock_timestamp()))
          ON CONFLICT (id) DO UPDATE
              SET body = excluded.body, headers = excluded.headers, reason = excluded.reason,
                  class = excluded.class, attempts = excluded.attempts,
