@@ -160,12 +160,15 @@ async fn gather(
 ) -> anyhow::Result<(Status, bool)> {
     let depths = async {
         let connection = shared::amqp::connect(&broker.amqp_url, "monohook-status").await?;
-        let depths = async {
-            let channel = connection.create_channel().await?;
-            anyhow::Ok(topology.depths(&channel).await)
-        }
-        .await;
+        // The channel lives until the connection is closed: dropped before, it would close itself
+        // while the connection closes, and lapin logs that race as an error on stderr.
+        let channel = connection.create_channel().await;
+        let depths = match &channel {
+            Ok(channel) => Ok(topology.depths(channel).await),
+            Err(error) => Err(anyhow::anyhow!("cannot open a channel: {error}")),
+        };
         let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "done".into())).await;
+        drop(channel);
         depths
     };
     let (depths, broker_reached) = match tokio::time::timeout(Duration::from_secs(20), depths).await {
