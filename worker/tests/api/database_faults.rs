@@ -54,7 +54,7 @@ async fn a_revoked_grant_parks_the_events_it_stops_and_dead_letters_none(
 
     assert_eq!(world.settled(&unaffected).await.status, "ignored", "the rest of the batch commits");
     wait_until_parked(&world, "the event the grant stops is parked in the first retry tier").await;
-    assert_eq!(world.broker.depth(&world.dead_queue()).await, 0, "a grant of ours dead-letters nothing");
+    assert_eq!(world.dead_letter_count().await, 0, "a grant of ours dead-letters nothing");
     assert!(world.journal(&stopped).await.is_none());
 
     world.pool.execute(format!(r#"GRANT UPDATE ON accounts TO "{role}""#).as_str()).await.unwrap();
@@ -62,7 +62,7 @@ async fn a_revoked_grant_parks_the_events_it_stops_and_dead_letters_none(
     let row = world.settled(&stopped).await;
     assert_eq!(row.status, "processed");
     assert_eq!(row.attempts, 1, "parking spends no attempt");
-    assert_eq!(world.broker.depth(&world.dead_queue()).await, 0);
+    assert_eq!(world.dead_letter_count().await, 0);
     world.stop_workers().await;
     drop_role(&world.pool, &role).await;
 }
@@ -103,7 +103,7 @@ async fn a_row_that_times_out_every_time_is_parked_and_its_batch_commits(
         assert_eq!(world.settled(meta).await.status, "processed", "the culprit's batch commits without it");
     }
     wait_until_parked(&world, "the row that times out is parked in the first retry tier").await;
-    assert_eq!(world.broker.depth(&world.dead_queue()).await, 0, "a timeout of ours dead-letters nothing");
+    assert_eq!(world.dead_letter_count().await, 0, "a timeout of ours dead-letters nothing");
     assert!(world.journal(&culprit).await.is_none());
 
     world.pool.execute("DROP TRIGGER slow_row ON webhook_events").await.unwrap();
@@ -111,5 +111,5 @@ async fn a_row_that_times_out_every_time_is_parked_and_its_batch_commits(
     let row = world.settled(&culprit).await;
     assert_eq!(row.status, "processed");
     assert_eq!(row.attempts, 1, "parking spends no attempt");
-    assert_eq!(world.broker.depth(&world.dead_queue()).await, 0);
+    assert_eq!(world.dead_letter_count().await, 0);
 }

@@ -1,5 +1,6 @@
 //! `worker dlq` and `worker status`, run as an operator runs them: the binary, against the real
-//! RabbitMQ and PostgreSQL.
+//! RabbitMQ and PostgreSQL. Dead letters are `dead_letters` rows; a replay's copy goes through the
+//! outbox, which a running worker's relay publishes.
 
 use sqlx::PgPool;
 
@@ -31,17 +32,9 @@ pub(crate) async fn world_with_dead_letters(pool: PgPool, accounts: &[&str]) -> 
     })
     .await;
     world.stop_workers().await;
+    assert_eq!(world.dead_letter_count().await, expected, "a row beside each dead journal row");
+    assert_eq!(world.broker.depth(&world.dead_queue()).await, 0, "the worker publishes no dead letter");
     world
-}
-
-async fn dead_queue_depth(world: &TestWorld) -> u32 {
-    world.broker.depth(&world.dead_queue()).await
-}
-
-/// Waits until the dead-letter queue holds `expected` ready messages: what a walk left returns to
-/// the queue's ready count a moment after the walk closes its channels.
-pub(crate) async fn dead_queue_settles_at(world: &TestWorld, expected: u32, why: &str) {
-    eventually(why, PATIENCE, || async { dead_queue_depth(world).await == expected }).await;
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -99,9 +92,13 @@ async fn group_by_reason_shows_one_line_per_cause(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn show_prints_the_whole_record_including_the_queued_headers(pool: PgPool) {
+async fn show_prints_the_whole_record_from_the_dead_letter_row(pool: PgPool) {
     let world = world_with_dead_letters(pool, &["acct-a"]).await;
     let id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM webhook_events WHERE account_id = 'acct-a'")
+        .fetch_one(&world.pool)
+        .await
+        .unwrap();
+    let poison: uuid::Uuid = sqlx::query_scalar("SELECT id FROM dead_letters WHERE account_id IS NULL")
         .fetch_one(&world.pool)
         .await
         .unwrap();
@@ -109,18 +106,28 @@ async fn show_prints_the_whole_record_including_the_queued_headers(pool: PgPool)
     let record: serde_json::Value =
         serde_json::from_str(&stdout(&world.run_cli(&["dlq", "show", &id.to_string(), "--json"], "").await))
             .unwrap();
+    let garbage: serde_json::Value = serde_json::from_str(&stdout(
+        &world.run_cli(&["dlq", "show", &poison.to_string(), "--json"], "").await,
+    ))
+    .unwrap();
 
     assert_eq!(record["id"], id.to_string());
     assert_eq!(record["journal"]["status"], "dead");
     assert_eq!(record["journal"]["payload"]["data"]["account"]["_id"], "acct-a");
-    let headers = &record["queue_headers"];
-    assert!(headers["x-dead-reason"].as_str().unwrap().contains("can not be re-authorised"), "{headers}");
-    assert_eq!(headers["x-attempts"], "1");
-    dead_queue_settles_at(&world, 2, "show leaves the message in the queue").await;
+    let letter = &record["dead_letter"];
+    assert!(letter["reason"].as_str().unwrap().contains("can not be re-authorised"), "{letter}");
+    assert_eq!((&letter["class"], &letter["attempts"]), (&"permanent".into(), &1.into()), "{letter}");
+    assert_eq!(letter["body"]["data"]["account"]["_id"], "acct-a", "{letter}");
+    assert_eq!(letter["rebuilt"], false);
+    assert!(letter["dead_at"].is_string() && letter["first_attempt_at"].is_string(), "{letter}");
+    assert_eq!(record["actions"], serde_json::json!([]));
+    assert_eq!(garbage["dead_letter"]["body"], serde_json::json!({ "not_json": "8 bytes" }));
+    assert_eq!(garbage["dead_letter"]["class"], "poison");
+    assert_eq!(world.dead_letter_count().await, 2, "show changes nothing");
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn replay_moves_dead_letters_back_and_leaves_queue_and_journal_in_agreement(pool: PgPool) {
+async fn replay_moves_dead_letters_back_and_leaves_rows_and_journal_in_agreement(pool: PgPool) {
     let mut world = world_with_dead_letters(pool, &["acct-a", "acct-b"]).await;
     // The cause is fixed: Mono re-authorises acct-a now.
     world.mono.reset().await;
@@ -133,14 +140,18 @@ async fn replay_moves_dead_letters_back_and_leaves_queue_and_journal_in_agreemen
             .await,
     );
 
-    assert!(output.contains("replayed 1 dead letter(s)"), "{output}");
+    assert!(output.contains("replayed 1 of 1 selected dead letter(s)"), "{output}");
+    world.outbox_published().await;
     eventually("the replayed event is applied", PATIENCE, || async {
         world.stored_token("acct-a").await.is_some()
     })
     .await;
     assert_eq!(world.stored_token("acct-a").await.as_deref(), Some("after-replay"));
-    dead_queue_settles_at(&world, 2, "acct-b and the poison stay dead").await;
-    assert_eq!(world.count_status("dead").await, 2, "the journal agrees with the queue");
+    let mut left: Vec<Option<String>> =
+        world.stored_dead_letters().await.into_iter().map(|letter| letter.account_id).collect();
+    left.sort();
+    assert_eq!(left, [None, Some("acct-b".to_owned())], "acct-b and the poison stay dead");
+    assert_eq!(world.count_status("dead").await, 2, "the journal agrees with the rows");
     let (status, attempts): (String, i32) =
         sqlx::query_as("SELECT status, attempts FROM webhook_events WHERE account_id = 'acct-a'")
             .fetch_one(&world.pool)
@@ -184,7 +195,11 @@ async fn a_dry_run_predicts_each_change_and_changes_nothing(pool: PgPool) {
             .await
             .unwrap();
     assert_eq!(journal_before, journal_after);
-    dead_queue_settles_at(&world, 2, "the rest stays dead").await;
+    assert_eq!(
+        (world.dead_letter_count().await, world.outbox_count().await),
+        (2, 0),
+        "every letter stays dead"
+    );
     assert_eq!(world.mono.received_requests().await.unwrap().len(), 1, "a dry run never calls Mono");
 }
 
@@ -238,7 +253,7 @@ async fn purge_without_a_terminal_or_yes_refuses_as_a_usage_error(pool: PgPool) 
         assert!(refused.stdout.is_empty(), "{}", String::from_utf8_lossy(&refused.stdout));
     }
     assert_eq!(world.count_status("dead").await, 3, "nothing purged");
-    assert_eq!(dead_queue_depth(&world).await, 3, "the purge never walked the queue");
+    assert_eq!(world.dead_letter_count().await, 3, "nothing purged");
     let actions: i64 =
         sqlx::query_scalar("SELECT count(*) FROM dead_letter_actions").fetch_one(&world.pool).await.unwrap();
     assert_eq!(actions, 0);
@@ -256,8 +271,12 @@ async fn purge_with_yes_records_what_it_removed(pool: PgPool) {
             )
             .await,
     );
-    assert!(purged.contains("purged 1 dead letter(s)"), "{purged}");
-    dead_queue_settles_at(&world, 2, "the rest stays dead").await;
+    assert!(purged.contains("purged 1 of 1 selected dead letter(s)"), "{purged}");
+    assert_eq!(world.dead_letter_count().await, 2, "the rest stays dead");
+    assert!(
+        world.stored_dead_letters().await.iter().all(|letter| letter.account_id.is_some()),
+        "the poison went"
+    );
     assert_eq!(world.count_status("dead").await, 2);
     let recorded: (String, String) =
         sqlx::query_as("SELECT action, note FROM dead_letter_actions WHERE completed_at IS NOT NULL")
@@ -289,13 +308,15 @@ async fn status_shows_queues_dead_letters_and_the_last_processed_event(pool: PgP
     let output = stdout(&world.run_cli(&["status", "--worker-url", "http://127.0.0.1:9"], "").await);
 
     assert!(output.contains(&format!("{}.dead", world.broker.prefix)), "{output}");
+    // The dead-letter queue is only a conveyor: the worker drains it, the rows wait.
     assert!(
         output
             .lines()
-            .any(|l| l.starts_with(&world.dead_queue()) && l.split_whitespace().nth(1) == Some("2")),
+            .any(|l| l.starts_with(&world.dead_queue()) && l.split_whitespace().nth(1) == Some("0")),
         "{output}"
     );
-    assert!(output.contains("dead letters in the journal   2"), "{output}");
+    assert!(output.contains("dead letters stored           2"), "{output}");
+    assert!(!output.contains("replay copies to publish"), "no outbox row waits: {output}");
     assert!(
         output.contains("last processed event          mono.events.account_updated (processed)"),
         "{output}"
@@ -398,7 +419,8 @@ async fn assert_everything_replayed_once(world: &TestWorld, count: i64) {
             .await
             .unwrap();
     assert_eq!(flagged, count);
-    dead_queue_settles_at(world, 0, "the dead-letter queue is empty").await;
+    world.outbox_published().await;
+    assert_eq!(world.dead_letter_count().await, 0, "no letter is left dead");
     let unfinished: i64 =
         sqlx::query_scalar("SELECT count(*) FROM dead_letter_actions WHERE completed_at IS NULL")
             .fetch_one(&world.pool)
@@ -413,9 +435,19 @@ async fn a_replay_killed_midway_loses_nothing_and_duplicates_nothing(pool: PgPoo
 
     let (completed_before_kill, _) = interrupt_a_replay(&world, nix::sys::signal::Signal::SIGKILL).await;
     assert!(completed_before_kill < 300, "the replay finished before it could be killed");
+    // Each letter is one transaction: the kill left every letter either dead or replayed, never
+    // both, never neither.
+    let (dead, replayed): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM dead_letters),
+                (SELECT count(DISTINCT delivery_id) FROM dead_letter_actions WHERE action = 'replay')",
+    )
+    .fetch_one(&world.pool)
+    .await
+    .unwrap();
+    assert_eq!((dead + replayed, replayed), (300, completed_before_kill));
     let output = stdout(&world.run_cli(&["dlq", "replay", "--all"], "").await);
 
-    assert!(output.contains("interrupted action(s)"), "{output}");
+    assert!(output.contains(&format!("replayed {dead} of {dead} selected")), "{output}");
     assert_everything_replayed_once(&world, 300).await;
 }
 
@@ -435,6 +467,21 @@ async fn ctrl_c_stops_a_replay_cleanly_and_the_next_run_continues(pool: PgPool) 
     stdout(&world.run_cli(&["dlq", "replay", "--all"], "").await);
 
     assert_everything_replayed_once(&world, 300).await;
+}
+
+/// What the upgrade to dead letter rows does with a `dead` journal row whose message is not in the
+/// dead-letter queue: its row is rebuilt from the journal. Runs the migration's own statement over
+/// every stored letter; returns how many it rebuilt.
+async fn upgrade_from_the_journal(world: &TestWorld) -> u64 {
+    let migration = worker::db::MIGRATOR
+        .iter()
+        .find(|m| m.version == 20261207000001)
+        .expect("the migration to dead letter rows");
+    let statement = &migration.sql[migration.sql.find("INSERT INTO dead_letters").unwrap()..];
+    sqlx::query("DELETE FROM dead_letters").execute(&world.pool).await.unwrap();
+    let rebuilt = sqlx::query(statement).execute(&world.pool).await.unwrap().rows_affected();
+    assert!(world.stored_dead_letters().await.iter().all(|letter| letter.rebuilt));
+    rebuilt
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -472,8 +519,9 @@ async fn a_replay_rebuilt_from_the_journal_of_a_body_applied_since_is_a_duplicat
         br#"{"event": "mono.events.reauthorisation_required", "data": {"account": {"_id": "acct-r"}}}"#;
     let dead = world.publish(mono_body).await;
     assert_eq!(world.settled(&dead).await.status, "dead");
-    // The message is gone from the dead-letter queue: a replay rebuilds it from the journal.
-    assert_eq!(world.broker.drain(&world.dead_queue()).await.len(), 1);
+    // Dead under an earlier version whose message had left the queue: the upgrade rebuilt it from
+    // the journal.
+    assert_eq!(upgrade_from_the_journal(&world).await, 1);
     world.mono.reset().await;
     world.mono_issues_token("acct-r", "second-copy").await;
     let again = world.publish(mono_body).await;
@@ -503,9 +551,9 @@ async fn a_replay_rebuilt_from_a_minimal_journal_row_names_what_the_copy_lacks(p
         assert_eq!(world.settled(&dead).await.status, "dead");
     }
     world.stop_workers().await;
-    // The messages are gone from the dead-letter queue: a replay rebuilds them from the journal,
-    // whose minimal rows do not hold the name.
-    assert_eq!(world.broker.drain(&world.dead_queue()).await.len(), 2);
+    // Dead under an earlier version whose messages had left the queue: the upgrade rebuilt them
+    // from the journal, whose minimal rows do not hold the name.
+    assert_eq!(upgrade_from_the_journal(&world).await, 2);
 
     let json: serde_json::Value = serde_json::from_str(&stdout(
         &world.run_cli(&["dlq", "replay", "--account", "acct-json", "--json"], "").await,
@@ -516,10 +564,5 @@ async fn a_replay_rebuilt_from_a_minimal_journal_row_names_what_the_copy_lacks(p
     assert_eq!(json["acted"], 1);
     let lacks = json["rebuilt"][0]["lacks"].as_array().unwrap();
     assert!(lacks.contains(&"data.account.name".into()), "{json}");
-    assert!(
-        text.contains(
-            "from its minimal journal row (its message had left the queue): the copy lacks data.account.name"
-        ),
-        "{text}"
-    );
+    assert!(text.contains("from its minimal journal row: the copy lacks data.account.name"), "{text}");
 }

@@ -188,7 +188,7 @@ async fn a_read_only_database_holds_deliveries_and_dead_letters_none(pool: PgPoo
     published.push(world.publish(&body(REAUTH, ACCOUNT)).await);
     // Long enough for every delivery to be tried (and, before, dead-lettered) several times.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(world.broker.depth(&world.dead_queue()).await, 0, "nothing dead-lettered");
+    assert_eq!(world.dead_letter_count().await, 0, "nothing dead-lettered");
     assert_eq!(world.journal_count().await, 0, "nothing could be written");
 
     set_read_only(&database, false).await;
@@ -198,7 +198,7 @@ async fn a_read_only_database_holds_deliveries_and_dead_letters_none(pool: PgPoo
     })
     .await;
     assert_eq!(world.journal_count().await, published.len() as i64, "each applied once");
-    assert_eq!(world.broker.depth(&world.dead_queue()).await, 0);
+    assert_eq!(world.dead_letter_count().await, 0);
     assert_eq!(world.stored_token(ACCOUNT).await.as_deref(), Some("after-failover"));
 }
 
@@ -248,7 +248,7 @@ async fn a_refused_key_parks_deliveries_reports_it_and_resumes_by_itself(pool: P
     for account in accounts {
         assert_eq!(world.stored_token(account).await.as_deref(), Some("key-fixed"));
     }
-    assert_eq!(world.broker.depth(&world.dead_queue()).await, 0);
+    assert_eq!(world.dead_letter_count().await, 0);
     assert_eq!(readyz(&world).await["mono_key"], "accepted");
 }
 
@@ -292,7 +292,7 @@ async fn a_trickle_of_mono_failures_parks_the_delivery_instead_of_spending_its_a
         assert_eq!(row.status, "processed");
         assert_eq!(row.attempts, 1, "an outage parks the delivery; no attempt is spent");
     }
-    assert_eq!(world.broker.depth(&world.dead_queue()).await, 0);
+    assert_eq!(world.dead_letter_count().await, 0);
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -336,11 +336,7 @@ async fn a_redirect_is_not_followed_and_the_key_never_leaves_for_another_origin(
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     assert!(elsewhere.received_requests().await.unwrap().is_empty(), "the redirect was followed");
-    assert_eq!(
-        world.broker.depth(&world.dead_queue()).await,
-        0,
-        "a redirect is our misconfiguration, not the event's"
-    );
+    assert_eq!(world.dead_letter_count().await, 0, "a redirect is our misconfiguration, not the event's");
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -362,7 +358,7 @@ async fn an_applied_delivery_handed_out_at_the_limit_is_acked_not_dead_lettered(
     let marker = world.publish(&body("mono.events.account_updated", "marker")).await;
     world.settled(&marker).await;
 
-    assert_eq!(world.broker.depth(&world.dead_queue()).await, 0, "an applied delivery is no poison");
+    assert_eq!(world.dead_letter_count().await, 0, "an applied delivery is no poison");
     assert_eq!(world.journal(&meta).await.unwrap().status, "processed");
     assert_eq!(world.broker.depth(&world.broker.topology.work_queue()).await, 0, "and it was acked");
 }
@@ -389,7 +385,7 @@ async fn a_retry_tier_that_cannot_take_the_copy_never_turns_a_delivery_into_pois
     let row = world.settled(&meta).await;
     assert_eq!(row.status, "processed", "{:?}", row.last_error);
     assert_eq!(row.attempts, 2, "the second attempt came from the re-declared tier");
-    assert_eq!(world.broker.depth(&world.dead_queue()).await, 0);
+    assert_eq!(world.dead_letter_count().await, 0);
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -414,49 +410,78 @@ async fn an_attempt_header_survives_parking(pool: PgPool) {
 async fn a_dead_letter_whose_body_the_database_refuses_is_journaled_without_it(pool: PgPool) {
     let mut world = TestWorld::new(pool).await;
     // The journal refuses any row with a body: the event itself cannot be stored, and neither can a
-    // dead letter's body.
+    // dead letter's journal payload.
     sqlx::query("ALTER TABLE webhook_events ADD CONSTRAINT no_bodies CHECK (payload IS NULL)")
         .execute(&world.pool)
         .await
         .unwrap();
     world.start_worker().await;
 
-    let meta = world.publish(&body("mono.events.account_updated", ACCOUNT)).await;
+    let published = body("mono.events.account_updated", ACCOUNT);
+    let meta = world.publish(&published).await;
 
     let row = world.settled(&meta).await;
     assert_eq!(row.status, "dead");
     let reason = row.last_error.unwrap();
-    assert!(
-        reason.contains("the database refused the event") && reason.contains("body not journaled"),
-        "{reason}"
-    );
+    assert!(reason.contains("the database refused the event"), "{reason}");
+    let payload: Option<serde_json::Value> =
+        sqlx::query_scalar("SELECT payload FROM webhook_events WHERE id = $1")
+            .bind(meta.id.as_uuid())
+            .fetch_one(&world.pool)
+            .await
+            .unwrap();
+    assert_eq!(payload, None, "journaled without its body");
+    let letters = world.dead_letters(1).await;
+    assert_eq!(letters.len(), 1);
     assert_eq!(
-        world.dead_letters(1).await.len(),
-        1,
-        "the message, body and all, is in the dead-letter queue"
+        (letters[0].id, &letters[0].data, letters[0].class.as_str()),
+        (meta.id.as_uuid(), &published, "permanent"),
+        "the dead letter row keeps the body as received"
     );
+    assert_eq!(world.broker.depth(&world.dead_queue()).await, 0, "nothing is published as a dead letter");
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn a_dead_letter_that_cannot_be_journaled_at_all_is_not_acked(pool: PgPool) {
+async fn a_dead_letter_that_cannot_be_stored_is_held_then_parked_and_stored_later(pool: PgPool) {
     let mut world = TestWorld::new(pool).await;
-    sqlx::query("ALTER TABLE webhook_events ADD CONSTRAINT nothing_dead CHECK (status <> 'dead')")
-        .execute(&world.pool)
-        .await
-        .unwrap();
-    world.start_worker_with(&["--shutdown-grace-secs", "1"]).await;
-    // Poison: dead-lettered at once, and its journal row is refused.
+    // A first tier long enough to see the parked copy in it.
+    world.broker = shared::testing::TestBroker::with_retry_delays(vec![Duration::from_secs(3)]).await;
+    // Ours, not the event's (a trigger's error is retried): no dead letter can be stored for now.
+    sqlx::query(
+        "CREATE FUNCTION refuse_dead_letters() RETURNS trigger LANGUAGE plpgsql AS
+         $$ BEGIN RAISE EXCEPTION 'dead letters are refused for now'; END $$",
+    )
+    .execute(&world.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER refuse BEFORE INSERT ON dead_letters FOR EACH ROW EXECUTE FUNCTION refuse_dead_letters()",
+    )
+    .execute(&world.pool)
+    .await
+    .unwrap();
+    world.start_worker_with(&["--hold-max-secs", "2"]).await;
     let work = world.broker.topology.work_queue();
+    let tier = world.broker.topology.retry_queue(1);
+    let started = std::time::Instant::now();
+
+    // Poison: dead-lettered at once, and its row is refused.
     world.broker.publish_to_queue(&work, b"not json", lapin::BasicProperties::default()).await;
 
-    let copies = world.dead_letters(1).await;
-    assert_eq!(copies.len(), 1, "the copy reached the dead-letter queue");
-    world.stop_workers().await;
-
-    // Unacked, the original went back to the work queue when the worker stopped.
-    eventually("the original is back in the work queue", PATIENCE, || async {
-        world.broker.depth(&work).await == 1
+    eventually("the dead letter is parked in the first tier", PATIENCE, || async {
+        world.broker.depth(&tier).await == 1
     })
     .await;
-    assert_eq!(world.journal_count().await, 0);
+    let held = started.elapsed();
+    assert!(held >= Duration::from_secs(2), "parked after {held:?}, before HOLD_MAX_SECS");
+    assert_eq!((world.journal_count().await, world.dead_letter_count().await), (0, 0));
+    assert_eq!(world.broker.depth(&work).await, 0, "the original was acked once its copy was parked");
+
+    sqlx::query("DROP TRIGGER refuse ON dead_letters").execute(&world.pool).await.unwrap();
+
+    // Back from the tier, it is stored.
+    let letters = world.dead_letters(1).await;
+    assert_eq!((letters[0].data.as_slice(), letters[0].class.as_str()), (&b"not json"[..], "poison"));
+    assert_eq!(world.count_status("dead").await, 1);
+    assert_eq!((world.broker.depth(&tier).await, world.broker.depth(&work).await), (0, 0));
 }

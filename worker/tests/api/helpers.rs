@@ -43,6 +43,22 @@ pub struct JournalRow {
     pub account_id: Option<String>,
 }
 
+/// A `dead_letters` row as the tests check it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct StoredDeadLetter {
+    pub id: uuid::Uuid,
+    pub account_id: Option<String>,
+    /// The body exactly as received.
+    pub data: Vec<u8>,
+    pub reason: String,
+    /// `poison`, `permanent` or `exhausted`.
+    pub class: String,
+    pub attempts: i32,
+    /// The string headers a replay carries on.
+    pub headers: serde_json::Value,
+    pub rebuilt: bool,
+}
+
 impl TestWorld {
     pub async fn new(pool: PgPool) -> Self {
         init_test_logging();
@@ -183,9 +199,52 @@ impl TestWorld {
             .await;
     }
 
-    /// Messages in the dead-letter queue, taken off it.
-    pub async fn dead_letters(&self, count: usize) -> Vec<lapin::message::Delivery> {
-        self.broker.wait_for_messages(&self.broker.topology.dead_queue(), count, PATIENCE).await
+    /// Waits until at least `count` dead letters are stored (`dead_letters` rows: the worker never
+    /// publishes one), and returns every stored dead letter, oldest first.
+    pub async fn dead_letters(&self, count: usize) -> Vec<StoredDeadLetter> {
+        eventually(&format!("{count} dead letter(s) are stored"), PATIENCE, || async {
+            self.dead_letter_count().await >= count as i64
+        })
+        .await;
+        self.stored_dead_letters().await
+    }
+
+    /// Every stored dead letter now, oldest first.
+    pub async fn stored_dead_letters(&self) -> Vec<StoredDeadLetter> {
+        sqlx::query_as(
+            "SELECT id, account_id, body AS data, reason, class, attempts, headers, rebuilt FROM dead_letters
+             ORDER BY dead_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// `dead_letters` rows now.
+    pub async fn dead_letter_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM dead_letters").fetch_one(&self.pool).await.unwrap()
+    }
+
+    /// `outbox` rows now (replay copies not yet published by a worker's relay).
+    pub async fn outbox_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&self.pool).await.unwrap()
+    }
+
+    /// Waits until a running worker's relay has published every outbox row (a replay's copies).
+    pub async fn outbox_published(&self) {
+        eventually("the relay publishes the outbox", PATIENCE, || async { self.outbox_count().await == 0 })
+            .await;
+    }
+
+    /// `dead_letter_actions` rows of `id` (replays and purges of it).
+    pub async fn actions_of(&self, id: uuid::Uuid) -> Vec<(String, bool)> {
+        sqlx::query_as(
+            "SELECT action, completed_at IS NOT NULL FROM dead_letter_actions WHERE delivery_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
     }
 }
 
@@ -251,6 +310,59 @@ impl TestWorld {
 
     pub fn dead_queue(&self) -> String {
         self.broker.topology.dead_queue()
+    }
+
+    /// Stores a dead re-auth event for each account, in order, as the worker would have (its
+    /// `dead_letters` row with the whole body and its `dead` journal row), without a worker or Mono:
+    /// tens of thousands take seconds. The same account twice is the same body under two ids.
+    pub async fn seed_dead_letters(&self, accounts: &[String]) -> Vec<DeliveryMeta> {
+        const REAUTH: &str = "mono.events.reauthorisation_required";
+        let bodies: Vec<Vec<u8>> = accounts.iter().map(|account| body(REAUTH, account)).collect();
+        let metas: Vec<DeliveryMeta> = bodies.iter().map(|b| DeliveryMeta::stamp(b)).collect();
+        for chunk in (0..accounts.len()).collect::<Vec<_>>().chunks(10_000) {
+            let ids: Vec<uuid::Uuid> = chunk.iter().map(|i| metas[*i].id.as_uuid()).collect();
+            let account_ids: Vec<String> = chunk.iter().map(|i| accounts[*i].clone()).collect();
+            let digests: Vec<String> = chunk.iter().map(|i| metas[*i].body_sha256.clone()).collect();
+            let received: Vec<DateTime<Utc>> = chunk.iter().map(|i| metas[*i].received_at).collect();
+            let chunk_bodies: Vec<Vec<u8>> = chunk.iter().map(|i| bodies[*i].clone()).collect();
+            let mut tx = self.pool.begin().await.unwrap();
+            sqlx::query(
+                "INSERT INTO webhook_events (id, event, account_id, body_sha256, received_at, status, attempts,
+                                             last_error, processed_at, first_attempt_at)
+                 SELECT id, $5, account_id, body_sha256, received_at, 'dead', 1, 'Mono refused (400): seeded',
+                        now(), received_at
+                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])
+                      AS v(id, account_id, body_sha256, received_at)",
+            )
+            .bind(&ids)
+            .bind(&account_ids)
+            .bind(&digests)
+            .bind(&received)
+            .bind(REAUTH)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO dead_letters (id, event, account_id, body, body_sha256, received_at, reason, class,
+                                           attempts, first_attempt_at)
+                 SELECT id, $6, account_id, body, body_sha256, received_at, 'Mono refused (400): seeded',
+                        'permanent', 1, received_at
+                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::bytea[])
+                      WITH ORDINALITY AS v(id, account_id, body_sha256, received_at, body, n)
+                 ORDER BY n",
+            )
+            .bind(&ids)
+            .bind(&account_ids)
+            .bind(&digests)
+            .bind(&received)
+            .bind(&chunk_bodies)
+            .bind(REAUTH)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+        }
+        metas
     }
 }
 

@@ -7,7 +7,7 @@ use sqlx::PgPool;
 use std::collections::BTreeSet;
 use std::process::Output;
 
-use crate::dlq::{dead_queue_settles_at, world_with_dead_letters};
+use crate::dlq::world_with_dead_letters;
 use crate::helpers::{PATIENCE, TestWorld, body};
 use shared::testing::eventually;
 
@@ -48,20 +48,19 @@ fn checks(status: &Value) -> BTreeSet<&str> {
     status["problems"].as_array().unwrap().iter().map(|p| p["check"].as_str().unwrap()).collect()
 }
 
-const DEAD_LETTER_FIELDS: &[&str] =
-    &["id", "event", "account_id", "reason", "attempts", "received_at", "first_attempt_at", "dead_at"];
-const REPORT_FIELDS: &[&str] = &[
-    "action",
-    "outcome",
-    "batch_id",
-    "selected",
-    "acted",
-    "resumed",
-    "seen",
-    "left_in_queue",
-    "unseen",
+const DEAD_LETTER_FIELDS: &[&str] = &[
+    "id",
+    "event",
+    "account_id",
+    "reason",
+    "class",
+    "attempts",
+    "received_at",
+    "first_attempt_at",
+    "dead_at",
     "rebuilt",
 ];
+const REPORT_FIELDS: &[&str] = &["action", "outcome", "batch_id", "selected", "acted", "skipped", "rebuilt"];
 
 #[sqlx::test(migrations = "../migrations")]
 async fn status_json_is_one_document_with_queues_dead_letters_workers_and_problems(pool: PgPool) {
@@ -80,6 +79,7 @@ async fn status_json_is_one_document_with_queues_dead_letters_workers_and_proble
         set(&[
             "queues",
             "queues_error",
+            "database_error",
             "dead_letters",
             "last_processed",
             "unfinished_actions",
@@ -99,16 +99,18 @@ async fn status_json_is_one_document_with_queues_dead_letters_workers_and_proble
     let dead = queues.last().unwrap();
     assert_eq!(
         (&dead["queue"], &dead["role"], &dead["messages"]),
-        (&Value::from(world.dead_queue()), &Value::from("dead"), &Value::from(2))
+        (&Value::from(world.dead_queue()), &Value::from("dead"), &Value::from(0)),
+        "a conveyor the worker drains"
     );
-    assert!(status["queues_error"].is_null());
+    assert!(status["queues_error"].is_null() && status["database_error"].is_null());
     assert_eq!(
         keys(&status["dead_letters"]),
-        set(&["in_journal", "in_queue", "oldest_at", "older_than_max_age", "max_age_days"])
+        set(&["stored", "in_queue", "outbox", "oldest_at", "older_than_max_age", "max_age_days"])
     );
     assert_eq!(status["dead_letters"]["older_than_max_age"], 0);
-    assert_eq!(status["dead_letters"]["in_journal"], 2);
-    assert_eq!(status["dead_letters"]["in_queue"], 2);
+    assert_eq!(status["dead_letters"]["stored"], 2);
+    assert_eq!(status["dead_letters"]["in_queue"], 0);
+    assert_eq!(status["dead_letters"]["outbox"], 0);
     assert!(status["dead_letters"]["oldest_at"].is_string());
     let last = &status["last_processed"];
     assert_eq!(keys(last), set(&["event", "status", "received_at", "processed_at", "lag_ms"]));
@@ -203,7 +205,10 @@ async fn dlq_commands_print_the_documented_json(pool: PgPool) {
     assert_eq!(list.len(), 3);
     for letter in list {
         assert_eq!(keys(letter), set(DEAD_LETTER_FIELDS));
+        assert_eq!(letter["rebuilt"], false);
     }
+    let classes: BTreeSet<&str> = list.iter().map(|l| l["class"].as_str().unwrap()).collect();
+    assert_eq!(classes, set(&["permanent", "poison"]));
     let groups = document(&world.run_cli(&["dlq", "list", "--group-by", "reason", "--json"], "").await);
     assert_eq!(keys(&groups[0]), set(&["reason", "count", "first", "last"]));
     assert_eq!(groups[0]["count"], 2);
@@ -211,8 +216,12 @@ async fn dlq_commands_print_the_documented_json(pool: PgPool) {
     // show: one document.
     let id = list.iter().find(|l| l["account_id"] == "acct-a").unwrap()["id"].as_str().unwrap().to_owned();
     let record = document(&world.run_cli(&["dlq", "show", &id, "--json"], "").await);
-    assert_eq!(keys(&record), set(&["id", "journal", "queue_headers", "queue_fully_seen", "actions"]));
+    assert_eq!(keys(&record), set(&["id", "dead_letter", "journal", "actions"]));
     assert_eq!(record["id"], id.as_str());
+    assert_eq!(
+        keys(&record["dead_letter"]),
+        set(&["class", "reason", "attempts", "first_attempt_at", "dead_at", "headers", "body", "rebuilt"])
+    );
     assert_eq!(
         keys(&record["journal"]),
         set(&[
@@ -229,8 +238,7 @@ async fn dlq_commands_print_the_documented_json(pool: PgPool) {
             "payload"
         ])
     );
-    assert_eq!(record["queue_fully_seen"], true);
-    dead_queue_settles_at(&world, 3, "show leaves every letter").await;
+    assert_eq!(world.dead_letter_count().await, 3, "show leaves every letter");
 
     // replay --dry-run: JSON lines, one per dead letter, and nothing else on stdout.
     let run = world.run_cli(&["dlq", "replay", "--all", "--dry-run", "--json"], "").await;
@@ -271,15 +279,15 @@ async fn dlq_commands_print_the_documented_json(pool: PgPool) {
     assert_eq!(keys(&replay), set(REPORT_FIELDS));
     assert_eq!((&replay["action"], &replay["outcome"]), (&Value::from("replay"), &Value::from("done")));
     assert_eq!(
-        (&replay["selected"], &replay["acted"], &replay["resumed"]),
-        (&Value::from(1), &Value::from(1), &Value::from(0))
-    );
-    assert_eq!(
-        (&replay["seen"], &replay["left_in_queue"], &replay["unseen"]),
-        (&Value::from(3), &Value::from(2), &Value::from(0))
+        (&replay["selected"], &replay["acted"], &replay["skipped"], &replay["rebuilt"]),
+        (&Value::from(1), &Value::from(1), &serde_json::json!([]), &serde_json::json!([]))
     );
     let batch = replay["batch_id"].as_str().unwrap().to_owned();
-    dead_queue_settles_at(&world, 2, "acct-b and the poison stay dead").await;
+    assert_eq!(
+        (world.dead_letter_count().await, world.outbox_count().await),
+        (2, 1),
+        "acct-b and the poison stay dead; the copy waits in the outbox"
+    );
 
     // purge --yes: the same document.
     let purge = document(
@@ -287,10 +295,10 @@ async fn dlq_commands_print_the_documented_json(pool: PgPool) {
     );
     assert_eq!(keys(&purge), set(REPORT_FIELDS));
     assert_eq!(
-        (&purge["action"], &purge["outcome"], &purge["acted"]),
-        (&Value::from("purge"), &Value::from("done"), &Value::from(1))
+        (&purge["action"], &purge["outcome"], &purge["acted"], &purge["skipped"]),
+        (&Value::from("purge"), &Value::from("done"), &Value::from(1), &serde_json::json!([]))
     );
-    dead_queue_settles_at(&world, 1, "acct-b stays dead").await;
+    assert_eq!(world.dead_letter_count().await, 1, "acct-b stays dead");
 
     let actions = document(&world.run_cli(&["dlq", "list", "--actions", "--json"], "").await);
     let actions = actions.as_array().unwrap();

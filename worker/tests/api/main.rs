@@ -3,9 +3,9 @@
 
 mod cli;
 mod database_faults;
+mod dead_letter_rows;
 mod dlq;
 mod dlq_model;
-mod dlq_walks;
 mod edges;
 mod erasure;
 mod events;

@@ -10,7 +10,6 @@ use wiremock::matchers::{method, path};
 use wiremock::{Mock, Request, Respond, ResponseTemplate};
 
 use crate::helpers::{ACCOUNT, PATIENCE, TestWorld, body};
-use shared::delivery::{HEADER_ATTEMPTS, HEADER_DEAD_CLASS, HEADER_DEAD_REASON, as_u32, header_str};
 use shared::testing::eventually;
 
 const REAUTH: &str = "mono.events.reauthorisation_required";
@@ -66,12 +65,11 @@ async fn a_400_is_dead_lettered_with_monos_message_and_changes_nothing(pool: PgP
     let dead = world.dead_letters(1).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].data, published, "the dead letter keeps the body unchanged");
-    let headers = dead[0].properties.headers().clone().unwrap();
-    let reason = header_str(&headers, HEADER_DEAD_REASON).unwrap();
+    assert_eq!(dead[0].id, meta.id.as_uuid());
+    let reason = &dead[0].reason;
     assert!(reason.contains("This account can not be re-authorised."), "{reason}");
     assert!(reason.contains("400"), "{reason}");
-    assert_eq!(header_str(&headers, HEADER_DEAD_CLASS).as_deref(), Some("permanent"));
-    assert_eq!(headers.inner().get(HEADER_ATTEMPTS).and_then(as_u32), Some(1));
+    assert_eq!((dead[0].class.as_str(), dead[0].attempts), ("permanent", 1));
 
     let row = world.settled(&meta).await;
     assert_eq!(row.status, "dead");
@@ -136,7 +134,7 @@ async fn a_long_outage_moves_the_delivery_through_a_retry_tier_and_it_succeeds_l
     assert_eq!(row.status, "processed");
     assert_eq!(row.attempts, 2, "the second attempt came from retry tier 1");
     assert_eq!(world.stored_token(ACCOUNT).await.as_deref(), Some("after-tier"));
-    assert_eq!(world.broker.depth(&world.broker.topology.dead_queue()).await, 0);
+    assert_eq!(world.dead_letter_count().await, 0);
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -153,10 +151,9 @@ async fn a_delivery_that_fails_through_every_tier_is_dead_lettered_as_exhausted(
 
     let dead = world.dead_letters(1).await;
     assert_eq!(dead.len(), 1);
-    let headers = dead[0].properties.headers().clone().unwrap();
-    assert_eq!(header_str(&headers, HEADER_DEAD_CLASS).as_deref(), Some("exhausted"));
     // Attempt 1, then one attempt after each of the two tiers.
-    assert_eq!(headers.inner().get(HEADER_ATTEMPTS).and_then(as_u32), Some(3));
+    assert_eq!((dead[0].class.as_str(), dead[0].attempts), ("exhausted", 3));
+    assert_eq!(dead[0].data, body(REAUTH, ACCOUNT), "the dead letter keeps the body unchanged");
     let row = world.settled(&meta).await;
     assert_eq!(row.status, "dead");
     assert_eq!(row.attempts, 3);
@@ -266,9 +263,8 @@ async fn one_account_mono_always_fails_is_dead_lettered_and_parks_nobody_else(po
     // and is dead-lettered with its reason, not parked forever.
     let dead = world.dead_letters(1).await;
     assert_eq!(dead.len(), 1);
-    let headers = dead[0].properties.headers().clone().unwrap();
-    assert_eq!(header_str(&headers, HEADER_DEAD_CLASS).as_deref(), Some("exhausted"));
-    assert_eq!(headers.inner().get(HEADER_ATTEMPTS).and_then(as_u32), Some(3));
+    assert_eq!((dead[0].class.as_str(), dead[0].attempts), ("exhausted", 3));
+    assert_eq!(dead[0].account_id.as_deref(), Some(sick));
     let row = world.settled(&sick_meta).await;
     assert_eq!((row.status.as_str(), row.attempts), ("dead", 3));
     let reason = row.last_error.unwrap();

@@ -179,6 +179,17 @@ async fn the_worker_deletes_expired_rows_by_itself_and_counts_them(pool: PgPool)
 async fn status_check_reports_dead_letters_older_than_the_setting(pool: PgPool) {
     let world = TestWorld::new(pool).await;
     journal_rows(&world.pool, 1, "dead", 40).await;
+    // Its dead letter row, dead as long: the age is the row's.
+    sqlx::query(
+        "INSERT INTO dead_letters (id, event, account_id, body, body_sha256, received_at, reason, class, attempts,
+                                   dead_at)
+         SELECT id, event, account_id, convert_to('{}', 'UTF8'), body_sha256, received_at, 'seeded', 'permanent',
+                attempts, processed_at
+         FROM webhook_events WHERE status = 'dead'",
+    )
+    .execute(&world.pool)
+    .await
+    .unwrap();
     let status = |max_age: &'static str| {
         let world = &world;
         async move {
