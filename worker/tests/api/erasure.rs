@@ -35,9 +35,10 @@ async fn erase_removes_token_snapshot_and_journal_bodies_and_records_who_and_why
     assert_eq!(
         printed["removed"],
         serde_json::json!({"reauth_token": true, "account_snapshot": true, "customer_id": false,
-            "journal_payloads": 2, "reauth_links": 0, "reauth_link_handouts": 0})
+            "journal_payloads": 2, "reauth_links": 0, "reauth_link_handouts": 0, "dead_letters": 0,
+            "outbox_messages": 0})
     );
-    assert_eq!(printed["dead_letters_waiting"], 0);
+    assert!(printed.get("dead_letters_waiting").is_none(), "dead letters are erased, never left waiting");
     for value in personal_values() {
         assert_eq!(tables_holding(&world.pool, &value).await, [], "{value} survived the erasure");
     }
@@ -76,7 +77,7 @@ async fn erase_removes_token_snapshot_and_journal_bodies_and_records_who_and_why
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn erase_prints_what_it_removed_and_names_dead_letters_still_holding_a_body(pool: PgPool) {
+async fn erase_prints_what_it_removed_including_the_accounts_dead_letters(pool: PgPool) {
     let mut world = TestWorld::new(pool).await;
     let account = "65f0c1aa0c";
     world.mono_refuses(account).await;
@@ -89,11 +90,14 @@ async fn erase_prints_what_it_removed_and_names_dead_letters_still_holding_a_bod
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let text = String::from_utf8(output.stdout).unwrap();
     assert!(
-        text.contains(&format!("erased account {account}: the bodies of its journal rows (1)")),
+        text.contains(&format!(
+            "erased account {account}: the bodies of its journal rows (1), its dead letters (1)"
+        )),
         "{text}"
     );
-    assert!(text.contains(&format!("dead letters of this account still holding their whole body in the dead-letter queue: 1 (worker dlq purge --account {account})")), "{text}");
     assert!(text.contains("by ops-test: closed"), "{text}");
+    assert_eq!(world.dead_letter_count().await, 0);
+    assert_eq!(world.journal(&dead).await.unwrap().status, "dead", "the audit keeps the journal row");
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -155,4 +159,81 @@ async fn erase_removes_the_accounts_reauth_links_and_says_so(pool: PgPool) {
         String::from_utf8_lossy(&text.stdout)
     );
     assert_eq!(tables_holding(&world.pool, "link-ref-other").await, []);
+}
+
+/// A re-auth body of `account` carrying the name of [`personal_values`], made distinct by `n`.
+fn reauth_with_name(account: &str, n: u32) -> Vec<u8> {
+    let mut sent: serde_json::Value =
+        serde_json::from_slice(&body("mono.events.reauthorisation_required", account)).unwrap();
+    sent["data"]["account"]["name"] = personal_values()[0].clone().into();
+    sent["data"]["account"]["n"] = n.into();
+    serde_json::to_vec(&sent).unwrap()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn erasure_leaves_no_body_in_dead_letters_or_the_outbox(pool: PgPool) {
+    // Old design: the erasure only counted the account's dead letters, whose bodies stayed in the queue.
+    let mut world = TestWorld::new(pool).await;
+    let other = "65f0c1aa0e";
+    for account in [ERASED, other] {
+        world.mono_refuses(account).await;
+    }
+    world.start_worker().await;
+    for (account, n) in [(ERASED, 1), (ERASED, 2), (other, 1)] {
+        let dead = world.publish(&reauth_with_name(account, n)).await;
+        assert_eq!(world.settled(&dead).await.status, "dead");
+    }
+    world.stop_workers().await;
+    // One of the two replayed with no worker running: its copy waits in the outbox, body and all.
+    let replay = world.run_cli(&["dlq", "replay", "--account", ERASED, "--limit", "1"], "").await;
+    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    let name = personal_values()[0].clone();
+    assert_eq!(
+        tables_holding(&world.pool, &name).await,
+        [("public.dead_letters".to_owned(), 2), ("public.outbox".to_owned(), 1)]
+    );
+
+    let output = world.run_cli(&["account", "erase", ERASED, "--reason-note", "request", "--json"], "").await;
+
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (&printed["removed"]["dead_letters"], &printed["removed"]["outbox_messages"]),
+        (&1.into(), &1.into())
+    );
+    let left: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM dead_letters WHERE account_id = $1),
+                (SELECT count(*) FROM outbox WHERE account_id = $1)",
+    )
+    .bind(ERASED)
+    .fetch_one(&world.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, (0, 0), "no dead letter or outbox row of the account remains");
+    // The other account's dead letter is not the erasure's business.
+    assert_eq!(tables_holding(&world.pool, &name).await, [("public.dead_letters".to_owned(), 1)]);
+    assert_eq!(world.stored_dead_letters().await[0].account_id.as_deref(), Some(other));
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_account_known_only_by_an_unpublished_replay_copy_can_be_erased(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    world.mono_refuses(ERASED).await;
+    world.start_worker().await;
+    let dead = world.publish(&reauth_with_name(ERASED, 1)).await;
+    assert_eq!(world.settled(&dead).await.status, "dead");
+    world.stop_workers().await;
+    // The replay took the dead journal row; a refused re-auth made no account row: only the copy in
+    // the outbox knows the account.
+    let replay = world.run_cli(&["dlq", "replay", "--account", ERASED], "").await;
+    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    assert!(world.journal(&dead).await.is_none() && world.find_account(ERASED).await.is_none());
+
+    let output = world.run_cli(&["account", "erase", ERASED, "--reason-note", "request", "--json"], "").await;
+
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(printed["removed"]["outbox_messages"], 1);
+    assert_eq!(world.outbox_count().await, 0);
+    assert_eq!(tables_holding(&world.pool, &personal_values()[0]).await, []);
 }
