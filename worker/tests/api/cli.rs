@@ -259,3 +259,42 @@ fn a_missing_or_unparseable_ca_file_stops_the_start_naming_the_setting_not_the_f
     }
     std::fs::remove_file(unparseable).unwrap();
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn read_commands_never_create_or_migrate_a_database(pool: PgPool) {
+    // Old design: `dlq` connected with connect_and_migrate, creating and migrating what DATABASE_URL named.
+    let missing = format!("monohook_missing_{}", uuid::Uuid::new_v4().simple());
+    let exists = |name: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(name)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let refused = |args: &'static [&'static str], url: String| {
+        let output = worker().args(args).env("DATABASE_URL", &url).output().unwrap();
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: one line: {stderr}");
+        stderr
+    };
+
+    for args in [&["dlq", "list"][..], &["dlq", "show", "0190d5a4-5b4c-7000-8000-000000000000"], &["status"]]
+    {
+        refused(args, format!("{}/{missing}", server_url()));
+        assert!(!exists(missing.clone()).await, "{args:?} created the database");
+    }
+
+    // A database an older binary migrated: one migration short of this binary's schema.
+    let newest: i64 =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations").fetch_one(&pool).await.unwrap();
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1").bind(newest).execute(&pool).await.unwrap();
+    let stderr = refused(&["dlq", "list"], database_url(&pool).await);
+    assert!(stderr.contains("older than this binary's") && stderr.contains("worker migrate"), "{stderr}");
+    let applied: i64 =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations").fetch_one(&pool).await.unwrap();
+    assert!(applied < newest, "the command migrated the database");
+}
