@@ -5,7 +5,7 @@ use actix_web::dev::Payload;
 use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
 use std::future::{Ready, ready};
 
-use crate::auth::ApiKeys;
+use crate::auth::{ApiKeys, Scope, Scopes};
 use crate::errors::ApiError;
 
 /// The request id (`x-request-id`, the client's if it sent a sane one), set by the middleware.
@@ -17,6 +17,15 @@ pub struct RequestId(pub String);
 pub struct Caller {
     pub key_label: String,
     pub request_id: String,
+    /// What the caller's key may do.
+    pub scopes: Scopes,
+}
+
+impl Caller {
+    /// 403 unless the caller's key may do `scope`.
+    pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
+        if self.scopes.allows(scope) { Ok(()) } else { Err(ApiError::Forbidden(scope.as_str())) }
+    }
 }
 
 impl FromRequest for Caller {
@@ -27,6 +36,7 @@ impl FromRequest for Caller {
         let keys = request.app_data::<web::Data<ApiKeys>>().expect("the API keys are registered");
         let header = request.headers().get("authorization").map(|v| v.as_bytes());
         let caller = keys.verify_header(header).map(|label| Caller {
+            scopes: keys.scopes_of(label),
             key_label: label.to_owned(),
             request_id: request.extensions().get::<RequestId>().map(|id| id.0.clone()).unwrap_or_default(),
         });

@@ -32,7 +32,9 @@ pub struct ApiConfig {
     /// The app's API keys, `label:key` comma-separated (at least 16 characters each; a key without a
     /// label is labelled `key<n>`; a label is 1-32 of A-Z a-z 0-9 _ - . and a key that holds `:`
     /// must be labelled). Several at once let a key rotate with no downtime; the label is recorded
-    /// with every token handed out.
+    /// with every token and link handed out. `label/tokens+links:key` limits a key to some of
+    /// read, list, tokens, links (without a scope a key may do everything). Keys belong on the
+    /// app's backend, never in a mobile or web client.
     #[arg(long, env = "APP_API_KEYS", hide_env_values = true)]
     pub app_api_keys: ApiKeys,
 

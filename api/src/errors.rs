@@ -10,6 +10,9 @@ use std::time::Duration;
 pub enum ApiError {
     #[error("missing or wrong API key")]
     Unauthorized,
+    /// The caller's key may not do this (its scope, `APP_API_KEYS`).
+    #[error("this key's scope does not include {0}")]
+    Forbidden(&'static str),
     #[error("no such account")]
     NotFound,
     #[error("invalid query: {0}")]
@@ -57,6 +60,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Unauthorized => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
             Self::NotFound => "not_found",
             Self::InvalidQuery(_) => "invalid_query",
             Self::InvalidBody(_) => "invalid_body",
@@ -92,6 +96,7 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::InvalidQuery(_) | Self::InvalidBody(_) | Self::RedirectNotAllowed(_) => {
                 StatusCode::BAD_REQUEST
@@ -114,6 +119,9 @@ impl ResponseError for ApiError {
             | Self::InvalidBody(detail)
             | Self::RedirectNotAllowed(detail) => {
                 json!({ "error": self.code(), "detail": detail })
+            }
+            Self::Forbidden(scope) => {
+                json!({ "error": self.code(), "detail": format!("this key's scope does not include {scope}") })
             }
             _ => json!({ "error": self.code() }),
         };

@@ -5,6 +5,7 @@ use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::auth::Scope;
 use crate::caller::Caller;
 use crate::db;
 use crate::errors::ApiError;
@@ -18,10 +19,11 @@ const DEFAULT_LIMIT: i64 = 100;
 const MAX_ID_BYTES: usize = 128;
 
 pub async fn get_account(
-    _caller: Caller,
+    caller: Caller,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    caller.require(Scope::Read)?;
     let id = AccountId::parse(id.into_inner()).ok_or(ApiError::NotFound)?;
     let account = db::account(&state.pool, id.as_str()).await?.ok_or(ApiError::NotFound)?;
     Ok(HttpResponse::Ok().json(account))
@@ -35,10 +37,11 @@ pub struct ListQuery {
 }
 
 pub async fn list_accounts(
-    _caller: Caller,
+    caller: Caller,
     state: web::Data<AppState>,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
+    caller.require(Scope::List)?;
     let query = query.into_inner();
     // The cursor is an account id (the previous page's `next`): one that no account can have, a NUL
     // or another control character that PostgreSQL would refuse, is the caller's mistake. An empty

@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::auth::Scope;
 use crate::caller::Caller;
 use crate::db;
 use crate::errors::ApiError;
@@ -38,6 +39,7 @@ pub async fn reauth_link(
     id: web::Path<String>,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    caller.require(Scope::Links)?;
     let account = AccountId::parse(id.into_inner()).ok_or(ApiError::NotFound)?;
     let body = read_body(body).await?;
     let asked = parse_body(&body)?;

@@ -15,6 +15,7 @@ use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
+use crate::auth::Scope;
 use crate::caller::Caller;
 use crate::db;
 use crate::errors::ApiError;
@@ -28,6 +29,7 @@ pub async fn reauth_token(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    caller.require(Scope::Tokens)?;
     let account = AccountId::parse(id.into_inner()).ok_or(ApiError::NotFound)?;
     let until = Utc::now() + state.refresher.token_min_remaining;
     let token_state = db::token_state(&state.pool, account.as_str()).await?.ok_or(ApiError::NotFound)?;

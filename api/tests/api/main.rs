@@ -10,5 +10,6 @@ mod lock_safety;
 mod reauth_link;
 mod reauth_token;
 mod recovery;
+mod scopes;
 mod sharing;
 mod slow_mono;
