@@ -282,11 +282,19 @@ async fn read_commands_never_create_or_migrate_a_database(pool: PgPool) {
         stderr
     };
 
-    for args in [&["dlq", "list"][..], &["dlq", "show", "0190d5a4-5b4c-7000-8000-000000000000"], &["status"]]
+    let url = format!("{}/{missing}", server_url());
+    for args in
+        [&["dlq", "list"][..], &["dlq", "show", "0190d5a4-5b4c-7000-8000-000000000000"], &["account", "x"]]
     {
-        refused(args, format!("{}/{missing}", server_url()));
+        refused(args, url.clone());
         assert!(!exists(missing.clone()).await, "{args:?} created the database");
     }
+    // status prints what it can read without the database, and fails saying why.
+    let status = worker().arg("status").env("DATABASE_URL", &url).output().unwrap();
+    let stderr = String::from_utf8(status.stderr).unwrap();
+    assert_eq!(status.status.code(), Some(1), "{stderr}");
+    assert!(stderr.lines().last().unwrap().contains("the database could not be read"), "{stderr}");
+    assert!(!exists(missing.clone()).await, "status created the database");
 
     // A database an older binary migrated: one migration short of this binary's schema.
     let newest: i64 =
