@@ -366,7 +366,10 @@ pub async fn purge_letters(pool: &PgPool, plan: &Plan, letters: &[DeadLetter]) -
     let skipped: Vec<Skipped> = ids
         .iter()
         .filter(|id| !purged.contains(id))
-        .map(|&id| Skipped { id, why: "no longer a dead letter (replayed or purged by another command)".into() })
+        .map(|&id| Skipped {
+            id,
+            why: "no longer a dead letter (replayed or purged by another command)".into(),
+        })
         .collect();
     Ok(Report {
         action: Kind::Purge.as_str(),
