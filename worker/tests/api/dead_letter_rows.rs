@@ -442,3 +442,43 @@ async fn the_dry_run_decides_letters_together(pool: PgPool) {
     assert_eq!((world.count_status("processed").await, world.count_status("duplicate").await), (1, 1));
     assert_eq!(calls_for(&world, "acct-d").await, 1);
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_message_an_earlier_version_left_in_the_dead_queue_replaces_its_rebuilt_row(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    world.mono_refuses("acct-old").await;
+    world.start_worker().await;
+    let mut sent: Value = serde_json::from_slice(&body(REAUTH, "acct-old")).unwrap();
+    sent["data"]["account"]["name"] = "Amaka Eze".into();
+    let sent = serde_json::to_vec(&sent).unwrap();
+    let meta = world.publish(&sent).await;
+    assert_eq!(world.settled(&meta).await.status, "dead");
+    world.stop_workers().await;
+    // As the upgrade leaves a letter an earlier version dead-lettered: a row rebuilt from the
+    // minimal journal row, and the whole message still in <prefix>.dead with that version's headers.
+    assert_eq!(crate::dlq::upgrade_from_the_journal(&world).await, 1);
+    assert_ne!(world.stored_dead_letters().await[0].data, sent, "the rebuilt body lacks the name");
+    let properties = meta.to_properties();
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert("x-dead-reason".into(), long_string("Mono refused (400): earlier version"));
+    headers.insert("x-dead-class".into(), long_string("permanent"));
+    headers.insert("x-attempts".into(), AMQPValue::LongLongInt(1));
+    world.broker.publish_to_queue(&world.dead_queue(), &sent, properties.with_headers(headers)).await;
+
+    world.start_worker().await;
+
+    eventually("the drained message replaces the rebuilt row", PATIENCE, || async {
+        world.stored_dead_letters().await.iter().any(|letter| !letter.rebuilt)
+    })
+    .await;
+    let letters = world.stored_dead_letters().await;
+    assert_eq!(letters.len(), 1, "one row per delivery id");
+    assert_eq!((letters[0].id, &letters[0].data), (meta.id.as_uuid(), &sent), "the whole body again");
+    assert_eq!(
+        (letters[0].class.as_str(), letters[0].reason.as_str()),
+        ("permanent", "Mono refused (400): earlier version")
+    );
+    assert_eq!(world.count_status("dead").await, 1);
+    let replay = report(&world.run_cli(&["dlq", "replay", "--all", "--dry-run", "--json"], "").await);
+    assert_eq!(replay["outcome"], "apply", "{replay}");
+}

@@ -472,7 +472,7 @@ async fn ctrl_c_stops_a_replay_cleanly_and_the_next_run_continues(pool: PgPool) 
 /// What the upgrade to dead letter rows does with a `dead` journal row whose message is not in the
 /// dead-letter queue: its row is rebuilt from the journal. Runs the migration's own statement over
 /// every stored letter; returns how many it rebuilt.
-async fn upgrade_from_the_journal(world: &TestWorld) -> u64 {
+pub(crate) async fn upgrade_from_the_journal(world: &TestWorld) -> u64 {
     let migration = worker::db::MIGRATOR
         .iter()
         .find(|m| m.version == 20261207000001)
