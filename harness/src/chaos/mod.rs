@@ -3,6 +3,7 @@
 //! checks every delivery that got a 200 against the database. Run it with `./scripts/chaos` (it
 //! restarts the shared services, so it runs alone, after the other tests).
 
+pub mod api_recovery;
 pub mod cluster;
 pub mod common;
 pub mod dead_letters;

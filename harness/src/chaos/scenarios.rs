@@ -10,7 +10,7 @@ use super::services::{self, RestoreServices};
 use super::{DRAIN_PATIENCE, ScenarioReport};
 use crate::system::{System, SystemConfig, metric_value};
 
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     "rabbitmq_restart",
     "postgres_restart",
     "worker_sigkill",
@@ -28,6 +28,7 @@ pub const ALL: [&str; 17] = [
     "postgres_outage_past_consumer_timeout",
     "mono_slow_at_sign_in_peak",
     "dead_letters_replayed_under_load",
+    "mono_key_refused_at_sign_in",
 ];
 
 pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
@@ -51,6 +52,7 @@ pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioRepo
         "dead_letters_replayed_under_load" => {
             super::dead_letters::dead_letters_replayed_under_load(base).await
         }
+        "mono_key_refused_at_sign_in" => super::api_recovery::mono_key_refused_at_sign_in(base).await,
         "cluster_node_partitioned" => super::useless_node::node_partitioned(base).await,
         "cluster_consumer_starved" => super::useless_node::consumer_starved(base).await,
         other => super::on_cluster::run(other, base).await,
@@ -63,7 +65,12 @@ fn with_worker_env(base: &SystemConfig, env: &[(&'static str, &str)]) -> SystemC
     config
 }
 
-async fn set_mono(system: &System, failure_rate: f64, mode: &str, latency_ms: u64) -> anyhow::Result<()> {
+pub(super) async fn set_mono(
+    system: &System,
+    failure_rate: f64,
+    mode: &str,
+    latency_ms: u64,
+) -> anyhow::Result<()> {
     let knobs = json!({
         "latency_ms": latency_ms,
         "failure_rate": failure_rate,
