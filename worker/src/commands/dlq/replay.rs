@@ -240,6 +240,8 @@ pub async fn replay_one(
     id: Uuid,
 ) -> anyhow::Result<Replayed> {
     let mut tx = pool.begin().await?;
+    // A letter another session keeps locked fails the command after a while, never hangs it.
+    sqlx::query("SET LOCAL lock_timeout = '10s'").execute(&mut *tx).await?;
     let Some(letter) = DeadLetter::lock(&mut tx, id).await? else {
         return Ok(Replayed::Skipped(
             "no longer a dead letter (replayed or purged by another command)".into(),
@@ -386,6 +388,7 @@ pub async fn purge_letters(pool: &PgPool, plan: &Plan, letters: &[DeadLetter]) -
 /// rows and their action rows. Returns the ids purged.
 pub async fn purge(pool: &PgPool, plan: &Plan, ids: &[Uuid]) -> anyhow::Result<Vec<Uuid>> {
     let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL lock_timeout = '10s'").execute(&mut *tx).await?;
     let mut purged = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(1000) {
         let letters: Vec<DeadLetter> = sqlx::query_as(
