@@ -18,7 +18,9 @@
 //! six steps: a letter dying (sometimes a copy of an earlier body), Mono refusing or accepting an
 //! account, a replay (filtered by account, `--all --account`, `--all`, `--all --limit n`, forced or
 //! not, stopped after k letters), two replays at once, a replay followed at once by a worker
-//! restart, a purge, an erasure. `PROPTEST_CASES` raises the number of sessions.
+//! restart (its relay cut wherever it is: the batch's transaction rolls back and the copies go
+//! again, same ids), a replay during which every database session ends (a failover: the replay,
+//! the pipeline and the relay each cut mid-transaction), a purge, an erasure. `PROPTEST_CASES` raises the number of sessions.
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
@@ -65,6 +67,9 @@ enum Step {
     Replay(Replay),
     Together(Replay, Replay),
     ReplayThenRestart(Replay),
+    /// Every session of the database ends this many milliseconds into a replay (a failover): the
+    /// replay's, the worker's pipeline's and its relay's, mid-transaction.
+    ReplayWhileDatabaseFails(Replay, u8),
     Purge(Filter),
     Erase(usize),
 }
@@ -90,6 +95,7 @@ fn step() -> impl Strategy<Value = Step> {
         4 => replay_command().prop_map(Step::Replay),
         2 => (replay_command(), replay_command()).prop_map(|(a, b)| Step::Together(a, b)),
         1 => replay_command().prop_map(Step::ReplayThenRestart),
+        1 => (replay_command(), 0u8..40).prop_map(|(r, ms)| Step::ReplayWhileDatabaseFails(r, ms)),
         2 => filter().prop_map(Step::Purge),
         1 => (0..ACCOUNTS).prop_map(Step::Erase),
     ]
@@ -193,13 +199,24 @@ async fn replay(world: &TestWorld, command: &Replay) -> (replay::Report, BTreeSe
 }
 
 async fn acted_in(pool: &PgPool, batch: Uuid) -> BTreeSet<Uuid> {
-    sqlx::query_scalar::<_, Uuid>("SELECT delivery_id FROM dead_letter_actions WHERE batch_id = $1")
-        .bind(batch)
-        .fetch_all(pool)
-        .await
-        .expect("actions are readable")
-        .into_iter()
-        .collect()
+    let mut tries = 0;
+    loop {
+        let read =
+            sqlx::query_scalar::<_, Uuid>("SELECT delivery_id FROM dead_letter_actions WHERE batch_id = $1")
+                .bind(batch)
+                .fetch_all(pool)
+                .await;
+        // Right after the sessions were ended, the pool may hand out one that is gone.
+        match read {
+            Ok(ids) => return ids.into_iter().collect(),
+            Err(error) if tries < 5 => {
+                tries += 1;
+                tracing::debug!(%error, "reading the actions again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("actions are readable: {error}"),
+        }
+    }
 }
 
 /// Checks one command's acts against its selection.
@@ -386,6 +403,45 @@ async fn run_session(
                     }
                     prop_assert_eq!(expected, actual, "the dry run's outcomes are the replay's");
                 }
+            }
+            Step::ReplayWhileDatabaseFails(command, after_ms) => {
+                let matching = letters.matching(&command.filter);
+                let selected = dead_filter(&command.filter).select(&world.pool).await.unwrap();
+                let plan = plan(Kind::Replay, command.force);
+                let stop = AtomicBool::new(false);
+                let url = world.database_url().await;
+                let replaying = replay::replay_letters(
+                    &world.pool,
+                    &world.broker.topology,
+                    &plan,
+                    &selected,
+                    &stop,
+                    |_| {},
+                );
+                let failing = async {
+                    tokio::time::sleep(Duration::from_millis(u64::from(*after_ms))).await;
+                    use sqlx::Connection;
+                    let mut admin = sqlx::PgConnection::connect(&url).await.expect("an admin session");
+                    sqlx::query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    )
+                    .execute(&mut admin)
+                    .await
+                    .expect("sessions end");
+                };
+                let (replayed, ()) = tokio::join!(replaying, failing);
+                let acted = acted_in(&world.pool, plan.batch_id).await;
+                prop_assert!(acted.is_subset(&matching), "acted outside its selection: {acted:?}");
+                if let Ok(report) = &replayed {
+                    prop_assert_eq!(
+                        report.acted as usize,
+                        acted.len(),
+                        "the report counts what was recorded"
+                    );
+                }
+                moved(&mut letters, &acted);
+                settle(world, &mut letters).await?;
             }
             Step::Together(a, b) => {
                 let (matching_a, matching_b) = (letters.matching(&a.filter), letters.matching(&b.filter));
