@@ -138,6 +138,10 @@ impl AccountLocks {
         account: &str,
         on_generation: Option<u64>,
     ) -> Result<(bool, u64), LockError> {
+        // A session found broken when used (its backend ended: a failover, an operator) took its
+        // locks with it: the statement is run once more on a new one, rather than failing the
+        // request that happened to notice.
+        let mut retried = false;
         loop {
             let attempts_seen = {
                 let mut session = self.session.lock().await;
@@ -154,6 +158,11 @@ impl AccountLocks {
                     .await;
                     return match answer {
                         Ok(Ok(value)) => Ok((value, session.generation)),
+                        Ok(Err(error)) if !retried && on_generation.is_none() && session_ended(&error) => {
+                            session.connection = None;
+                            retried = true;
+                            continue;
+                        }
                         Ok(Err(error)) => {
                             session.connection = None;
                             Err(error.into())
@@ -192,6 +201,18 @@ impl AccountLocks {
             Ok(Err(error)) => Err(error.into()),
             Err(_) => Err(LockError::Stalled),
         }
+    }
+}
+
+/// Whether the error says the session itself is gone (its connection closed, its backend ended by
+/// an administrator or a failover), not that the statement failed on a live one.
+fn session_ended(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => {
+            db.code().is_some_and(|code| code.starts_with("57P") || code.starts_with("08"))
+        }
+        _ => false,
     }
 }
 
