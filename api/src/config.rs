@@ -71,6 +71,12 @@ pub struct ApiConfig {
     #[arg(long, env = "MONO_CIRCUIT_OPEN_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub mono_circuit_open_ms: u64,
 
+    /// Accounts whose calls to Mono fail in a row (5xx, timeouts; no call answered in between)
+    /// that open the api's Mono breaker (1 to 1000): one account failing is that account's trouble,
+    /// several in a row are Mono's.
+    #[arg(long, env = "MONO_CIRCUIT_CONSECUTIVE_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub mono_circuit_consecutive_failures: u64,
+
     /// A stored token is handed out only if it works at least this much longer, in seconds;
     /// otherwise a fresh one is fetched from Mono (its tokens live 10 minutes).
     #[arg(long, env = "TOKEN_MIN_REMAINING_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..600))]

@@ -65,7 +65,7 @@ impl Application {
                 window: Duration::from_secs(10),
                 min_calls: 10,
                 failure_ratio: 0.5,
-                consecutive_failures: 5,
+                consecutive_failures: usize::try_from(config.mono_circuit_consecutive_failures).unwrap_or(5),
                 open_for,
                 max_open_for,
             },
