@@ -89,8 +89,11 @@ struct Link {
 
 impl Link {
     async fn open(settings: &RelaySettings) -> anyhow::Result<Self> {
+        // No declaration here: the consuming session declared the topology before the relay
+        // started, and declaring it again at any later moment would re-create a queue an operator
+        // just deleted, under the session that is about to notice and declare it itself. A publish
+        // the broker cannot route declares it again (below).
         let connection = amqp::connect(&settings.amqp_url, "monohook-worker-relay").await?;
-        settings.topology.declare_on(&connection).await?;
         let publish = connection.create_channel().await?;
         publish.confirm_select(ConfirmSelectOptions::default()).await?;
         let consume = connection.create_channel().await?;
