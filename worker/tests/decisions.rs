@@ -99,7 +99,7 @@ struct History {
     redelivered: Vec<usize>,
     /// Mono's answers, call by call; a token once they run out.
     mono: Vec<Answer>,
-    /// Whether the operator forces the replay of the n-th dead letter.
+    /// Whether the operator forces the n-th replay (one `worker dlq replay` over every dead letter).
     force: Vec<bool>,
     /// Every other decision of the broker and the scheduler: batch sizes, which ready delivery comes
     /// next, when a fetch runs, when a session is lost.
@@ -368,7 +368,8 @@ impl Choices<'_> {
 struct Run {
     forced_reauths: usize,
     forced: bool,
-    dead_letters: usize,
+    /// `worker dlq replay` commands run so far (each with one `--force` or none, as the CLI).
+    replays: usize,
 }
 
 /// The guards and the stored token of every account, to check that they only move forward.
@@ -524,7 +525,9 @@ async fn run_history_traced(
                 prop_assert!(row.is_some(), "dead letter #{} has no row", letter.index);
                 rows.push(row.expect("checked"));
             }
-            let forced = history.force.get(run.dead_letters).copied().unwrap_or(false);
+            // One command, one `--force`: its dry run and its replay use the same.
+            let forced = history.force.get(run.replays).copied().unwrap_or(false);
+            run.replays += 1;
             let predicted = predict::predict_all(pool, &rows, forced, WINDOW).await.expect("a prediction");
             if one_per_account {
                 for (letter, prediction) in dead.iter().zip(&predicted) {
@@ -532,7 +535,6 @@ async fn run_history_traced(
                 }
             }
             for letter in dead.drain(..) {
-                let forced = history.force.get(run.dead_letters).copied().unwrap_or(false);
                 let plan = replay::Plan {
                     kind: replay::Kind::Replay,
                     batch_id: Uuid::now_v7(),
@@ -556,8 +558,6 @@ async fn run_history_traced(
                     .expect("the outbox is readable")
                     .rows_affected();
                 prop_assert_eq!(published, 1, "#{} left no copy in the outbox", letter.index);
-                let forced = history.force.get(run.dead_letters).copied().unwrap_or(false);
-                run.dead_letters += 1;
                 if forced {
                     run.forced = true;
                     if stamped[letter.index].webhook.kind == Kind::Required {
