@@ -20,6 +20,22 @@ fn cluster(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
+/// Runs a `scripts/cluster` query that is safe to repeat, up to three times. Each try asks the
+/// nodes in turn, bounding each node's CLI to 10 s; on two cores under the chaos load an Erlang
+/// CLI can take that long to boot on every node at once, which is the machine's load, not an
+/// answer about the cluster.
+fn query(args: &[&str]) -> anyhow::Result<String> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match cluster(args) {
+            Ok(answer) => return Ok(answer),
+            Err(error) if tries >= 3 => return Err(error.context(format!("after {tries} tries"))),
+            Err(_) => std::thread::sleep(Duration::from_secs(2)),
+        }
+    }
+}
+
 /// The cluster, up while this lives; stopped and its data deleted when dropped.
 pub struct Cluster;
 
@@ -48,7 +64,7 @@ impl Cluster {
 
     /// The node (1 to 3) that leads quorum queue `queue`.
     pub fn leader_of(queue: &str) -> anyhow::Result<u8> {
-        cluster(&["leader", queue])?.parse().context("unexpected answer from scripts/cluster leader")
+        query(&["leader", queue])?.parse().context("unexpected answer from scripts/cluster leader")
     }
 
     /// Makes `node` the leader of quorum queue `queue` and waits (up to 10 s) until it is.
@@ -67,7 +83,7 @@ impl Cluster {
     /// node whose CLI answers; a node cut off or paused lists nothing, so its connections are gone
     /// from the answer only once it has closed them or the others have seen it go.
     pub fn hosting(name: &str) -> anyhow::Result<Vec<u8>> {
-        cluster(&["hosting", name])?
+        query(&["hosting", name])?
             .split_whitespace()
             .map(|n| n.parse().context("unexpected answer from scripts/cluster hosting"))
             .collect()
@@ -121,12 +137,12 @@ impl Cluster {
     /// Suspends, on the broker, the channel processes of the consumers whose tag starts with
     /// `tag_prefix`; returns how many. Their connections live on; they receive nothing more.
     pub fn stick(tag_prefix: &str) -> anyhow::Result<usize> {
-        cluster(&["stick", tag_prefix])?.parse().context("unexpected answer from scripts/cluster stick")
+        query(&["stick", tag_prefix])?.parse().context("unexpected answer from scripts/cluster stick")
     }
 
     /// Resumes what [`Cluster::stick`] suspended.
     pub fn unstick(tag_prefix: &str) -> anyhow::Result<usize> {
-        cluster(&["unstick", tag_prefix])?.parse().context("unexpected answer from scripts/cluster unstick")
+        query(&["unstick", tag_prefix])?.parse().context("unexpected answer from scripts/cluster unstick")
     }
 }
 
