@@ -44,8 +44,8 @@
 //!   to everything fails this).
 //!
 //! Lock sessions broken: a step ends every session holding an account lock mid-history (the api
-//! opens a new one); the one-call rule then allows a second call for an account whose lock went
-//! with the session while its call was out, and every other rule holds as before (liveness
+//! opens a new one); the one-call rules (tokens and links) then allow a second call for an account
+//! whose lock went with the session while its call was out, and every other rule holds (liveness
 //! included; no request may fail for the broken session: the api runs its lock statement again on
 //! a new one).
 //!
@@ -747,6 +747,8 @@ fn check(
         let overlapping = all_calls[..k].iter().rfind(|c| c.link && c.account == call.account);
         if let Some(previous) = overlapping
             && call.at < previous.settled()
+            // A link takes the account's lock too: the same one allowance when it went.
+            && !killed_between(previous.at - COMMIT_SLACK, call.at)
         {
             return Err(format!("two link calls for {} at once: {previous:?} and {call:?}", call.account));
         }
