@@ -105,7 +105,9 @@ pub struct TelemetryArgs {
     #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
 
-    /// Log filter in `tracing`'s env-filter syntax, e.g. `info,worker=debug`.
+    /// Log filter in `tracing`'s env-filter syntax, e.g. `info,worker=debug`. lapin's returned
+    /// messages (logged whole, bodies included) stay at `error` unless the filter names
+    /// `lapin::returned_messages`.
     #[arg(
         long = "log-filter",
         global = true,

@@ -153,8 +153,19 @@ fn own_spans() -> Targets {
     OWN_CRATES.iter().fold(Targets::new(), |targets, name| targets.with_target(*name, LevelFilter::INFO))
 }
 
-fn log_filter(args: &TelemetryArgs) -> Result<EnvFilter, TelemetryError> {
-    Ok(EnvFilter::try_new(&args.log_filter)?)
+/// The target where lapin logs, at WARN, a message the broker returned (an unroutable publish) with
+/// its `Debug` form: the whole body, a webhook's bank data.
+const RETURNED_MESSAGES: &str = "lapin::returned_messages";
+
+/// `RUST_LOG` as given, with lapin's returned messages kept to errors unless the filter names that
+/// target itself (a more specific directive wins, so `RUST_LOG=debug` keeps them out too). Publishers
+/// count a returned message on their own, without its body.
+pub fn log_filter(args: &TelemetryArgs) -> Result<EnvFilter, TelemetryError> {
+    let given = args.log_filter.trim();
+    if given.is_empty() || given.contains(RETURNED_MESSAGES) {
+        return Ok(EnvFilter::try_new(given)?);
+    }
+    Ok(EnvFilter::try_new(format!("{given},{RETURNED_MESSAGES}=error"))?)
 }
 
 fn json_logs(args: &TelemetryArgs) -> bool {
