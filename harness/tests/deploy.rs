@@ -692,10 +692,30 @@ fn the_autoscalers_watch_the_queue_the_topology_declares_and_scale_the_worker() 
     let auth =
         object(&objects, "TriggerAuthentication", trigger["authenticationRef"]["name"].as_str().unwrap());
     let secret = object(&objects, "Secret", "monohook-secrets");
+    let mut parameters = BTreeMap::new();
     for target in auth["spec"]["secretTargetRef"].as_sequence().unwrap() {
         assert_eq!(target["name"], "monohook-secrets");
-        assert!(secret["stringData"][target["key"].as_str().unwrap()].is_string());
+        let example = secret["stringData"][target["key"].as_str().unwrap()].as_str();
+        assert!(example.is_some(), "secret.example.yaml has no {:?}", target["key"]);
+        parameters.insert(target["parameter"].as_str().unwrap().to_owned(), (target["key"].clone(), example));
     }
+    // KEDA takes `host` as one URL: never AMQP_URL, whose node list the docs recommend.
+    let (host_key, host) = &parameters["host"];
+    assert_ne!(host_key, "AMQP_URL", "the scaler must not read the workers' node list");
+    let host = host.unwrap();
+    assert!(!host.contains(','), "the scaler's host is one URL, not a list: {host}");
+    let url = url::Url::parse(host).expect("the scaler's host parses as one URL");
+    assert!(url.host_str().is_some_and(|h| !h.is_empty()), "the scaler's host names a host");
+    let scheme = url.scheme();
+    assert!(["amqp", "amqps", "http", "https"].contains(&scheme), "KEDA cannot read {scheme}://");
+    assert_eq!(trigger["metadata"]["protocol"], "auto", "amqp or http follows the host's scheme");
+    let tls = parameters.get("tls").and_then(|(_, value)| *value);
+    assert_eq!(
+        tls == Some("enable"),
+        scheme.ends_with('s'),
+        "the example's TLS setting ({tls:?}) matches its scheme ({scheme})"
+    );
+    assert!(parameters.contains_key("ca"), "a private CA can be given to the scaler");
     let hpa = object(&objects, "HorizontalPodAutoscaler", "monohook-worker");
     assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "monohook-worker");
     // Every kustomization lists files that exist.
@@ -708,6 +728,107 @@ fn the_autoscalers_watch_the_queue_the_topology_declares_and_scale_the_worker() 
             let resource = dir.join(resource.as_str().unwrap());
             assert!(resource.exists(), "{} lists the missing {}", overlay, resource.display());
         }
+    }
+}
+
+/// The replica count each overlay can scale `deployment` down to: the autoscaler's minimum where
+/// the overlay adds one, the Deployment's own count otherwise.
+fn minimum_replicas(objects: &[(String, serde_yaml_ng::Value)], overlay: &str, deployment: &str) -> u64 {
+    let of_overlay = |kind: &str| {
+        objects.iter().map(|(path, o)| (path, o)).find(|(path, o)| {
+            path.contains(&format!("/{overlay}/"))
+                && o["kind"] == kind
+                && o["spec"]["scaleTargetRef"]["name"] == deployment
+        })
+    };
+    match overlay {
+        "keda" => {
+            if let Some((_, scaled)) = of_overlay("ScaledObject") {
+                return scaled["spec"]["minReplicaCount"].as_u64().unwrap_or(0);
+            }
+        }
+        "hpa" => {
+            if let Some((_, hpa)) = of_overlay("HorizontalPodAutoscaler") {
+                return hpa["spec"]["minReplicas"].as_u64().unwrap_or(1);
+            }
+        }
+        _ => {}
+    }
+    object(objects, "Deployment", deployment)["spec"]["replicas"].as_u64().unwrap_or(1)
+}
+
+/// How many of `replicas` pods a PodDisruptionBudget lets an eviction take (Kubernetes rounds a
+/// percentage of maxUnavailable up, of minAvailable up too).
+fn evictable(pdb: &serde_yaml_ng::Value, replicas: u64) -> u64 {
+    let count = |value: &serde_yaml_ng::Value| match value.as_str() {
+        Some(percent) => {
+            let percent: u64 = percent.trim_end_matches('%').parse().unwrap();
+            (replicas * percent).div_ceil(100)
+        }
+        None => value.as_u64().unwrap(),
+    };
+    let spec = &pdb["spec"];
+    if !spec["maxUnavailable"].is_null() {
+        count(&spec["maxUnavailable"]).min(replicas)
+    } else {
+        replicas.saturating_sub(count(&spec["minAvailable"]))
+    }
+}
+
+#[test]
+fn a_drain_can_evict_a_pod_of_every_deployment_at_every_overlays_minimum() {
+    let objects = kubernetes_objects();
+    for deployment in ["monohook-ingest", "monohook-worker", "monohook-api"] {
+        let labels = &object(&objects, "Deployment", deployment)["spec"]["template"]["metadata"]["labels"];
+        let pdb = objects
+            .iter()
+            .map(|(_, o)| o)
+            .find(|o| {
+                o["kind"] == "PodDisruptionBudget"
+                    && o["spec"]["selector"]["matchLabels"]
+                        .as_mapping()
+                        .unwrap()
+                        .iter()
+                        .all(|(key, value)| labels[key.as_str().unwrap()] == *value)
+            })
+            .unwrap_or_else(|| panic!("no PodDisruptionBudget selects {deployment}'s pods"));
+        for overlay in ["base", "keda", "hpa"] {
+            let replicas = minimum_replicas(&objects, overlay, deployment);
+            assert!(
+                evictable(pdb, replicas.max(1)) >= 1,
+                "{overlay}: at {replicas} replica(s) of {deployment}, its PodDisruptionBudget lets no \
+                 pod be evicted, so `kubectl drain` waits forever"
+            );
+        }
+    }
+}
+
+#[test]
+fn ingest_and_api_keep_serving_until_their_endpoints_are_gone_and_still_drain() {
+    let objects = kubernetes_objects();
+    for deployment in ["monohook-ingest", "monohook-api"] {
+        let pod = &object(&objects, "Deployment", deployment)["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        let delay = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{deployment} has no preStop delay: a rollout refuses requests"));
+        let period = container["readinessProbe"]["periodSeconds"].as_u64().unwrap_or(10);
+        assert!(delay >= period, "{deployment}: preStop {delay} s is shorter than a readiness period");
+        let grace: u64 = container["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "SHUTDOWN_GRACE_SECS")
+            .and_then(|v| v["value"].as_str())
+            .unwrap()
+            .parse()
+            .unwrap();
+        // The grace period runs from the start of preStop: the delay and the drain both fit in it.
+        let termination = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+        assert!(
+            delay + grace < termination,
+            "{deployment}: preStop {delay} s + SHUTDOWN_GRACE_SECS {grace} >= terminationGracePeriodSeconds {termination}"
+        );
     }
 }
 
