@@ -248,5 +248,61 @@ pub async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
             )
         })?;
     }
+    sqlx::query("SELECT token_call_failed_at, link_call_failed_at FROM accounts LIMIT 0")
+        .execute(pool)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("the database's accounts table is older than this api: apply the migrations first (`worker migrate`)")
+        })?;
     Ok(())
+}
+
+/// What the api asks Mono for, under the account's lock.
+#[derive(Clone, Copy, Debug)]
+pub enum MonoCall {
+    Token,
+    Link,
+}
+
+impl MonoCall {
+    fn column(self) -> &'static str {
+        match self {
+            Self::Token => "token_call_failed_at",
+            Self::Link => "link_call_failed_at",
+        }
+    }
+}
+
+/// Notes, under the account's lock and before it is released, that this process's call to Mono
+/// failed `at`: a request of another process waiting for the lock answers as this one did.
+pub async fn note_call_failed(
+    pool: &PgPool,
+    id: &str,
+    call: MonoCall,
+    at: DateTime<Utc>,
+) -> sqlx::Result<()> {
+    sqlx::query(&format!("UPDATE accounts SET {} = $2 WHERE id = $1", call.column()))
+        .bind(id)
+        .bind(at)
+        .execute(pool)
+        .await
+        .map(drop)
+}
+
+/// Whether a call to Mono of this kind for the account failed at `since` or later.
+pub async fn call_failed_since(
+    pool: &PgPool,
+    id: &str,
+    call: MonoCall,
+    since: DateTime<Utc>,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar(&format!(
+        "SELECT COALESCE({} >= $2, false) FROM accounts WHERE id = $1",
+        call.column()
+    ))
+    .bind(id)
+    .bind(since)
+    .fetch_optional(pool)
+    .await
+    .map(|failed| failed.unwrap_or(false))
 }

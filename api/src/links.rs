@@ -20,10 +20,11 @@
 //! across processes through the link lock (`monohook.reauth-link:<account>\n<redirect>`, apart from
 //! the token's, so neither path mistakes the other's work for its own failure) and the stored link.
 //! A request that waited for another process's lock looks for a link made since it started waiting,
-//! whatever `REAUTH_LINK_REUSE_SECS`; finding none, it takes it that the other's call failed and
-//! answers 503 with a short `Retry-After` instead of spending a second retry budget. Every wait ends
-//! at `TOKEN_DEADLINE_MS`; a link Mono created is stored (with its `ref`) even if its request has
-//! gone.
+//! whatever `REAUTH_LINK_REUSE_SECS`; finding none, and `accounts.link_call_failed_at` saying the
+//! other's call failed meanwhile, it answers 503 with a short `Retry-After` instead of spending a
+//! second retry budget (nothing failed: the other went without calling, and this one calls). Every
+//! wait ends at `TOKEN_DEADLINE_MS`; a link Mono created is stored (with its `ref`) even if its
+//! request has gone.
 
 use chrono::{DateTime, SubsecRound, Utc};
 use std::sync::Arc;
@@ -32,7 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::caller::Caller;
-use crate::db::{self, LinkState, StoredLink};
+use crate::db::{self, LinkState, MonoCall, StoredLink};
 use crate::errors::ApiError;
 use crate::flights::{Flights, Joined, Lead, follow};
 use crate::mono_access::MonoAccess;
@@ -287,14 +288,30 @@ async fn check_under_lock(
         return Err(Ok(link));
     }
     if waited {
-        // Another process held the lock and stored nothing: its call failed. Its outcome is this
-        // one's too; asking Mono again would spend a second retry budget on one link.
-        return Err(Err(ApiError::MonoUnavailable {
-            reason: "another process's request for this link failed".into(),
-            retry_after: OTHER_PROCESS_RETRY_AFTER,
-        }));
+        // Another process held the lock and stored nothing. If its call failed since this request
+        // began, its outcome is this one's too: asking Mono again would spend a second retry
+        // budget on one link. If not, it went without calling: this request calls.
+        let failed =
+            db::call_failed_since(&desk.mono.pool, ask.account.as_str(), MonoCall::Link, ask.started)
+                .await
+                .map_err(|error| Err(error.into()))?;
+        if failed {
+            return Err(Err(ApiError::MonoUnavailable {
+                reason: "another process's request for this link failed".into(),
+                retry_after: OTHER_PROCESS_RETRY_AFTER,
+            }));
+        }
     }
     Ok(current.episode)
+}
+
+/// Under the lock, before it is released: other processes waiting for it learn that this call
+/// failed. Best effort: if the database cannot say so, they call Mono themselves.
+async fn note_failed(desk: &LinkDesk, ask: &Ask) {
+    let noted = db::note_call_failed(&desk.mono.pool, ask.account.as_str(), MonoCall::Link, Utc::now()).await;
+    if let Err(error) = noted {
+        tracing::warn!(error = %error, "could not note a failed Mono call for the account's waiters");
+    }
 }
 
 /// Asks Mono (breaker, retries) and stores the link with its `ref`. Holds no pool connection while
@@ -308,15 +325,18 @@ async fn call_and_store(desk: &LinkDesk, ask: &Ask, episode: Option<DateTime<Utc
     let link = match desk.mono.tokens.initiate_link(&request, &CancellationToken::new()).await {
         Called::Answer(LinkAnswer::Link(link)) => link,
         Called::Answer(LinkAnswer::Unexpected { fields }) => {
+            note_failed(desk, ask).await;
             metrics::counter!("monohook_api_mono_unexpected_answers_total").increment(1);
             tracing::warn!(?fields, "Mono's answer to initiate holds no data.mono_url");
             return Err(ApiError::MonoUnexpectedAnswer("data.mono_url"));
         }
         Called::Refused { message, .. } => {
             desk.mono.refusals.remember(Refused::Link, ask.account.as_str(), &message);
+            note_failed(desk, ask).await;
             return Err(ApiError::MonoRefused(message));
         }
         Called::Park { reason } | Called::Retry { reason } => {
+            note_failed(desk, ask).await;
             return Err(ApiError::MonoUnavailable { reason, retry_after: desk.mono.retry_after() });
         }
         Called::Abandoned => {

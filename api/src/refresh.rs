@@ -17,11 +17,12 @@
 //! served to the next request. A request whose client went away before the call makes none (actix
 //! drops a request's future when its client closes the connection).
 //!
-//! Sharing outcomes: within the process through the flight; across processes through the lock and
-//! the stored token. A request that waited for another process's lock and then finds no usable
-//! token stored takes it that the other's call failed, and answers as if its own had (the stored
-//! token above the floor, else 503 with a short `Retry-After`) instead of running the retry budget
-//! again.
+//! Sharing outcomes: within the process through the flight; across processes through the lock, the
+//! stored token and the account's `token_call_failed_at`. A request that waited for another
+//! process's lock and then finds no usable token stored answers as that process did when its call
+//! failed meanwhile (the stored token above the floor, else 503 with a short `Retry-After`) instead
+//! of running the retry budget again; when nothing failed (the holder's client hung up before its
+//! call, or its lock session ended), it calls Mono itself.
 
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
@@ -29,7 +30,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{self, TokenState};
+use crate::db::{self, MonoCall, TokenState};
 use crate::errors::ApiError;
 use crate::flights::{Flights, Joined, follow};
 use crate::mono_access::{DEFAULT_RETRY_AFTER, MonoAccess};
@@ -148,7 +149,7 @@ async fn lead_refresh(
     };
     let slot = slot.expect("the Mono semaphore is never closed");
     let lock = match take_lock(refresher, account, deadline).await {
-        Ok(Taken::Lock { lock, waited }) => (lock, waited),
+        Ok(Taken::Lock { lock, waited_since }) => (lock, waited_since),
         Ok(Taken::Served(handout)) => {
             lead.publish(Ok(handout.clone()));
             return Ok(handout);
@@ -161,8 +162,8 @@ async fn lead_refresh(
             return Err(error);
         }
     };
-    let (lock, waited) = lock;
-    let checked = check_under_lock(refresher, account, waited).await;
+    let (lock, waited_since) = lock;
+    let checked = check_under_lock(refresher, account, waited_since).await;
     if let Some(outcome) = checked {
         // Released before publishing: a request that comes after the flight ends never finds the
         // lock still held by this process (its session would take it again).
@@ -195,7 +196,8 @@ async fn lead_refresh(
 enum Taken {
     Lock {
         lock: crate::locks::AccountLock,
-        waited: bool,
+        /// When this request began to wait for another process's hold of the lock, if it did.
+        waited_since: Option<DateTime<Utc>>,
     },
     /// Another process stored a token with enough time left while this one waited for its lock.
     Served(Handout),
@@ -208,15 +210,16 @@ enum Taken {
 /// process is about to refresh) until the deadline, then answers as a failure of Mono would (the
 /// stored token above the floor, else 503).
 async fn take_lock(refresher: &Refresher, account: &AccountId, deadline: Instant) -> Result<Taken, ApiError> {
-    let mut waited = false;
+    let mut waited_since = None;
     let mut pause = LOCK_POLL_FIRST;
     loop {
         // Under the deadline too: the lock session may be reconnecting or stalled. A lock taken after
         // this request gave up is unlocked by its guard (`locks`).
+        let asked = Utc::now();
         let tried =
             tokio::time::timeout_at(deadline, refresher.mono.account_locks.try_lock(account.as_str()));
         match tried.await {
-            Ok(Ok(Some(lock))) => return Ok(Taken::Lock { lock, waited }),
+            Ok(Ok(Some(lock))) => return Ok(Taken::Lock { lock, waited_since }),
             Ok(Ok(None)) => {}
             Ok(Err(error)) => return Err(ApiError::DatabaseUnavailable(error.to_string())),
             Err(_) => {
@@ -226,7 +229,8 @@ async fn take_lock(refresher: &Refresher, account: &AccountId, deadline: Instant
                 ));
             }
         }
-        waited = true;
+        // From before the first try that found it held: a failure of the holder's is later.
+        waited_since.get_or_insert(asked);
         let now = Instant::now();
         if now >= deadline {
             // Out of time as when Mono fails: the stored token above the floor, else 503.
@@ -247,7 +251,11 @@ async fn take_lock(refresher: &Refresher, account: &AccountId, deadline: Instant
 }
 
 /// Under the lock, before calling Mono: the answer if Mono need not (or must not) be asked.
-async fn check_under_lock(refresher: &Refresher, account: &AccountId, waited: bool) -> Option<Outcome> {
+async fn check_under_lock(
+    refresher: &Refresher,
+    account: &AccountId,
+    waited_since: Option<DateTime<Utc>>,
+) -> Option<Outcome> {
     let current = match db::token_state(&refresher.mono.pool, account.as_str()).await {
         Ok(Some(current)) => current,
         Ok(None) => return Some(Err(ApiError::NotFound)),
@@ -260,16 +268,33 @@ async fn check_under_lock(refresher: &Refresher, account: &AccountId, waited: bo
     if let Some(handout) = Handout::stored(&current, Utc::now() + refresher.token_min_remaining) {
         return Some(Ok(handout));
     }
-    if waited {
-        // Another process held the lock and stored nothing usable: its call failed. Its outcome is
-        // this one's too; asking Mono again would spend a second retry budget on one refresh.
-        return Some(degrade(
-            &current,
-            "another process's refresh of this account failed".into(),
-            OTHER_PROCESS_RETRY_AFTER,
-        ));
+    if let Some(since) = waited_since {
+        // Another process held the lock and stored nothing usable. If its call failed meanwhile,
+        // its outcome is this one's too: asking Mono again would spend a second retry budget on
+        // one refresh. If not, it went without calling: this request calls.
+        match db::call_failed_since(&refresher.mono.pool, account.as_str(), MonoCall::Token, since).await {
+            Ok(true) => {
+                return Some(degrade(
+                    &current,
+                    "another process's refresh of this account failed".into(),
+                    OTHER_PROCESS_RETRY_AFTER,
+                ));
+            }
+            Ok(false) => {}
+            Err(error) => return Some(Err(error.into())),
+        }
     }
     None
+}
+
+/// Under the lock, before it is released: other processes waiting for it learn that this call
+/// failed. Best effort: if the database cannot say so, they call Mono themselves.
+async fn note_failed(refresher: &Refresher, account: &AccountId) {
+    let noted =
+        db::note_call_failed(&refresher.mono.pool, account.as_str(), MonoCall::Token, Utc::now()).await;
+    if let Err(error) = noted {
+        tracing::warn!(error = %error, "could not note a failed Mono call for the account's waiters");
+    }
 }
 
 /// Calls Mono (breaker, retries) and stores what it issues. Holds no pool connection while Mono
@@ -280,9 +305,11 @@ async fn call_and_store(refresher: &Refresher, account: &AccountId) -> Outcome {
         TokenOutcome::Token(token) => token,
         TokenOutcome::Refused { message, .. } => {
             refresher.mono.refusals.remember(Refused::Token, account.as_str(), &message);
+            note_failed(refresher, account).await;
             return Err(ApiError::MonoRefused(message));
         }
         TokenOutcome::Park { reason } | TokenOutcome::Retry { reason } => {
+            note_failed(refresher, account).await;
             return unavailable(refresher, account, reason, refresher.mono.retry_after()).await;
         }
         TokenOutcome::Abandoned => {

@@ -101,7 +101,8 @@ async fn a_returned_message_never_puts_its_body_in_the_logs() {
     );
 
     for given in [default_log_filter(), "debug".to_owned()] {
-        let args = TelemetryArgs { log_format: LogFormat::Json, log_filter: given.clone(), otlp_endpoint: None };
+        let args =
+            TelemetryArgs { log_format: LogFormat::Json, log_filter: given.clone(), otlp_endpoint: None };
         handle.reload(telemetry::log_filter(&args).expect("a valid filter")).expect("reload");
         let body = format!("{{\"account\":\"bank-data-{}\"}}", uuid::Uuid::new_v4().simple());
         publish_unroutable(&connection, &body).await;

@@ -117,3 +117,28 @@ async fn a_request_whose_client_went_away_makes_no_mono_call(pool: PgPool) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(calls(&mono).await, 1, "nobody was waiting for a token for \"left\"");
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_request_behind_a_holder_that_went_without_calling_calls_mono_itself(pool: PgPool) {
+    let mono = MockServer::start().await;
+    mono_issues("acct-1", "fresh-token", 0).expect(1).mount(&mono).await;
+    Seed::flagged("acct-1").insert(&pool).await;
+    let app = spawn_app_with(pool.clone(), &mono, NO_RETRIES).await;
+    // Another process holds the lock, then lets it go without calling Mono (its client hung up, its
+    // lock session ended): nothing failed, so the request waiting for it must not answer as if.
+    let mut holder = hold_lock(&pool, "acct-1").await;
+
+    let (answer, ()) = tokio::join!(app.reauth_token("acct-1"), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sqlx::query("SELECT pg_advisory_unlock(hashtextextended('monohook.reauth-token:' || $1, 0))")
+            .bind("acct-1")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+    });
+
+    assert_eq!(answer.status().as_u16(), 200, "nothing failed: the waiting request calls Mono");
+    let body = json(answer).await;
+    assert_eq!(body["token"], "fresh-token");
+    assert_eq!(body["source"], "fresh");
+}
