@@ -2,6 +2,7 @@
 //! component to be ready, and the end of a scenario (drain, verify against the model, fill the
 //! common columns, shut down). Its own module so that neither scenario file imports the other.
 
+use anyhow::Context;
 use std::time::{Duration, Instant};
 
 use super::load::{Kind, LoadPlan, LoadResult};
@@ -34,11 +35,19 @@ pub(super) async fn wait_ready(url: &str, within: Duration) -> bool {
     false
 }
 
-async fn dead_total(system: &System) -> usize {
-    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM webhook_events WHERE status = 'dead'")
-        .fetch_one(&system.pool)
-        .await
-        .map_or(0, |n| n as usize)
+/// Dead letters at the end: rows (the worker writes one with each `dead` journal row, the relay one
+/// for each message the broker dead-lettered) and `dead` journal rows without one, which would be a
+/// bug of their own. A query that fails fails the scenario, never counts as none.
+async fn dead_total(system: &System) -> anyhow::Result<usize> {
+    let total: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM dead_letters)
+              + (SELECT count(*) FROM webhook_events w WHERE w.status = 'dead'
+                   AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.id = w.id))",
+    )
+    .fetch_one(&system.pool)
+    .await
+    .context("cannot count the dead letters")?;
+    Ok(usize::try_from(total).unwrap_or(usize::MAX))
 }
 
 /// The worker's dedup window in every scenario (its default).
@@ -148,7 +157,15 @@ pub(super) async fn finish(
             verdict.delivered_without_200
         ));
     }
-    report.dead_lettered = dead_total(&system).await;
+    report.dead_lettered = dead_total(&system).await?;
+    if report.dead_lettered != report.expected_dead {
+        eprintln!(
+            "  {name}: {} dead letter(s), {} expected (logs in {})",
+            report.dead_lettered,
+            report.expected_dead,
+            system.config.log_dir.display()
+        );
+    }
     if !verdict.lost.is_empty() {
         eprintln!(
             "  {name}: lost {:?} (logs in {})",

@@ -32,6 +32,9 @@ pub struct ScenarioReport {
     pub lost: usize,
     pub double_effects: usize,
     pub dead_lettered: usize,
+    /// Dead letters the scenario means to make (poison); any other dead letter fails it: a bug
+    /// that dead-letters what was in flight during a restart is neither lost nor processed.
+    pub expected_dead: usize,
     pub seconds: f64,
     /// What this scenario checks beyond the common columns, and whether each held.
     pub checks: Vec<(String, bool)>,
@@ -55,6 +58,7 @@ impl Default for ScenarioReport {
             lost: 0,
             double_effects: 0,
             dead_lettered: 0,
+            expected_dead: 0,
             seconds: 0.0,
             checks: Vec::new(),
             notes: Vec::new(),
@@ -65,13 +69,14 @@ impl Default for ScenarioReport {
 }
 
 impl ScenarioReport {
-    /// Nothing lost or doubled, every check held, and enough of the load accepted: a suite whose
-    /// ingest answered 503 to everything must not pass.
+    /// Nothing lost or doubled, no dead letter but those meant, every check held, and enough of the
+    /// load accepted: a suite whose ingest answered 503 to everything must not pass.
     pub fn passed(&self) -> bool {
         self.accepted > 0
             && self.accepted_share >= self.min_accepted_share
             && self.lost == 0
             && self.double_effects == 0
+            && self.dead_lettered == self.expected_dead
             && self.checks.iter().all(|(_, ok)| *ok)
     }
 
@@ -119,3 +124,21 @@ impl ScenarioReport {
 
 /// How long a scenario may wait for the backlog to drain once its load has stopped.
 pub const DRAIN_PATIENCE: Duration = Duration::from_secs(90);
+
+#[cfg(test)]
+mod tests {
+    use super::ScenarioReport;
+
+    #[test]
+    fn a_dead_letter_the_scenario_did_not_mean_fails_it() {
+        let clean = ScenarioReport { accepted: 10, accepted_share: 1.0, ..ScenarioReport::default() };
+        assert!(clean.passed());
+        assert!(
+            !ScenarioReport { dead_lettered: 1, ..clean.clone() }.passed(),
+            "one in-flight delivery dead"
+        );
+        let poison = ScenarioReport { expected_dead: 3, ..clean.clone() };
+        assert!(!poison.passed(), "the poison it sent must be there");
+        assert!(ScenarioReport { dead_lettered: 3, ..poison }.passed());
+    }
+}
