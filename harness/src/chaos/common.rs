@@ -125,6 +125,10 @@ pub(super) async fn finish(
     report.posted = load.posted;
     report.accepted_share = load.accepted_share();
     report.accepted = load.accepted.len();
+    report.check(
+        format!("ingest gave every accepted webhook an id of its own ({} reused)", load.reused_ids.len()),
+        load.reused_ids.is_empty(),
+    );
     if load.reposts > 0 {
         report.note(format!(
             "{} webhook(s) posted again after no 200, as Mono would; {} never accepted",

@@ -69,6 +69,9 @@ pub struct LoadResult {
     pub reposts: u64,
     /// Delivery id → what was posted, for every 200.
     pub accepted: BTreeMap<String, Posted>,
+    /// Ids ingest gave to two different webhooks (never: each 200 names its own delivery), kept
+    /// apart so that the map above cannot merge them silently.
+    pub reused_ids: Vec<String>,
     pub statuses: BTreeMap<u16, u64>,
     /// Posts that got no HTTP answer at all (connection refused or reset).
     pub no_answer: u64,
@@ -84,6 +87,16 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
+    /// Remembers a webhook ingest answered 200 with `id`; an id it gave before goes to `reused_ids`.
+    pub fn accept(&mut self, id: String, posted: Posted) {
+        match self.accepted.entry(id) {
+            std::collections::btree_map::Entry::Occupied(taken) => self.reused_ids.push(taken.key().clone()),
+            std::collections::btree_map::Entry::Vacant(free) => {
+                free.insert(posted);
+            }
+        }
+    }
+
     /// The share of webhooks that ended accepted (0 when none was posted).
     pub fn accepted_share(&self) -> f64 {
         if self.posted == 0 { 0.0 } else { (self.posted - self.given_up) as f64 / self.posted as f64 }
@@ -103,7 +116,10 @@ impl LoadResult {
         self.posted += other.posted;
         self.given_up += other.given_up;
         self.reposts += other.reposts;
-        self.accepted.extend(other.accepted);
+        for (id, posted) in other.accepted {
+            self.accept(id, posted);
+        }
+        self.reused_ids.extend(other.reused_ids);
         for (status, count) in other.statuses {
             *self.statuses.entry(status).or_default() += count;
         }
@@ -187,7 +203,7 @@ async fn post_until_accepted(http: &reqwest::Client, url: &str, posted: Posted, 
             }
         }
         if let Some(id) = id {
-            result.accepted.insert(id, posted);
+            result.accept(id, posted);
             return;
         }
         result.refused_at.push(answered_at);
@@ -256,5 +272,27 @@ impl Load {
     pub async fn stop(self) -> LoadResult {
         self.stop.cancel();
         self.task.await.unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_given_twice_is_kept_apart_never_merged() {
+        let plan = LoadPlan { per_second: 1, accounts: 2, kinds: vec![Kind::AccountUpdated] };
+        let mut one = LoadResult::default();
+        one.accept("id-1".into(), Posted::new(1, &plan));
+        one.accept("id-1".into(), Posted::new(2, &plan));
+        assert_eq!(one.reused_ids, ["id-1"]);
+        let mut other = LoadResult::default();
+        other.accept("id-2".into(), Posted::new(3, &plan));
+        other.accept("id-3".into(), Posted::new(4, &plan));
+        let mut two = LoadResult::default();
+        two.accept("id-2".into(), Posted::new(5, &plan));
+        let merged = one.merge(other).merge(two);
+        assert_eq!(merged.reused_ids, ["id-1", "id-2"], "one per ingest, the same id: a reuse");
+        assert_eq!(merged.accepted.len(), 3);
     }
 }

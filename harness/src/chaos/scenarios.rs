@@ -348,7 +348,7 @@ async fn duplicates_and_reordering(base: &SystemConfig) -> anyhow::Result<Scenar
     for _ in 0..2 {
         let (status, id) = system.post(&update.body).await?;
         answers.push(status);
-        load.accepted.insert(id.unwrap_or_default(), update.clone());
+        load.accept(id.unwrap_or_default(), update.clone());
     }
     report.check("ingest accepts both copies (it does no business work)", answers == [200, 200]);
     // Received in this order: required, then reauthorized; Mono's slowness makes the worker apply
@@ -363,8 +363,8 @@ async fn duplicates_and_reordering(base: &SystemConfig) -> anyhow::Result<Scenar
     let (_, reauthorized_id) = system.post(&reauthorized.body).await?;
     let (required_id, reauthorized_id) =
         (required_id.unwrap_or_default(), reauthorized_id.unwrap_or_default());
-    load.accepted.insert(required_id.clone(), required);
-    load.accepted.insert(reauthorized_id.clone(), reauthorized);
+    load.accept(required_id.clone(), required);
+    load.accept(reauthorized_id.clone(), reauthorized);
 
     let settled =
         system.wait_for_count("SELECT count(*) FROM webhook_events", 4, Duration::from_secs(30)).await?;
