@@ -611,6 +611,9 @@ async fn postgres_outage_past_consumer_timeout(base: &SystemConfig) -> anyhow::R
     let started = Instant::now();
     let _timeout = services::RestoreConsumerTimeout;
     services::set_consumer_timeout(Duration::from_secs(10))?;
+    // A control that the lowered timeout is in force: without it the check that no worker's channel
+    // was timed out would pass on a broker that kept its 30 minutes.
+    let held = services::HeldDelivery::start(&base.amqp_url).await?;
     let proxy = shared::testing::TcpProxy::start(postgres_address(&base.database_server)?).await;
     let mut config = with_worker_env(base, &[("HOLD_MAX_SECS", "5"), ("SHUTDOWN_GRACE_SECS", "2")]);
     config.worker_database_server = Some(format!("postgres://postgres@{}", proxy.addr()));
@@ -643,6 +646,11 @@ async fn postgres_outage_past_consumer_timeout(base: &SystemConfig) -> anyhow::R
         "the broker never timed out a delivery (its channel stayed open)",
         !logs.contains("acknowledgement") && !logs.contains("consumer_timeout"),
     );
+    report.check(
+        "RabbitMQ's consumer_timeout of 10 s took effect (it closed a control channel holding a delivery)",
+        held.timed_out_within(Duration::from_secs(45)).await,
+    );
+    held.close().await;
     let mut report = finish("postgres_outage_past_consumer_timeout", started, system, load, report).await?;
     report.check("nothing was dead-lettered", report.dead_lettered == 0);
     Ok(report)

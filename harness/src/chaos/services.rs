@@ -104,3 +104,65 @@ impl Drop for RestoreConsumerTimeout {
         }
     }
 }
+
+/// A consumer that takes one delivery and never acks it: RabbitMQ closes its channel once the
+/// delivery is held past `consumer_timeout`, which shows that a lowered timeout took effect (the
+/// broker looks at held deliveries about once a minute).
+pub struct HeldDelivery {
+    connection: lapin::Connection,
+    channel: lapin::Channel,
+    _consumer: lapin::Consumer,
+}
+
+impl HeldDelivery {
+    pub async fn start(amqp_url: &str) -> anyhow::Result<Self> {
+        use futures_util::StreamExt;
+        use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+        use lapin::types::FieldTable;
+
+        let connection = crate::bench::broker::connect(amqp_url).await?;
+        let channel = connection.create_channel().await?;
+        let options =
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
+        let queue = channel.queue_declare("".into(), options, FieldTable::default()).await?;
+        channel
+            .basic_publish(
+                "".into(),
+                queue.name().clone(),
+                BasicPublishOptions::default(),
+                b"held past consumer_timeout",
+                lapin::BasicProperties::default(),
+            )
+            .await?
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "monohook-chaos-held".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let first = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await;
+        if !matches!(first, Ok(Some(Ok(_)))) {
+            bail!("the control consumer got no delivery to hold");
+        }
+        Ok(Self { connection, channel, _consumer: consumer })
+    }
+
+    /// Whether the broker closed the channel holding the delivery, waiting up to `patience`.
+    pub async fn timed_out_within(&self, patience: Duration) -> bool {
+        let until = Instant::now() + patience;
+        while self.channel.status().connected() {
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        true
+    }
+
+    pub async fn close(self) {
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
