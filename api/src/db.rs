@@ -274,19 +274,17 @@ impl MonoCall {
 }
 
 /// Notes, under the account's lock and before it is released, that this process's call to Mono
-/// failed `at`: a request of another process waiting for the lock answers as this one did.
-pub async fn note_call_failed(
-    pool: &PgPool,
-    id: &str,
-    call: MonoCall,
-    at: DateTime<Utc>,
-) -> sqlx::Result<()> {
-    sqlx::query(&format!("UPDATE accounts SET {} = $2 WHERE id = $1", call.column()))
+/// failed: a request of another process waiting for the lock answers as this one did. Best effort:
+/// if the database cannot say so, the waiters call Mono themselves.
+pub async fn note_call_failed(pool: &PgPool, id: &str, call: MonoCall) {
+    let noted = sqlx::query(&format!("UPDATE accounts SET {} = $2 WHERE id = $1", call.column()))
         .bind(id)
-        .bind(at)
+        .bind(Utc::now())
         .execute(pool)
-        .await
-        .map(drop)
+        .await;
+    if let Err(error) = noted {
+        tracing::warn!(error = %error, "could not note a failed Mono call for the account's waiters");
+    }
 }
 
 /// Whether a call to Mono of this kind for the account failed at `since` or later.

@@ -305,15 +305,6 @@ async fn check_under_lock(
     Ok(current.episode)
 }
 
-/// Under the lock, before it is released: other processes waiting for it learn that this call
-/// failed. Best effort: if the database cannot say so, they call Mono themselves.
-async fn note_failed(desk: &LinkDesk, ask: &Ask) {
-    let noted = db::note_call_failed(&desk.mono.pool, ask.account.as_str(), MonoCall::Link, Utc::now()).await;
-    if let Err(error) = noted {
-        tracing::warn!(error = %error, "could not note a failed Mono call for the account's waiters");
-    }
-}
-
 /// Asks Mono (breaker, retries) and stores the link with its `ref`. Holds no pool connection while
 /// Mono answers.
 async fn call_and_store(desk: &LinkDesk, ask: &Ask, episode: Option<DateTime<Utc>>) -> LinkOutcome {
@@ -325,18 +316,18 @@ async fn call_and_store(desk: &LinkDesk, ask: &Ask, episode: Option<DateTime<Utc
     let link = match desk.mono.tokens.initiate_link(&request, &CancellationToken::new()).await {
         Called::Answer(LinkAnswer::Link(link)) => link,
         Called::Answer(LinkAnswer::Unexpected { fields }) => {
-            note_failed(desk, ask).await;
+            db::note_call_failed(&desk.mono.pool, ask.account.as_str(), MonoCall::Link).await;
             metrics::counter!("monohook_api_mono_unexpected_answers_total").increment(1);
             tracing::warn!(?fields, "Mono's answer to initiate holds no data.mono_url");
             return Err(ApiError::MonoUnexpectedAnswer("data.mono_url"));
         }
         Called::Refused { message, .. } => {
             desk.mono.refusals.remember(Refused::Link, ask.account.as_str(), &message);
-            note_failed(desk, ask).await;
+            db::note_call_failed(&desk.mono.pool, ask.account.as_str(), MonoCall::Link).await;
             return Err(ApiError::MonoRefused(message));
         }
         Called::Park { reason } | Called::Retry { reason } => {
-            note_failed(desk, ask).await;
+            db::note_call_failed(&desk.mono.pool, ask.account.as_str(), MonoCall::Link).await;
             return Err(ApiError::MonoUnavailable { reason, retry_after: desk.mono.retry_after() });
         }
         Called::Abandoned => {

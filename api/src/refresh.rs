@@ -287,16 +287,6 @@ async fn check_under_lock(
     None
 }
 
-/// Under the lock, before it is released: other processes waiting for it learn that this call
-/// failed. Best effort: if the database cannot say so, they call Mono themselves.
-async fn note_failed(refresher: &Refresher, account: &AccountId) {
-    let noted =
-        db::note_call_failed(&refresher.mono.pool, account.as_str(), MonoCall::Token, Utc::now()).await;
-    if let Err(error) = noted {
-        tracing::warn!(error = %error, "could not note a failed Mono call for the account's waiters");
-    }
-}
-
 /// Calls Mono (breaker, retries) and stores what it issues. Holds no pool connection while Mono
 /// answers.
 async fn call_and_store(refresher: &Refresher, account: &AccountId) -> Outcome {
@@ -305,11 +295,11 @@ async fn call_and_store(refresher: &Refresher, account: &AccountId) -> Outcome {
         TokenOutcome::Token(token) => token,
         TokenOutcome::Refused { message, .. } => {
             refresher.mono.refusals.remember(Refused::Token, account.as_str(), &message);
-            note_failed(refresher, account).await;
+            db::note_call_failed(&refresher.mono.pool, account.as_str(), MonoCall::Token).await;
             return Err(ApiError::MonoRefused(message));
         }
         TokenOutcome::Park { reason } | TokenOutcome::Retry { reason } => {
-            note_failed(refresher, account).await;
+            db::note_call_failed(&refresher.mono.pool, account.as_str(), MonoCall::Token).await;
             return unavailable(refresher, account, reason, refresher.mono.retry_after()).await;
         }
         TokenOutcome::Abandoned => {
