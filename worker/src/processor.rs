@@ -221,8 +221,7 @@ impl Processor {
         conn: &mut sqlx::pool::PoolConnection<sqlx::Postgres>,
         candidates: &[Candidate<'_>],
     ) -> Result<Vec<ItemOutcome>, BatchError> {
-        use sqlx::Connection;
-        let mut tx = conn.begin().await?;
+        let mut tx = db::begin(conn).await?;
         let mut state = db::batch::load(&mut tx, candidates, self.dedup_window).await?;
         let decisions = batch::decide(&mut state, candidates, self.dedup_window);
         let journal: Vec<JournalEntry<'_>> = decisions
@@ -279,9 +278,8 @@ impl Processor {
     pub async fn still_needs_token(&self, event: &crate::event::IncomingEvent) -> bool {
         let candidate = [Candidate { event, token: None }];
         let decided = async {
-            use sqlx::Connection;
             let mut conn = self.pool.acquire().await?;
-            let mut tx = conn.begin().await?;
+            let mut tx = db::begin(&mut conn).await?;
             let mut state = db::batch::load(&mut tx, &candidate, self.dedup_window).await?;
             let decisions = batch::decide(&mut state, &candidate, self.dedup_window);
             tx.rollback().await?;
@@ -413,10 +411,9 @@ impl Processor {
         hold: &Hold<'_>,
     ) -> Result<(), Held<sqlx::Error>> {
         let attempt = || async {
-            use sqlx::Connection;
             let mut conn = self.pool.acquire().await.map_err(classify)?;
             let written = async {
-                let mut tx = conn.begin().await?;
+                let mut tx = db::begin(&mut conn).await?;
                 db::events::record_dead(&mut tx, record, &letter.reason, self.journal_payload).await?;
                 db::dead_letters::insert(&mut tx, letter).await?;
                 tx.commit().await

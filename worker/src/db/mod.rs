@@ -16,7 +16,7 @@ use anyhow::Context;
 use secrecy::ExposeSecret;
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -92,6 +92,23 @@ pub async fn connect(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
 /// Applies pending migrations. Safe with many workers starting at once (sqlx takes an advisory lock).
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await.context("applying database migrations failed")
+}
+
+/// Longest a worker transaction waits for a row lock. A row held elsewhere (an open psql session, a
+/// frozen api pod) then fails the batch that needs it with 55P03, an error of ours: the batch is
+/// retried, split, and only the delivery that needs the row is parked, instead of a whole batch of
+/// unrelated deliveries waiting until `HOLD_MAX_SECS`. Two workers' batches sharing an account wait
+/// for each other far less than this.
+pub const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Begins a worker transaction whose lock waits end after [`LOCK_WAIT`].
+pub async fn begin(conn: &mut PgConnection) -> sqlx::Result<Transaction<'_, Postgres>> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(format!("{}ms", LOCK_WAIT.as_millis()))
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
 }
 
 /// Whose fault a database error is, which decides what becomes of the deliveries that met it.

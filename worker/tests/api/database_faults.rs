@@ -113,3 +113,37 @@ async fn a_row_that_times_out_every_time_is_parked_and_its_batch_commits(
     assert_eq!(row.attempts, 1, "parking spends no attempt");
     assert_eq!(world.dead_letter_count().await, 0);
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn one_locked_account_parks_only_its_own_delivery(pool: PgPool) {
+    // Another session (an open psql transaction, a frozen api pod) holds one account's row and
+    // never lets go. The worker's own pool, as in production: no timeout set on it by this test.
+    pool.execute("INSERT INTO accounts (id) VALUES ('held-account')").await.unwrap();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM accounts WHERE id = 'held-account' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let mut world = TestWorld::new(pool).await;
+    let held = world.publish(&body("mono.events.account_updated", "held-account")).await;
+    let mut others = Vec::new();
+    for n in 0..5 {
+        others.push(world.publish(&body("mono.events.account_updated", &format!("acct-{n}"))).await);
+    }
+    world.start_worker().await;
+
+    // Within the test's patience, far below HOLD_MAX_SECS (15 minutes): the batch that shares the
+    // held row is not held with it.
+    for meta in &others {
+        assert_eq!(world.settled(meta).await.status, "processed", "a batch is not held by another's row");
+    }
+    wait_until_parked(&world, "the delivery that needs the held row is parked").await;
+    assert!(world.journal(&held).await.is_none());
+    assert_eq!(world.dead_letter_count().await, 0, "a lock held elsewhere dead-letters nothing");
+
+    holder.rollback().await.unwrap();
+    let row = world.settled(&held).await;
+    assert_eq!(row.status, "processed");
+    assert_eq!(row.attempts, 1, "parking spends no attempt");
+    world.stop_workers().await;
+}
