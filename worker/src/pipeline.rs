@@ -47,6 +47,21 @@ use shared::topology::Topology;
 static MOVE_RETRY: std::sync::LazyLock<RetryPolicy> =
     std::sync::LazyLock::new(|| RetryPolicy::forever(Duration::from_secs(1), Duration::from_secs(30)));
 
+/// How far ahead of this worker's clock a receive stamp may be. A stamp orders an account's events:
+/// one an hour ahead (an ingest clock that jumped, a hand-published message stamped in
+/// milliseconds) would make every correct event of that hour stale. Clocks kept by NTP differ by
+/// milliseconds; a stamp further ahead is ours to fix, so its delivery is parked (it comes back,
+/// and is applied once the clocks agree) and counted in `monohook_worker_stamps_ahead_total`.
+pub const STAMP_AHEAD_MAX: Duration = Duration::from_secs(10);
+
+/// Whether `received_at` is further ahead of `now` than [`STAMP_AHEAD_MAX`].
+pub fn stamp_too_far_ahead(
+    received_at: chrono::DateTime<chrono::Utc>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> bool {
+    received_at.signed_duration_since(now).to_std().is_ok_and(|ahead| ahead > STAMP_AHEAD_MAX)
+}
+
 /// What every session's pipeline shares.
 pub struct PipelineSettings {
     pub processor: Arc<Processor>,
@@ -107,9 +122,9 @@ pub enum Handout {
 /// earlier copies (`x-handed-out`).
 pub fn judge_handout(broker_count: u32, lost: u32, carried: u32, limit: u32) -> Handout {
     let counted = carried.saturating_add(broker_count.saturating_sub(lost));
-    if counted + 1 >= limit {
+    if counted.saturating_add(1) >= limit {
         Handout::Suspect { counted }
-    } else if broker_count + 1 >= limit {
+    } else if broker_count.saturating_add(1) >= limit {
         Handout::Park { counted }
     } else {
         Handout::Pass { counted }
@@ -184,11 +199,13 @@ impl Pipeline {
             .and_then(|h| header_str(h, HEADER_REPLAY_FORCE))
             .is_some_and(|v| v == "true");
         let (record, parsed) = IncomingEvent::parse_with(&delivery.data, &meta, &history, forced);
+        let now = chrono::Utc::now();
+        let ahead = stamp_too_far_ahead(meta.received_at, now);
         inner
             .settings
             .health
             .last_received_ms
-            .fetch_max(meta.received_at.timestamp_millis(), Ordering::Relaxed);
+            .fetch_max(meta.received_at.min(now).timestamp_millis(), Ordering::Relaxed);
         let span = tracing::info_span!(
             "delivery",
             delivery_id = %meta.id,
@@ -233,6 +250,24 @@ impl Pipeline {
             span,
             started,
         };
+        if ahead {
+            let counted = match handout {
+                Handout::Pass { counted } | Handout::Suspect { counted } | Handout::Park { counted } => {
+                    counted
+                }
+            };
+            metrics::counter!("monohook_worker_stamps_ahead_total").increment(1);
+            let reason = format!(
+                "received at {} by its stamp, more than {}s ahead of this worker's clock ({now}): \
+                 parked until the clocks agree (ours, not the event's: check ingest's clock)",
+                meta.received_at,
+                STAMP_AHEAD_MAX.as_secs(),
+            );
+            span.in_scope(|| tracing::error!(%reason, "receive stamp ahead of this worker's clock"));
+            let task = inner.clone().park(work(counted, span.clone()), reason);
+            inner.tasks.spawn(task.instrument(span));
+            return;
+        }
         match handout {
             Handout::Pass { counted } => {
                 let _ = inner.input.send(work(counted, span));
@@ -636,5 +671,22 @@ mod tests {
         assert_eq!(judge_handout(5, 0, 4, 10), Handout::Suspect { counted: 9 });
         assert_eq!(judge_handout(9, 0, 0, 10), Handout::Suspect { counted: 9 });
         assert_eq!(judge_handout(8, 8, 0, 10), Handout::Pass { counted: 0 });
+    }
+
+    #[test]
+    fn counts_near_their_maximum_saturate_instead_of_wrapping() {
+        // A hand-made `x-handed-out` of u32::MAX is poison by its own count, not a first delivery.
+        assert_eq!(judge_handout(0, 0, u32::MAX, 10), Handout::Suspect { counted: u32::MAX });
+        assert_eq!(judge_handout(u32::MAX, 0, u32::MAX, 10), Handout::Suspect { counted: u32::MAX });
+        assert_eq!(judge_handout(u32::MAX, u32::MAX, 0, 10), Handout::Park { counted: 0 });
+    }
+
+    #[test]
+    fn a_stamp_is_trusted_up_to_ten_seconds_ahead() {
+        let now = chrono::Utc::now();
+        assert!(!stamp_too_far_ahead(now + chrono::Duration::seconds(10), now));
+        assert!(stamp_too_far_ahead(now + chrono::Duration::seconds(11), now));
+        assert!(!stamp_too_far_ahead(now - chrono::Duration::days(400), now));
+        assert!(stamp_too_far_ahead(chrono::DateTime::<chrono::Utc>::MAX_UTC, now));
     }
 }

@@ -50,8 +50,11 @@ pub async fn load(
 
     let window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::days(36_500));
     let bodies: Vec<&str> = candidates.iter().map(|c| c.event.record.body_sha256.as_str()).collect();
-    let earliest = candidates.iter().map(|c| c.event.received_at).min().unwrap_or_else(Utc::now) - window;
-    let latest = candidates.iter().map(|c| c.event.received_at).max().unwrap_or_else(Utc::now) + window;
+    // Stamps come from another machine's clock: bounded, never panicking, whatever they say.
+    let earliest = candidates.iter().map(|c| c.event.received_at).min().unwrap_or_else(Utc::now);
+    let earliest = earliest.checked_sub_signed(window).unwrap_or(earliest);
+    let latest = candidates.iter().map(|c| c.event.received_at).max().unwrap_or_else(Utc::now);
+    let latest = latest.checked_add_signed(window).unwrap_or(latest);
     let copies: Vec<(Uuid, String, DateTime<Utc>)> = sqlx::query_as(
         "SELECT id, body_sha256, received_at FROM webhook_events
          WHERE body_sha256 = ANY($1) AND status <> 'dead' AND received_at BETWEEN $2 AND $3",

@@ -66,3 +66,57 @@ async fn in_order_events_apply_in_order(pool: PgPool) {
     assert_eq!(world.settled(&required).await.status, "processed");
     assert!(world.account(ACCOUNT).await.reauth_required);
 }
+
+/// The worker's `monohook_worker_stamps_ahead_total`, 0 until it is first counted.
+async fn stamps_ahead(world: &TestWorld) -> u64 {
+    let metrics = reqwest::get(format!("http://{}/metrics", world.metrics_addrs[0]))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("monohook_worker_stamps_ahead_total "))
+        .map_or(0, |value| value.trim().parse().unwrap())
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_stamp_far_ahead_of_the_workers_clock_is_parked_and_moves_no_guard(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    world.mono_issues_token(ACCOUNT, "fresh").await;
+    world.start_worker().await;
+
+    // An ingest whose clock jumped an hour ahead, and a stamp at the end of time (a hand-published
+    // message stamped in milliseconds): neither may order the account's events, nor panic a batch.
+    let ahead = world
+        .publish_received_at(
+            &body("mono.events.account_reauthorized", ACCOUNT),
+            Utc::now() + Duration::hours(1),
+        )
+        .await;
+    let end_of_time = world
+        .publish_received_at(
+            &body("mono.events.account_reauthorized", "acct-far"),
+            chrono::DateTime::<Utc>::MAX_UTC,
+        )
+        .await;
+    shared::testing::eventually("the stamp an hour ahead is handled", crate::helpers::PATIENCE, || async {
+        stamps_ahead(&world).await >= 1 || world.journal(&ahead).await.is_some()
+    })
+    .await;
+
+    // A correct loss of access now is applied, not stale behind the stamp from the future.
+    let required = world.publish(&body("mono.events.reauthorisation_required", ACCOUNT)).await;
+    assert_eq!(world.settled(&required).await.status, "processed");
+    let account = world.account(ACCOUNT).await;
+    assert!(account.reauth_required && account.has_reauth_token);
+    assert!(world.journal(&ahead).await.is_none(), "parked, not journaled");
+    assert!(world.journal(&end_of_time).await.is_none(), "parked, not journaled");
+    assert_eq!(world.dead_letter_count().await, 0, "a clock of ours dead-letters nothing");
+    shared::testing::eventually("both stamps are counted as ahead", crate::helpers::PATIENCE, || async {
+        stamps_ahead(&world).await >= 2
+    })
+    .await;
+    world.stop_workers().await;
+}
