@@ -123,11 +123,19 @@ impl TokenFetcher {
         self.breaker.retry_in()
     }
 
-    /// Ends the offer of the fetch for `account`, if any: the account was re-authorised since, so its
-    /// token is spent and a later need for one must call Mono. The delivery that made the call keeps
+    /// Ends the offer of the fetch for `account` if its token was issued before `spent_at`: the
+    /// account was re-authorised then, so that token may be spent and a later need for one must call
+    /// Mono. A token issued since, or a call still under way, stays on offer (a batch refuses a token
+    /// older than the account's last re-authorisation anyway). The delivery that made the call keeps
     /// its outcome, and copies already waiting on the call still get it.
-    pub fn withdraw_offer(&self, account: &AccountId) {
-        lock(&self.flights).remove(account.as_str());
+    pub fn withdraw_offer(&self, account: &AccountId, spent_at: chrono::DateTime<chrono::Utc>) {
+        let mut flights = lock(&self.flights);
+        let spent = flights.get(account.as_str()).is_some_and(|(_, offer)| {
+            matches!(&*offer.borrow(), Some(TokenOutcome::Token(token)) if token.issued_at < spent_at)
+        });
+        if spent {
+            flights.remove(account.as_str());
+        }
     }
 
     /// A token for `account`, shared with any fetch for it still on offer. The [`Flight`] (for the
@@ -158,11 +166,36 @@ impl TokenFetcher {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
+        self.fetch_issued_after_if_needed(account, abandon, None, needed).await
+    }
+
+    /// As [`Self::fetch_if_needed`], but an offer of a token Mono issued at or before `issued_after`
+    /// is not taken: it is withdrawn (the caller found it spent or expired), and the call is made
+    /// anew.
+    pub async fn fetch_issued_after_if_needed<F, Fut>(
+        &self,
+        account: &AccountId,
+        abandon: &CancellationToken,
+        issued_after: Option<chrono::DateTime<chrono::Utc>>,
+        needed: F,
+    ) -> Option<(TokenOutcome, Option<Flight>)>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let too_old = |outcome: &Option<TokenOutcome>| match (outcome, issued_after) {
+            (Some(TokenOutcome::Token(token)), Some(after)) => token.issued_at <= after,
+            _ => false,
+        };
         let mut needed = Some(needed);
         loop {
             let joined = {
                 let mut flights = lock(&self.flights);
                 match flights.get(account.as_str()) {
+                    Some((_, offer)) if too_old(&offer.borrow()) => {
+                        flights.remove(account.as_str());
+                        continue;
+                    }
                     Some((_, offer)) => Err(offer.clone()),
                     None => {
                         let id = self.next_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -202,6 +235,17 @@ impl TokenFetcher {
                         // The caller gave up (its session went): try again, maybe as the caller.
                         None | Some(TokenOutcome::Abandoned) => {
                             tokio::task::yield_now().await;
+                            continue;
+                        }
+                        Some(outcome) if too_old(&Some(outcome.clone())) => {
+                            // Settled while this one waited, with a token it cannot use.
+                            let mut flights = lock(&self.flights);
+                            if flights
+                                .get(account.as_str())
+                                .is_some_and(|(_, current)| current.same_channel(&offer))
+                            {
+                                flights.remove(account.as_str());
+                            }
                             continue;
                         }
                         Some(outcome) => {
@@ -487,6 +531,34 @@ mod tests {
         assert!(first.is_none(), "not needed: nothing fetched");
         let (copy, _) = copy.expect("the copy still needs one");
         assert!(matches!(&copy, TokenOutcome::Token(t) if t.expose() == "t2"), "{copy:?}");
+    }
+
+    #[tokio::test]
+    async fn an_offer_of_a_token_the_caller_could_not_use_is_withdrawn_and_called_anew() {
+        let mono = MockServer::start().await;
+        Mock::given(method("POST")).respond_with(token("spent")).up_to_n_times(1).mount(&mono).await;
+        Mock::given(method("POST")).respond_with(token("fresh")).expect(1).mount(&mono).await;
+        let fetcher = fetcher(&mono, Duration::from_secs(5));
+        let account = AccountId::parse("acct-1").unwrap();
+        let never = CancellationToken::new();
+
+        // An older delivery's call stays on offer while that delivery is held.
+        let (first, flight) = fetcher.fetch(&account, &never).await;
+        let TokenOutcome::Token(spent) = first else { panic!("{first:?}") };
+        assert!(flight.is_some());
+        // A delivery whose batch refused that token (issued before the account's re-authorisation)
+        // must not be offered it again, nor any older one.
+        let again = fetcher
+            .fetch_issued_after_if_needed(&account, &never, Some(spent.issued_at), || async { true })
+            .await;
+
+        let (again, own) = again.expect("still needed: fetched");
+        assert!(matches!(&again, TokenOutcome::Token(t) if t.expose() == "fresh"), "{again:?}");
+        assert!(own.is_some(), "its own call, on offer now");
+        // A copy joins the fresh offer, not the spent one.
+        let (copy, _) = fetcher.fetch(&account, &never).await;
+        assert!(matches!(&copy, TokenOutcome::Token(t) if t.expose() == "fresh"), "{copy:?}");
+        drop(flight);
     }
 
     async fn wait_for_requests(mono: &MockServer, count: usize) {

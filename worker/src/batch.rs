@@ -39,6 +39,8 @@ pub struct BatchState {
     /// Events in effect on the accounts whose bodies have copies, around those copies: account →
     /// (received, body digest). A duplicate counts: it restated its copy's effect at its own time.
     pub applied: HashMap<String, Vec<(DateTime<Utc>, String)>>,
+    /// When the batch is decided: a token past its lifetime by then is not stored.
+    pub now: DateTime<Utc>,
 }
 
 impl BatchState {
@@ -99,7 +101,7 @@ pub fn decide(state: &mut BatchState, candidates: &[Candidate<'_>], dedup_window
                     true => state.accounts.get_mut(event.account()),
                     false => None,
                 };
-                match handlers::apply(account, event, candidate.token) {
+                match handlers::apply(account, event, candidate.token, state.now) {
                     HandlerOutcome::Applied => (EventStatus::Processed, None),
                     HandlerOutcome::Stale => (EventStatus::Stale, None),
                     HandlerOutcome::Ignored(why) => (EventStatus::Ignored, Some(why)),
@@ -158,7 +160,8 @@ mod tests {
         let mut again =
             event_at("mono.events.reauthorisation_required", t0 + Span::minutes(6), serde_json::json!({}));
         again.record.body_sha256.clone_from(&required.record.body_sha256);
-        let token = ReauthToken::for_tests("tok", t0);
+        // Issued after the re-authorisation: one issued before it would be spent.
+        let token = ReauthToken::for_tests("tok", t0 + Span::minutes(6));
         let events = [required, reauthorized, again];
         let mut state = state_with_account();
 

@@ -20,6 +20,7 @@ pub mod relay;
 pub mod republish;
 pub mod retention;
 pub mod startup;
+pub mod token_path;
 
 // The Mono client lives in its own crate, shared with the app's API.
 pub use mono_client::client as mono;

@@ -30,11 +30,12 @@ use tracing::Instrument;
 use crate::acks::AckTracker;
 use crate::batch::Candidate;
 use crate::db::dead_letters::{self, NewDeadLetter};
-use crate::db::events::{EventRecord, EventStatus};
+use crate::db::events::EventRecord;
 use crate::event::IncomingEvent;
 use crate::mono::ReauthToken;
 use crate::processor::{Hold, Interrupted, ItemOutcome, Processor};
 use crate::republish::{DeadClass, Republisher};
+use crate::token_path::{self, TokenStep};
 use crate::tokens::{Flight, TokenFetcher, TokenOutcome};
 use shared::delivery::{AttemptHistory, DeliveryMeta, HEADER_REPLAY_FORCE, as_u32, header_str};
 use shared::event::EventKind;
@@ -374,16 +375,7 @@ impl Inner {
         // A re-authorisation spends the token on offer for its account (the customer used it): a
         // re-auth needed after it must get a fresh one, even while the delivery that fetched the
         // token is still held. Ended before any delivery of this batch goes for a token.
-        for (work, outcome) in batch.iter().zip(&outcomes) {
-            if let (
-                ItemOutcome::Settled(EventStatus::Processed),
-                EventKind::AccountReauthorized,
-                Some(account),
-            ) = (outcome, &work.event.kind, &work.event.account_id)
-            {
-                self.settings.tokens.withdraw_offer(account);
-            }
-        }
+        token_path::spend_offers(&self.settings.tokens, batch.iter().map(|work| &work.event).zip(&outcomes));
         let committed_at = chrono::Utc::now();
         let mut acks = Vec::with_capacity(batch.len());
         for (work, outcome) in batch.into_iter().zip(outcomes) {
@@ -453,15 +445,23 @@ impl Inner {
     }
 
     async fn fetch_token(self: Arc<Self>, mut work: Work) {
-        let account = work.event.account_id.clone().expect("re-auth events carry an account id");
-        // Decided again just before Mono would be asked, with this delivery's flight on offer.
-        let still_needed = || self.settings.processor.still_needs_token(&work.event);
-        let Some((outcome, flight)) =
-            self.settings.tokens.fetch_if_needed(&account, &self.abandon, still_needed).await
-        else {
+        let held = work.token.take().map(|token| (token, work.flight.take()));
+        let step = token_path::next_step(
+            &self.settings.tokens,
+            &self.settings.processor,
+            &work.event,
+            held,
+            &self.abandon,
+        )
+        .await;
+        let (outcome, flight) = match step {
+            TokenStep::Answer(outcome, flight) => (outcome, flight),
             // A copy settled the re-auth meanwhile: the batcher settles this one, without Mono.
-            let _ = self.input.send(work);
-            return;
+            TokenStep::Settled => {
+                let _ = self.input.send(work);
+                return;
+            }
+            TokenStep::Park(reason) => return self.park(work, reason).await,
         };
         work.flight = flight;
         match outcome {

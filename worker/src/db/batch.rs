@@ -23,7 +23,7 @@ pub async fn load(
     candidates: &[Candidate<'_>],
     window: Duration,
 ) -> sqlx::Result<BatchState> {
-    let mut state = BatchState::default();
+    let mut state = BatchState { now: Utc::now(), ..BatchState::default() };
     let mut account_ids: Vec<&str> =
         candidates.iter().filter(|c| c.event.kind.needs_account()).map(|c| c.event.account()).collect();
     account_ids.sort_unstable();

@@ -35,12 +35,13 @@ pub fn apply(
     account: Option<&mut AccountState>,
     event: &IncomingEvent,
     token: Option<&ReauthToken>,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> HandlerOutcome {
     let Some(account) = account else {
         return HandlerOutcome::Ignored("event not handled by monohook");
     };
     let outcome = match &event.kind {
-        EventKind::ReauthorisationRequired => reauthorisation_required::apply(account, event, token),
+        EventKind::ReauthorisationRequired => reauthorisation_required::apply(account, event, token, now),
         EventKind::AccountReauthorized => account_reauthorized::apply(account, event),
         EventKind::AccountUpdated => account_updated::apply(account, event),
         EventKind::AccountConnected => account_connected::apply(account, event),
@@ -59,7 +60,11 @@ pub fn apply(
 pub fn restate(account: &mut AccountState, event: &IncomingEvent) {
     let before = (account.reauth_state_received_at, account.data_state_received_at);
     match &event.kind {
-        EventKind::ReauthorisationRequired | EventKind::AccountReauthorized | EventKind::AccountUnlinked => {
+        EventKind::AccountReauthorized => {
+            account.changed |= account_reauthorized::spend(account, event);
+            account.advance_reauth_guard(event.received_at)
+        }
+        EventKind::ReauthorisationRequired | EventKind::AccountUnlinked => {
             account.advance_reauth_guard(event.received_at)
         }
         EventKind::AccountUpdated | EventKind::SyncFailed => account.advance_data_guard(event.received_at),

@@ -5,11 +5,22 @@ use super::HandlerOutcome;
 use crate::account::{AccountState, REAUTH_TOKEN_LIFETIME, StoredToken};
 use crate::event::IncomingEvent;
 use crate::mono::ReauthToken;
+use chrono::{DateTime, Utc};
+
+/// Whether `token` may be stored now: one Mono issued before the account's last re-authorisation
+/// may be the token the customer spent (a fetch shared with an older delivery, another worker's
+/// offer), and one past its lifetime (held through a long hold) works for nobody. Either way the
+/// delivery asks Mono for a fresh one.
+pub fn token_usable(account: &AccountState, token: &ReauthToken, now: DateTime<Utc>) -> bool {
+    account.reauthorized_at.is_none_or(|at| token.issued_at >= at)
+        && token.issued_at + REAUTH_TOKEN_LIFETIME > now
+}
 
 pub fn apply(
     account: &mut AccountState,
     event: &IncomingEvent,
     token: Option<&ReauthToken>,
+    now: DateTime<Utc>,
 ) -> HandlerOutcome {
     // A late copy must never re-flag an account that was re-authorised after it was received.
     if account.reauth_is_newer_than(event) {
@@ -21,6 +32,9 @@ pub fn apply(
     let Some(token) = token else {
         return HandlerOutcome::NeedsToken;
     };
+    if !token_usable(account, token, now) {
+        return HandlerOutcome::NeedsToken;
+    }
     account.reauth_required = true;
     // Another worker may have stored a token Mono issued after this one: the later one stays.
     let later_stored = account.reauth_token.is_some()
@@ -46,11 +60,11 @@ mod tests {
     fn it_asks_for_a_token_then_flags_the_account_with_it() {
         let mut account = AccountState::new("a1");
         let event = event_at(NAME, Utc::now(), serde_json::json!({}));
-        assert_eq!(apply(&mut account, &event, None), HandlerOutcome::NeedsToken);
+        assert_eq!(apply(&mut account, &event, None, Utc::now()), HandlerOutcome::NeedsToken);
         assert_eq!(account, AccountState::new("a1"), "nothing changes without a token");
 
         let token = ReauthToken::for_tests("tok", Utc::now());
-        assert_eq!(apply(&mut account, &event, Some(&token)), HandlerOutcome::Applied);
+        assert_eq!(apply(&mut account, &event, Some(&token), Utc::now()), HandlerOutcome::Applied);
         assert!(account.reauth_required);
         assert_eq!(account.reauth_token, Some(StoredToken("tok".into())));
         assert_eq!(account.reauth_token_expires_at, Some(token.issued_at + Duration::minutes(10)));
@@ -62,7 +76,7 @@ mod tests {
         let now = Utc::now();
         let mut account = AccountState { reauth_state_received_at: Some(now), ..AccountState::new("a1") };
         let late = event_at(NAME, now - Duration::seconds(1), serde_json::json!({}));
-        assert_eq!(apply(&mut account, &late, None), HandlerOutcome::Stale);
+        assert_eq!(apply(&mut account, &late, None, Utc::now()), HandlerOutcome::Stale);
     }
 
     #[test]
@@ -71,7 +85,10 @@ mod tests {
         let mut account =
             AccountState { unlinked_at: Some(now - Duration::seconds(5)), ..AccountState::new("a1") };
         let event = event_at(NAME, now, serde_json::json!({}));
-        assert_eq!(apply(&mut account, &event, None), HandlerOutcome::Ignored("account is unlinked"));
+        assert_eq!(
+            apply(&mut account, &event, None, Utc::now()),
+            HandlerOutcome::Ignored("account is unlinked")
+        );
     }
 
     #[test]
@@ -85,9 +102,30 @@ mod tests {
         };
         let event = event_at(NAME, now, serde_json::json!({}));
         let earlier = ReauthToken::for_tests("earlier", now - Duration::seconds(2));
-        assert_eq!(apply(&mut account, &event, Some(&earlier)), HandlerOutcome::Applied);
+        assert_eq!(apply(&mut account, &event, Some(&earlier), Utc::now()), HandlerOutcome::Applied);
         assert_eq!(account.reauth_token, Some(StoredToken("later".into())));
         assert_eq!(account.reauth_token_issued_at, Some(now));
+    }
+
+    #[test]
+    fn a_token_issued_before_the_last_reauthorisation_or_expired_is_not_stored() {
+        let now = Utc::now();
+        let reauthorized = now - Duration::seconds(20);
+        let mut account = AccountState {
+            reauthorized_at: Some(reauthorized),
+            reauth_state_received_at: Some(reauthorized),
+            ..AccountState::new("a1")
+        };
+        let event = event_at(NAME, now - Duration::seconds(5), serde_json::json!({}));
+        let spent = ReauthToken::for_tests("spent", reauthorized - Duration::seconds(1));
+        assert_eq!(apply(&mut account, &event, Some(&spent), now), HandlerOutcome::NeedsToken);
+        let expired = ReauthToken::for_tests("expired", now - Duration::minutes(10));
+        assert_eq!(apply(&mut account, &event, Some(&expired), now), HandlerOutcome::NeedsToken);
+        assert!(!account.changed && account.reauth_token.is_none(), "nothing changes for either");
+
+        let fresh = ReauthToken::for_tests("fresh", reauthorized);
+        assert_eq!(apply(&mut account, &event, Some(&fresh), now), HandlerOutcome::Applied);
+        assert_eq!(account.reauth_token, Some(StoredToken("fresh".into())));
     }
 
     #[test]
@@ -97,7 +135,7 @@ mod tests {
         let mut old = event_at(NAME, now - Duration::hours(1), serde_json::json!({}));
         old.forced = true;
         let token = ReauthToken::for_tests("tok", now);
-        assert_eq!(apply(&mut account, &old, Some(&token)), HandlerOutcome::Applied);
+        assert_eq!(apply(&mut account, &old, Some(&token), Utc::now()), HandlerOutcome::Applied);
         assert_eq!(account.reauth_state_received_at, Some(now), "the guard keeps the later time");
     }
 }

@@ -24,7 +24,7 @@ async fn a_reauthorisation_ends_the_offer_of_a_token_whose_delivery_is_still_hel
         .mount(&world.mono)
         .await;
     world.start_worker().await;
-    let t0 = Utc::now() - Span::minutes(10);
+    let t0 = Utc::now() - Span::seconds(1);
     let mut first = DeliveryMeta::stamp(&body(REAUTH, ACCOUNT));
     first.received_at = DateTime::from_timestamp_millis(t0.timestamp_millis()).unwrap();
     // The first delivery's journal row meets an outage of ours (53300, too many connections) every
@@ -58,10 +58,10 @@ async fn a_reauthorisation_ends_the_offer_of_a_token_whose_delivery_is_still_hel
     })
     .await;
 
-    // The customer re-authorises (with token-1), then needs to again.
-    let reauthorized = world.publish_received_at(&body(REAUTHORIZED, ACCOUNT), t0 + Span::minutes(3)).await;
+    // The customer re-authorises (with token-1, issued by now), then needs to again.
+    let reauthorized = world.publish(&body(REAUTHORIZED, ACCOUNT)).await;
     assert_eq!(world.settled(&reauthorized).await.status, "processed");
-    let again = world.publish_received_at(&body(REAUTH, ACCOUNT), t0 + Span::minutes(6)).await;
+    let again = world.publish(&body(REAUTH, ACCOUNT)).await;
 
     assert_eq!(world.settled(&again).await.status, "processed");
     assert_eq!(world.stored_token(ACCOUNT).await.as_deref(), Some("token-2"), "not the spent token-1");
@@ -70,4 +70,39 @@ async fn a_reauthorisation_ends_the_offer_of_a_token_whose_delivery_is_still_hel
     world.pool.execute("DROP TRIGGER hold_one ON webhook_events").await.unwrap();
     assert_eq!(world.settled(&first).await.status, "stale", "received before the re-authorisation");
     assert_eq!(world.stored_token(ACCOUNT).await.as_deref(), Some("token-2"));
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_reauthorisation_decided_after_a_later_copy_of_the_loss_still_spends_the_token(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    let tokens = NumberedTokens::default();
+    Mock::given(method("POST"))
+        .and(path(format!("/accounts/{ACCOUNT}/reauthorise")))
+        .respond_with(tokens.clone())
+        .mount(&world.mono)
+        .await;
+    world.start_worker().await;
+    let required = world.publish_received_at(&body(REAUTH, ACCOUNT), Utc::now() - Span::seconds(1)).await;
+    assert_eq!(world.settled(&required).await.status, "processed");
+    assert_eq!(world.stored_token(ACCOUNT).await.as_deref(), Some("token-1"));
+
+    // Received in this order after token-1 was issued: the customer re-authorised with it, then
+    // MFA failed again (the same body). Decided in the other order (two batch slots, two workers):
+    // the copy of the loss comes first and is a duplicate, the re-authorisation is then stale.
+    let now = Utc::now();
+    let reauthorized_at = now + Span::seconds(2);
+    let again = world.publish_received_at(&body(REAUTH, ACCOUNT), now + Span::seconds(4)).await;
+    assert_eq!(world.settled(&again).await.status, "duplicate");
+    let reauthorized = world.publish_received_at(&body(REAUTHORIZED, ACCOUNT), reauthorized_at).await;
+    assert_eq!(world.settled(&reauthorized).await.status, "stale");
+
+    let account = world.account(ACCOUNT).await;
+    assert!(account.reauth_required, "the later loss of access stands");
+    assert_eq!(world.stored_token(ACCOUNT).await, None, "token-1 was spent: never handed out again");
+    assert_eq!(
+        account.reauthorized_at.map(|at| at.timestamp_millis()),
+        Some(reauthorized_at.timestamp_millis()),
+        "the re-authorisation happened, whatever its order"
+    );
+    world.stop_workers().await;
 }

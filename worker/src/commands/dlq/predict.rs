@@ -104,9 +104,8 @@ pub async fn predict_all(
             IncomingEvent::parse_with(&letter.body, &meta, &history, force).1.map_err(|e| e.to_string())
         })
         .collect();
-    let token = ReauthToken::placeholder(Utc::now());
     let candidates: Vec<Candidate<'_>> =
-        parsed.iter().flatten().map(|event| Candidate { event, token: Some(&token) }).collect();
+        parsed.iter().flatten().map(|event| Candidate { event, token: None }).collect();
     let mut tx = pool.begin().await?;
     sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *tx).await?;
     let ids: Vec<Uuid> = letters.iter().map(|l| l.id).collect();
@@ -116,6 +115,12 @@ pub async fn predict_all(
         .await?;
     let mut state = db::batch::load(&mut tx, &candidates, dedup_window).await?;
     tx.rollback().await?;
+    // The token a replay would fetch: issued now, so after every re-authorisation received (the
+    // latest stamp stands for now should this clock be behind ingest's).
+    let issued_at = state.accounts.values().filter_map(|a| a.reauthorized_at).fold(state.now, DateTime::max);
+    let token = ReauthToken::placeholder(issued_at);
+    let candidates: Vec<Candidate<'_>> =
+        candidates.iter().map(|c| Candidate { token: Some(&token), ..*c }).collect();
 
     let mut predictions = Vec::with_capacity(letters.len());
     let mut candidates = candidates.iter();
