@@ -16,6 +16,12 @@
 //! its slot when its permit drops, so the breaker cannot stay half-open with no probe out. Every change is
 //! logged and exported as `monohook_<binary>_mono_circuit_state`; a refused key also sets
 //! `monohook_<binary>_mono_key_refused` until a call succeeds again.
+//!
+//! Mono refusing one account (a 4xx other than 401/403/408/425/429) is that account's fault and a
+//! success for the breaker, unless [`SAME_REFUSALS_ARE_OURS`] accounts in a row get the same status:
+//! then it is ours (a `MONO_API_URL` ending in `/v2` answers 404 to every re-auth). The breaker opens
+//! as for a refused key, callers park instead of dead-lettering, `monohook_<binary>_mono_refusing_alike`
+//! holds the status, and a probe answered otherwise ends it.
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
@@ -24,6 +30,9 @@ use std::time::{Duration, Instant};
 
 use crate::MetricNames;
 use shared::event::AccountId;
+
+/// Accounts in a row that Mono refuses with one status before the refusals are taken as ours.
+pub const SAME_REFUSALS_ARE_OURS: usize = 5;
 
 /// The breaker's thresholds.
 #[derive(Clone, Debug)]
@@ -80,6 +89,8 @@ pub enum CallResult {
     Throttled(Duration),
     /// Mono refuses our secret key: nothing can succeed until an operator acts.
     KeyRefused,
+    /// Mono refused the call's account with this status (a 4xx of the account's).
+    Refused(u16),
 }
 
 /// Leave to make one call; hand it back with the call's outcome. A probe's permit dropped without
@@ -139,6 +150,10 @@ struct Inner {
     open_for: Duration,
     /// Mono refused our key on the last call it answered.
     key_refused: bool,
+    /// The status of the refusals in a row since Mono last answered otherwise, and their accounts.
+    refusals: Option<(u16, HashSet<String>)>,
+    /// Set once [`SAME_REFUSALS_ARE_OURS`] accounts in a row got this status.
+    refusing_alike: Option<u16>,
     /// The id the next probe gets, so that a late drop of an old probe cannot free a newer one's slot.
     next_probe: u64,
 }
@@ -168,12 +183,15 @@ impl CircuitBreaker {
         let open_for = settings.open_for;
         metrics::gauge!(names.circuit_state).set(0.0);
         metrics::gauge!(names.key_refused).set(0.0);
+        metrics::gauge!(names.refusing_alike).set(0.0);
         let inner = Inner {
             state: Phase::Closed,
             calls: VecDeque::new(),
             failing: HashSet::new(),
             open_for,
             key_refused: false,
+            refusals: None,
+            refusing_alike: None,
             next_probe: 0,
         };
         Self { settings, names, inner: Arc::new(Mutex::new(inner)) }
@@ -216,7 +234,8 @@ impl CircuitBreaker {
         let (account, probe) = permit.settle();
         let mut inner = self.lock();
         let now = Instant::now();
-        let succeeded = result == CallResult::Answered;
+        let refused_alike = self.note_refusals(&mut inner, result, &account);
+        let succeeded = matches!(result, CallResult::Answered | CallResult::Refused(_)) && !refused_alike;
         if succeeded {
             inner.failing.clear();
         } else {
@@ -258,9 +277,56 @@ impl CircuitBreaker {
         let ratio_tripped = inner.calls.len() >= self.settings.min_calls
             && failures as f64 / inner.calls.len() as f64 >= self.settings.failure_ratio;
         let streak_tripped = inner.failing.len() >= self.settings.consecutive_failures.max(1);
-        if ratio_tripped || streak_tripped || result == CallResult::KeyRefused {
+        if ratio_tripped || streak_tripped || result == CallResult::KeyRefused || refused_alike {
             self.open(&mut inner, now);
         }
+    }
+
+    /// Keeps the streak of accounts Mono refuses with one status; whether this call's refusal is one
+    /// of [`SAME_REFUSALS_ARE_OURS`] or more in a row (ours, then). Any other answer ends the streak.
+    fn note_refusals(&self, inner: &mut Inner, result: CallResult, account: &str) -> bool {
+        match result {
+            CallResult::Refused(status) => {
+                let streak = inner.refusals.get_or_insert_with(|| (status, HashSet::new()));
+                if streak.0 != status {
+                    *streak = (status, HashSet::new());
+                }
+                streak.1.insert(account.to_owned());
+                let accounts = streak.1.len();
+                if accounts >= SAME_REFUSALS_ARE_OURS && inner.refusing_alike != Some(status) {
+                    inner.refusing_alike = Some(status);
+                    metrics::gauge!(self.names.refusing_alike).set(f64::from(status));
+                    tracing::error!(
+                        status,
+                        accounts,
+                        "Mono refuses every account alike: taken as ours (is MONO_API_URL right?); \
+                         re-auth deliveries are parked, none is dead-lettered, until Mono answers \
+                         otherwise (the refusals before this one were dead-lettered: replay them)"
+                    );
+                } else if inner.refusing_alike.is_some_and(|alike| alike != status) {
+                    self.end_refusing_alike(inner);
+                }
+                inner.refusing_alike == Some(status)
+            }
+            CallResult::Answered => {
+                inner.refusals = None;
+                self.end_refusing_alike(inner);
+                false
+            }
+            CallResult::Failed | CallResult::Throttled(_) | CallResult::KeyRefused => false,
+        }
+    }
+
+    fn end_refusing_alike(&self, inner: &mut Inner) {
+        if let Some(status) = inner.refusing_alike.take() {
+            metrics::gauge!(self.names.refusing_alike).set(0.0);
+            tracing::info!(status, "Mono answers accounts apart again");
+        }
+    }
+
+    /// The status Mono refuses every account with, while it does.
+    pub fn refusing_alike(&self) -> Option<u16> {
+        self.lock().refusing_alike
     }
 
     /// Keeps `account`'s latest outcome in the window (replacing its earlier one) and lets go of
@@ -530,6 +596,49 @@ mod tests {
             breaker.try_acquire(&another_account()).is_none(),
             "the new probe is still out: no second probe"
         );
+    }
+
+    fn refuse(breaker: &CircuitBreaker, account: &AccountId, status: u16) -> bool {
+        match breaker.try_acquire(account) {
+            Some(permit) => {
+                breaker.record(permit, CallResult::Refused(status));
+                true
+            }
+            None => false,
+        }
+    }
+
+    #[test]
+    fn the_same_refusal_for_many_accounts_in_a_row_is_ours() {
+        let breaker = breaker(20);
+        // One account refused again and again is that account's trouble.
+        let alone = another_account();
+        for _ in 0..SAME_REFUSALS_ARE_OURS * 2 {
+            assert!(refuse(&breaker, &alone, 404));
+        }
+        assert_eq!((breaker.state(), breaker.refusing_alike()), (BreakerState::Closed, None));
+        // Other statuses, or a success, between refusals end the streak.
+        for _ in 0..SAME_REFUSALS_ARE_OURS - 2 {
+            assert!(refuse(&breaker, &another_account(), 404));
+        }
+        assert!(refuse(&breaker, &another_account(), 400));
+        assert!(call(&breaker, true));
+        for _ in 0..SAME_REFUSALS_ARE_OURS - 1 {
+            assert!(refuse(&breaker, &another_account(), 404));
+        }
+        assert_eq!((breaker.state(), breaker.refusing_alike()), (BreakerState::Closed, None));
+
+        assert!(refuse(&breaker, &another_account(), 404));
+
+        assert_eq!((breaker.state(), breaker.refusing_alike()), (BreakerState::Open, Some(404)));
+        assert!(!refuse(&breaker, &another_account(), 404), "open: no call");
+        // A probe refused alike opens it again; one answered otherwise ends it.
+        std::thread::sleep(Duration::from_millis(25));
+        assert!(refuse(&breaker, &another_account(), 404));
+        assert_eq!((breaker.state(), breaker.refusing_alike()), (BreakerState::Open, Some(404)));
+        std::thread::sleep(Duration::from_millis(45));
+        assert!(call(&breaker, true));
+        assert_eq!((breaker.state(), breaker.refusing_alike()), (BreakerState::Closed, None));
     }
 
     #[test]

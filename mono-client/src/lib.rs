@@ -18,6 +18,8 @@ pub struct MetricNames {
     pub circuit_state: &'static str,
     /// Gauge: 1 while Mono refuses our secret key.
     pub key_refused: &'static str,
+    /// Gauge: the HTTP status Mono refuses every account with (0 while it answers accounts apart).
+    pub refusing_alike: &'static str,
     /// Counter of callers that took a concurrent call's outcome instead of calling.
     pub calls_shared: &'static str,
 }
@@ -27,6 +29,7 @@ impl MetricNames {
         request_seconds: "monohook_worker_mono_request_seconds",
         circuit_state: "monohook_worker_mono_circuit_state",
         key_refused: "monohook_worker_mono_key_refused",
+        refusing_alike: "monohook_worker_mono_refusing_alike",
         calls_shared: "monohook_worker_mono_calls_shared_total",
     };
 
@@ -34,6 +37,7 @@ impl MetricNames {
         request_seconds: "monohook_api_mono_request_seconds",
         circuit_state: "monohook_api_mono_circuit_state",
         key_refused: "monohook_api_mono_key_refused",
+        refusing_alike: "monohook_api_mono_refusing_alike",
         calls_shared: "monohook_api_mono_calls_shared_total",
     };
 }

@@ -118,6 +118,11 @@ impl TokenFetcher {
         self.breaker.key_refused()
     }
 
+    /// The status Mono refuses every account with, while it does (taken as ours).
+    pub fn refusing_alike(&self) -> Option<u16> {
+        self.breaker.refusing_alike()
+    }
+
     /// How long until the breaker lets a call through again (`None` while it is closed).
     pub fn retry_in(&self) -> Option<Duration> {
         self.breaker.retry_in()
@@ -318,10 +323,14 @@ impl TokenFetcher {
                     return Called::Answer(answer);
                 }
                 Err(MonoError::Rejected { status, message }) => {
-                    // Mono answered: it is up, whatever it thinks of this account.
-                    self.breaker.record(permit, CallResult::Answered);
-                    let reason = MonoError::Rejected { status, message: message.clone() }.to_string();
-                    return Called::Refused { reason, message };
+                    // Mono answered: it is up, whatever it thinks of this account, unless it
+                    // answers every account alike.
+                    self.breaker.record(permit, CallResult::Refused(status));
+                    let error = MonoError::Rejected { status, message: message.clone() };
+                    if self.breaker.refusing_alike() == Some(status) {
+                        return Called::Park { reason: self.park_reason(Some(&error)) };
+                    }
+                    return Called::Refused { reason: error.to_string(), message };
                 }
                 Err(error @ MonoError::KeyRefused { .. }) => {
                     // No retry can help until an operator fixes the key: park at once.
@@ -360,8 +369,14 @@ impl TokenFetcher {
     }
 
     fn park_reason(&self, error: Option<&MonoError>) -> String {
+        let alike;
         let cause = if self.breaker.key_refused() {
             "Mono refuses our secret key (MONO_SECRET_KEY)"
+        } else if let Some(status) = self.breaker.refusing_alike() {
+            alike = format!(
+                "Mono refuses every account alike ({status}): taken as ours, not the account's (is MONO_API_URL right?)"
+            );
+            &alike
         } else {
             "Mono circuit is open"
         };

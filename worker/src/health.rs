@@ -110,6 +110,8 @@ async fn readyz(health: web::Data<Health>) -> HttpResponse {
         "mono_circuit": health.breaker_state().as_str(),
         // Our outage, not Mono's: re-auth deliveries wait until MONO_SECRET_KEY is accepted again.
         "mono_key": if health.tokens.key_refused() { "refused" } else { "accepted" },
+        // Ours too: Mono refuses every account with this status (a wrong MONO_API_URL), or null.
+        "mono_refusing_alike": health.tokens.refusing_alike(),
     });
     if database && broker && consumer {
         HttpResponse::Ok().json(body)

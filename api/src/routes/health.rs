@@ -26,6 +26,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         "mono": if state.mono.unavailable() { "unavailable" } else { "available" },
         "mono_circuit": state.mono.tokens.breaker_state().as_str(),
         "mono_key": if state.mono.tokens.key_refused() { "refused" } else { "accepted" },
+        "mono_refusing_alike": state.mono.tokens.refusing_alike(),
     });
     if database { HttpResponse::Ok().json(body) } else { HttpResponse::ServiceUnavailable().json(body) }
 }

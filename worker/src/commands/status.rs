@@ -110,12 +110,15 @@ pub struct WorkerState {
     pub consumer: Option<String>,
     pub mono_circuit: Option<String>,
     pub mono_key: Option<String>,
+    /// The status Mono refuses every account with (taken as ours), `null` while it does not.
+    pub mono_refusing_alike: Option<u64>,
 }
 
 /// One reason `--check` fails.
 #[derive(Debug, Serialize)]
 pub struct Problem {
     /// `worker_unreachable`, `worker_not_ready`, `mono_circuit_open`, `mono_key_refused`,
+    /// `mono_refusing_alike`,
     /// `dead_letters_waiting`, `dead_letters_old` or `queues_unreadable`.
     pub check: &'static str,
     /// What it is about: a worker URL, or a queue.
@@ -287,6 +290,7 @@ async fn ask_worker(http: &reqwest::Client, url: &str) -> WorkerState {
         consumer: field("consumer"),
         mono_circuit: field("mono_circuit"),
         mono_key: field("mono_key"),
+        mono_refusing_alike: body.as_ref().and_then(|b| b["mono_refusing_alike"].as_u64()),
         status,
     }
 }
@@ -348,8 +352,15 @@ fn problems(status: &Status, topology: &Topology) -> Vec<Problem> {
         if worker.mono_key.as_deref() == Some("refused") {
             problems.push(Problem {
                 check: "mono_key_refused",
-                subject,
+                subject: subject.clone(),
                 detail: "Mono answers 401/403 to the worker's MONO_SECRET_KEY".to_owned(),
+            });
+        }
+        if let Some(status) = worker.mono_refusing_alike {
+            problems.push(Problem {
+                check: "mono_refusing_alike",
+                subject,
+                detail: format!("Mono answers {status} to every account: is MONO_API_URL right?"),
             });
         }
     }
@@ -477,6 +488,7 @@ mod tests {
             consumer: field("consumer"),
             mono_circuit: field("mono_circuit"),
             mono_key: field("mono_key"),
+            mono_refusing_alike: readyz.as_ref().and_then(|b| b["mono_refusing_alike"].as_u64()),
         }
     }
 
@@ -532,6 +544,7 @@ mod tests {
         Some(serde_json::json!({
             "status": status, "database": database, "broker": "connected", "consumer": "alive",
             "mono_circuit": circuit, "mono_key": key,
+            "mono_refusing_alike": if key == "refused" { Some(404) } else { None },
         }))
     }
 
@@ -558,6 +571,7 @@ mod tests {
                 ("worker_not_ready", "http://a"),
                 ("mono_circuit_open", "http://a"),
                 ("mono_key_refused", "http://a"),
+                ("mono_refusing_alike", "http://a"),
                 ("worker_unreachable", "http://b"),
                 ("dead_letters_waiting", "t.dead"),
             ]

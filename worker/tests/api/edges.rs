@@ -485,3 +485,47 @@ async fn a_dead_letter_that_cannot_be_stored_is_held_then_parked_and_stored_late
     assert_eq!(world.count_status("dead").await, 1);
     assert_eq!((world.broker.depth(&tier).await, world.broker.depth(&work).await), (0, 0));
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn mono_refusing_every_account_alike_is_ours_and_parks_the_rest(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    // MONO_API_URL ends in `/v2`: every re-authorise call meets a 404 for a path Mono does not have.
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(404).set_body_json(serde_json::json!({ "message": "Not found" })))
+        .mount(&world.mono)
+        .await;
+    let mut cli = world.cli(&[]);
+    cli.run.mono_api_url = format!("{}/v2", world.mono.uri());
+    world.start_worker_on(cli, world.pool.clone()).await;
+
+    let accounts: Vec<String> = (0..8).map(|n| format!("acct-{n}")).collect();
+    for account in &accounts {
+        world.publish(&body(REAUTH, account)).await;
+    }
+    eventually("the worker reports Mono refusing every account alike", PATIENCE, || async {
+        readyz(&world).await["mono_refusing_alike"] == 404
+    })
+    .await;
+    eventually("every delivery is settled or parked", PATIENCE, || async {
+        world.count_status("dead").await
+            + i64::from(world.broker.depth(&world.broker.topology.retry_queue(1)).await)
+            == accounts.len() as i64
+    })
+    .await;
+
+    let dead = world.dead_letter_count().await;
+    assert!(
+        dead < worker::circuit::SAME_REFUSALS_ARE_OURS as i64,
+        "only the refusals before it was taken as ours are dead-lettered, not all {}: {dead}",
+        accounts.len()
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", world.metrics_addrs[0]))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("monohook_worker_mono_refusing_alike 404"), "{metrics}");
+    assert_eq!(world.count_status("processed").await, 0);
+    world.stop_workers().await;
+}

@@ -131,6 +131,7 @@ async fn status_json_is_one_document_with_queues_dead_letters_workers_and_proble
         "consumer",
         "mono_circuit",
         "mono_key",
+        "mono_refusing_alike",
     ]);
     assert_eq!(keys(&workers[0]), worker_fields);
     assert_eq!(workers[0]["url"], ready.as_str());
@@ -143,6 +144,7 @@ async fn status_json_is_one_document_with_queues_dead_letters_workers_and_proble
     assert_eq!(workers[0]["status"], "ready");
     assert_eq!(workers[0]["mono_circuit"], "closed");
     assert_eq!(workers[0]["mono_key"], "accepted");
+    assert_eq!(workers[0]["mono_refusing_alike"], Value::Null);
     assert_eq!(keys(&workers[1]), worker_fields);
     assert_eq!((&workers[1]["reachable"], &workers[1]["ready"]), (&Value::Bool(false), &Value::Bool(false)));
     assert!(workers[1]["status"].is_null() && workers[1]["mono_circuit"].is_null());
