@@ -58,7 +58,7 @@
 use chrono::{DateTime, Duration as Span, Utc};
 use clap::Parser;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
+use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestError, TestRunner};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use std::collections::VecDeque;
@@ -929,7 +929,14 @@ fn the_api_hands_out_tokens_as_the_model_allows_over_generated_histories() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let database = runtime.block_on(ModelDatabase::create());
     let cases = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(40);
-    let config = Config { cases, failure_persistence: None, max_shrink_iters: 300, ..Config::default() };
+    // A failing history's seed is kept in `token_model.proptest-regressions` and played first.
+    let config = Config {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
+        source_file: Some(file!()),
+        max_shrink_iters: 300,
+        ..Config::default()
+    };
     let mut runner = TestRunner::new(config);
     let case = std::sync::atomic::AtomicUsize::new(0);
     let result = runner.run(&history(), |history| {

@@ -21,7 +21,7 @@ mod common;
 
 use chrono::{DateTime, Duration as Span, SubsecRound, Utc};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
+use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestError, TestRunner};
 use sqlx::PgPool;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -166,7 +166,9 @@ async fn round_and_check(
         swept.journal += this.journal;
         swept.journal_partitions += this.journal_partitions;
     }
-    let cutoff = policy.journal_cutoff(Utc::now());
+    // The rule's own cutoff, not the code's: the longer of the retention and the dedup window.
+    let kept_for = Span::from_std(policy.journal.max(policy.dedup_window)).expect("a retention that fits");
+    let cutoff = Utc::now() - kept_for;
     written.retain(|_, row| row.status == "dead" || row.received_at >= cutoff);
     let left: Vec<(Uuid, String, DateTime<Utc>, String)> =
         sqlx::query_as("SELECT id, status, received_at, body_sha256 FROM webhook_events")
@@ -266,7 +268,13 @@ fn retention_removes_what_the_rule_removes_and_nothing_else_over_generated_journ
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let database = runtime.block_on(ScratchDatabase::create());
     let cases = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(64);
-    let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
+    // A failing case's seed is kept in `retention_model.proptest-regressions` and played first.
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
+        source_file: Some(file!()),
+        ..Config::default()
+    });
     let pool = database.pool.clone();
     let swept = Mutex::new(Swept::default());
     let result = runner.run(&journal(), |journal| runtime.block_on(run_journal(&pool, &journal, &swept)));
