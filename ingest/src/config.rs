@@ -36,7 +36,8 @@ pub struct IngestConfig {
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 262_144, value_parser = shared::config::at_least_one)]
     pub max_body_bytes: usize,
 
-    /// How long a publish may wait for the broker's confirm before the request gets 503, in ms.
+    /// A confirm timeout, in ms: a publish unconfirmed this long is silence, and three in a row with
+    /// nothing confirmed leave the node. A late confirm still answers, up to PUBLISH_DEADLINE_MS.
     #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 800, value_parser = clap::value_parser!(u64).range(1..))]
     pub publish_timeout_ms: u64,
 

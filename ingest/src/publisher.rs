@@ -9,9 +9,12 @@
 //! publish, or that confirms nothing for three confirm timeouts in a row (a frozen node, a node cut
 //! off from the queue's leader, channels that still address a queue's old leader: only nacks and
 //! timeouts), is condemned; readiness says not ready and the supervisor moves to
-//! the next node at once. A publish that was not confirmed is published again (same message id: the
-//! worker's journal takes one copy) until the request's deadline (`PUBLISH_DEADLINE_MS`), so a node
-//! that dies under a request costs Mono no retry; past the deadline the request gets 503.
+//! the next node at once. A node is condemned for silence, never for latency: every copy's confirm
+//! is kept until the request's deadline, and whichever the broker acks first answers. A copy that
+//! can no longer be confirmed (nacked, its channel failed, its session condemned or replaced) is
+//! published again (same message id: the worker's journal takes one copy) until the request's
+//! deadline (`PUBLISH_DEADLINE_MS`), so a node that dies under a request costs Mono no retry; past
+//! the deadline the request gets 503.
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
@@ -43,6 +46,9 @@ pub enum PublishError {
     /// The channel or connection failed during the publish.
     #[error("publish failed: {0}")]
     Broker(#[from] lapin::Error),
+    /// The broker blocks publishers (a memory or disk alarm): it is busy, not a bad node.
+    #[error("the broker blocks publishing (a memory or disk alarm)")]
+    Blocked,
 }
 
 impl PublishError {
@@ -54,6 +60,7 @@ impl PublishError {
             Self::Unroutable(_) => "unroutable",
             Self::TimedOut(_) => "timed_out",
             Self::Broker(_) => "broker_error",
+            Self::Blocked => "blocked",
         }
     }
 }
@@ -109,13 +116,20 @@ impl Publisher {
     pub async fn connect(settings: PublisherSettings) -> Result<Self, SessionError> {
         let session = open_session(&settings, Declare::First).await?;
         metrics::gauge!("monohook_ingest_broker_connected").set(1.0);
+        metrics::gauge!("monohook_ingest_broker_blocked").set(0.0);
         Ok(Self { inner: Arc::new(Inner { settings, session: RwLock::new(Some(Arc::new(session))) }) })
     }
 
     /// Publishes `body` to the exchange with `routing_key`, persistent and mandatory, and waits for
-    /// the broker's confirm. `Ok` means the broker has the message on disk in a queue. A try that
-    /// fails (no session, its node died, no confirm in time, a nack) is tried again, on whatever
-    /// session is current, until the deadline; an unroutable message is not.
+    /// the broker's confirm. `Ok` means the broker has the message on disk in a queue.
+    ///
+    /// Every copy's confirm is kept until the request's deadline: whichever the broker acks first
+    /// answers, however late, so a slow node (quorum commits at about the confirm timeout) costs a
+    /// wait, not a 503, a node move and copies of the message. Each confirm timeout without an ack is
+    /// silence, judged against the session (condemned after [`SILENT_CONFIRM_TIMEOUTS`] in a row);
+    /// a new copy is sent only when the last one cannot be confirmed any more: nacked, its channel
+    /// failed, or its session condemned or replaced (then on the next session). An unroutable
+    /// message is not sent again.
     pub async fn publish_confirmed(
         &self,
         routing_key: &str,
@@ -123,80 +137,126 @@ impl Publisher {
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
         let deadline = tokio::time::Instant::now() + self.inner.settings.deadline;
+        let confirm_timeout = self.inner.settings.confirm_timeout;
+        let mut pending = futures_util::stream::FuturesUnordered::new();
+        // The session the last copy went to, and when (ms after it opened).
+        let mut last_copy: Option<(Arc<Session>, u64)> = None;
+        let mut last_error = PublishError::NotConnected;
         loop {
-            let error = match self.publish_once(routing_key, body, properties.clone(), deadline).await {
-                Ok(()) => return Ok(()),
-                Err(error @ PublishError::Unroutable(_)) => return Err(error),
-                Err(error) => error,
-            };
-            if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
-                return Err(error);
+            let copy_alive = last_copy.as_ref().is_some_and(|(session, _)| {
+                !session.condemned.is_cancelled() && self.current().is_some_and(|c| Arc::ptr_eq(&c, session))
+            });
+            if !copy_alive {
+                if last_copy.is_some() {
+                    metrics::counter!("monohook_ingest_publish_retries_total", "reason" => last_error.label())
+                        .increment(1);
+                    tracing::debug!(error = %last_error, "publishing again before the request's deadline");
+                }
+                match self.send_copy(routing_key, body, properties.clone(), deadline).await {
+                    Ok((session, sent_ms, confirm)) => {
+                        pending.push(settle(session.clone(), sent_ms, confirm, confirm_timeout));
+                        last_copy = Some((session, sent_ms));
+                    }
+                    Err(PublishError::Blocked) if pending.is_empty() => return Err(PublishError::Blocked),
+                    Err(error) => {
+                        last_error = error;
+                        last_copy = None;
+                    }
+                }
             }
-            metrics::counter!("monohook_ingest_publish_retries_total", "reason" => error.label())
-                .increment(1);
-            tracing::debug!(%error, "publishing again before the request's deadline");
-            tokio::time::sleep(RETRY_PAUSE).await;
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(last_error);
+            }
+            // Waits for the next confirm, a confirm timeout of silence, or (no copy out: no session
+            // right now) a pause.
+            let wait = if last_copy.is_some() { confirm_timeout } else { RETRY_PAUSE };
+            let wake = (now + wait).min(deadline);
+            tokio::select! {
+                Some((session, sent_ms, settled)) = futures_util::StreamExt::next(&mut pending) => match settled {
+                    Ok(()) => return Ok(()),
+                    Err(error @ PublishError::Unroutable(_)) => return Err(error),
+                    Err(error) => {
+                        // That copy can no longer be confirmed: if it was the last one, the next
+                        // round sends another, after a pause (a new session, mostly).
+                        let was_last = last_copy
+                            .as_ref()
+                            .is_some_and(|(last, sent)| Arc::ptr_eq(last, &session) && *sent == sent_ms);
+                        last_error = error;
+                        if was_last {
+                            last_copy = None;
+                            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                            tokio::time::sleep(RETRY_PAUSE.min(left)).await;
+                        }
+                    }
+                },
+                () = tokio::time::sleep_until(wake) => {
+                    if let Some((session, sent_ms)) = &last_copy {
+                        if session.connection.status().blocked() {
+                            // Busy, not silent: its confirm may still come when the alarm clears.
+                            last_error = PublishError::Blocked;
+                            continue;
+                        }
+                        last_error = PublishError::TimedOut(confirm_timeout);
+                        let failing_for = session.failed(*sent_ms);
+                        if failing_for >= confirm_timeout * SILENT_CONFIRM_TIMEOUTS {
+                            session.condemn(format!("the node confirmed no publish for {failing_for:?}"));
+                        }
+                    }
+                }
+            }
         }
     }
 
-    async fn publish_once(
+    /// Sends one copy on the current session; its confirm is waited for by [`settle`].
+    async fn send_copy(
         &self,
         routing_key: &str,
         body: &[u8],
         properties: BasicProperties,
         deadline: tokio::time::Instant,
-    ) -> Result<(), PublishError> {
+    ) -> Result<(Arc<Session>, u64, lapin::PublisherConfirm), PublishError> {
         let session =
             self.current().filter(|s| !s.condemned.is_cancelled()).ok_or(PublishError::NotConnected)?;
+        if session.connection.status().blocked() {
+            // Nothing is written until the alarm clears: the request gets its 503 now, and the node
+            // is not left (every node of the cluster shares the alarm).
+            return Err(PublishError::Blocked);
+        }
         let channel = session.pick_channel();
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let timeout = self.inner.settings.confirm_timeout.min(left);
         let exchange = self.inner.settings.topology.exchange();
         let sent_ms = session.opened.elapsed().as_millis() as u64;
-        let confirmed = tokio::time::timeout(timeout, async {
-            channel
-                .basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
-                    // Mandatory: an unroutable message comes back instead of vanishing.
-                    BasicPublishOptions { mandatory: true, immediate: false },
-                    body,
-                    properties,
-                )
-                .await?
-                .await
-        })
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let sent = tokio::time::timeout(
+            left,
+            channel.basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                // Mandatory: an unroutable message comes back instead of vanishing.
+                BasicPublishOptions { mandatory: true, immediate: false },
+                body,
+                properties,
+            ),
+        )
         .await;
-        let result = match confirmed {
-            Err(_) => Err(PublishError::TimedOut(timeout)),
-            Ok(Err(error)) => Err(PublishError::Broker(error)),
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(returned)))) => {
-                Err(PublishError::Unroutable(returned.reply_text.to_string()))
+        match sent {
+            Ok(Ok(confirm)) => Ok((session, sent_ms, confirm)),
+            Ok(Err(error)) => {
+                session.condemn(format!("a publish failed: {error}"));
+                Err(PublishError::Broker(error))
             }
-            Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err(PublishError::Nacked),
-        };
-        match &result {
-            Ok(()) | Err(PublishError::Unroutable(_)) => session.heard_from(),
-            // A nack is no better than silence: a channel opened on a node while a quorum queue
-            // elects a leader can keep sending to the old one, cut off or dead, and gets only
-            // nacks and timeouts until that node returns (RabbitMQ 3.10; seen for 25 s in the
-            // partition scenario). A new session, after the election, reaches the new leader.
-            Err(PublishError::TimedOut(_) | PublishError::Nacked) => {
-                let failing_for = session.failed(sent_ms);
-                if failing_for >= self.inner.settings.confirm_timeout * SILENT_CONFIRM_TIMEOUTS {
-                    session.condemn(format!("the node confirmed no publish for {failing_for:?}"));
-                }
-            }
-            Err(PublishError::Broker(error)) => session.condemn(format!("a publish failed: {error}")),
-            Err(PublishError::NotConnected) => {}
+            Err(_) => Err(PublishError::TimedOut(left)),
         }
-        result
     }
 
     /// Whether a broker session is up and not condemned (what `/readyz` reports).
     pub fn is_connected(&self) -> bool {
         self.current().is_some_and(|s| s.connection.status().connected() && !s.condemned.is_cancelled())
+    }
+
+    /// Whether the broker blocks this session's publishes (a memory or disk alarm).
+    pub fn is_blocked(&self) -> bool {
+        self.current().is_some_and(|s| s.connection.status().blocked())
     }
 
     /// Keeps the session alive until `cancel` fires: waits for the connection to die, then reconnects
@@ -205,17 +265,30 @@ impl Publisher {
         let policy = RetryPolicy::forever(Duration::from_millis(200), Duration::from_secs(5));
         loop {
             if let Some(session) = self.current() {
-                tokio::select! {
-                    reason = session.lost() => tracing::warn!(%reason, "lost the RabbitMQ connection; publishes wait for the next one until their deadline"),
-                    () = cancel.cancelled() => return,
-                }
+                let lost = session.lost();
+                tokio::pin!(lost);
+                let mut look = tokio::time::interval(Duration::from_millis(500));
+                let mut blocked = false;
+                let reason = loop {
+                    tokio::select! {
+                        reason = &mut lost => break reason,
+                        _ = look.tick() => blocked = note_blocked(&session, blocked),
+                        () = cancel.cancelled() => return,
+                    }
+                };
+                metrics::gauge!("monohook_ingest_broker_blocked").set(0.0);
+                tracing::warn!(%reason, "lost the RabbitMQ connection; publishes wait for the next one until their deadline");
                 if let Some(old) = self.replace(None) {
-                    // Whatever is left of the old connection goes, so it cannot linger half-open.
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        old.connection.close(200, "reconnecting".into()),
-                    )
-                    .await;
+                    // Whatever is left of the old connection goes, so it cannot linger half-open;
+                    // beside the move, never before it (a node that answers nothing never says
+                    // close-ok).
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            old.connection.close(200, "reconnecting".into()),
+                        )
+                        .await;
+                    });
                 }
             }
             let mut schedule = policy.schedule();
@@ -305,6 +378,59 @@ impl Session {
             }
         }
     }
+}
+
+/// Reports a change of whether the broker blocks `session` (log and `monohook_ingest_broker_blocked`);
+/// returns the state now.
+fn note_blocked(session: &Session, was: bool) -> bool {
+    let now = session.connection.status().blocked();
+    if now != was {
+        metrics::gauge!("monohook_ingest_broker_blocked").set(if now { 1.0 } else { 0.0 });
+        if now {
+            tracing::warn!(
+                "the broker blocks publishing (a memory or disk alarm): webhooks get 503 until it clears; \
+                 the node is not left"
+            );
+        } else {
+            tracing::info!("the broker takes publishes again");
+        }
+    }
+    now
+}
+
+/// Waits for one copy's confirm (no time limit: the request's deadline ends the wait) and notes on
+/// its session what it said: an ack or a return is the node heard from, a nack counts as silence,
+/// a failed channel condemns the session. Answers with the copy (its session and when it was sent).
+async fn settle(
+    session: Arc<Session>,
+    sent_ms: u64,
+    confirm: lapin::PublisherConfirm,
+    confirm_timeout: Duration,
+) -> (Arc<Session>, u64, Result<(), PublishError>) {
+    let result = match confirm.await {
+        Ok(Confirmation::Ack(None)) => Ok(()),
+        Ok(Confirmation::Ack(Some(returned))) => {
+            Err(PublishError::Unroutable(returned.reply_text.to_string()))
+        }
+        Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => Err(PublishError::Nacked),
+        Err(error) => Err(PublishError::Broker(error)),
+    };
+    match &result {
+        Ok(()) | Err(PublishError::Unroutable(_)) => session.heard_from(),
+        // A nack is no better than silence: a channel opened on a node while a quorum queue
+        // elects a leader can keep sending to the old one, cut off or dead, and gets only nacks
+        // and timeouts until that node returns (RabbitMQ 3.10; seen for 25 s in the partition
+        // scenario). A new session, after the election, reaches the new leader.
+        Err(PublishError::Nacked) => {
+            let failing_for = session.failed(sent_ms);
+            if failing_for >= confirm_timeout * SILENT_CONFIRM_TIMEOUTS {
+                session.condemn(format!("the node confirmed no publish for {failing_for:?}"));
+            }
+        }
+        Err(PublishError::Broker(error)) => session.condemn(format!("a publish failed: {error}")),
+        Err(PublishError::NotConnected | PublishError::TimedOut(_) | PublishError::Blocked) => {}
+    }
+    (session, sent_ms, result)
 }
 
 /// Why a broker session could not be opened.

@@ -187,6 +187,8 @@ pub struct TcpProxy {
     target: SocketAddr,
     state: Arc<Mutex<Option<Generation>>>,
     accepted: Arc<std::sync::atomic::AtomicUsize>,
+    /// How long bytes from the service are held before they go on, in ms (0: at once).
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One listening period of the proxy: cut ends it, stall freezes it.
@@ -200,7 +202,13 @@ impl TcpProxy {
     pub async fn start(target: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("cannot bind the proxy");
         let addr = listener.local_addr().expect("proxy address");
-        let proxy = Self { addr, target, state: Arc::new(Mutex::new(None)), accepted: Arc::default() };
+        let proxy = Self {
+            addr,
+            target,
+            state: Arc::new(Mutex::new(None)),
+            accepted: Arc::default(),
+            delay_ms: Arc::default(),
+        };
         proxy.serve(listener);
         proxy
     }
@@ -229,6 +237,14 @@ impl TcpProxy {
         }
     }
 
+    /// Holds every byte the service sends for `delay` before it goes on (zero: at once), on the
+    /// connections open and to come: a slow service (a broker whose confirms take this long), not
+    /// a silent one.
+    pub fn delay_answers(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.delay_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Listens again on the same port: the service is back.
     pub async fn restore(&self) {
         let listener = loop {
@@ -245,6 +261,7 @@ impl TcpProxy {
         *self.state.lock().unwrap() = Some(generation.clone());
         let target = self.target;
         let counted = self.accepted.clone();
+        let delay_ms = self.delay_ms.clone();
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -254,12 +271,13 @@ impl TcpProxy {
                 let Ok((mut inbound, _)) = accepted else { continue };
                 counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let generation = generation.clone();
+                let delay_ms = delay_ms.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
                     };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        () = pump(&mut inbound, outbound, &delay_ms) => {}
                         () = generation.cut.cancelled() => {}
                         // Stalled: hold both sockets open, silent, until cut.
                         () = generation.stall.cancelled() => generation.cut.cancelled().await,
@@ -267,6 +285,41 @@ impl TcpProxy {
                 });
             }
         });
+    }
+}
+
+/// Forwards both ways until either side closes; what the service sends waits `delay_ms` first.
+async fn pump(inbound: &mut TcpStream, outbound: TcpStream, delay_ms: &std::sync::atomic::AtomicU64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_read, mut client_write) = inbound.split();
+    let (mut service_read, mut service_write) = outbound.into_split();
+    let upstream = tokio::io::copy(&mut client_read, &mut service_write);
+    let (chunks, mut held) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let read_answers = async move {
+        let mut buffer = vec![0u8; 16 * 1024];
+        loop {
+            match service_read.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let delay = Duration::from_millis(delay_ms.load(std::sync::atomic::Ordering::Relaxed));
+                    if chunks.send((tokio::time::Instant::now() + delay, buffer[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let write_answers = async {
+        while let Some((due, chunk)) = held.recv().await {
+            tokio::time::sleep_until(due).await;
+            if client_write.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = upstream => {}
+        () = async { tokio::join!(read_answers, write_answers); } => {}
     }
 }
 

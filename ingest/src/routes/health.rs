@@ -10,7 +10,10 @@ pub async fn healthz() -> HttpResponse {
 }
 
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    if state.publisher.is_connected() {
+    if state.publisher.is_blocked() {
+        // Busy, not gone: every node shares the alarm, so ingest stays where it is.
+        HttpResponse::ServiceUnavailable().json(json!({ "status": "broker_blocked" }))
+    } else if state.publisher.is_connected() {
         HttpResponse::Ok().json(json!({ "status": "ready" }))
     } else {
         HttpResponse::ServiceUnavailable().json(json!({ "status": "broker_disconnected" }))

@@ -252,3 +252,30 @@ async fn one_nack_after_a_quiet_spell_does_not_leave_the_node() {
         "one refused webhook after a quiet spell left a healthy node"
     );
 }
+
+#[tokio::test]
+async fn a_confirm_slower_than_the_publish_timeout_answers_with_one_copy_and_no_move() {
+    let proxied = crate::helpers::spawn_app_behind_proxy_with(|config| {
+        config.publish_timeout_ms = 300;
+        config.publish_deadline_ms = Some(shared::config::OptionalCount(Some(5_000)));
+    })
+    .await;
+    let app = &proxied.app;
+    assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 200);
+    assert_eq!(app.queued().await.len(), 1);
+    let sessions = proxied.proxy.connections_accepted();
+
+    // The broker's answers (confirms among them) take 700 ms: more than two publish timeouts, less
+    // than the three of silence that leave a node (quorum commits on a slow disk, across zones).
+    proxied.proxy.delay_answers(Duration::from_millis(700));
+    let started = Instant::now();
+    let status = app.post_webhook(fixture("account_updated.json")).await.status().as_u16();
+    let took = started.elapsed();
+    proxied.proxy.delay_answers(Duration::ZERO);
+
+    assert_eq!(status, 200, "the late confirm answered");
+    assert!(took < Duration::from_millis(1_500), "answered by the first copy's confirm: {took:?}");
+    assert_eq!(proxied.proxy.connections_accepted(), sessions, "a slow node is not a bad node");
+    assert_eq!(app.get("/readyz").await.status().as_u16(), 200);
+    assert_eq!(app.queued().await.len(), 1, "one copy: none was published again while the first was pending");
+}
