@@ -10,7 +10,7 @@ use super::services::{self, RestoreServices};
 use super::{DRAIN_PATIENCE, ScenarioReport};
 use crate::system::{System, SystemConfig, metric_value};
 
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 19] = [
     "rabbitmq_restart",
     "postgres_restart",
     "worker_sigkill",
@@ -29,6 +29,7 @@ pub const ALL: [&str; 18] = [
     "mono_slow_at_sign_in_peak",
     "dead_letters_replayed_under_load",
     "mono_key_refused_at_sign_in",
+    "memory_alarm_under_load",
 ];
 
 pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
@@ -53,6 +54,7 @@ pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioRepo
             super::dead_letters::dead_letters_replayed_under_load(base).await
         }
         "mono_key_refused_at_sign_in" => super::api_recovery::mono_key_refused_at_sign_in(base).await,
+        "memory_alarm_under_load" => memory_alarm_under_load(base).await,
         "cluster_node_partitioned" => super::useless_node::node_partitioned(base).await,
         "cluster_consumer_starved" => super::useless_node::consumer_starved(base).await,
         other => super::on_cluster::run(other, base).await,
@@ -790,4 +792,76 @@ async fn mono_slow_at_sign_in_peak(base: &SystemConfig) -> anyhow::Result<Scenar
     let mut report = finish("mono_slow_at_sign_in_peak", started, system, load, report).await?;
     report.check("nothing was dead-lettered", report.dead_lettered == 0);
     Ok(report)
+}
+
+/// A memory alarm for 20 s under load: RabbitMQ blocks every connection that publishes. ingest must
+/// call that busy, not broken: a 503 at once, `/readyz` saying so, and no move to a new connection
+/// (each would be left behind, blocked, on a broker already short of memory). The workers keep
+/// consuming, and everything accepted is processed once.
+async fn memory_alarm_under_load(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    const ALARM: Duration = Duration::from_secs(20);
+    let started = Instant::now();
+    let _restore = RestoreServices;
+    let system = System::start(base.clone(), 2).await?;
+    let mut report = ScenarioReport::default();
+    let load = Load::start(system.ingest_url(), all_kinds(100, 40));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ingest_connections = services::connections_named("monohook-ingest")?;
+
+    let alarm = services::raise_memory_alarm()?;
+    let alarm_started = Instant::now();
+    let mut raised = false;
+    while !raised && alarm_started.elapsed() < Duration::from_secs(5) {
+        raised = services::memory_alarm_in_force();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    report.check("the memory alarm was raised", raised);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let probe_started = Instant::now();
+    let (status, _) =
+        system.post(&crate::bodies::account_updated("0000000000000000000000cc", 1, 512)).await?;
+    let probe_took = probe_started.elapsed();
+    report.check("ingest answers 503 while the broker blocks it", status == 503);
+    report.check(format!("and answers within 1 s ({probe_took:?})"), probe_took < Duration::from_secs(1));
+    let readyz: serde_json::Value =
+        reqwest::get(format!("{}/readyz", system.ingest_url())).await?.json().await.unwrap_or_default();
+    report.check("ingest's /readyz says the broker blocks it", readyz["status"] == "broker_blocked");
+    let mut most_connections = ingest_connections;
+    let mut workers_ready = true;
+    while alarm_started.elapsed() < ALARM {
+        most_connections = most_connections.max(services::connections_named("monohook-ingest")?);
+        for (_, port) in &system.workers {
+            workers_ready &= ready(&format!("http://127.0.0.1:{port}/readyz")).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    drop(alarm);
+    report.check(
+        format!(
+            "ingest's connections stayed at {ingest_connections} through the alarm (most {most_connections})"
+        ),
+        most_connections <= ingest_connections,
+    );
+    report.check("the workers stayed ready (consuming) through the alarm", workers_ready);
+    let cleared_at = Instant::now();
+    let mut cleared = false;
+    while !cleared && cleared_at.elapsed() < Duration::from_secs(10) {
+        cleared = !services::memory_alarm_in_force();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    report.check("the memory alarm cleared", cleared);
+    report.check(
+        "ingest takes webhooks again by itself",
+        wait_ready(&format!("{}/readyz", system.ingest_url()), Duration::from_secs(10)).await,
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let load = load.stop().await;
+    report.check("webhooks got 503 during the alarm", load.statuses.get(&503).copied().unwrap_or(0) > 0);
+    report.note(format!(
+        "{} of {} posts answered 503 while blocked; slowest answer {:?}",
+        load.statuses.get(&503).copied().unwrap_or(0),
+        load.statuses.values().sum::<u64>(),
+        load.slowest
+    ));
+    finish("memory_alarm_under_load", started, system, load, report).await
 }

@@ -4,6 +4,15 @@ use anyhow::{Context, bail};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+fn output_of(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let output =
+        Command::new(program).args(args).output().with_context(|| format!("cannot run {program}"))?;
+    if !output.status.success() {
+        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
     let output =
         Command::new(program).args(args).output().with_context(|| format!("cannot run {program}"))?;
@@ -165,4 +174,42 @@ impl HeldDelivery {
     pub async fn close(self) {
         let _ = self.connection.close(200, "done".into()).await;
     }
+}
+
+/// The node's memory high watermark as a fraction of the machine's memory, as set now.
+fn memory_watermark() -> anyhow::Result<f64> {
+    let text =
+        output_of("rabbitmqctl", &["-q", "eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])?;
+    text.trim().parse().with_context(|| format!("the memory watermark is not a fraction: {}", text.trim()))
+}
+
+/// Raises RabbitMQ's memory alarm (a watermark far below what the node uses): the broker blocks
+/// every connection that publishes until [`RestoreMemoryWatermark`] puts the watermark back.
+pub fn raise_memory_alarm() -> anyhow::Result<RestoreMemoryWatermark> {
+    let restore = RestoreMemoryWatermark(memory_watermark()?);
+    run("rabbitmqctl", &["-q", "set_vm_memory_high_watermark", "0.0001"])?;
+    Ok(restore)
+}
+
+/// Whether the node has a memory alarm in force.
+pub fn memory_alarm_in_force() -> bool {
+    output_of("rabbitmqctl", &["-q", "eval", "rabbit_alarm:get_alarms()."])
+        .is_ok_and(|alarms| alarms.contains("memory"))
+}
+
+/// Puts the memory watermark back (clearing the alarm) when dropped.
+pub struct RestoreMemoryWatermark(f64);
+
+impl Drop for RestoreMemoryWatermark {
+    fn drop(&mut self) {
+        if let Err(error) = run("rabbitmqctl", &["-q", "set_vm_memory_high_watermark", &self.0.to_string()]) {
+            eprintln!("could not restore RabbitMQ's memory watermark: {error:#}");
+        }
+    }
+}
+
+/// The connections open to the node whose client named them `name` (`connection_name`).
+pub fn connections_named(name: &str) -> anyhow::Result<usize> {
+    let text = output_of("rabbitmqctl", &["-q", "list_connections", "client_properties"])?;
+    Ok(text.lines().filter(|line| line.contains(&format!("\"{name}\""))).count())
 }

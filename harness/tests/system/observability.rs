@@ -97,7 +97,7 @@ async fn worker_readiness_reports_each_dependency() {
         ready,
         serde_json::json!({
             "status": "ready", "database": "up", "broker": "connected", "consumer": "alive", "mono_circuit": "closed",
-            "mono_key": "accepted"
+            "mono_key": "accepted", "mono_refusing_alike": null
         })
     );
     system.shut_down().await.unwrap();
