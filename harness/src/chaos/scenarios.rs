@@ -10,7 +10,7 @@ use super::services::{self, RestoreServices};
 use super::{DRAIN_PATIENCE, ScenarioReport};
 use crate::system::{System, SystemConfig, metric_value};
 
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 20] = [
     "rabbitmq_restart",
     "postgres_restart",
     "worker_sigkill",
@@ -30,6 +30,7 @@ pub const ALL: [&str; 19] = [
     "dead_letters_replayed_under_load",
     "mono_key_refused_at_sign_in",
     "memory_alarm_under_load",
+    "broker_confirms_slowed",
 ];
 
 pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
@@ -55,6 +56,7 @@ pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioRepo
         }
         "mono_key_refused_at_sign_in" => super::api_recovery::mono_key_refused_at_sign_in(base).await,
         "memory_alarm_under_load" => memory_alarm_under_load(base).await,
+        "broker_confirms_slowed" => broker_confirms_slowed(base).await,
         "cluster_node_partitioned" => super::useless_node::node_partitioned(base).await,
         "cluster_consumer_starved" => super::useless_node::consumer_starved(base).await,
         other => super::on_cluster::run(other, base).await,
@@ -864,4 +866,62 @@ async fn memory_alarm_under_load(base: &SystemConfig) -> anyhow::Result<Scenario
         load.slowest
     ));
     finish("memory_alarm_under_load", started, system, load, report).await
+}
+
+/// The broker's answers to ingest (its confirms among them) slowed to 1 s, above the publish
+/// timeout (800 ms) and below three of them, for 20 s under load: quorum commits on a slow disk, a
+/// cluster across zones. Slow is not broken: every webhook is answered 200 by its first copy's late
+/// confirm, ingest stays on its connection and ready, and none is published twice.
+async fn broker_confirms_slowed(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    const SLOW: Duration = Duration::from_secs(20);
+    let started = Instant::now();
+    let proxy = shared::testing::TcpProxy::start("127.0.0.1:5672".parse()?).await;
+    let proxied = base.amqp_url.replace("127.0.0.1:5672", &proxy.addr().to_string());
+    anyhow::ensure!(proxied != base.amqp_url, "AMQP_URL must point at 127.0.0.1:5672 for this scenario");
+    let mut config = base.clone();
+    config.ingest_env.extend([("AMQP_URL", proxied), ("PUBLISH_DEADLINE_MS", "5000".to_owned())]);
+    let system = System::start(config, 2).await?;
+    let mut report = ScenarioReport::default();
+    let sessions = proxy.connections_accepted();
+    let load = Load::start(system.ingest_url(), all_kinds(100, 40));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    proxy.delay_answers(Duration::from_secs(1));
+    let slowed = Instant::now();
+    let mut stayed_ready = true;
+    while slowed.elapsed() < SLOW {
+        stayed_ready &= ready(&format!("{}/readyz", system.ingest_url())).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    proxy.delay_answers(Duration::ZERO);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let load = load.stop().await;
+
+    report.check(
+        format!(
+            "ingest stayed on its connection ({} opened, {sessions} before)",
+            proxy.connections_accepted()
+        ),
+        proxy.connections_accepted() == sessions,
+    );
+    report.check("ingest stayed ready while the broker was slow", stayed_ready);
+    let refused = load.statuses.iter().filter(|(status, _)| **status != 200).map(|(_, n)| n).sum::<u64>();
+    report.check(
+        format!("every post answered 200 at once ({refused} other answers, {} none)", load.no_answer),
+        refused == 0 && load.no_answer == 0,
+    );
+    report.check(
+        format!("the slowest answer ({:?}) came well within the 5 s deadline", load.slowest),
+        load.slowest < Duration::from_millis(2_400),
+    );
+    // Every reason's series: a second copy of any webhook is one of them.
+    let copies: f64 = system
+        .ingest_metrics()
+        .await?
+        .lines()
+        .filter(|line| line.starts_with("monohook_ingest_publish_retries_total"))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    report.check(format!("no webhook was published twice ({} copies)", copies as u64), copies == 0.0);
+    finish("broker_confirms_slowed", started, system, load, report).await
 }
