@@ -210,6 +210,9 @@ impl Session {
                         Ok(state) if state.consumer_count() == 0 => {
                             silent_answers += 1;
                             if silent_answers >= NO_CONSUMER_ANSWERS {
+                                // This node answers without the queue's leader: the next session
+                                // starts at the next node, as ingest's does.
+                                amqp::leave_node();
                                 return format!(
                                     "the broker lists no consumer on {queue} ({silent_answers} times in a row)"
                                 );
