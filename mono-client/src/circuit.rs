@@ -18,8 +18,9 @@
 //! `monohook_<binary>_mono_key_refused` until a call succeeds again.
 //!
 //! Mono refusing one account (a 4xx other than 401/403/408/425/429) is that account's fault and a
-//! success for the breaker, unless [`SAME_REFUSALS_ARE_OURS`] accounts in a row get the same status:
-//! then it is ours (a `MONO_API_URL` ending in `/v2` answers 404 to every re-auth). The breaker opens
+//! success for the breaker, unless [`SAME_REFUSALS_ARE_OURS`] accounts in a row get the same status
+//! of [`ROUTE_STATUSES`] (about the route, never the account): then it is ours (a `MONO_API_URL`
+//! ending in `/v2` answers 404 to every re-auth). The breaker opens
 //! as for a refused key, callers park instead of dead-lettering, `monohook_<binary>_mono_refusing_alike`
 //! holds the status, and a probe answered otherwise ends it.
 
@@ -33,6 +34,11 @@ use shared::event::AccountId;
 
 /// Accounts in a row that Mono refuses with one status before the refusals are taken as ours.
 pub const SAME_REFUSALS_ARE_OURS: usize = 5;
+
+/// The statuses that say something of the request's route or form, never of the account: what a
+/// wrong `MONO_API_URL` gets. Mono's known refusal of an account (400 with a `message`) is not among
+/// them, so any number of accounts Mono refuses in a row stay each account's fault.
+pub const ROUTE_STATUSES: [u16; 6] = [404, 405, 406, 410, 414, 415];
 
 /// The breaker's thresholds.
 #[derive(Clone, Debug)]
@@ -286,7 +292,7 @@ impl CircuitBreaker {
     /// of [`SAME_REFUSALS_ARE_OURS`] or more in a row (ours, then). Any other answer ends the streak.
     fn note_refusals(&self, inner: &mut Inner, result: CallResult, account: &str) -> bool {
         match result {
-            CallResult::Refused(status) => {
+            CallResult::Refused(status) if ROUTE_STATUSES.contains(&status) => {
                 let streak = inner.refusals.get_or_insert_with(|| (status, HashSet::new()));
                 if streak.0 != status {
                     *streak = (status, HashSet::new());
@@ -308,7 +314,7 @@ impl CircuitBreaker {
                 }
                 inner.refusing_alike == Some(status)
             }
-            CallResult::Answered => {
+            CallResult::Answered | CallResult::Refused(_) => {
                 inner.refusals = None;
                 self.end_refusing_alike(inner);
                 false
@@ -615,6 +621,11 @@ mod tests {
         let alone = another_account();
         for _ in 0..SAME_REFUSALS_ARE_OURS * 2 {
             assert!(refuse(&breaker, &alone, 404));
+        }
+        assert_eq!((breaker.state(), breaker.refusing_alike()), (BreakerState::Closed, None));
+        // Mono's refusal of an account (400) never counts, however many in a row.
+        for _ in 0..SAME_REFUSALS_ARE_OURS * 2 {
+            assert!(refuse(&breaker, &another_account(), 400));
         }
         assert_eq!((breaker.state(), breaker.refusing_alike()), (BreakerState::Closed, None));
         // Other statuses, or a success, between refusals end the streak.
