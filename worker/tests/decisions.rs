@@ -210,11 +210,13 @@ struct ModelAccount {
 #[derive(Debug, Default)]
 struct Model {
     accounts: BTreeMap<String, ModelAccount>,
-    /// Accounts whose token may be missing where the model has one: their last re-auth applied came
-    /// again within the window of an earlier copy, with a re-authorisation between. Decided ahead of
-    /// that re-authorisation it is a duplicate, and the re-authorisation then spends the earlier
-    /// copy's token, so the account is flagged with none (the api fetches one on demand).
-    may_lack_token: std::collections::BTreeSet<String>,
+    /// Per account, the receive time of the re-auth the model applied last (while it stands). Its
+    /// token may be missing in the worker where a re-authorisation received before it was decided
+    /// after it (journaled `stale`): that re-authorisation spends every token issued before it,
+    /// and the re-auth's may be one (a copy of an earlier re-auth decided as its duplicate, or a
+    /// fetch shared with an older delivery), so the account is flagged with none (the api fetches
+    /// one on demand).
+    last_required: BTreeMap<String, DateTime<Utc>>,
     /// Per account, the receive time of the re-authorisation the model applied last, and of the
     /// latest copy of it: the api serves the receive time of one re-authorisation between the two,
     /// or of an earlier copy chained to it within the window (decided in another order, a later
@@ -253,7 +255,6 @@ fn model(stamped: &[Stamped]) -> Model {
             })
         };
         let duplicate = copy_in_effect(false);
-        let earlier_copy = history.iter().any(|(copy_at, copy, _)| *copy == body && at - *copy_at <= window);
         // A worker knows only the copies settled before it decides: one decided before the copies
         // between it and the applied one may call Mono again once the window from that one is over.
         if event.webhook.kind == Kind::Required && duplicate && !copy_in_effect(true) {
@@ -286,16 +287,12 @@ fn model(stamped: &[Stamped]) -> Model {
                     account.reauth_required = true;
                     account.has_token = true;
                     model.reauths += 1;
-                    if earlier_copy {
-                        model.may_lack_token.insert(id.clone());
-                    } else {
-                        model.may_lack_token.remove(&id);
-                    }
+                    model.last_required.insert(id.clone(), at);
                 }
                 Kind::Reauthorized => {
                     account.reauth_required = false;
                     account.has_token = false;
-                    model.may_lack_token.remove(&id);
+                    model.last_required.remove(&id);
                 }
                 Kind::Updated => account.data_status = Some(DATA_STATUSES[variant].to_owned()),
                 Kind::SyncFailed if variant == 0 => account.data_status = Some("FAILED".to_owned()),
@@ -308,7 +305,7 @@ fn model(stamped: &[Stamped]) -> Model {
                     account.unlinked = true;
                     account.reauth_required = false;
                     account.has_token = false;
-                    model.may_lack_token.remove(&id);
+                    model.last_required.remove(&id);
                 }
             }
         }
@@ -873,9 +870,19 @@ async fn run_history_traced(
                 )
             })
             .collect();
+        let stale_reauthorisations: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT account_id, received_at FROM webhook_events
+             WHERE event = 'mono.events.account_reauthorized' AND status = 'stale'",
+        )
+        .fetch_all(pool)
+        .await
+        .expect("the journal is readable");
         let mut expected_accounts = expected.accounts.clone();
-        for id in &expected.may_lack_token {
+        for (id, required_at) in &expected.last_required {
+            let spent_after =
+                stale_reauthorisations.iter().any(|(account, at)| account == id && at < required_at);
             if let (Some(model), Some(actual)) = (expected_accounts.get_mut(id), actual.get(id))
+                && spent_after
                 && model.has_token
                 && !actual.has_token
             {
