@@ -117,7 +117,20 @@ pub async fn settle_and_verify(
             Latest::None => Some(None),
             Latest::Tied => None,
         };
-        let flag_wrong = expected_flag.is_some_and(|expected| expected != flagged) || flagged != has_token;
+        // A flagged account keeps a token, unless a re-authorisation received before its last
+        // re-auth was decided after it (`stale`): that re-authorisation spends every token issued
+        // before it, the re-auth's perhaps among them (kept as a duplicate's, or shared from an
+        // older fetch), and the api fetches one on demand.
+        let last_required = events
+            .iter()
+            .filter(|(p, _)| p.kind == Kind::ReauthorisationRequired)
+            .map(|(_, j)| j.received_at)
+            .max();
+        let spent_by_a_late_reauthorisation = events.iter().any(|(p, j)| {
+            p.kind == Kind::AccountReauthorized && j.status == "stale" && Some(j.received_at) < last_required
+        });
+        let token_wrong = flagged != has_token && !(flagged && spent_by_a_late_reauthorisation);
+        let flag_wrong = expected_flag.is_some_and(|expected| expected != flagged) || token_wrong;
         let status_wrong = expected_status.is_some_and(|expected| expected != data_status);
         if flag_wrong || status_wrong {
             verdict.wrong_accounts.push(account.to_owned());
