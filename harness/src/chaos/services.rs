@@ -14,12 +14,7 @@ fn output_of(program: &str, args: &[&str]) -> anyhow::Result<String> {
 }
 
 fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let output =
-        Command::new(program).args(args).output().with_context(|| format!("cannot run {program}"))?;
-    if !output.status.success() {
-        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
-    }
-    Ok(())
+    output_of(program, args).map(drop)
 }
 
 fn port_open(port: u16) -> bool {

@@ -232,12 +232,7 @@ async fn a_refused_key_parks_deliveries_reports_it_and_resumes_by_itself(pool: P
         readyz(&world).await["mono_key"] == "refused"
     })
     .await;
-    let metrics = reqwest::get(format!("http://{}/metrics", world.metrics_addrs[0]))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = world.metrics().await;
     assert!(metrics.contains("monohook_worker_mono_key_refused 1"), "{metrics}");
 
     for meta in &published {
@@ -519,12 +514,7 @@ async fn mono_refusing_every_account_alike_is_ours_and_parks_the_rest(pool: PgPo
         "only the refusals before it was taken as ours are dead-lettered, not all {}: {dead}",
         accounts.len()
     );
-    let metrics = reqwest::get(format!("http://{}/metrics", world.metrics_addrs[0]))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = world.metrics().await;
     assert!(metrics.contains("monohook_worker_mono_refusing_alike 404"), "{metrics}");
     assert_eq!(world.count_status("processed").await, 0);
     world.stop_workers().await;

@@ -126,6 +126,11 @@ impl TestWorld {
         }
     }
 
+    /// The first worker's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.metrics_addrs[0])).await.unwrap().text().await.unwrap()
+    }
+
     /// Publishes a webhook exactly as ingest would, received now.
     pub async fn publish(&self, body: &[u8]) -> DeliveryMeta {
         let meta = DeliveryMeta::stamp(body);

@@ -69,12 +69,7 @@ async fn in_order_events_apply_in_order(pool: PgPool) {
 
 /// The worker's `monohook_worker_stamps_ahead_total`, 0 until it is first counted.
 async fn stamps_ahead(world: &TestWorld) -> u64 {
-    let metrics = reqwest::get(format!("http://{}/metrics", world.metrics_addrs[0]))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = world.metrics().await;
     metrics
         .lines()
         .find_map(|line| line.strip_prefix("monohook_worker_stamps_ahead_total "))

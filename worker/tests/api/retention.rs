@@ -162,12 +162,7 @@ async fn the_worker_deletes_expired_rows_by_itself_and_counts_them(pool: PgPool)
         count(&world.pool, "SELECT count(*) FROM webhook_events").await == 0
     })
     .await;
-    let metrics = reqwest::get(format!("http://{}/metrics", world.metrics_addrs[0]))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = world.metrics().await;
     assert!(
         metrics.contains("monohook_worker_retention_rows_deleted_total{table=\"webhook_events\"}"),
         "{metrics}"

@@ -14,15 +14,21 @@ use shared::testing::eventually;
 const REAUTH: &str = "mono.events.reauthorisation_required";
 const REAUTHORIZED: &str = "mono.events.account_reauthorized";
 
-#[sqlx::test(migrations = "../migrations")]
-async fn a_reauthorisation_ends_the_offer_of_a_token_whose_delivery_is_still_held(pool: PgPool) {
-    let mut world = TestWorld::new(pool).await;
+/// Mono hands out `token-1`, `token-2`, ... for the account; the calls are counted.
+async fn numbered_tokens(world: &TestWorld) -> NumberedTokens {
     let tokens = NumberedTokens::default();
     Mock::given(method("POST"))
         .and(path(format!("/accounts/{ACCOUNT}/reauthorise")))
         .respond_with(tokens.clone())
         .mount(&world.mono)
         .await;
+    tokens
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_reauthorisation_ends_the_offer_of_a_token_whose_delivery_is_still_held(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    let tokens = numbered_tokens(&world).await;
     world.start_worker().await;
     let t0 = Utc::now() - Span::seconds(1);
     let mut first = DeliveryMeta::stamp(&body(REAUTH, ACCOUNT));
@@ -75,12 +81,7 @@ async fn a_reauthorisation_ends_the_offer_of_a_token_whose_delivery_is_still_hel
 #[sqlx::test(migrations = "../migrations")]
 async fn a_reauthorisation_decided_after_a_later_copy_of_the_loss_still_spends_the_token(pool: PgPool) {
     let mut world = TestWorld::new(pool).await;
-    let tokens = NumberedTokens::default();
-    Mock::given(method("POST"))
-        .and(path(format!("/accounts/{ACCOUNT}/reauthorise")))
-        .respond_with(tokens.clone())
-        .mount(&world.mono)
-        .await;
+    numbered_tokens(&world).await;
     world.start_worker().await;
     let required = world.publish_received_at(&body(REAUTH, ACCOUNT), Utc::now() - Span::seconds(1)).await;
     assert_eq!(world.settled(&required).await.status, "processed");
