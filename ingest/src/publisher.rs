@@ -77,6 +77,8 @@ pub struct PublisherSettings {
     pub deadline: Duration,
 }
 
+/// Bound on opening one channel (a node that accepted the connection may answer nothing more).
+const CHANNEL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a publish that failed waits before trying again (for a new session, mostly).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Confirm timeouts of failed publishes only (nacks and timeouts, none taken), counted from the first
@@ -94,7 +96,7 @@ struct Inner {
 }
 
 struct Session {
-    /// Shared with a declaration running beside the publishes after a reconnect.
+    /// Shared with the task that closes it once the supervisor has moved on.
     connection: Arc<Connection>,
     channels: Vec<Channel>,
     next_channel: AtomicUsize,
@@ -260,7 +262,7 @@ impl Publisher {
     }
 
     /// Keeps the session alive until `cancel` fires: waits for the connection to die, then reconnects
-    /// with backoff (0.2 s doubling up to 5 s), re-declaring the topology each time.
+    /// with backoff (0.2 s doubling up to 5 s), checking the topology each time.
     pub async fn supervise(&self, cancel: CancellationToken) {
         let policy = RetryPolicy::forever(Duration::from_millis(200), Duration::from_secs(5));
         loop {
@@ -298,11 +300,14 @@ impl Publisher {
                     () = tokio::time::sleep(delay) => {}
                     () = cancel.cancelled() => return,
                 }
-                match open_session(&self.inner.settings, Declare::Beside).await {
+                match open_session(&self.inner.settings, Declare::Check).await {
                     Ok(session) => {
                         tracing::info!("reconnected to RabbitMQ");
                         self.replace(Some(Arc::new(session)));
                         break;
+                    }
+                    Err(SessionError::Topology(error @ shared::topology::TopologyError::Missing { .. })) => {
+                        tracing::error!(%error, retry_in = ?delay, "refused a RabbitMQ node without monohook's topology")
                     }
                     Err(error) => {
                         tracing::warn!(error = %error, retry_in = ?delay, "reconnecting to RabbitMQ failed")
@@ -440,39 +445,47 @@ pub enum SessionError {
     Connect(#[from] ConnectError),
     #[error("opening a publish channel failed: {0}")]
     Channel(#[source] lapin::Error),
+    #[error("the broker did not open a publish channel within {0:?}")]
+    ChannelTimedOut(Duration),
     #[error(transparent)]
     Topology(#[from] shared::topology::TopologyError),
 }
 
-/// When a session declares the topology: before it publishes (at start: a process whose queues are
-/// wrong must not start), or beside its publishes (on a reconnect: the objects are durable and were
-/// declared at start, and a declaration waits for a quorum queue's leader, so during an election it
-/// would keep ingest from publishing at all, while a publish can wait out the election within its
-/// deadline).
+/// What a session does about the topology: declare it before it publishes (at start: a process
+/// whose queues are wrong must not start), or check it (on a reconnect: passively, so that a node
+/// without our exchange is refused, never built on; see [`shared::topology::Topology::check_on`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Declare {
     First,
-    Beside,
+    Check,
 }
 
 async fn open_session(settings: &PublisherSettings, declare: Declare) -> Result<Session, SessionError> {
     let connection = Arc::new(amqp::connect(&settings.amqp_url, "monohook-ingest").await?);
+    let checked = match declare {
+        Declare::First => settings.topology.declare_on(&connection).await,
+        Declare::Check => settings.topology.check_on(&connection).await,
+    };
+    if let Err(error) = checked {
+        if matches!(error, shared::topology::TopologyError::Missing { .. }) {
+            metrics::counter!("monohook_ingest_nodes_refused_total").increment(1);
+            amqp::leave_node();
+        }
+        let _ = tokio::time::timeout(CHANNEL_TIMEOUT, connection.close(200, "refused".into())).await;
+        return Err(error.into());
+    }
     let mut channels = Vec::with_capacity(settings.channels.max(1));
     for _ in 0..settings.channels.max(1) {
-        let channel = connection.create_channel().await.map_err(SessionError::Channel)?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(SessionError::Channel)?;
+        let opened = async {
+            let channel = connection.create_channel().await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            Ok::<_, lapin::Error>(channel)
+        };
+        let channel = tokio::time::timeout(CHANNEL_TIMEOUT, opened)
+            .await
+            .map_err(|_| SessionError::ChannelTimedOut(CHANNEL_TIMEOUT))?
+            .map_err(SessionError::Channel)?;
         channels.push(channel);
-    }
-    match declare {
-        Declare::First => settings.topology.declare_on(&connection).await?,
-        Declare::Beside => {
-            let (topology, connection) = (settings.topology.clone(), Arc::clone(&connection));
-            tokio::spawn(async move {
-                if let Err(error) = topology.declare_on(&connection).await {
-                    tracing::warn!(%error, "declaring the topology again after a reconnect failed");
-                }
-            });
-        }
     }
     Ok(Session {
         connection,

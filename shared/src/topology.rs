@@ -1,5 +1,5 @@
 //! The exchange and queues monohook lives on, declared the same way by every process at start and
-//! after every reconnect. Declarations are idempotent; a queue that already exists with different
+//! checked (passively) after every reconnect. Declarations are idempotent; a queue that already exists with different
 //! arguments makes the broker refuse the declaration, and the error names the queue.
 //!
 //! ```text
@@ -42,9 +42,28 @@ pub enum TopologyError {
     },
     #[error("the broker did not answer the declaration of {object} within {timeout:?}")]
     TimedOut { object: String, timeout: Duration },
+    /// A reconnect found the node without our exchange: a broker that is not ours, or one that
+    /// formed a cluster of its own. Taking webhooks there would lose them.
+    #[error(
+        "this RabbitMQ node has no {object}: it is not the broker monohook was started on (a node reset, or one \
+         that formed a cluster of its own?); refusing it. If it was deleted on purpose, restart one process to declare it"
+    )]
+    Missing { object: String },
 }
 
 impl TopologyError {
+    /// A refusal for "not found" (404) is a missing object; anything else stays as it is.
+    fn missing_or_else(self) -> Self {
+        match self {
+            Self::Refused { object, source }
+                if matches!(source.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404) =>
+            {
+                Self::Missing { object }
+            }
+            other => other,
+        }
+    }
+
     /// Whether the broker refused `dead_queue` only for lacking the delivery limit an earlier
     /// version did not set (406, "inequivalent arg 'x-delivery-limit'").
     fn is_dead_queue_without_its_limit(&self, dead_queue: &str) -> bool {
@@ -195,6 +214,58 @@ impl Topology {
         }
     }
 
+    /// A reconnect's look at the topology: a node without our exchange knows nothing of monohook (a
+    /// broker reset, or one that formed a cluster of its own) and is refused with
+    /// [`TopologyError::Missing`]; declaring there would build the topology on it, and ingest would
+    /// answer 200 for webhooks no worker ever sees. A node with the exchange but without a queue had
+    /// that queue deleted by an operator: the topology is declared again. Passive declarations answer
+    /// during a quorum queue's election, so the common case (all there) waits for no leader.
+    pub async fn check_on(&self, connection: &lapin::Connection) -> Result<(), TopologyError> {
+        let channel = self
+            .answered(|| "a channel for the topology check".to_owned(), connection.create_channel())
+            .await?;
+        let checked = self.check(&channel).await;
+        if channel.status().connected() {
+            let _ = tokio::time::timeout(DECLARE_TIMEOUT, channel.close(200, "checked".into())).await;
+        }
+        match checked {
+            Err(TopologyError::Missing { object }) if object != format!("exchange {}", self.exchange()) => {
+                tracing::warn!(missing = %object, "part of the topology was deleted; declaring it again");
+                self.declare_on(connection).await
+            }
+            other => other,
+        }
+    }
+
+    async fn check(&self, channel: &Channel) -> Result<(), TopologyError> {
+        let exchange = format!("exchange {}", self.exchange());
+        let passive = ExchangeDeclareOptions { passive: true, durable: true, ..Default::default() };
+        self.answered(
+            || exchange.clone(),
+            channel.exchange_declare(
+                self.exchange().into(),
+                ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .map_err(|error| error.missing_or_else())?;
+        for queue in self.queues() {
+            self.answered(
+                || format!("queue {queue}"),
+                channel.queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions { passive: true, ..Default::default() },
+                    FieldTable::default(),
+                ),
+            )
+            .await
+            .map_err(|error| error.missing_or_else())?;
+        }
+        Ok(())
+    }
+
     /// Reports depth and consumers of every queue without changing anything (passive declarations).
     pub async fn depths(&self, channel: &Channel) -> Result<Vec<QueueDepth>, TopologyError> {
         let mut depths = Vec::new();
@@ -319,6 +390,36 @@ mod tests {
         assert!(error.contains("x-delivery-limit"), "{error}");
         let cleanup = connection.create_channel().await.expect("a channel");
         first.delete(&cleanup).await.expect("clean up");
+        connection.close(200, "done".into()).await.expect("closes");
+    }
+
+    #[tokio::test]
+    async fn the_check_declares_a_deleted_queue_again_but_refuses_a_node_without_the_exchange() {
+        let connection = broker().await;
+        let prefix = format!("test.check.{}", uuid::Uuid::new_v4().simple());
+        let topology = Topology::new(&prefix, vec![Duration::from_secs(1)], 10);
+        topology.declare_on(&connection).await.expect("a new topology declares");
+        topology.check_on(&connection).await.expect("a declared topology passes the check");
+        let channel = connection.create_channel().await.expect("a channel");
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        let retry = topology.retry_queue(1);
+        channel.queue_delete(retry.as_str().into(), QueueDeleteOptions::default()).await.expect("deleted");
+
+        topology.check_on(&connection).await.expect("an operator's deletion is repaired");
+        channel.queue_declare(retry.as_str().into(), passive, FieldTable::default()).await.expect("back");
+
+        topology.delete(&channel).await.expect("everything goes, the exchange too");
+        let error = topology.check_on(&connection).await.expect_err("a node without the exchange");
+        assert!(
+            matches!(&error, TopologyError::Missing { object } if *object == format!("exchange {prefix}")),
+            "{error}"
+        );
+        let error = topology.check_on(&connection).await.expect_err("the check created nothing");
+        assert!(matches!(error, TopologyError::Missing { .. }), "{error}");
+        let cleanup = connection.create_channel().await.expect("a channel");
+        let work = topology.work_queue();
+        let declared = cleanup.queue_declare(work.as_str().into(), passive, FieldTable::default()).await;
+        assert!(declared.is_err(), "the refused node got a work queue");
         connection.close(200, "done".into()).await.expect("closes");
     }
 

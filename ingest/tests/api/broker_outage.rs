@@ -48,6 +48,41 @@ async fn broker_down_gives_a_fast_503_and_ingest_recovers_by_itself() {
 }
 
 #[tokio::test]
+async fn a_reconnect_to_a_node_without_the_topology_refuses_it_and_creates_nothing() {
+    let proxied = spawn_app_behind_proxy().await;
+    let app = &proxied.app;
+    assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 200);
+    // The node reached after the outage has none of our objects (a broker that formed a cluster of
+    // its own): declaring them there would take webhooks that no worker ever sees.
+    proxied.proxy.cut();
+    app.broker.topology.delete(&app.broker.channel).await.expect("the topology goes");
+    proxied.proxy.restore().await;
+    let connections = proxied.proxy.connections_accepted();
+    eventually("ingest tries the node again", Duration::from_secs(15), || async {
+        proxied.proxy.connections_accepted() > connections + 1
+    })
+    .await;
+
+    assert_eq!(app.get("/readyz").await.status().as_u16(), 503, "a refused node is not a session");
+    assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 503);
+    let check = app.broker.topology.check_on(&app.broker.connection).await;
+    assert!(
+        matches!(check, Err(shared::topology::TopologyError::Missing { .. })),
+        "the reconnect declared the topology: {check:?}"
+    );
+    let metrics = reqwest::get(&app.metrics).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("monohook_ingest_nodes_refused_total"), "{metrics}");
+
+    // Declared again (a restarted process does it at start), the node is taken.
+    app.broker.topology.declare_on(&app.broker.connection).await.expect("declared again");
+    eventually("ingest takes the node again", Duration::from_secs(15), || async {
+        app.get("/readyz").await.status().as_u16() == 200
+    })
+    .await;
+    assert_eq!(app.post_webhook(fixture("account_updated.json")).await.status().as_u16(), 200);
+}
+
+#[tokio::test]
 async fn a_broker_that_stops_answering_gives_503_within_the_publish_timeout() {
     let proxy = shared::testing::TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
     let url = crate::helpers::proxied_amqp_url(&proxy);
