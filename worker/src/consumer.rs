@@ -1,18 +1,21 @@
 //! Consuming the work queue: the broker session and its supervisor.
 //!
-//! A session is one connection with a consuming channel (prefetch = `PREFETCH`) and a confirm-mode
-//! channel for republishing; every delivery goes through the session's [`Pipeline`] and is acked only
+//! A session is two connections: one consumes (prefetch = `PREFETCH`) and acks, the other holds a
+//! confirm-mode channel for republishing, so that a memory or disk alarm, which blocks publishers,
+//! never stops the acks. Every delivery goes through the session's [`Pipeline`] and is acked only
 //! once its outcome is safe.
 //!
 //! lapin does not reconnect, and a consumer can go quiet after its connection drops, so the
-//! supervisor watches the connection, both channels, the consumer stream and the broker's own count
-//! of consumers, and opens a new session (re-declaring the topology) with backoff when any of them
-//! fails. Deliveries still in flight on the old session are abandoned: they were never acked, so the
-//! broker hands them out again and the journal recognises what was already applied.
+//! supervisor watches both connections, the channels, the consumer stream and the broker's own count
+//! of consumers, and opens a new session with backoff when any of them fails, or when the broker
+//! takes no moved copy for too long (only nacks, or no confirm). A new session checks the topology
+//! passively and refuses a node without it. Deliveries still in flight on the old session are
+//! abandoned: they were never acked, so the broker hands them out again and the journal recognises
+//! what was already applied.
 //!
 //! Shutdown: stop consuming (taking in what the broker sent before the cancel), park the deliveries
-//! waiting on our database, give in-flight deliveries
-//! `SHUTDOWN_GRACE_SECS` to finish, abandon the rest, close the connection (unacked deliveries return to the queue).
+//! waiting on our database, give in-flight deliveries `SHUTDOWN_GRACE_SECS` to finish, abandon the
+//! rest, close the connections (unacked deliveries return to the queue).
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -96,37 +99,109 @@ pub enum SessionError {
     Connect(#[from] ConnectError),
     #[error("opening a channel failed: {0}")]
     Channel(#[source] lapin::Error),
+    #[error("the broker did not answer {what} within {CALL_TIMEOUT:?}")]
+    TimedOut { what: &'static str },
     #[error(transparent)]
     Topology(#[from] TopologyError),
 }
 
+/// Bound on one AMQP call that waits for the broker's answer (opening a channel, setting its
+/// prefetch, starting or cancelling the consumer, a look at a queue): a node that accepted the
+/// connection may answer nothing more, and heartbeats take up to 30 s to say so.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Awaits one broker call within [`CALL_TIMEOUT`].
+async fn answered<T>(
+    what: &'static str,
+    call: impl std::future::Future<Output = lapin::Result<T>>,
+) -> Result<T, SessionError> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .map_err(|_| SessionError::TimedOut { what })?
+        .map_err(SessionError::Channel)
+}
+
+/// What a new session does about the topology: declare it (the process's first session: queues
+/// that are wrong stop the start) or check it passively (a reconnect: declaring would build it on
+/// whatever node answered, a broker that formed a cluster of its own included).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topo {
+    Declare,
+    Check,
+}
+
+/// One broker session: two connections, so that a memory or disk alarm, which blocks a connection
+/// that publishes, never stops the acks (RabbitMQ's own advice: publish and consume apart).
 pub struct Session {
-    /// Shared with the republisher, which declares the topology again on channels of its own.
-    connection: Arc<Connection>,
+    /// Consuming, acking and the passive looks at queues: it never publishes, so it is never blocked.
+    consume_connection: Arc<Connection>,
+    /// Republishing (moves to retry tiers, parks) and the declarations a move may need.
+    publish_connection: Arc<Connection>,
     consume_channel: Channel,
+    /// Passive declarations of the session's watch, on the consuming connection.
+    watch_channel: Channel,
     republish_channel: Channel,
+    /// Fired by the republisher when moves have failed (nacks, no confirm) for too long.
+    moves_failing: CancellationToken,
 }
 
 impl Session {
-    pub async fn open(settings: &ConsumerSettings) -> Result<Self, SessionError> {
-        let connection = amqp::connect(&settings.amqp_url, "monohook-worker").await?;
-        settings.topology.declare_on(&connection).await?;
-        let consume_channel = connection.create_channel().await.map_err(SessionError::Channel)?;
-        // Prefetch bounds the deliveries this process holds unacked, hence the work in flight.
-        consume_channel
-            .basic_qos(settings.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(SessionError::Channel)?;
-        let republish_channel = connection.create_channel().await.map_err(SessionError::Channel)?;
-        republish_channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(SessionError::Channel)?;
-        Ok(Self { connection: Arc::new(connection), consume_channel, republish_channel })
+    pub async fn open(settings: &ConsumerSettings, topology: Topo) -> Result<Self, SessionError> {
+        let consume_connection = amqp::connect(&settings.amqp_url, "monohook-worker").await?;
+        let checked = match topology {
+            Topo::Declare => settings.topology.declare_on(&consume_connection).await,
+            Topo::Check => settings.topology.check_on(&consume_connection).await,
+        };
+        if let Err(error) = checked {
+            if matches!(error, TopologyError::Missing { .. }) {
+                metrics::counter!("monohook_worker_nodes_refused_total").increment(1);
+                amqp::leave_node();
+            }
+            let _ = tokio::time::timeout(CALL_TIMEOUT, consume_connection.close(200, "refused".into())).await;
+            return Err(error.into());
+        }
+        let publish_connection = match amqp::connect(&settings.amqp_url, "monohook-worker-publish").await {
+            Ok(connection) => connection,
+            Err(error) => {
+                let _ = tokio::time::timeout(CALL_TIMEOUT, consume_connection.close(200, "no publisher".into()))
+                    .await;
+                return Err(error.into());
+            }
+        };
+        let channels = async {
+            let consume_channel = answered("a consuming channel", consume_connection.create_channel()).await?;
+            // Prefetch bounds the deliveries this process holds unacked, hence the work in flight.
+            answered(
+                "the prefetch setting",
+                consume_channel.basic_qos(settings.prefetch, BasicQosOptions::default()),
+            )
+            .await?;
+            let watch_channel = answered("a channel for the watch", consume_connection.create_channel()).await?;
+            let republish_channel =
+                answered("a republishing channel", publish_connection.create_channel()).await?;
+            answered("confirm mode", republish_channel.confirm_select(ConfirmSelectOptions::default())).await?;
+            Ok::<_, SessionError>((consume_channel, watch_channel, republish_channel))
+        };
+        match channels.await {
+            Ok((consume_channel, watch_channel, republish_channel)) => Ok(Self {
+                consume_connection: Arc::new(consume_connection),
+                publish_connection: Arc::new(publish_connection),
+                consume_channel,
+                watch_channel,
+                republish_channel,
+                moves_failing: CancellationToken::new(),
+            }),
+            Err(error) => {
+                for connection in [&consume_connection, &publish_connection] {
+                    let _ = tokio::time::timeout(CALL_TIMEOUT, connection.close(200, "not opened".into())).await;
+                }
+                Err(error)
+            }
+        }
     }
 
     pub fn is_connected(&self) -> bool {
-        self.connection.status().connected()
+        self.consume_connection.status().connected() && self.publish_connection.status().connected()
     }
 
     /// Resolves when the connection or one of the channels has failed, or when the broker no longer
@@ -143,8 +218,11 @@ impl Session {
             let mut starved_answers: u32 = 0;
             loop {
                 poll.tick().await;
-                let answer =
-                    self.republish_channel.queue_declare(queue.into(), options, FieldTable::default()).await;
+                let answer = answered(
+                    "a look at the work queue",
+                    self.watch_channel.queue_declare(queue.into(), options, FieldTable::default()),
+                )
+                .await;
                 // A failed look is the other watch's business (it asks the same channel).
                 let Ok(state) = answer else { continue };
                 let received = intake.received.load(Ordering::Relaxed);
@@ -196,16 +274,20 @@ impl Session {
                 if !self.republish_channel.status().connected() {
                     return "the republishing channel closed".to_owned();
                 }
+                if !self.watch_channel.status().connected() {
+                    return "the watch's channel closed".to_owned();
+                }
                 // Every 10 s, ask the broker itself (a passive declaration changes nothing). A
                 // quorum queue whose leader cannot answer (an election, lost quorum) also says 0
                 // consumers: only three answers in a row (30 s, longer than an election) mean our
                 // consumer is gone, so a leader hiccup does not return every held delivery.
                 if polls.is_multiple_of(20) {
                     let options = QueueDeclareOptions { passive: true, ..Default::default() };
-                    match self
-                        .republish_channel
-                        .queue_declare(queue.into(), options, FieldTable::default())
-                        .await
+                    match answered(
+                        "a look at the work queue",
+                        self.watch_channel.queue_declare(queue.into(), options, FieldTable::default()),
+                    )
+                    .await
                     {
                         Ok(state) if state.consumer_count() == 0 => {
                             silent_answers += 1;
@@ -230,15 +312,31 @@ impl Session {
             }
         };
         tokio::select! {
-            reason = amqp::connection_lost(&self.connection) => reason,
+            reason = amqp::connection_lost(&self.consume_connection) => reason,
+            reason = amqp::connection_lost(&self.publish_connection) => format!("publishing: {reason}"),
             reason = channels => reason,
             reason = starved => reason,
+            () = self.moves_failing.cancelled() => {
+                // Only nacks and timeouts for the copies: a node cut off from the queues' leaders,
+                // or channels that still address a leader that is gone. The next node may do.
+                amqp::leave_node();
+                format!(
+                    "the broker took no copy of a moved delivery for {:?} (only nacks or no confirm); leaving the node",
+                    crate::republish::MOVES_FAILING_MAX
+                )
+            }
         }
     }
 
+    /// Closes both connections, within a bound each (a node that answers nothing never says
+    /// close-ok).
     async fn close(&self) {
-        if let Err(error) = self.connection.close(200, "worker shutting down".into()).await {
-            tracing::debug!(%error, "closing the RabbitMQ connection");
+        for connection in [&self.consume_connection, &self.publish_connection] {
+            match tokio::time::timeout(CALL_TIMEOUT, connection.close(200, "worker shutting down".into())).await {
+                Ok(Err(error)) => tracing::debug!(%error, "closing a RabbitMQ connection"),
+                Err(_) => tracing::debug!("closing a RabbitMQ connection: no answer"),
+                Ok(Ok(())) => {}
+            }
         }
     }
 }
@@ -272,8 +370,9 @@ pub async fn run(
                 SessionEnd::Stopped => return,
                 SessionEnd::Lost(reason) => {
                     tracing::warn!(%reason, "lost the RabbitMQ session; in-flight deliveries will be redelivered");
-                    // Whatever is left of the old connection goes, so it cannot linger half-open.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), current.close()).await;
+                    // Whatever is left of the old connections goes, so they cannot linger half-open;
+                    // beside the reconnect, never before it.
+                    tokio::spawn(async move { current.close().await });
                 }
             }
         }
@@ -282,10 +381,13 @@ pub async fn run(
             () = tokio::time::sleep(delay) => {}
             () = cancel.cancelled() => return,
         }
-        match Session::open(&settings).await {
+        match Session::open(&settings, Topo::Check).await {
             Ok(fresh) => {
                 tracing::info!("reconnected to RabbitMQ; consuming again");
                 session = Some(fresh);
+            }
+            Err(SessionError::Topology(error @ TopologyError::Missing { .. })) => {
+                tracing::error!(%error, retry_in = ?delay, "refused a RabbitMQ node without monohook's topology")
             }
             Err(error) => tracing::warn!(%error, retry_in = ?delay, "reconnecting to RabbitMQ failed"),
         }
@@ -300,16 +402,17 @@ async fn consume(
 ) -> SessionEnd {
     let tag = format!("monohook-worker-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
     let work_queue = consumer_settings.topology.work_queue();
-    let consumer = session
-        .consume_channel
-        .basic_consume(
+    let consumer = answered(
+        "the start of the consumer",
+        session.consume_channel.basic_consume(
             work_queue.as_str().into(),
             tag.as_str().into(),
             // Manual acks: a delivery is acked only once its outcome is safe.
             BasicConsumeOptions { no_ack: false, ..Default::default() },
             FieldTable::default(),
-        )
-        .await;
+        ),
+    )
+    .await;
     let mut consumer = match consumer {
         Ok(consumer) => consumer,
         Err(error) => return SessionEnd::Lost(format!("cannot consume: {error}")),
@@ -317,9 +420,10 @@ async fn consume(
     tracing::info!(queue = %work_queue, prefetch = consumer_settings.prefetch, "consuming");
 
     let republisher = Arc::new(Republisher::new(
-        session.connection.clone(),
+        session.publish_connection.clone(),
         session.republish_channel.clone(),
         consumer_settings.topology.clone(),
+        session.moves_failing.clone(),
     ));
     let acks = Arc::new(AckTracker::new(session.consume_channel.clone()));
     let pipeline = Pipeline::start(settings.clone(), republisher, acks);
@@ -334,7 +438,7 @@ async fn consume(
     let lost = session.lost(&work_queue, intake);
     tokio::pin!(lost);
     let poll_queues = crate::queue_watch::run(
-        &session.connection,
+        &session.consume_connection,
         &consumer_settings.topology,
         settings.processor.pool(),
         &settings.health,
@@ -363,7 +467,11 @@ async fn consume(
         return end;
     }
 
-    let _ = session.consume_channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+    let _ = answered(
+        "the cancel of the consumer",
+        session.consume_channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+    )
+    .await;
     // Deliveries the broker sent before the cancel are ours too: returned unread, each would come
     // back with its delivery count raised. The stream ends after them (bounded, in case it does not).
     while let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {

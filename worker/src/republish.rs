@@ -64,17 +64,75 @@ pub enum RepublishError {
 /// How long a copy may wait for the broker's confirm (a node in a leader election may never send it).
 pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long moves may fail with the broker heard from in no other way than nacks and missing
+/// confirms before the session's node counts as useless: three confirm timeouts, longer than a
+/// quorum queue's election, so that the worker moves on within a minute of the first failure.
+pub const MOVES_FAILING_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Publishes copies on a confirm-mode channel of the current session.
 pub struct Republisher {
-    /// The session's connection, for declarations on channels of their own.
+    /// The session's publishing connection, for declarations on channels of their own.
     connection: Arc<Connection>,
     channel: Channel,
     topology: Topology,
+    /// When the first move failed since the broker last took one (nacks and missing confirms only).
+    failing_since: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Fired once moves have failed for [`MOVES_FAILING_MAX`]: the session ends and the next one
+    /// starts at the next node.
+    moves_failing: tokio_util::sync::CancellationToken,
+}
+
+/// What one move's outcome says about the node: judged in [`Republisher::note`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoveVerdict {
+    /// Taken, or failed for a reason that says nothing against the node (a blocked connection: an
+    /// alarm is the whole cluster's; a failed channel: the session's watch sees it).
+    Fine,
+    /// Failing, not for long enough yet.
+    Failing,
+    /// Failing for [`MOVES_FAILING_MAX`] or more.
+    Useless,
+}
+
+/// Judges a move that failed at `now` when moves have failed since `since` (`None`: this is the
+/// first), returning the verdict and when the failing started.
+pub fn judge_failed_move(
+    since: Option<std::time::Instant>,
+    now: std::time::Instant,
+) -> (MoveVerdict, std::time::Instant) {
+    let since = since.unwrap_or(now);
+    let verdict =
+        if now.duration_since(since) >= MOVES_FAILING_MAX { MoveVerdict::Useless } else { MoveVerdict::Failing };
+    (verdict, since)
 }
 
 impl Republisher {
-    pub fn new(connection: Arc<Connection>, channel: Channel, topology: Topology) -> Self {
-        Self { connection, channel, topology }
+    pub fn new(
+        connection: Arc<Connection>,
+        channel: Channel,
+        topology: Topology,
+        moves_failing: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        Self { connection, channel, topology, failing_since: std::sync::Mutex::new(None), moves_failing }
+    }
+
+    /// Notes what one move's outcome says about the node; fires `moves_failing` when it is useless.
+    fn note(&self, outcome: &Result<(), RepublishError>) {
+        let mut since = self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
+        match outcome {
+            Ok(()) => *since = None,
+            Err(RepublishError::NotConfirmed { .. } | RepublishError::TimedOut { .. })
+                if !self.connection.status().blocked() =>
+            {
+                let (verdict, started) = judge_failed_move(*since, std::time::Instant::now());
+                *since = Some(started);
+                if verdict == MoveVerdict::Useless && !self.moves_failing.is_cancelled() {
+                    tracing::warn!(failing_for = ?started.elapsed(), "the broker takes no moved copy; leaving the node");
+                    self.moves_failing.cancel();
+                }
+            }
+            Err(_) => {}
+        }
     }
 
     /// Sends the delivery to retry tier `tier` (1-based), where it waits out the tier's delay. This
@@ -141,13 +199,14 @@ impl Republisher {
                 .await
                 .map_err(broker)
         };
-        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, published)
-            .await
-            .map_err(|_| RepublishError::TimedOut { queue: queue.to_owned(), timeout: CONFIRM_TIMEOUT })??;
-        match confirm {
-            Confirmation::Ack(None) => Ok(()),
-            _ => Err(RepublishError::NotConfirmed { queue: queue.to_owned() }),
-        }
+        let outcome = match tokio::time::timeout(CONFIRM_TIMEOUT, published).await {
+            Err(_) => Err(RepublishError::TimedOut { queue: queue.to_owned(), timeout: CONFIRM_TIMEOUT }),
+            Ok(Err(error)) => Err(error),
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(_)) => Err(RepublishError::NotConfirmed { queue: queue.to_owned() }),
+        };
+        self.note(&outcome);
+        outcome
     }
 }
 
@@ -179,6 +238,19 @@ mod tests {
     use super::*;
     use shared::delivery::long_string;
     use shared::telemetry::propagation::{HEADER_TRACEPARENT, HEADER_TRACESTATE};
+
+    #[test]
+    fn moves_failing_for_the_whole_span_make_the_node_useless_and_a_taken_move_starts_over() {
+        let start = std::time::Instant::now();
+        let (verdict, since) = judge_failed_move(None, start);
+        assert_eq!((verdict, since), (MoveVerdict::Failing, start), "the first failure starts the span");
+        let almost = start + MOVES_FAILING_MAX - std::time::Duration::from_millis(1);
+        assert_eq!(judge_failed_move(Some(since), almost), (MoveVerdict::Failing, start));
+        let past = start + MOVES_FAILING_MAX;
+        assert_eq!(judge_failed_move(Some(since), past), (MoveVerdict::Useless, start));
+        // After a taken move the span is `None` again: a failure long after is a first one.
+        assert_eq!(judge_failed_move(None, past).0, MoveVerdict::Failing);
+    }
 
     #[test]
     fn a_moved_copy_keeps_the_trace_context_and_drops_the_brokers_headers() {

@@ -82,7 +82,7 @@ impl Worker {
             shutdown_grace: run.shutdown_grace(),
             queue_poll: std::time::Duration::from_secs(run.queue_poll_secs),
         };
-        let session = Session::open(&settings).await?;
+        let session = Session::open(&settings, consumer::Topo::Declare).await?;
         let (metrics_addr, metrics_server) = health::serve(run.metrics_addr, health)?;
         Ok(Self {
             pipeline: Arc::new(pipeline),

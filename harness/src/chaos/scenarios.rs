@@ -798,8 +798,9 @@ async fn mono_slow_at_sign_in_peak(base: &SystemConfig) -> anyhow::Result<Scenar
 
 /// A memory alarm for 20 s under load: RabbitMQ blocks every connection that publishes. ingest must
 /// call that busy, not broken: a 503 at once, `/readyz` saying so, and no move to a new connection
-/// (each would be left behind, blocked, on a broker already short of memory). The workers keep
-/// consuming, and everything accepted is processed once.
+/// (each would be left behind, blocked, on a broker already short of memory). Mono is down through
+/// the alarm, so the workers have parks to publish: their publishing connections are blocked, their
+/// consuming connections never (the acks go on), and everything accepted is processed once.
 async fn memory_alarm_under_load(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     const ALARM: Duration = Duration::from_secs(20);
     let started = Instant::now();
@@ -807,7 +808,11 @@ async fn memory_alarm_under_load(base: &SystemConfig) -> anyhow::Result<Scenario
     let system = System::start(base.clone(), 2).await?;
     let mut report = ScenarioReport::default();
     let load = Load::start(system.ingest_url(), all_kinds(100, 40));
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Mono down: the workers park every re-auth in retry tier 1, and park it again each time it
+    // comes back, so they have copies to publish while the broker blocks publishers.
+    set_mono(&system, 1.0, "500", 0).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let ingest_connections = services::connections_named("monohook-ingest")?;
 
     let alarm = services::raise_memory_alarm()?;
@@ -830,14 +835,21 @@ async fn memory_alarm_under_load(base: &SystemConfig) -> anyhow::Result<Scenario
     report.check("ingest's /readyz says the broker blocks it", readyz["status"] == "broker_blocked");
     let mut most_connections = ingest_connections;
     let mut workers_ready = true;
+    let (mut publishing_blocked, mut consuming_blocked) = (false, false);
     while alarm_started.elapsed() < ALARM {
         most_connections = most_connections.max(services::connections_named("monohook-ingest")?);
         for (_, port) in &system.workers {
             workers_ready &= ready(&format!("http://127.0.0.1:{port}/readyz")).await;
         }
+        let blocked = |name| services::connection_states(name).map(|s| s.iter().any(|s| s == "blocked"));
+        publishing_blocked |= blocked("monohook-worker-publish")?;
+        consuming_blocked |= blocked("monohook-worker")?;
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     drop(alarm);
+    set_mono(&system, 0.0, "500", 0).await?;
+    report.check("a worker's move was blocked by the alarm (its publishing connection)", publishing_blocked);
+    report.check("no worker's consuming connection was blocked: its acks went on", !consuming_blocked);
     report.check(
         format!(
             "ingest's connections stayed at {ingest_connections} through the alarm (most {most_connections})"

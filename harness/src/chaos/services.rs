@@ -203,6 +203,17 @@ impl Drop for RestoreMemoryWatermark {
     }
 }
 
+/// The states (`running`, `blocking`, `blocked`, ...) of the connections whose client named them
+/// `name` (`connection_name`).
+pub fn connection_states(name: &str) -> anyhow::Result<Vec<String>> {
+    let text = output_of("rabbitmqctl", &["-q", "list_connections", "client_properties", "state"])?;
+    Ok(text
+        .lines()
+        .filter(|line| line.contains(&format!("\"{name}\"")))
+        .filter_map(|line| line.rsplit('\t').next().map(|state| state.trim().to_owned()))
+        .collect())
+}
+
 /// The connections open to the node whose client named them `name` (`connection_name`).
 pub fn connections_named(name: &str) -> anyhow::Result<usize> {
     let text = output_of("rabbitmqctl", &["-q", "list_connections", "client_properties"])?;

@@ -161,3 +161,89 @@ async fn a_long_database_outage_parks_held_deliveries_and_dead_letters_none_acro
     assert_eq!(world.dead_letter_count().await, 0);
     assert_eq!(world.count_status("dead").await, 0);
 }
+
+/// A worker whose broker connections go through a proxy of its own.
+async fn worker_behind_proxy(world: &mut TestWorld) -> TcpProxy {
+    let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let url = amqp_url().expose_secret().replace("127.0.0.1:5672", &proxy.addr().to_string());
+    let cli = world.cli(&["--amqp-url", &url]);
+    world.start_worker_on(cli, world.pool.clone()).await;
+    proxy
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_reconnect_to_a_node_without_the_exchange_refuses_it_and_creates_nothing(pool: sqlx::PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    let proxy = worker_behind_proxy(&mut world).await;
+    let before = world.publish(&body("mono.events.account_updated", ACCOUNT)).await;
+    world.settled(&before).await;
+
+    // The node reached after the outage knows nothing of monohook (reset, or a cluster of its own).
+    proxy.cut();
+    world.broker.topology.delete(&world.broker.channel).await.expect("the topology goes");
+    proxy.restore().await;
+    let connections = proxy.connections_accepted();
+    eventually("the worker tries the node again and again", PATIENCE, || async {
+        proxy.connections_accepted() > connections + 2
+    })
+    .await;
+
+    let check = world.broker.topology.check_on(&world.broker.connection).await;
+    assert!(
+        matches!(check, Err(shared::topology::TopologyError::Missing { .. })),
+        "the reconnect declared the topology on a node that is not ours: {check:?}"
+    );
+    let ready = reqwest::get(format!("http://{}/readyz", world.metrics_addrs[0])).await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    assert!(world.metrics().await.contains("monohook_worker_nodes_refused_total"));
+
+    // Declared again (a restarted process does it at start), the node is taken.
+    world.broker.topology.declare_on(&world.broker.connection).await.expect("declared again");
+    let after = world.publish(&body("mono.events.account_updated", "after-refusal")).await;
+    assert_eq!(world.settled(&after).await.status, "processed");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_retry_tier_that_only_nacks_moves_the_worker_to_the_next_node_within_a_minute(pool: sqlx::PgPool) {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+
+    let mut world = TestWorld::new(pool).await;
+    let proxy = worker_behind_proxy(&mut world).await;
+    // Tier 1 takes nothing: every copy moved there is nacked (max-length 0, reject-publish).
+    let tier = world.broker.topology.retry_queue(1);
+    world.broker.channel.queue_delete(tier.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    world.broker.channel.queue_declare(tier.as_str().into(), durable, args).await.unwrap();
+    // Mono fails for this account until the tier takes copies again.
+    let failing = Mock::given(method("POST"))
+        .and(path(format!("/accounts/{ACCOUNT}/reauthorise")))
+        .respond_with(ResponseTemplate::new(500))
+        .mount_as_scoped(&world.mono)
+        .await;
+    let connections = proxy.connections_accepted();
+
+    let started = std::time::Instant::now();
+    let meta = world.publish(&body("mono.events.reauthorisation_required", ACCOUNT)).await;
+    eventually("the worker leaves the node", Duration::from_secs(60), || async {
+        proxy.connections_accepted() >= connections + 2
+    })
+    .await;
+    let moved_after = started.elapsed();
+    assert!(world.journal(&meta).await.is_none(), "the delivery is held, not settled");
+
+    // The tier is put right and Mono answers: the delivery, returned with the old session, is
+    // applied once.
+    world.broker.channel.queue_delete(tier.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
+    world.broker.topology.declare_on(&world.broker.connection).await.unwrap();
+    drop(failing);
+    world.mono_issues_token(ACCOUNT, "after-the-move").await;
+    assert_eq!(world.settled(&meta).await.status, "processed");
+    assert_eq!(world.stored_token(ACCOUNT).await.as_deref(), Some("after-the-move"));
+    println!("left the nacking node {moved_after:?} after the webhook");
+}
