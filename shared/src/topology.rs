@@ -55,9 +55,7 @@ impl TopologyError {
     /// A refusal for "not found" (404) is a missing object; anything else stays as it is.
     fn missing_or_else(self) -> Self {
         match self {
-            Self::Refused { object, source }
-                if matches!(source.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404) =>
-            {
+            Self::Refused { object, source } if matches!(source.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404) => {
                 Self::Missing { object }
             }
             other => other,

@@ -57,6 +57,13 @@ const NO_CONSUMER_ANSWERS: u32 = 3;
 /// no-consumer rule leaves that one.)
 const STARVED_ANSWERS: u32 = 3;
 
+/// Leaves the session's node (the next session starts at the next one), counted by `reason` in
+/// `monohook_worker_node_moves_total`: the node answered but did not do its job.
+fn leave_node(reason: &'static str) {
+    metrics::counter!("monohook_worker_node_moves_total", "reason" => reason).increment(1);
+    amqp::leave_node();
+}
+
 /// What one answer about the work queue says of our consumer's intake since the previous answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Intake {
@@ -163,23 +170,27 @@ impl Session {
         let publish_connection = match amqp::connect(&settings.amqp_url, "monohook-worker-publish").await {
             Ok(connection) => connection,
             Err(error) => {
-                let _ = tokio::time::timeout(CALL_TIMEOUT, consume_connection.close(200, "no publisher".into()))
-                    .await;
+                let _ =
+                    tokio::time::timeout(CALL_TIMEOUT, consume_connection.close(200, "no publisher".into()))
+                        .await;
                 return Err(error.into());
             }
         };
         let channels = async {
-            let consume_channel = answered("a consuming channel", consume_connection.create_channel()).await?;
+            let consume_channel =
+                answered("a consuming channel", consume_connection.create_channel()).await?;
             // Prefetch bounds the deliveries this process holds unacked, hence the work in flight.
             answered(
                 "the prefetch setting",
                 consume_channel.basic_qos(settings.prefetch, BasicQosOptions::default()),
             )
             .await?;
-            let watch_channel = answered("a channel for the watch", consume_connection.create_channel()).await?;
+            let watch_channel =
+                answered("a channel for the watch", consume_connection.create_channel()).await?;
             let republish_channel =
                 answered("a republishing channel", publish_connection.create_channel()).await?;
-            answered("confirm mode", republish_channel.confirm_select(ConfirmSelectOptions::default())).await?;
+            answered("confirm mode", republish_channel.confirm_select(ConfirmSelectOptions::default()))
+                .await?;
             Ok::<_, SessionError>((consume_channel, watch_channel, republish_channel))
         };
         match channels.await {
@@ -193,7 +204,8 @@ impl Session {
             }),
             Err(error) => {
                 for connection in [&consume_connection, &publish_connection] {
-                    let _ = tokio::time::timeout(CALL_TIMEOUT, connection.close(200, "not opened".into())).await;
+                    let _ =
+                        tokio::time::timeout(CALL_TIMEOUT, connection.close(200, "not opened".into())).await;
                 }
                 Err(error)
             }
@@ -245,7 +257,7 @@ impl Session {
                         // Not ready from the first such answer: this node may not be serving us.
                         intake.health.set_consuming(false);
                         if starved_answers >= STARVED_ANSWERS {
-                            amqp::leave_node();
+                            leave_node("starved");
                             return format!(
                                 "{queue} has {} messages ready but the consumer received nothing ({starved_answers} looks in a row); leaving the node",
                                 state.message_count()
@@ -294,7 +306,7 @@ impl Session {
                             if silent_answers >= NO_CONSUMER_ANSWERS {
                                 // This node answers without the queue's leader: the next session
                                 // starts at the next node, as ingest's does.
-                                amqp::leave_node();
+                                leave_node("no_consumer");
                                 return format!(
                                     "the broker lists no consumer on {queue} ({silent_answers} times in a row)"
                                 );
@@ -319,9 +331,9 @@ impl Session {
             () = self.moves_failing.cancelled() => {
                 // Only nacks and timeouts for the copies: a node cut off from the queues' leaders,
                 // or channels that still address a leader that is gone. The next node may do.
-                amqp::leave_node();
+                leave_node("moves_failing");
                 format!(
-                    "the broker took no copy of a moved delivery for {:?} (only nacks or no confirm); leaving the node",
+                    "the broker took almost no moved copy for {:?} (nacks, or no confirm); leaving the node",
                     crate::republish::MOVES_FAILING_MAX
                 )
             }
@@ -332,7 +344,9 @@ impl Session {
     /// close-ok).
     async fn close(&self) {
         for connection in [&self.consume_connection, &self.publish_connection] {
-            match tokio::time::timeout(CALL_TIMEOUT, connection.close(200, "worker shutting down".into())).await {
+            match tokio::time::timeout(CALL_TIMEOUT, connection.close(200, "worker shutting down".into()))
+                .await
+            {
                 Ok(Err(error)) => tracing::debug!(%error, "closing a RabbitMQ connection"),
                 Err(_) => tracing::debug!("closing a RabbitMQ connection: no answer"),
                 Ok(Ok(())) => {}

@@ -43,10 +43,11 @@ use shared::retry::RetryPolicy;
 use shared::telemetry::{self, propagation};
 use shared::topology::Topology;
 
-/// Spacing of the tries to move a delivery whose copy the broker did not take: 1 s doubling to 30 s,
-/// each ±50 %, so 0.5 s to 45 s apart.
+/// Spacing of the tries to move a delivery whose copy the broker did not take: 1 s doubling to 10 s,
+/// each ±50 %, so 0.5 s to 15 s apart. Tries close enough that even one held move shows the
+/// republisher's judge a node that takes no copy within a minute (`republish::MOVES_FAILING_MAX`).
 static MOVE_RETRY: std::sync::LazyLock<RetryPolicy> =
-    std::sync::LazyLock::new(|| RetryPolicy::forever(Duration::from_secs(1), Duration::from_secs(30)));
+    std::sync::LazyLock::new(|| RetryPolicy::forever(Duration::from_secs(1), Duration::from_secs(10)));
 
 /// How far ahead of this worker's clock a receive stamp may be. A stamp orders an account's events:
 /// one an hour ahead (an ingest clock that jumped, a hand-published message stamped in

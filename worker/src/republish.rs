@@ -64,10 +64,57 @@ pub enum RepublishError {
 /// How long a copy may wait for the broker's confirm (a node in a leader election may never send it).
 pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// How long moves may fail with the broker heard from in no other way than nacks and missing
-/// confirms before the session's node counts as useless: three confirm timeouts, longer than a
-/// quorum queue's election, so that the worker moves on within a minute of the first failure.
+/// How long moves are watched, from the first failure, before the node is judged: three confirm
+/// timeouts, longer than a quorum queue's election, so that the worker moves on within a minute.
 pub const MOVES_FAILING_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Failed moves in a window that make the node useless, when fewer than one in ten was taken: a
+/// quorum queue over its length limit still takes the odd copy once it has emptied (its limit is
+/// checked lazily), which must not keep a worker whose moves almost all fail on the node.
+const MOVES_FAILED_MIN: u32 = 3;
+
+/// Moves watched since the first failure that opened the window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoveWindow {
+    pub opened: std::time::Instant,
+    pub failed: u32,
+    pub taken: u32,
+}
+
+/// What the moves of a window say about the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoveVerdict {
+    /// No window open, or one not yet [`MOVES_FAILING_MAX`] old.
+    Watching,
+    /// A window closed with moves taken often enough: the node does its job.
+    Fine,
+    /// A window closed with at least [`MOVES_FAILED_MIN`] failures and fewer than one move in ten
+    /// taken.
+    Useless,
+}
+
+/// Adds one move's outcome (`taken`, at `now`) to `window`: a failure opens a window, a taken move
+/// with none open opens nothing; a window [`MOVES_FAILING_MAX`] old is judged and closed.
+pub fn judge_move(
+    window: Option<MoveWindow>,
+    taken: bool,
+    now: std::time::Instant,
+) -> (Option<MoveWindow>, MoveVerdict) {
+    let Some(mut window) = window.or((!taken).then_some(MoveWindow { opened: now, failed: 0, taken: 0 }))
+    else {
+        return (None, MoveVerdict::Watching);
+    };
+    if taken {
+        window.taken += 1;
+    } else {
+        window.failed += 1;
+    }
+    if now.duration_since(window.opened) < MOVES_FAILING_MAX {
+        return (Some(window), MoveVerdict::Watching);
+    }
+    let useless = window.failed >= MOVES_FAILED_MIN && window.taken.saturating_mul(10) < window.failed;
+    (None, if useless { MoveVerdict::Useless } else { MoveVerdict::Fine })
+}
 
 /// Publishes copies on a confirm-mode channel of the current session.
 pub struct Republisher {
@@ -75,35 +122,11 @@ pub struct Republisher {
     connection: Arc<Connection>,
     channel: Channel,
     topology: Topology,
-    /// When the first move failed since the broker last took one (nacks and missing confirms only).
-    failing_since: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The moves watched since a failure (nacks and missing confirms; not while blocked).
+    window: std::sync::Mutex<Option<MoveWindow>>,
     /// Fired once moves have failed for [`MOVES_FAILING_MAX`]: the session ends and the next one
     /// starts at the next node.
     moves_failing: tokio_util::sync::CancellationToken,
-}
-
-/// What one move's outcome says about the node: judged in [`Republisher::note`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MoveVerdict {
-    /// Taken, or failed for a reason that says nothing against the node (a blocked connection: an
-    /// alarm is the whole cluster's; a failed channel: the session's watch sees it).
-    Fine,
-    /// Failing, not for long enough yet.
-    Failing,
-    /// Failing for [`MOVES_FAILING_MAX`] or more.
-    Useless,
-}
-
-/// Judges a move that failed at `now` when moves have failed since `since` (`None`: this is the
-/// first), returning the verdict and when the failing started.
-pub fn judge_failed_move(
-    since: Option<std::time::Instant>,
-    now: std::time::Instant,
-) -> (MoveVerdict, std::time::Instant) {
-    let since = since.unwrap_or(now);
-    let verdict =
-        if now.duration_since(since) >= MOVES_FAILING_MAX { MoveVerdict::Useless } else { MoveVerdict::Failing };
-    (verdict, since)
 }
 
 impl Republisher {
@@ -113,25 +136,30 @@ impl Republisher {
         topology: Topology,
         moves_failing: tokio_util::sync::CancellationToken,
     ) -> Self {
-        Self { connection, channel, topology, failing_since: std::sync::Mutex::new(None), moves_failing }
+        Self { connection, channel, topology, window: std::sync::Mutex::new(None), moves_failing }
     }
 
     /// Notes what one move's outcome says about the node; fires `moves_failing` when it is useless.
+    /// A failed channel is the session's watch's business, and a blocked connection is an alarm,
+    /// the whole cluster's: neither counts.
     fn note(&self, outcome: &Result<(), RepublishError>) {
-        let mut since = self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
-        match outcome {
-            Ok(()) => *since = None,
+        let taken = match outcome {
+            Ok(()) => true,
             Err(RepublishError::NotConfirmed { .. } | RepublishError::TimedOut { .. })
                 if !self.connection.status().blocked() =>
             {
-                let (verdict, started) = judge_failed_move(*since, std::time::Instant::now());
-                *since = Some(started);
-                if verdict == MoveVerdict::Useless && !self.moves_failing.is_cancelled() {
-                    tracing::warn!(failing_for = ?started.elapsed(), "the broker takes no moved copy; leaving the node");
-                    self.moves_failing.cancel();
-                }
+                false
             }
-            Err(_) => {}
+            Err(_) => return,
+        };
+        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let watched = *window;
+        let (next, verdict) = judge_move(watched, taken, std::time::Instant::now());
+        *window = next;
+        if verdict == MoveVerdict::Useless && !self.moves_failing.is_cancelled() {
+            let failed = watched.map_or(0, |w| w.failed + 1);
+            tracing::warn!(failed, "the broker takes almost no moved copy; leaving the node");
+            self.moves_failing.cancel();
         }
     }
 
@@ -240,16 +268,39 @@ mod tests {
     use shared::telemetry::propagation::{HEADER_TRACEPARENT, HEADER_TRACESTATE};
 
     #[test]
-    fn moves_failing_for_the_whole_span_make_the_node_useless_and_a_taken_move_starts_over() {
-        let start = std::time::Instant::now();
-        let (verdict, since) = judge_failed_move(None, start);
-        assert_eq!((verdict, since), (MoveVerdict::Failing, start), "the first failure starts the span");
-        let almost = start + MOVES_FAILING_MAX - std::time::Duration::from_millis(1);
-        assert_eq!(judge_failed_move(Some(since), almost), (MoveVerdict::Failing, start));
-        let past = start + MOVES_FAILING_MAX;
-        assert_eq!(judge_failed_move(Some(since), past), (MoveVerdict::Useless, start));
-        // After a taken move the span is `None` again: a failure long after is a first one.
-        assert_eq!(judge_failed_move(None, past).0, MoveVerdict::Failing);
+    fn a_window_of_moves_that_almost_all_failed_makes_the_node_useless() {
+        use std::time::{Duration, Instant};
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let feed = |outcomes: &[(u64, bool)]| {
+            let mut window = None;
+            let mut verdicts = Vec::new();
+            for &(ms, taken) in outcomes {
+                let (next, verdict) = judge_move(window, taken, at(ms));
+                window = next;
+                verdicts.push(verdict);
+            }
+            (window, verdicts)
+        };
+        let end = MOVES_FAILING_MAX.as_millis() as u64;
+
+        assert_eq!(feed(&[(0, true), (end * 2, true)]).0, None, "taken moves open no window");
+        let (_, verdicts) = feed(&[(0, false), (1_000, false), (end - 1, false), (end, false)]);
+        assert_eq!(
+            verdicts,
+            [MoveVerdict::Watching; 3].into_iter().chain([MoveVerdict::Useless]).collect::<Vec<_>>()
+        );
+        // One copy taken among twenty failures (a quorum queue's lazy limit) is still useless.
+        let mut lazy: Vec<(u64, bool)> = (0..20).map(|i| (i * 1_000, false)).collect();
+        lazy.insert(10, (10_500, true));
+        lazy.push((end, false));
+        assert_eq!(feed(&lazy).1.last(), Some(&MoveVerdict::Useless));
+        // Half taken: the node does its job, and the window closes.
+        let half: Vec<(u64, bool)> = (0..10).map(|i| (i * 3_000, i % 2 == 1)).chain([(end, false)]).collect();
+        let (window, verdicts) = feed(&half);
+        assert_eq!((window, verdicts.last()), (None, Some(&MoveVerdict::Fine)));
+        // Two failures a window apart are not enough to judge a node.
+        assert_eq!(feed(&[(0, false), (end, false)]).1.last(), Some(&MoveVerdict::Fine));
     }
 
     #[test]

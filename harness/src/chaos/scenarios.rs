@@ -10,7 +10,7 @@ use super::services::{self, RestoreServices};
 use super::{DRAIN_PATIENCE, ScenarioReport};
 use crate::system::{System, SystemConfig, metric_value};
 
-pub const ALL: [&str; 20] = [
+pub const ALL: [&str; 21] = [
     "rabbitmq_restart",
     "postgres_restart",
     "worker_sigkill",
@@ -31,6 +31,7 @@ pub const ALL: [&str; 20] = [
     "mono_key_refused_at_sign_in",
     "memory_alarm_under_load",
     "broker_confirms_slowed",
+    "republish_target_nacks",
 ];
 
 pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
@@ -57,6 +58,7 @@ pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioRepo
         "mono_key_refused_at_sign_in" => super::api_recovery::mono_key_refused_at_sign_in(base).await,
         "memory_alarm_under_load" => memory_alarm_under_load(base).await,
         "broker_confirms_slowed" => broker_confirms_slowed(base).await,
+        "republish_target_nacks" => republish_target_nacks(base).await,
         "cluster_node_partitioned" => super::useless_node::node_partitioned(base).await,
         "cluster_consumer_starved" => super::useless_node::consumer_starved(base).await,
         other => super::on_cluster::run(other, base).await,
@@ -878,6 +880,45 @@ async fn memory_alarm_under_load(base: &SystemConfig) -> anyhow::Result<Scenario
         load.slowest
     ));
     finish("memory_alarm_under_load", started, system, load, report).await
+}
+
+/// Retry tier 1 takes nothing (a policy: max-length 0 with reject-publish) while Mono is down, so
+/// every park is nacked. A worker must not wedge holding moves that cannot succeed: each leaves its
+/// node within a minute (here the one node: a fresh session), and once the tier takes copies again
+/// everything accepted is processed once.
+async fn republish_target_nacks(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    const MOVE_WITHIN: Duration = Duration::from_secs(60);
+    let started = Instant::now();
+    let _restore = RestoreServices;
+    let system = System::start(base.clone(), 2).await?;
+    let mut report = ScenarioReport::default();
+    let load = Load::start(system.ingest_url(), all_kinds(100, 40));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let refusal = services::refuse_publishes_to(&system.topology().retry_queue(1))?;
+    set_mono(&system, 1.0, "500", 0).await?;
+    let fault = Instant::now();
+    let mut moved_after = vec![None; system.workers.len()];
+    while fault.elapsed() < MOVE_WITHIN && moved_after.iter().any(Option::is_none) {
+        for (index, moved) in moved_after.iter_mut().enumerate() {
+            let text = system.worker_metrics(index).await.unwrap_or_default();
+            let moves =
+                metric_value(&text, "monohook_worker_node_moves_total", &["reason=\"moves_failing\""]);
+            if moved.is_none() && moves.unwrap_or(0.0) > 0.0 {
+                *moved = Some(fault.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    report.check(
+        format!("every worker left the nacking node within {MOVE_WITHIN:?} ({moved_after:?})"),
+        moved_after.iter().all(Option::is_some),
+    );
+    drop(refusal);
+    set_mono(&system, 0.0, "500", 0).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let load = load.stop().await;
+    finish("republish_target_nacks", started, system, load, report).await
 }
 
 /// The broker's answers to ingest (its confirms among them) slowed to 1 s, above the publish
