@@ -26,7 +26,9 @@ RUN for bin in ingest worker api; do target/release/$bin man --out-dir /app/man/
 
 # Deliberately the moving Debian 12 tag: the runtime takes Debian's security updates on rebuild.
 FROM debian:bookworm-slim AS runtime
-# ca-certificates for TLS to Mono (and amqps/postgres TLS); curl for the compose health checks.
+# curl for the compose health checks, and ca-certificates for curl. The binaries never read the
+# system store: they trust the webpki roots built in (Mono, amqps, Postgres TLS), plus AMQP_CA_FILE
+# for a broker's private CA and `sslrootcert` in DATABASE_URL for a database's.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \

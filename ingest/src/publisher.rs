@@ -353,9 +353,17 @@ impl Session {
     fn condemn(&self, reason: String) {
         if !self.condemned.is_cancelled() {
             tracing::warn!(%reason, "leaving this RabbitMQ node: it does not do its job");
-            metrics::counter!("monohook_ingest_node_moves_total").increment(1);
             self.condemned.cancel();
         }
+    }
+
+    /// Leaves this session's node although its connection may stand. Counted as a move only when it
+    /// does: a publish that failed because the connection dropped is an ordinary loss.
+    fn leave_node(&self) {
+        if self.connection.status().connected() {
+            metrics::counter!("monohook_ingest_node_moves_total").increment(1);
+        }
+        amqp::leave_node();
     }
 
     fn pick_channel(&self) -> &Channel {
@@ -376,9 +384,9 @@ impl Session {
         };
         tokio::select! {
             reason = amqp::connection_lost(&self.connection) => reason,
-            reason = channels_alive => { amqp::leave_node(); reason }
+            reason = channels_alive => { self.leave_node(); reason }
             () = self.condemned.cancelled() => {
-                amqp::leave_node();
+                self.leave_node();
                 "the node was judged useless".to_owned()
             }
         }

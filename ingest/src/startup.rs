@@ -101,10 +101,13 @@ impl Application {
 
     /// Serves until the cancellation token fires, then drains and closes the broker connection.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        // The supervisor outlives the shutdown signal: requests still draining publish, and a node
+        // that dies under them is left for the next as at any other time.
+        let stop_supervising = CancellationToken::new();
         let supervisor = {
             let publisher = self.publisher.clone();
-            let cancel = self.cancel.clone();
-            tokio::spawn(async move { publisher.supervise(cancel).await })
+            let stop = stop_supervising.clone();
+            tokio::spawn(async move { publisher.supervise(stop).await })
         };
         tracing::info!(port = self.port, metrics = %self.metrics_addr, "ingest listening");
         let metrics = tokio::spawn(self.metrics_server);
@@ -112,6 +115,7 @@ impl Application {
         let _ = metrics.await;
         // The server has drained; nothing publishes any more.
         self.cancel.cancel();
+        stop_supervising.cancel();
         let _ = supervisor.await;
         self.publisher.close().await;
         tracing::info!("ingest stopped");

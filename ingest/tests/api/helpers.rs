@@ -124,6 +124,11 @@ impl TestApp {
         self.broker.depth(&self.broker.topology.work_queue()).await
     }
 
+    /// Fires the shutdown token (as SIGTERM does) without waiting.
+    pub fn fire_shutdown(&self) {
+        self.cancel.cancel();
+    }
+
     /// Fires the shutdown token and waits for the server to drain and stop.
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         self.cancel.cancel();
