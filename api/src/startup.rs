@@ -58,7 +58,8 @@ impl Application {
             config.mono_secret_key.clone(),
             config.mono_timeout(),
             Duration::from_secs(config.mono_retry_after_max_secs),
-        )?;
+        )?
+        .with_caller("monohook-api");
         let (open_for, max_open_for) = config.mono_circuit_open();
         let breaker = CircuitBreaker::new(
             BreakerSettings {

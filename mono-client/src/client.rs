@@ -35,6 +35,9 @@ pub struct MonoClient {
     secret_key: SecretString,
     max_retry_after: Duration,
     clock: Clock,
+    /// Sent as `User-Agent` (`<caller>/<version>`): which of our processes called, for Mono's logs
+    /// and the simulator's record of calls.
+    user_agent: String,
 }
 
 /// A re-auth token. Its `Debug` never shows the value.
@@ -100,6 +103,10 @@ impl MonoError {
     }
 }
 
+fn user_agent(caller: &str) -> String {
+    format!("{caller}/{}", env!("CARGO_PKG_VERSION"))
+}
+
 impl MonoClient {
     /// `max_retry_after` caps the wait any `Retry-After` can ask for.
     pub fn new(
@@ -116,11 +123,23 @@ impl MonoClient {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .user_agent(concat!("monohook/", env!("CARGO_PKG_VERSION")))
             // A redirect would carry `mono-sec-key` wherever it points.
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        Ok(Self { http, base, secret_key, max_retry_after, clock: std::sync::Arc::new(Utc::now) })
+        Ok(Self {
+            http,
+            base,
+            secret_key,
+            max_retry_after,
+            clock: std::sync::Arc::new(Utc::now),
+            user_agent: user_agent("monohook"),
+        })
+    }
+
+    /// Names the calling process in `User-Agent` (`monohook-worker/<version>`).
+    pub fn with_caller(mut self, caller: &str) -> Self {
+        self.user_agent = user_agent(caller);
+        self
     }
 
     /// Takes the time a token is asked for (its `issued_at`) from `clock` instead of the system's:
@@ -178,7 +197,11 @@ impl MonoClient {
             .map_err(|()| unavailable("other", "MONO_API_URL cannot take a path"))?
             .pop_if_empty()
             .extend(segments);
-        let mut request = self.http.post(url).header(SECRET_KEY_HEADER, self.secret_key.expose_secret());
+        let mut request = self
+            .http
+            .post(url)
+            .header(reqwest::header::USER_AGENT, &self.user_agent)
+            .header(SECRET_KEY_HEADER, self.secret_key.expose_secret());
         if let Some(body) = body {
             request = request.json(body);
         }

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::server::{SimState, answer_failure, count, remember};
+use crate::server::{SimState, answer_failure, caller_of, count, remember};
 use crate::webhooks::{Event, Target, post};
 
 /// A link the sim handed out.
@@ -57,7 +57,17 @@ pub async fn initiate(request: HttpRequest, body: web::Bytes, state: web::Data<S
             HttpResponse::BadRequest().json(json!({ "message": "This account can not be re-authorised." })),
         )
     } else if fastrand::f64() < knobs.failure_rate {
-        match answer_failure(&state, &account, arrived_ms, knobs.failure_mode, knobs.retry_after_secs).await {
+        let caller = caller_of(&request);
+        match answer_failure(
+            &state,
+            &account,
+            &caller,
+            arrived_ms,
+            knobs.failure_mode,
+            knobs.retry_after_secs,
+        )
+        .await
+        {
             Some(failed) => failed,
             None => return HttpResponse::GatewayTimeout().finish(),
         }
@@ -88,7 +98,7 @@ pub async fn initiate(request: HttpRequest, body: web::Bytes, state: web::Data<S
         )
     };
     count(&state, outcome);
-    remember(&state, &account, arrived_ms, outcome);
+    remember(&state, &account, &caller_of(&request), arrived_ms, outcome);
     response
 }
 

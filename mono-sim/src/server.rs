@@ -116,6 +116,8 @@ impl SimState {
 #[derive(Clone, Serialize)]
 struct Call {
     account: String,
+    /// Who called: the `User-Agent` up to its version (`monohook-worker`, `monohook-api`).
+    caller: String,
     /// When the call arrived, in ms since the Unix epoch.
     at_ms: i64,
     outcome: &'static str,
@@ -185,7 +187,10 @@ async fn reauthorise(
             HttpResponse::BadRequest().json(json!({ "message": "This account can not be re-authorised." })),
         )
     } else if fastrand::f64() < knobs.failure_rate {
-        match answer_failure(&state, &id, arrived_ms, knobs.failure_mode, knobs.retry_after_secs).await {
+        let caller = caller_of(&request);
+        match answer_failure(&state, &id, &caller, arrived_ms, knobs.failure_mode, knobs.retry_after_secs)
+            .await
+        {
             Some(failed) => failed,
             None => return HttpResponse::GatewayTimeout().finish(),
         }
@@ -194,14 +199,21 @@ async fn reauthorise(
         ("token", HttpResponse::Ok().json(json!({ "token": token })))
     };
     count(&state, outcome);
-    remember(&state, &id, arrived_ms, outcome);
+    remember(&state, &id, &caller_of(&request), arrived_ms, outcome);
     response
+}
+
+/// The calling product named by `User-Agent` (`monohook-worker/0.1.0` → `monohook-worker`).
+pub fn caller_of(request: &HttpRequest) -> String {
+    let agent = request.headers().get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    agent.split('/').next().unwrap_or_default().to_owned()
 }
 
 /// A failing call's answer as `mode` says; `None` after a hang (counted and remembered here).
 pub async fn answer_failure(
     state: &SimState,
     account: &str,
+    caller: &str,
     arrived_ms: i64,
     mode: FailureMode,
     retry_after_secs: u64,
@@ -221,7 +233,7 @@ pub async fn answer_failure(
         }
         FailureMode::Hang => {
             count(state, "hung");
-            remember(state, account, arrived_ms, "hung");
+            remember(state, account, caller, arrived_ms, "hung");
             tokio::time::sleep(Duration::from_secs(600)).await;
             return None;
         }
@@ -232,12 +244,12 @@ pub fn count(state: &SimState, outcome: &'static str) {
     *state.stats.lock().unwrap_or_else(|e| e.into_inner()).entry(outcome).or_default() += 1;
 }
 
-pub fn remember(state: &SimState, account: &str, arrived_ms: i64, outcome: &'static str) {
+pub fn remember(state: &SimState, account: &str, caller: &str, arrived_ms: i64, outcome: &'static str) {
     let mut calls = state.calls.lock().unwrap_or_else(|e| e.into_inner());
     if calls.len() >= MAX_CALLS_KEPT {
         calls.drain(..MAX_CALLS_KEPT / 2);
     }
-    calls.push(Call { account: account.to_owned(), at_ms: arrived_ms, outcome });
+    calls.push(Call { account: account.to_owned(), caller: caller.to_owned(), at_ms: arrived_ms, outcome });
 }
 
 async fn get_calls(state: web::Data<SimState>) -> HttpResponse {

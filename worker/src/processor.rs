@@ -106,8 +106,17 @@ impl ItemOutcome {
 /// statement's own time.
 pub const TRIES_BEFORE_SPLIT: u32 = 3;
 
+/// How long a worker's claim on an account's call to Mono holds off the others: longer than a call
+/// with its retries (Mono's timeout, `MONO_RETRY_BUDGET_SECS`) and the batch that stores its token.
+/// A claim this old belongs to a worker that died mid-call.
+pub const TOKEN_CLAIM_TTL: Duration = Duration::from_secs(60);
+/// How often a worker waiting on another's claim decides again.
+const CLAIM_POLL: Duration = Duration::from_millis(200);
+
 pub struct Processor {
     pool: PgPool,
+    /// This process's id in `token_fetch_claims`.
+    holder: uuid::Uuid,
     db_retry: RetryPolicy,
     dedup_window: Duration,
     /// What the journal keeps of each body (`JOURNAL_PAYLOAD`).
@@ -128,7 +137,13 @@ impl Processor {
         // The database is retried until it is back: 100 ms doubling to 5 s between attempts, each
         // ±50 % (so up to 7.5 s).
         let db_retry = RetryPolicy::forever(Duration::from_millis(100), Duration::from_secs(5));
-        Self { pool, db_retry, dedup_window, journal_payload: JournalPayload::default() }
+        Self {
+            pool,
+            holder: uuid::Uuid::new_v4(),
+            db_retry,
+            dedup_window,
+            journal_payload: JournalPayload::default(),
+        }
     }
 
     /// Keeps `kept` of each body in the journal instead of the default (`minimal`).
@@ -246,6 +261,24 @@ impl Processor {
                 .collect());
         }
         let inserted = db::batch::write(&mut tx, &state, &journal, self.journal_payload).await?;
+        // A delivery that brought its token and is journaled ends this process's claim on its
+        // account's call, in the transaction that makes the outcome visible: a copy waiting on the
+        // claim then decides "duplicate", never "call".
+        let calls_done: Vec<&str> = decisions
+            .iter()
+            .zip(candidates)
+            .filter(|(decision, candidate)| {
+                matches!(decision, Decision::Journal { .. }) && candidate.token.is_some()
+            })
+            .filter_map(|(_, candidate)| candidate.event.account_id.as_ref().map(|a| a.as_str()))
+            .collect();
+        if !calls_done.is_empty() {
+            sqlx::query("DELETE FROM token_fetch_claims WHERE account_id = ANY($1) AND holder = $2")
+                .bind(&calls_done)
+                .bind(self.holder)
+                .execute(&mut *tx)
+                .await?;
+        }
         // An account event is decided under its row lock, so nobody else can journal it meanwhile; if
         // somebody did, the decision was made on stale state. (Other events change nothing: losing
         // the race just makes them redeliveries.)
@@ -272,25 +305,88 @@ impl Processor {
     }
 
     /// Whether `event` still needs a re-auth token, decided again as its batch would decide it now
-    /// (nothing is written). A copy may have settled the re-auth since the batch asked for a token:
-    /// then Mono must not be asked for one that nobody will store. `true` if the database cannot
+    /// (nothing is written but the claim). A copy may have settled the re-auth since the batch asked
+    /// for a token: then Mono must not be asked for one that nobody will store. Across processes,
+    /// the answer `true` comes with this process's claim on the account's call
+    /// (`token_fetch_claims`): while another worker holds a live claim, this one waits, deciding
+    /// again, until that worker's batch stores the token (a copy: no call), its call fails (the
+    /// claim is released) or the claim expires ([`TOKEN_CLAIM_TTL`]). `true` if the database cannot
     /// say (the batch decides again anyway, with the token).
-    pub async fn still_needs_token(&self, event: &crate::event::IncomingEvent) -> bool {
-        let candidate = [Candidate { event, token: None }];
-        let decided = async {
-            let mut conn = self.pool.acquire().await?;
-            let mut tx = db::begin(&mut conn).await?;
-            let mut state = db::batch::load(&mut tx, &candidate, self.dedup_window).await?;
-            let decisions = batch::decide(&mut state, &candidate, self.dedup_window);
-            tx.rollback().await?;
-            Ok::<_, sqlx::Error>(decisions)
-        };
-        match decided.await {
-            Ok(decisions) => decisions.first() == Some(&Decision::NeedsToken),
-            Err(error) => {
-                tracing::debug!(%error, "cannot decide again before calling Mono; calling");
-                true
+    pub async fn still_needs_token(
+        &self,
+        event: &crate::event::IncomingEvent,
+        abandon: &CancellationToken,
+    ) -> bool {
+        let account = event.account_id.as_ref().map(|a| a.as_str()).unwrap_or_default();
+        loop {
+            match self.claim_token_call(account).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tokio::select! {
+                        () = tokio::time::sleep(CLAIM_POLL) => continue,
+                        () = abandon.cancelled() => return true,
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "cannot claim the call to Mono; calling");
+                    return true;
+                }
             }
+            return match self.decide_alone(event).await {
+                Ok(needed) => {
+                    if !needed {
+                        self.release_token_call(account).await;
+                    }
+                    needed
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "cannot decide again before calling Mono; calling");
+                    true
+                }
+            };
+        }
+    }
+
+    /// Whether `event`, decided alone now, needs a token (in a transaction that is rolled back).
+    async fn decide_alone(&self, event: &crate::event::IncomingEvent) -> sqlx::Result<bool> {
+        let candidate = [Candidate { event, token: None }];
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = db::begin(&mut conn).await?;
+        let mut state = db::batch::load(&mut tx, &candidate, self.dedup_window).await?;
+        let decisions = batch::decide(&mut state, &candidate, self.dedup_window);
+        tx.rollback().await?;
+        Ok(decisions.first() == Some(&Decision::NeedsToken))
+    }
+
+    /// Claims the call to Mono for `account`: free, expired, or already this process's. `false`
+    /// while another process holds a live claim.
+    async fn claim_token_call(&self, account: &str) -> sqlx::Result<bool> {
+        let ttl = chrono::Duration::from_std(TOKEN_CLAIM_TTL).unwrap_or(chrono::Duration::MAX);
+        let claimed: Option<bool> = sqlx::query_scalar(
+            "INSERT INTO token_fetch_claims (account_id, holder) VALUES ($1, $2)
+             ON CONFLICT (account_id) DO UPDATE SET holder = EXCLUDED.holder, claimed_at = clock_timestamp()
+                 WHERE token_fetch_claims.holder = EXCLUDED.holder
+                    OR token_fetch_claims.claimed_at < clock_timestamp() - $3::interval
+             RETURNING true",
+        )
+        .bind(account)
+        .bind(self.holder)
+        .bind(ttl)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(claimed.is_some())
+    }
+
+    /// Releases this process's claim on `account`'s call (the call failed, or was not needed), so
+    /// that another worker's copy need not wait for it to expire. Best effort: it expires anyway.
+    pub async fn release_token_call(&self, account: &str) {
+        let released = sqlx::query("DELETE FROM token_fetch_claims WHERE account_id = $1 AND holder = $2")
+            .bind(account)
+            .bind(self.holder)
+            .execute(&self.pool)
+            .await;
+        if let Err(error) = released {
+            tracing::debug!(%error, "cannot release the claim on a call to Mono; it expires");
         }
     }
 

@@ -24,6 +24,9 @@ use std::time::Duration;
 use crate::health::Health;
 use shared::topology::Topology;
 
+/// Bound on opening and closing the poll's channel (each declaration is bounded by the topology).
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub async fn run(
     connection: &Connection,
     topology: &Topology,
@@ -35,9 +38,12 @@ pub async fn run(
     loop {
         tick.tick().await;
         stored_dead_letters(pool).await;
-        let Ok(channel) = connection.create_channel().await else { continue };
+        // Bounded: a node that stops answering must not hold the poll (the session's watch ends it).
+        let Ok(Ok(channel)) = tokio::time::timeout(CALL_TIMEOUT, connection.create_channel()).await else {
+            continue;
+        };
         let depths = topology.depths(&channel).await;
-        let _ = channel.close(200, "polled".into()).await;
+        let _ = tokio::time::timeout(CALL_TIMEOUT, channel.close(200, "polled".into())).await;
         let Ok(depths) = depths else { continue };
         let work = topology.work_queue();
         for depth in depths {

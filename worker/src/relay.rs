@@ -38,6 +38,8 @@ use shared::topology::Topology;
 const RELAY_INTERVAL: Duration = Duration::from_millis(200);
 /// Outbox rows published per transaction.
 const RELAY_BATCH: i64 = 200;
+/// Bound on opening the relay's link: connecting, two channels and the conveyor's consumer.
+const LINK_OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the conveyor keeps trying to store one message before returning it to the dead queue.
 const CONVEYOR_HOLD: Duration = Duration::from_secs(30);
 
@@ -88,7 +90,15 @@ struct Link {
 }
 
 impl Link {
+    /// Opens the link within [`LINK_OPEN_TIMEOUT`]: a node that accepts the connection but
+    /// answers nothing more must not hold the relay forever.
     async fn open(settings: &RelaySettings) -> anyhow::Result<Self> {
+        tokio::time::timeout(LINK_OPEN_TIMEOUT, Self::open_unbounded(settings))
+            .await
+            .map_err(|_| anyhow::anyhow!("the broker did not answer within {LINK_OPEN_TIMEOUT:?}"))?
+    }
+
+    async fn open_unbounded(settings: &RelaySettings) -> anyhow::Result<Self> {
         // No declaration here: the consuming session declared the topology before the relay
         // started, and declaring it again at any later moment would re-create a queue an operator
         // just deleted, under the session that is about to notice and declare it itself. A publish

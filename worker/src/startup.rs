@@ -47,7 +47,8 @@ impl Worker {
             .mono_secret_key
             .clone()
             .ok_or_else(|| anyhow::anyhow!("MONO_SECRET_KEY is required to run the worker"))?;
-        let mono = MonoClient::new(&run.mono_api_url, secret_key, run.mono_timeout(), run.max_retry_after())?;
+        let mono = MonoClient::new(&run.mono_api_url, secret_key, run.mono_timeout(), run.max_retry_after())?
+            .with_caller("monohook-worker");
         let topology = broker.topology();
         // Parking and retrying need at least one tier to wait in.
         anyhow::ensure!(

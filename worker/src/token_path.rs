@@ -3,7 +3,9 @@
 //! (`worker/tests/decisions.rs`), so the model checks this very code.
 //!
 //! - A delivery is decided again just before Mono would be asked, with its flight already on offer:
-//!   a copy that settled the re-auth meanwhile costs no call.
+//!   a copy that settled the re-auth meanwhile costs no call. Across workers, the call is claimed
+//!   in the database first (`Processor::still_needs_token`): a copy taken by another worker at
+//!   the same time waits for the claim's token to be stored, and is then a duplicate.
 //! - A token the batch would not store (issued before the account's last re-authorisation, or
 //!   expired): one shared from another delivery's call is withdrawn and Mono asked anew; one from
 //!   this delivery's own call means the stamps and this worker's clock disagree (or it expired while
@@ -45,6 +47,7 @@ pub async fn next_step(
     let mut refused_issued_at = None;
     if let Some((refused, own)) = held {
         if own.is_some() {
+            processor.release_token_call(account.as_str()).await;
             // Dropping the flight withdraws its offer: no copy gets this token either.
             return TokenStep::Park(format!(
                 "the token Mono issued at {} for this delivery predates the account's last \
@@ -54,10 +57,17 @@ pub async fn next_step(
         }
         refused_issued_at = Some(refused.issued_at);
     }
-    let still_needed = || processor.still_needs_token(event);
+    let still_needed = || processor.still_needs_token(event, abandon);
     match tokens.fetch_issued_after_if_needed(account, abandon, refused_issued_at, still_needed).await {
         None => TokenStep::Settled,
-        Some((outcome, flight)) => TokenStep::Answer(outcome, flight),
+        Some((outcome, flight)) => {
+            // No token to store: the claim on the account's call goes now, or another worker's copy
+            // would wait for it to expire. (A token's claim goes with the batch that stores it.)
+            if !matches!(outcome, TokenOutcome::Token(_)) {
+                processor.release_token_call(account.as_str()).await;
+            }
+            TokenStep::Answer(outcome, flight)
+        }
     }
 }
 

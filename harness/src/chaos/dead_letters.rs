@@ -55,7 +55,7 @@ pub async fn dead_letters_replayed_under_load(base: &SystemConfig) -> anyhow::Re
     let started = Instant::now();
     let mut system = System::start(base.clone(), 2).await?;
     // A killed worker's fetched tokens die with it.
-    let mut report = ScenarioReport { mono_calls_strict: false, ..ScenarioReport::default() };
+    let mut report = ScenarioReport { extra_tokens_per_account: 1, ..ScenarioReport::default() };
     mono_refuses(&system, (1..=ACCOUNTS).map(crate::bodies::account_id).collect()).await?;
     let plan = LoadPlan { per_second: 300, accounts: ACCOUNTS, kinds: vec![Kind::ReauthorisationRequired] };
     let refused = Load::start(system.ingest_url(), plan);

@@ -168,11 +168,6 @@ fn last_of<'a>(events: &[(&'a Posted, &Journaled)], wanted: impl Fn(Kind) -> boo
 /// "between" includes both ends' millisecond: events stamped in the same millisecond have no known
 /// order (two ingests, two clocks), so another body stamped with either copy's time may have been
 /// in effect between them, and the copy is taken as a new re-auth.
-pub async fn model_reauths(pool: &PgPool, window: Duration) -> anyhow::Result<usize> {
-    Ok(model_reauths_by_account(pool, window).await?.values().sum())
-}
-
-/// [`model_reauths`] account by account.
 pub async fn model_reauths_by_account(
     pool: &PgPool,
     window: Duration,

@@ -93,7 +93,7 @@ fn seconds(took: Option<Duration>) -> String {
 pub(super) async fn node_partitioned(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     let started = Instant::now();
     let mut run = OnCluster::start_with(base, 2).await?;
-    let mut report = cluster_report(0.95);
+    let mut report = cluster_report(0.95, 1);
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     let Some(node) = node_with_ingest_and_worker(&mut run).await? else {
@@ -175,7 +175,7 @@ pub(super) async fn consumer_starved(base: &SystemConfig) -> anyhow::Result<Scen
     let started = Instant::now();
     // One worker: another would keep the queue empty, and an empty queue starves no consumer.
     let run = OnCluster::start_with(base, 1).await?;
-    let mut report = cluster_report(0.99);
+    let mut report = cluster_report(0.99, 1);
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     let worker = &run.system.workers[0].0;

@@ -78,7 +78,8 @@ async fn a_node_that_dies_during_the_drain_is_left_for_the_next_and_the_request_
     let request = {
         let (http, url) = (proxied.app.http.clone(), format!("{}/webhooks/mono", proxied.app.address));
         tokio::spawn(async move {
-            let sent = http.post(url).header("mono-webhook-secret", SECRET).body(fixture("account_updated.json"));
+            let sent =
+                http.post(url).header("mono-webhook-secret", SECRET).body(fixture("account_updated.json"));
             sent.send().await.map(|response| response.status().as_u16())
         })
     };

@@ -107,3 +107,52 @@ async fn a_reauthorisation_decided_after_a_later_copy_of_the_loss_still_spends_t
     );
     world.stop_workers().await;
 }
+
+/// Mono answers [`NumberedTokens`] slowly, so that calls for copies overlap.
+struct SlowTokens(NumberedTokens);
+
+impl wiremock::Respond for SlowTokens {
+    fn respond(&self, request: &wiremock::Request) -> wiremock::ResponseTemplate {
+        self.0.respond(request).set_delay(std::time::Duration::from_millis(500))
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn copies_of_a_reauth_taken_by_two_workers_at_once_cost_one_call_to_mono(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    let tokens = NumberedTokens::default();
+    Mock::given(method("POST"))
+        .and(path(format!("/accounts/{ACCOUNT}/reauthorise")))
+        .respond_with(SlowTokens(tokens.clone()))
+        .mount(&world.mono)
+        .await;
+    world.start_worker().await;
+    world.start_worker().await;
+    let work = world.broker.topology.work_queue();
+    eventually("both workers consume", PATIENCE, || async {
+        world.broker.depths().await.iter().any(|d| d.queue == work && d.consumers == 2)
+    })
+    .await;
+
+    // Mono posts the re-auth four times (no 200 in time, say): the broker hands the copies to
+    // both workers, which take them side by side.
+    let t0 = Utc::now() - Span::seconds(1);
+    let mut copies = Vec::new();
+    for offset in 0..4 {
+        let mut copy = DeliveryMeta::stamp(&body(REAUTH, ACCOUNT));
+        copy.received_at = DateTime::from_timestamp_millis(t0.timestamp_millis() + offset).unwrap();
+        world.publish_meta(&body(REAUTH, ACCOUNT), &copy).await;
+        copies.push(copy);
+    }
+
+    let mut statuses = Vec::new();
+    for copy in &copies {
+        statuses.push(world.settled(copy).await.status);
+    }
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1, "one re-auth, one call (statuses {statuses:?})");
+    assert_eq!(world.stored_token(ACCOUNT).await.as_deref(), Some("token-1"));
+    assert_eq!(statuses.iter().filter(|s| *s == "processed").count(), 1, "{statuses:?}");
+    let claims: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM token_fetch_claims").fetch_one(&world.pool).await.unwrap();
+    assert_eq!(claims, 0, "the stored token ended the claim");
+}
