@@ -11,12 +11,24 @@ use super::model::{self, Verdict};
 use super::{DRAIN_PATIENCE, ScenarioReport};
 use crate::system::System;
 
-/// Every event kind, at `per_second` over `accounts` accounts.
+/// Every event kind, at `per_second` over `accounts` accounts: mostly the re-auth cycle and data
+/// updates, with sync failures, connections and (for every eighth account) unlinks among them.
 pub(super) fn all_kinds(per_second: u32, accounts: u64) -> LoadPlan {
+    use Kind::*;
     LoadPlan {
         per_second,
         accounts,
-        kinds: vec![Kind::ReauthorisationRequired, Kind::AccountReauthorized, Kind::AccountUpdated],
+        kinds: vec![
+            ReauthorisationRequired,
+            AccountReauthorized,
+            AccountUpdated,
+            ReauthorisationRequired,
+            AccountReauthorized,
+            AccountUpdated,
+            SyncFailed,
+            AccountConnected,
+            AccountUnlinked,
+        ],
     }
 }
 
@@ -52,7 +64,7 @@ async fn dead_total(system: &System) -> anyhow::Result<usize> {
 }
 
 /// The worker's dedup window in every scenario (its default).
-const MODEL_DEDUP_WINDOW: Duration = Duration::from_secs(600);
+pub(super) const MODEL_DEDUP_WINDOW: Duration = Duration::from_secs(600);
 
 /// The times (ms) of the tokens Mono issued to the workers, account by account: the api's on-demand
 /// fetches are its own (the simulator records who called, by `User-Agent`).
@@ -121,8 +133,14 @@ pub(super) async fn finish(
     load: LoadResult,
     mut report: ScenarioReport,
 ) -> anyhow::Result<ScenarioReport> {
-    let verdict: Verdict =
-        model::settle_and_verify(&system.pool, &load.accepted, &load.uncertain, DRAIN_PATIENCE).await?;
+    let verdict: Verdict = model::settle_and_verify(
+        &system.pool,
+        &load.accepted,
+        &load.uncertain,
+        DRAIN_PATIENCE,
+        MODEL_DEDUP_WINDOW,
+    )
+    .await?;
     report.name = name.to_owned();
     report.posted = load.posted;
     report.accepted_share = load.accepted_share();
@@ -161,6 +179,14 @@ pub(super) async fn finish(
     if most > 0 {
         explain_extra_tokens(&system, &issued, &counted, allowed).await;
     }
+    report.check(
+        format!(
+            "every journal status is one some order of processing gives ({} not{})",
+            verdict.wrong_statuses.len(),
+            verdict.wrong_statuses.first().map(|first| format!(", e.g. {first}")).unwrap_or_default()
+        ),
+        verdict.wrong_statuses.is_empty(),
+    );
     report.processed = verdict.processed;
     report.lost = verdict.lost.len();
     report.double_effects = verdict.wrong_accounts.len();

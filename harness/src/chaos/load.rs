@@ -22,7 +22,15 @@ pub enum Kind {
     ReauthorisationRequired,
     AccountReauthorized,
     AccountUpdated,
+    SyncFailed,
+    AccountConnected,
+    /// Posted only for every eighth account (others get `AccountConnected` instead): an unlink ends
+    /// an account's re-auths for good, and the load must keep re-auth traffic.
+    AccountUnlinked,
 }
+
+/// Accounts whose number is a multiple of this may be unlinked by the load.
+const UNLINKED_EVERY: u64 = 8;
 
 impl Kind {
     pub fn event(self) -> &'static str {
@@ -30,7 +38,15 @@ impl Kind {
             Self::ReauthorisationRequired => "mono.events.reauthorisation_required",
             Self::AccountReauthorized => "mono.events.account_reauthorized",
             Self::AccountUpdated => "mono.events.account_updated",
+            Self::SyncFailed => "mono.events.sync_failed",
+            Self::AccountConnected => "mono.events.account_connected",
+            Self::AccountUnlinked => "mono.events.account_unlinked",
         }
+    }
+
+    /// Whether the event decides the account's data status (the data guard's events).
+    pub fn sets_data_status(self) -> bool {
+        matches!(self, Self::AccountUpdated | Self::SyncFailed)
     }
 }
 
@@ -141,17 +157,35 @@ const DATA_STATUSES: [&str; 3] = ["AVAILABLE", "PROCESSING", "PARTIAL"];
 
 impl Posted {
     pub fn new(seq: u64, plan: &LoadPlan) -> Self {
-        let account = crate::bodies::account_id(1 + seq % plan.accounts);
+        let number = 1 + seq % plan.accounts;
+        let account = crate::bodies::account_id(number);
         // A cheap mix so consecutive events of one account differ in kind.
-        let kind = plan.kinds
+        let mut kind = plan.kinds
             [((seq / plan.accounts).wrapping_mul(2_654_435_761) % plan.kinds.len() as u64) as usize];
-        let data_status = (kind == Kind::AccountUpdated).then(|| DATA_STATUSES[(seq % 3) as usize]);
-        // Re-auth bodies hold only the account, as Mono's do: an account's episodes repeat them.
-        let mut data = json!({ "account": { "_id": account } });
-        if let Some(status) = data_status {
-            data["meta"] = json!({ "data_status": status });
-            data["account"]["balance"] = json!(seq);
+        if kind == Kind::AccountUnlinked && !number.is_multiple_of(UNLINKED_EVERY) {
+            kind = Kind::AccountConnected;
         }
+        let data_status = match kind {
+            Kind::AccountUpdated => Some(DATA_STATUSES[(seq % 3) as usize]),
+            Kind::SyncFailed => Some("FAILED"),
+            _ => None,
+        };
+        // Bodies shaped as Mono's (tests/fixtures). Re-auth, unlink, connect and sync-failure bodies
+        // hold only the account (and its customer), so an account's episodes repeat them.
+        let data = match kind {
+            Kind::AccountUpdated => json!({
+                "account": { "_id": account, "balance": seq },
+                "meta": { "data_status": data_status },
+            }),
+            Kind::SyncFailed => json!({ "account": { "_id": account }, "meta": { "data_status": "FAILED" } }),
+            Kind::AccountConnected => {
+                json!({ "id": account, "customer": format!("cus{account}"), "meta": {} })
+            }
+            Kind::AccountUnlinked => json!({ "account": { "id": account } }),
+            Kind::ReauthorisationRequired | Kind::AccountReauthorized => {
+                json!({ "account": { "_id": account } })
+            }
+        };
         let body = serde_json::to_vec(&json!({ "event": kind.event(), "data": data })).expect("serialisable");
         Self { seq, kind, account, data_status, body }
     }

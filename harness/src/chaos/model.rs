@@ -1,7 +1,8 @@
 //! What the database must hold once a scenario's backlog has drained: every delivery that got a 200
 //! journaled, each account in the state a single worker taking the same events one by one would
-//! have left it in (the event received last decides each part of the state), and no more tokens
-//! from Mono than that worker would have asked for (docs/ARCHITECTURE.md, "The model").
+//! have left it in (the event received last decides each part of the state; an unlink ends the
+//! re-auth for good), and no more tokens from Mono than that worker would have asked for
+//! (docs/ARCHITECTURE.md, "The model").
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
@@ -32,6 +33,8 @@ pub struct Verdict {
     pub statuses: BTreeMap<String, usize>,
     /// Webhooks that got no 200 yet were journaled: counted in, not lost.
     pub delivered_without_200: usize,
+    /// Deliveries journaled with a status no order of processing allows (with why).
+    pub wrong_statuses: Vec<String>,
 }
 
 /// Waits (up to `patience`) until every accepted delivery is journaled, then checks the accounts.
@@ -40,6 +43,7 @@ pub async fn settle_and_verify(
     accepted: &BTreeMap<String, Posted>,
     uncertain: &[Posted],
     patience: Duration,
+    dedup_window: Duration,
 ) -> anyhow::Result<Verdict> {
     let deadline = Instant::now() + patience;
     let journal: HashMap<String, Journaled> = loop {
@@ -85,6 +89,8 @@ pub async fn settle_and_verify(
         }
     }
 
+    verdict.wrong_statuses = impossible_statuses(accepted, &journal, dedup_window);
+
     let mut by_account: BTreeMap<&str, Vec<(&Posted, &Journaled)>> = BTreeMap::new();
     for (id, posted) in accepted {
         // A duplicate restates its copy's effect at its own receive time: it counts as that event.
@@ -105,14 +111,18 @@ pub async fn settle_and_verify(
             verdict.wrong_accounts.push(account.to_owned());
             continue;
         };
+        // An unlink ends the re-auth for good: it clears the flag and token whenever it comes, and
+        // a re-auth received after it is ignored.
+        let unlinked = events.iter().any(|(p, _)| p.kind == Kind::AccountUnlinked);
         let reauth =
             last_of(&events, |k| matches!(k, Kind::ReauthorisationRequired | Kind::AccountReauthorized));
         let expected_flag = match reauth {
+            _ if unlinked => Some(false),
             Latest::None => Some(false),
             Latest::One(posted) => Some(posted.kind == Kind::ReauthorisationRequired),
             Latest::Tied => None,
         };
-        let expected_status = match last_of(&events, |k| k == Kind::AccountUpdated) {
+        let expected_status = match last_of(&events, Kind::sets_data_status) {
             Latest::One(posted) => Some(posted.data_status.map(str::to_owned)),
             Latest::None => Some(None),
             Latest::Tied => None,
@@ -137,6 +147,47 @@ pub async fn settle_and_verify(
         }
     }
     Ok(verdict)
+}
+
+/// The journal statuses no order of processing allows. Which of `processed`, `duplicate` and
+/// `stale` a delivery gets depends on the order the workers decided in (a later-received event
+/// applied first makes an earlier one stale; which of two copies is the duplicate is a race), so
+/// the model cannot name each delivery's status; what it can say, whatever the order:
+/// - `duplicate` needs a copy: another delivery of the same body within the dedup window;
+/// - `ignored` is only a re-auth of an account that was unlinked (the load sends no unknown event).
+fn impossible_statuses(
+    accepted: &BTreeMap<String, Posted>,
+    journal: &HashMap<String, Journaled>,
+    dedup_window: Duration,
+) -> Vec<String> {
+    let window = chrono::Duration::from_std(dedup_window).unwrap_or(chrono::Duration::MAX);
+    let mut by_body: HashMap<&[u8], Vec<(&str, DateTime<Utc>)>> = HashMap::new();
+    let mut unlinked: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for (id, posted) in accepted {
+        if let Some(row) = journal.get(id) {
+            by_body.entry(posted.body.as_slice()).or_default().push((id.as_str(), row.received_at));
+            if posted.kind == Kind::AccountUnlinked {
+                unlinked.insert(posted.account.as_str());
+            }
+        }
+    }
+    let mut wrong = Vec::new();
+    for (id, posted) in accepted {
+        let Some(row) = journal.get(id) else { continue };
+        let fits = match row.status.as_str() {
+            "duplicate" => by_body[posted.body.as_slice()]
+                .iter()
+                .any(|(other, at)| *other != id.as_str() && (*at - row.received_at).abs() <= window),
+            "ignored" => {
+                posted.kind == Kind::ReauthorisationRequired && unlinked.contains(posted.account.as_str())
+            }
+            _ => true,
+        };
+        if !fits {
+            wrong.push(format!("{id} ({:?} of {}) journaled {}", posted.kind, posted.account, row.status));
+        }
+    }
+    wrong
 }
 
 enum Latest<'a> {
@@ -244,6 +295,42 @@ mod tests {
             })
             .collect();
         count_reauths(rows, chrono::Duration::minutes(10)).values().sum()
+    }
+
+    #[test]
+    fn a_duplicate_without_a_copy_and_an_ignored_re_auth_of_a_linked_account_are_impossible() {
+        use crate::chaos::load::LoadPlan;
+        let plan = |kind| LoadPlan { per_second: 1, accounts: 8, kinds: vec![kind] };
+        let start = DateTime::from_timestamp_millis(1_800_000_000_000).expect("a valid time");
+        let mut accepted = BTreeMap::new();
+        let mut journal = HashMap::new();
+        let mut add = |id: &str, posted: Posted, status: &str, ms: i64| {
+            let row = Journaled {
+                id: id.to_owned(),
+                status: status.to_owned(),
+                received_at: start + chrono::Duration::milliseconds(ms),
+            };
+            journal.insert(id.to_owned(), row);
+            accepted.insert(id.to_owned(), posted);
+            (accepted.clone(), journal.clone())
+        };
+        // Account 1 (seq 0): a re-auth and its copy; account 8 (seq 7): unlinked, then a re-auth.
+        add("r1", Posted::new(0, &plan(Kind::ReauthorisationRequired)), "processed", 0);
+        add("r1-copy", Posted::new(0, &plan(Kind::ReauthorisationRequired)), "duplicate", 10);
+        add("u8", Posted::new(7, &plan(Kind::AccountUnlinked)), "processed", 20);
+        let (accepted, journal) =
+            add("r8", Posted::new(7, &plan(Kind::ReauthorisationRequired)), "ignored", 30);
+        let window = Duration::from_secs(600);
+        assert!(impossible_statuses(&accepted, &journal, window).is_empty());
+
+        // A body of its own (a data update) cannot be a duplicate; a linked account's re-auth is
+        // never ignored.
+        add("d1", Posted::new(8, &plan(Kind::AccountUpdated)), "duplicate", 40);
+        let (accepted, journal) =
+            add("r2", Posted::new(1, &plan(Kind::ReauthorisationRequired)), "ignored", 50);
+        let wrong = impossible_statuses(&accepted, &journal, window);
+        assert_eq!(wrong.len(), 2, "{wrong:?}");
+        assert!(wrong[0].starts_with("d1") && wrong[1].starts_with("r2"), "{wrong:?}");
     }
 
     #[test]

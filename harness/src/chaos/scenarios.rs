@@ -326,7 +326,14 @@ async fn three_workers_interleaved(base: &SystemConfig) -> anyhow::Result<Scenar
     let load = Load::start(system.ingest_url(), all_kinds(200, 5));
     tokio::time::sleep(Duration::from_secs(8)).await;
     let load = load.stop().await;
-    let _ = model::settle_and_verify(&system.pool, &load.accepted, &load.uncertain, DRAIN_PATIENCE).await?;
+    let _ = model::settle_and_verify(
+        &system.pool,
+        &load.accepted,
+        &load.uncertain,
+        DRAIN_PATIENCE,
+        super::common::MODEL_DEDUP_WINDOW,
+    )
+    .await?;
     for index in 0..system.workers.len() {
         let metrics = system.worker_metrics(index).await.unwrap_or_default();
         let handled: f64 = metrics
@@ -881,10 +888,12 @@ async fn memory_alarm_under_load(base: &SystemConfig) -> anyhow::Result<Scenario
     finish("memory_alarm_under_load", started, system, load, report).await
 }
 
-/// Retry tier 1 takes nothing (a policy: max-length 0 with reject-publish) while Mono is down, so
-/// every park is nacked. A worker must not wedge holding moves that cannot succeed: each leaves its
-/// node within a minute (here the one node: a fresh session), and once the tier takes copies again
-/// everything accepted is processed once.
+/// Retry tier 1 takes nothing (replaced, while it is empty, by a classic queue with max-length 0 and
+/// reject-publish) while Mono is down, so every park is nacked. A worker must not wedge holding moves
+/// that cannot succeed: each leaves its node within a minute (here the one node: a fresh session),
+/// and once the tier takes copies again everything accepted is processed once. (A policy of
+/// max-length 0 on the quorum tier is no such target: a quorum queue checks its limit lazily and
+/// takes the odd copy once it has emptied.)
 async fn republish_target_nacks(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
     const MOVE_WITHIN: Duration = Duration::from_secs(60);
     let started = Instant::now();
@@ -894,7 +903,17 @@ async fn republish_target_nacks(base: &SystemConfig) -> anyhow::Result<ScenarioR
     let load = Load::start(system.ingest_url(), all_kinds(100, 40));
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let refusal = services::refuse_publishes_to(&system.topology().retry_queue(1))?;
+    // Mono answers, so nothing waits in tier 1 while it is replaced.
+    let topology = system.topology();
+    let tier = topology.retry_queue(1);
+    let connection = shared::amqp::connect(&base.amqp_url.clone().into(), "monohook-chaos").await?;
+    let channel = connection.create_channel().await?;
+    channel.queue_delete(tier.as_str().into(), Default::default()).await?;
+    let mut refusing = lapin::types::FieldTable::default();
+    refusing.insert("x-max-length".into(), lapin::types::AMQPValue::LongLongInt(0));
+    refusing.insert("x-overflow".into(), lapin::types::AMQPValue::LongString("reject-publish".into()));
+    let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+    channel.queue_declare(tier.as_str().into(), durable, refusing).await?;
     set_mono(&system, 1.0, "500", 0).await?;
     let fault = Instant::now();
     let mut moved_after = vec![None; system.workers.len()];
@@ -913,7 +932,10 @@ async fn republish_target_nacks(base: &SystemConfig) -> anyhow::Result<ScenarioR
         format!("every worker left the nacking node within {MOVE_WITHIN:?} ({moved_after:?})"),
         moved_after.iter().all(Option::is_some),
     );
-    drop(refusal);
+    // The refusing tier holds nothing: it goes, and the real one comes back.
+    channel.queue_delete(tier.as_str().into(), Default::default()).await?;
+    topology.declare_on(&connection).await?;
+    let _ = connection.close(200, "done".into()).await;
     set_mono(&system, 0.0, "500", 0).await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let load = load.stop().await;

@@ -192,41 +192,6 @@ pub fn memory_alarm_in_force() -> bool {
         .is_ok_and(|alarms| alarms.contains("memory"))
 }
 
-/// Makes `queue` refuse every message published to it (a policy: max-length 0, reject-publish, so
-/// each publish is nacked) until the returned guard is dropped.
-pub fn refuse_publishes_to(queue: &str) -> anyhow::Result<RemovePolicy> {
-    let pattern = format!("^{}$", queue.replace('.', "\\."));
-    let definition = r#"{"max-length":0,"overflow":"reject-publish"}"#;
-    run(
-        "rabbitmqctl",
-        &[
-            "-q",
-            "set_policy",
-            "--apply-to",
-            "queues",
-            "--priority",
-            "10",
-            REFUSING_POLICY,
-            &pattern,
-            definition,
-        ],
-    )?;
-    Ok(RemovePolicy(REFUSING_POLICY))
-}
-
-const REFUSING_POLICY: &str = "monohook-chaos-refuse-publishes";
-
-/// Removes a policy (the queue takes messages again) when dropped.
-pub struct RemovePolicy(&'static str);
-
-impl Drop for RemovePolicy {
-    fn drop(&mut self) {
-        if let Err(error) = run("rabbitmqctl", &["-q", "clear_policy", self.0]) {
-            eprintln!("could not clear the policy {}: {error:#}", self.0);
-        }
-    }
-}
-
 /// Puts the memory watermark back (clearing the alarm) when dropped.
 pub struct RestoreMemoryWatermark(f64);
 
