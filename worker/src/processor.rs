@@ -320,30 +320,28 @@ impl Processor {
         let account = event.account_id.as_ref().map(|a| a.as_str()).unwrap_or_default();
         loop {
             match self.claim_token_call(account).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    tokio::select! {
-                        () = tokio::time::sleep(CLAIM_POLL) => continue,
-                        () = abandon.cancelled() => return true,
-                    }
-                }
+                Ok(true) => break,
+                Ok(false) => tokio::select! {
+                    () = tokio::time::sleep(CLAIM_POLL) => {}
+                    () = abandon.cancelled() => return true,
+                },
                 Err(error) => {
                     tracing::debug!(%error, "cannot claim the call to Mono; calling");
                     return true;
                 }
             }
-            return match self.decide_alone(event).await {
-                Ok(needed) => {
-                    if !needed {
-                        self.release_token_call(account).await;
-                    }
-                    needed
+        }
+        match self.decide_alone(event).await {
+            Ok(needed) => {
+                if !needed {
+                    self.release_token_call(account).await;
                 }
-                Err(error) => {
-                    tracing::debug!(%error, "cannot decide again before calling Mono; calling");
-                    true
-                }
-            };
+                needed
+            }
+            Err(error) => {
+                tracing::debug!(%error, "cannot decide again before calling Mono; calling");
+                true
+            }
         }
     }
 

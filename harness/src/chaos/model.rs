@@ -297,38 +297,44 @@ mod tests {
         count_reauths(rows, chrono::Duration::minutes(10)).values().sum()
     }
 
+    /// A load's accepted deliveries and their journal rows, built one delivery at a time.
+    #[derive(Default)]
+    struct Journaling {
+        accepted: BTreeMap<String, Posted>,
+        journal: HashMap<String, Journaled>,
+    }
+
+    impl Journaling {
+        fn add(&mut self, id: &str, posted: Posted, status: &str, ms: i64) {
+            let start = DateTime::from_timestamp_millis(1_800_000_000_000).expect("a valid time");
+            let received_at = start + chrono::Duration::milliseconds(ms);
+            let row = Journaled { id: id.to_owned(), status: status.to_owned(), received_at };
+            self.journal.insert(id.to_owned(), row);
+            self.accepted.insert(id.to_owned(), posted);
+        }
+
+        fn impossible(&self) -> Vec<String> {
+            impossible_statuses(&self.accepted, &self.journal, Duration::from_secs(600))
+        }
+    }
+
     #[test]
     fn a_duplicate_without_a_copy_and_an_ignored_re_auth_of_a_linked_account_are_impossible() {
         use crate::chaos::load::LoadPlan;
         let plan = |kind| LoadPlan { per_second: 1, accounts: 8, kinds: vec![kind] };
-        let start = DateTime::from_timestamp_millis(1_800_000_000_000).expect("a valid time");
-        let mut accepted = BTreeMap::new();
-        let mut journal = HashMap::new();
-        let mut add = |id: &str, posted: Posted, status: &str, ms: i64| {
-            let row = Journaled {
-                id: id.to_owned(),
-                status: status.to_owned(),
-                received_at: start + chrono::Duration::milliseconds(ms),
-            };
-            journal.insert(id.to_owned(), row);
-            accepted.insert(id.to_owned(), posted);
-            (accepted.clone(), journal.clone())
-        };
+        let mut run = Journaling::default();
         // Account 1 (seq 0): a re-auth and its copy; account 8 (seq 7): unlinked, then a re-auth.
-        add("r1", Posted::new(0, &plan(Kind::ReauthorisationRequired)), "processed", 0);
-        add("r1-copy", Posted::new(0, &plan(Kind::ReauthorisationRequired)), "duplicate", 10);
-        add("u8", Posted::new(7, &plan(Kind::AccountUnlinked)), "processed", 20);
-        let (accepted, journal) =
-            add("r8", Posted::new(7, &plan(Kind::ReauthorisationRequired)), "ignored", 30);
-        let window = Duration::from_secs(600);
-        assert!(impossible_statuses(&accepted, &journal, window).is_empty());
+        run.add("r1", Posted::new(0, &plan(Kind::ReauthorisationRequired)), "processed", 0);
+        run.add("r1-copy", Posted::new(0, &plan(Kind::ReauthorisationRequired)), "duplicate", 10);
+        run.add("u8", Posted::new(7, &plan(Kind::AccountUnlinked)), "processed", 20);
+        run.add("r8", Posted::new(7, &plan(Kind::ReauthorisationRequired)), "ignored", 30);
+        assert!(run.impossible().is_empty());
 
         // A body of its own (a data update) cannot be a duplicate; a linked account's re-auth is
         // never ignored.
-        add("d1", Posted::new(8, &plan(Kind::AccountUpdated)), "duplicate", 40);
-        let (accepted, journal) =
-            add("r2", Posted::new(1, &plan(Kind::ReauthorisationRequired)), "ignored", 50);
-        let wrong = impossible_statuses(&accepted, &journal, window);
+        run.add("d1", Posted::new(8, &plan(Kind::AccountUpdated)), "duplicate", 40);
+        run.add("r2", Posted::new(1, &plan(Kind::ReauthorisationRequired)), "ignored", 50);
+        let wrong = run.impossible();
         assert_eq!(wrong.len(), 2, "{wrong:?}");
         assert!(wrong[0].starts_with("d1") && wrong[1].starts_with("r2"), "{wrong:?}");
     }
