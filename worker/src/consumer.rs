@@ -318,6 +318,13 @@ impl Session {
                             );
                         }
                         Ok(_) => silent_answers = 0,
+                        Err(error @ SessionError::TimedOut { .. }) => {
+                            // A node that keeps the connection but answers nothing (frozen, or cut
+                            // off behind a proxy that still holds the socket): heartbeats would take
+                            // far longer to say so, and the next walk must not start here again.
+                            leave_node("silent");
+                            return format!("cannot inspect {queue}: {error}; leaving the node");
+                        }
                         Err(error) => return format!("cannot inspect {queue}: {error}"),
                     }
                 }

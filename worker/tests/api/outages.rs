@@ -247,3 +247,39 @@ async fn a_retry_tier_that_only_nacks_moves_the_worker_to_the_next_node_within_a
     assert_eq!(world.stored_token(ACCOUNT).await.as_deref(), Some("after-the-move"));
     println!("left the nacking node {moved_after:?} after the webhook");
 }
+
+/// A node that keeps the worker's connections open but answers nothing more (frozen, or behind a
+/// load balancer that holds the socket) is noticed by the session's look at the work queue, which
+/// waits 5 s at most, and left for the next node: heartbeats alone would keep the worker there.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_node_that_answers_nothing_more_is_left_for_the_next_within_half_a_minute(pool: sqlx::PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    let nodes = [
+        TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await,
+        TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await,
+    ];
+    let list = nodes
+        .iter()
+        .map(|node| amqp_url().expose_secret().replace("127.0.0.1:5672", &node.addr().to_string()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let cli = world.cli(&["--amqp-url", &list]);
+    world.start_worker_on(cli, world.pool.clone()).await;
+    let before = world.publish(&body("mono.events.account_updated", "before-freeze")).await;
+    assert_eq!(world.settled(&before).await.status, "processed");
+
+    let (frozen, other) = if nodes[0].connections_accepted() > 0 { (0, 1) } else { (1, 0) };
+    assert_eq!(nodes[other].connections_accepted(), 0, "the worker started on one node");
+    nodes[frozen].stall();
+    let frozen_at = std::time::Instant::now();
+    let after = world.publish(&body("mono.events.account_updated", "after-freeze")).await;
+    eventually("the worker consumes again, from the other node", Duration::from_secs(30), || async {
+        world.journal(&after).await.is_some()
+    })
+    .await;
+    let took = frozen_at.elapsed();
+    assert!(nodes[other].connections_accepted() >= 2, "both of the worker's connections moved");
+    assert!(world.metrics().await.contains(r#"monohook_worker_node_moves_total{reason="silent"} 1"#));
+    eprintln!("left the frozen node and processed again in {took:?}");
+    nodes[frozen].cut();
+}
