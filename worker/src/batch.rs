@@ -30,6 +30,8 @@ pub struct Candidate<'a> {
 pub struct BatchState {
     /// The batch's accounts (new ones included, as empty rows).
     pub accounts: HashMap<String, AccountState>,
+    /// The same accounts as loaded, before any event of the batch (what a notification compares).
+    pub loaded: HashMap<String, AccountState>,
     /// Which of them this transaction created.
     pub created: HashSet<String>,
     /// Delivery ids of the batch that are journaled already.

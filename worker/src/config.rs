@@ -166,9 +166,62 @@ pub struct RunArgs {
     /// the queue.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     pub shutdown_grace_secs: u64,
+
+    /// The app's endpoints for notifications of re-auth state (Standard Webhooks), as a JSON list:
+    /// `[{"name": "app", "url": "https://...", "secrets": ["whsec_..."], "events": [...]}]` (events
+    /// left out: all four). Checked at start; empty: no notifications are written.
+    #[arg(long, env = "NOTIFY_ENDPOINTS", default_value = "", value_parser = parse_secret, hide_env_values = true, hide_default_value = true)]
+    pub notify_endpoints: SecretString,
+
+    /// Waits between a notification's tries, in seconds (±20 %); after the last, it is a dead letter.
+    /// The default spans about 27 hours.
+    #[arg(
+        long,
+        env = "NOTIFY_RETRY_SCHEDULE_SECS",
+        value_delimiter = ',',
+        default_value = "5,300,1800,7200,18000,36000,36000",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub notify_retry_schedule_secs: Vec<u64>,
+
+    /// Longest a notification's try may take (connect, send, answer), in milliseconds.
+    #[arg(long, env = "NOTIFY_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub notify_timeout_ms: u64,
+
+    /// Lets notifications go to private, loopback and link-local addresses (an app in the same
+    /// network, local development). Off, the sender refuses them, also behind a name.
+    #[arg(long, env = "NOTIFY_ALLOW_PRIVATE_ADDRESSES", default_value_t = false, action = clap::ArgAction::Set)]
+    pub notify_allow_private_addresses: bool,
+
+    /// After five failed tries in a row, an endpoint is left alone this many seconds (doubling on
+    /// each failed probe, up to 10 minutes); its notifications wait without spending tries.
+    #[arg(long, env = "NOTIFY_BREAKER_OPEN_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub notify_breaker_open_secs: u64,
 }
 
 impl RunArgs {
+    /// The notification sender's settings, `NOTIFY_ENDPOINTS` checked (the error never holds a secret).
+    pub fn notify_settings(&self) -> anyhow::Result<crate::notify::sender::SenderSettings> {
+        use secrecy::ExposeSecret;
+        let endpoints = crate::notify::endpoints::parse(self.notify_endpoints.expose_secret())?;
+        for endpoint in &endpoints {
+            // A URL that names an address directly never reaches the sender's resolver: checked here.
+            anyhow::ensure!(
+                crate::notify::address::literal_allowed(&endpoint.url, self.notify_allow_private_addresses),
+                "NOTIFY_ENDPOINTS: endpoint {:?}: its address is private or reserved (set NOTIFY_ALLOW_PRIVATE_ADDRESSES=true for an app in the same network)",
+                endpoint.name
+            );
+        }
+        Ok(crate::notify::sender::SenderSettings {
+            endpoints,
+            schedule: self.notify_retry_schedule_secs.iter().map(|s| Duration::from_secs(*s)).collect(),
+            timeout: Duration::from_millis(self.notify_timeout_ms),
+            allow_private: self.notify_allow_private_addresses,
+            idle_poll: Duration::from_millis(250),
+            breaker_open: Duration::from_secs(self.notify_breaker_open_secs),
+        })
+    }
+
     pub fn mono_timeout(&self) -> Duration {
         Duration::from_millis(self.mono_timeout_ms)
     }

@@ -12,6 +12,7 @@ pub mod event;
 pub mod handlers;
 pub mod health;
 pub mod journal_payload;
+pub mod notify;
 pub mod partitions;
 pub mod pipeline;
 pub mod processor;

@@ -24,8 +24,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{self, Candidate, Decision};
+use crate::db::notifications::{Subscriptions, Written};
 use crate::db::{self, DbFault, batch::JournalEntry, events::EventStatus};
 use crate::journal_payload::JournalPayload;
+use crate::notify;
 use shared::retry::{self, Failure, RetryError, RetryPolicy};
 
 /// How long an attempt with no failure before it may still run once its [`Hold`] has ended (a
@@ -121,6 +123,8 @@ pub struct Processor {
     dedup_window: Duration,
     /// What the journal keeps of each body (`JOURNAL_PAYLOAD`).
     journal_payload: JournalPayload,
+    /// Which of the app's endpoints take which notifications (none: nothing is written).
+    subscriptions: Subscriptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,12 +147,19 @@ impl Processor {
             db_retry,
             dedup_window,
             journal_payload: JournalPayload::default(),
+            subscriptions: Subscriptions::default(),
         }
     }
 
     /// Keeps `kept` of each body in the journal instead of the default (`minimal`).
     pub fn with_journal_payload(mut self, kept: JournalPayload) -> Self {
         self.journal_payload = kept;
+        self
+    }
+
+    /// Notifications are written for these endpoints' kinds.
+    pub fn with_subscriptions(mut self, subscriptions: Subscriptions) -> Self {
+        self.subscriptions = subscriptions;
         self
     }
 
@@ -261,6 +272,19 @@ impl Processor {
                 .collect());
         }
         let inserted = db::batch::write(&mut tx, &state, &journal, self.journal_payload).await?;
+        if !self.subscriptions.is_empty() {
+            // The app hears of a change in the transaction that makes it: both commit, or neither.
+            let written: Vec<Written<'_>> = state
+                .accounts
+                .values()
+                .filter(|after| after.changed)
+                .filter_map(|after| {
+                    let notices = notify::change::notices(state.loaded.get(&after.id)?, after);
+                    (!notices.is_empty()).then_some(Written { account: after, notices })
+                })
+                .collect();
+            db::notifications::write(&mut tx, &self.subscriptions, &written, state.now).await?;
+        }
         // A delivery that brought its token and is journaled ends this process's claim on its
         // account's call, in the transaction that makes the outcome visible: a copy waiting on the
         // claim then decides "duplicate", never "call".

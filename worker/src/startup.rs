@@ -32,6 +32,7 @@ pub struct Worker {
     metrics_server: ServerHandle,
     retention: RetentionPolicy,
     retention_interval: Duration,
+    notify: crate::notify::sender::SenderSettings,
 }
 
 impl Worker {
@@ -64,9 +65,19 @@ impl Worker {
             MetricNames::WORKER,
         ));
         let health = Arc::new(Health::new(tokens.clone()));
+        let notify = run.notify_settings()?;
+        let subscriptions = crate::db::notifications::Subscriptions {
+            endpoints: notify
+                .endpoints
+                .iter()
+                .map(|endpoint| (endpoint.name.clone(), endpoint.kinds.iter().copied().collect()))
+                .collect(),
+        };
         let pipeline = PipelineSettings {
             processor: Arc::new(
-                Processor::new(pool, run.dedup_window()).with_journal_payload(run.journal_payload),
+                Processor::new(pool, run.dedup_window())
+                    .with_journal_payload(run.journal_payload)
+                    .with_subscriptions(subscriptions),
             ),
             health: health.clone(),
             tokens,
@@ -93,6 +104,7 @@ impl Worker {
             metrics_server,
             retention: run.retention_policy(),
             retention_interval: Duration::from_secs(run.retention_interval_secs),
+            notify,
         })
     }
 
@@ -125,7 +137,13 @@ impl Worker {
             },
             cancel.clone(),
         ));
+        let sender = tokio::spawn(crate::notify::sender::run(
+            self.pipeline.processor.pool().clone(),
+            self.notify,
+            cancel.clone(),
+        ));
         consumer::run(self.pipeline.clone(), self.settings, self.session, cancel).await;
+        let _ = sender.await;
         let _ = relay.await;
         let _ = watch.await;
         let _ = report.await;

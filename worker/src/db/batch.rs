@@ -39,6 +39,7 @@ pub async fn load(
         state.created = created.into_iter().collect();
         let rows = accounts::load_states(&mut *conn, &account_ids, true).await?;
         state.accounts = rows.into_iter().map(|row| (row.id.clone(), row)).collect();
+        state.loaded = state.accounts.clone();
     }
 
     let delivery_ids: Vec<Uuid> = candidates.iter().map(|c| c.event.record.id).collect();

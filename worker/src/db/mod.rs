@@ -10,6 +10,7 @@ pub mod accounts;
 pub mod batch;
 pub mod dead_letters;
 pub mod events;
+pub mod notifications;
 pub mod outbox;
 
 use anyhow::Context;

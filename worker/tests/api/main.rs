@@ -14,6 +14,7 @@ mod idempotency;
 mod journal_migration;
 mod json_output;
 mod mono_failures;
+mod notifications;
 mod ordering;
 mod outages;
 mod personal_data;
