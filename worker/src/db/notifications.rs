@@ -12,6 +12,10 @@ use uuid::Uuid;
 use crate::account::AccountState;
 use crate::notify::change::{self, Notice};
 
+/// The dead letter's headers that keep a notification's `webhook-id` and sequence for a replay.
+pub const HEADER_NOTIFICATION_ID: &str = "notification-id";
+pub const HEADER_SEQUENCE: &str = "notification-sequence";
+
 /// One notification to write: the account as the batch leaves it, and what it calls for.
 pub struct Written<'a> {
     pub account: &'a AccountState,
@@ -205,7 +209,10 @@ pub async fn failed(conn: &mut PgConnection, taken: &Taken, wait: Duration, erro
 pub async fn bury(conn: &mut PgConnection, taken: &Taken, error: &str) -> sqlx::Result<Uuid> {
     let id = Uuid::now_v7();
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    let headers = serde_json::json!({ "notification-id": taken.notification_id.to_string(), "sequence": taken.sequence.to_string() });
+    let headers = serde_json::json!({
+        HEADER_NOTIFICATION_ID: taken.notification_id.to_string(),
+        HEADER_SEQUENCE: taken.sequence.to_string(),
+    });
     crate::db::dead_letters::insert(
         &mut tx,
         &crate::db::dead_letters::NewDeadLetter {

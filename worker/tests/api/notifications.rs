@@ -41,14 +41,11 @@ async fn app_answering(status: u16) -> MockServer {
 }
 
 async fn start_notifying(world: &mut TestWorld, endpoints: String, extra: &[&str]) {
-    let mut flags = vec![
-        "--notify-endpoints",
-        endpoints.as_str(),
-        "--notify-allow-private-addresses",
-        "true",
-        "--notify-retry-schedule-secs",
-        "1,1",
-    ];
+    let mut flags =
+        vec!["--notify-endpoints", endpoints.as_str(), "--notify-allow-private-addresses", "true"];
+    if !extra.contains(&"--notify-retry-schedule-secs") {
+        flags.extend(["--notify-retry-schedule-secs", "1,1"]);
+    }
     flags.extend_from_slice(extra);
     world.start_worker_with(&flags).await;
 }
@@ -382,4 +379,65 @@ async fn an_endpoint_at_a_private_address_stops_the_start_unless_allowed(pool: P
     let text = format!("{refused:#}");
     assert!(text.contains("private or reserved"), "{text}");
     assert!(!text.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), "{text}");
+}
+
+fn succeeded(output: &std::process::Output) -> String {
+    assert!(output.status.success(), "failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+/// A notification no try delivered is a dead letter like a webhook's: listed by its endpoint, a dry
+/// run says it would be sent again, a replay sends it with its own webhook-id once the endpoint
+/// works again, and a purge removes another, each recorded.
+#[sqlx::test(migrations = "../migrations")]
+async fn the_operator_tools_list_replay_and_purge_an_undelivered_notification(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    world.mono_issues_token(ACCOUNT, "tok-1").await;
+    let app = MockServer::start().await;
+    let refusing =
+        Mock::given(method("POST")).respond_with(ResponseTemplate::new(500)).mount_as_scoped(&app).await;
+    let list = endpoints(&[("app", format!("{}/hooks", app.uri()), None)]);
+    start_notifying(&mut world, list, &["--notify-retry-schedule-secs", "1"]).await;
+    for event in ["mono.events.reauthorisation_required", "mono.events.account_reauthorized"] {
+        let meta = world.publish(&body(event, ACCOUNT)).await;
+        assert_eq!(world.settled(&meta).await.status, "processed");
+    }
+    let letters = world.dead_letters(2).await;
+    let first_id = received(&app).await[0].2.clone();
+    drop(refusing);
+    app.reset().await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&app).await;
+
+    let listed: serde_json::Value = serde_json::from_str(&succeeded(
+        &world.run_cli(&["dlq", "list", "--endpoint", "app", "--json"], "").await,
+    ))
+    .unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0]["event"], "account.reauth_required");
+    assert_eq!(listed[0]["endpoint"], "app");
+    let dry = succeeded(
+        &world.run_cli(&["dlq", "replay", "--endpoint", "app", "--limit", "1", "--dry-run"], "").await,
+    );
+    assert!(dry.contains("send again to endpoint app"), "{dry}");
+
+    let replay = world
+        .run_cli(
+            &["dlq", "replay", "--endpoint", "app", "--limit", "1", "--reason-note", "the app is back"],
+            "",
+        )
+        .await;
+    succeeded(&replay);
+    let got = wait_for(&app, 1).await;
+    assert_eq!((got[0].0.as_str(), got[0].1), ("account.reauth_required", 1));
+    assert_eq!(got[0].2, first_id, "the replay sends the notification's own webhook-id");
+    let purge = world
+        .run_cli(&["dlq", "purge", "--endpoint", "app", "--yes", "--reason-note", "told by phone"], "")
+        .await;
+    succeeded(&purge);
+    assert_eq!(world.dead_letter_count().await, 0);
+    assert_eq!(world.actions_of(letters[0].id).await, [("replay".to_owned(), true)]);
+    assert_eq!(world.actions_of(letters[1].id).await, [("purge".to_owned(), true)]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(received(&app).await.len(), 1, "the purged notification was sent");
 }

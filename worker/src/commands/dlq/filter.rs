@@ -24,6 +24,10 @@ pub struct DeadFilter {
     /// Only dead-lettered before this time (RFC 3339, or an age such as 30m, 2h, 7d).
     #[arg(long, value_parser = parse_time)]
     pub until: Option<DateTime<Utc>>,
+    /// Only the app's notifications that were not delivered to this endpoint (its name in
+    /// NOTIFY_ENDPOINTS).
+    #[arg(long)]
+    pub endpoint: Option<String>,
     /// At most this many.
     #[arg(long)]
     pub limit: Option<i64>,
@@ -57,10 +61,12 @@ pub struct DeadLetter {
     pub headers: serde_json::Value,
     /// Taken over from a journal row whose message was not found: the body may lack fields.
     pub rebuilt: bool,
+    /// A notification to the app this endpoint never took (none: a webhook from Mono).
+    pub endpoint: Option<String>,
 }
 
 const COLUMNS: &str = "id, event, account_id, reason, class, attempts, received_at, body_sha256, first_attempt_at, \
-                       dead_at, body, headers, rebuilt";
+                       dead_at, body, headers, rebuilt, endpoint";
 
 impl DeadFilter {
     /// The full event name the filter means.
@@ -74,6 +80,7 @@ impl DeadFilter {
             && self.reason.is_none()
             && self.since.is_none()
             && self.until.is_none()
+            && self.endpoint.is_none()
     }
 
     /// Refuses a bulk action with no filter at all (a usage error): `--all` must say so. `--all`
@@ -81,7 +88,7 @@ impl DeadFilter {
     pub fn require_selection(&self) -> anyhow::Result<()> {
         if self.is_empty() && !self.all {
             return Err(UsageError::new(
-                "give a filter (--event, --account, --reason, --since, --until) or --all",
+                "give a filter (--event, --account, --reason, --since, --until, --endpoint) or --all",
             )
             .into());
         }
@@ -100,6 +107,7 @@ impl DeadFilter {
                AND ($3::text IS NULL OR strpos(lower(reason), lower($3)) > 0)
                AND ($4::timestamptz IS NULL OR dead_at >= $4)
                AND ($5::timestamptz IS NULL OR dead_at < $5)
+               AND ($7::text IS NULL OR endpoint = $7)
              ORDER BY dead_at, id
              LIMIT $6"
         ))
@@ -109,6 +117,7 @@ impl DeadFilter {
         .bind(self.since)
         .bind(self.until)
         .bind(self.limit.unwrap_or(i64::MAX))
+        .bind(&self.endpoint)
         .fetch_all(executor)
         .await
     }

@@ -49,6 +49,8 @@ pub enum Outcome {
     Ignored,
     /// It would be dead-lettered again (not JSON, not a Mono event).
     WouldFail,
+    /// A notification to the app: it would be sent to its endpoint again, with its webhook-id.
+    Resend,
 }
 
 /// One changed column: `from` and `to` as the table shows them (`-` for none).
@@ -96,6 +98,9 @@ pub async fn predict_all(
     let parsed: Vec<Result<IncomingEvent, String>> = letters
         .iter()
         .map(|letter| {
+            if letter.endpoint.is_some() {
+                return Err(String::new());
+            }
             let meta = DeliveryMeta {
                 id: DeliveryId::from(letter.id),
                 received_at: letter.received_at,
@@ -135,6 +140,12 @@ pub async fn predict_all(
                 changes,
                 detail,
             };
+        if let Some(endpoint) = &letter.endpoint {
+            let detail =
+                format!("send again to endpoint {endpoint} (the same webhook-id; no account changes)");
+            predictions.push(prediction(Outcome::Resend, false, Vec::new(), detail));
+            continue;
+        }
         let event = match event {
             Ok(event) => event,
             Err(malformed) => {

@@ -253,6 +253,25 @@ pub async fn replay_one(
         ));
     }
     sqlx::query("DELETE FROM dead_letters WHERE id = $1").bind(id).execute(&mut *tx).await?;
+    if let Some(endpoint) = &letter.endpoint {
+        // A notification to the app: due again for its endpoint, with its own id and body.
+        let Some(notice) = BuriedNotice::of(&letter) else {
+            return Ok(Replayed::Skipped("a notification whose id or sequence was not kept".into()));
+        };
+        insert_action(&mut tx, plan, &letter).await?;
+        crate::db::notifications::revive(
+            &mut tx,
+            notice.id,
+            endpoint,
+            letter.account_id.as_deref().unwrap_or_default(),
+            notice.sequence,
+            &letter.event,
+            &letter.body,
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok(Replayed::Done { lacks: None });
+    }
     sqlx::query("DELETE FROM webhook_events WHERE id = $1 AND status = 'dead'")
         .bind(id)
         .execute(&mut *tx)
@@ -267,6 +286,22 @@ pub async fn replay_one(
             .unwrap_or_default()
     });
     Ok(Replayed::Done { lacks })
+}
+
+/// What a notification's dead letter keeps of it besides the body: its `webhook-id` and sequence.
+struct BuriedNotice {
+    id: Uuid,
+    sequence: i64,
+}
+
+impl BuriedNotice {
+    fn of(letter: &DeadLetter) -> Option<Self> {
+        let header = |name: &str| letter.headers.get(name).and_then(|v| v.as_str());
+        Some(Self {
+            id: header(crate::db::notifications::HEADER_NOTIFICATION_ID)?.parse().ok()?,
+            sequence: header(crate::db::notifications::HEADER_SEQUENCE)?.parse().ok()?,
+        })
+    }
 }
 
 /// The copy a replay puts on the work queue: the body as received, the same delivery id and stamp,
@@ -394,7 +429,7 @@ pub async fn purge(pool: &PgPool, plan: &Plan, ids: &[Uuid]) -> anyhow::Result<V
         let letters: Vec<DeadLetter> = sqlx::query_as(
             "DELETE FROM dead_letters WHERE id = ANY($1)
              RETURNING id, event, account_id, reason, class, attempts, received_at, body_sha256, first_attempt_at,
-                 dead_at, ''::bytea AS body, '{}'::jsonb AS headers, rebuilt",
+                 dead_at, ''::bytea AS body, '{}'::jsonb AS headers, rebuilt, endpoint",
         )
         .bind(chunk)
         .fetch_all(&mut *tx)

@@ -50,6 +50,8 @@ struct Letter {
     body: Value,
     /// Taken over from the journal on upgrade: the body may lack fields of the original.
     rebuilt: bool,
+    /// A notification to the app that this endpoint never took (`null`: a webhook from Mono).
+    endpoint: Option<String>,
 }
 
 /// `worker dlq show <id> --json`.
@@ -89,6 +91,7 @@ pub async fn run(pool: &PgPool, args: &ShowArgs) -> anyhow::Result<()> {
             .map(mask_secrets)
             .unwrap_or_else(|_| serde_json::json!({ "not_json": format!("{} bytes", letter.body.len()) })),
         class: letter.class,
+        endpoint: letter.endpoint,
         reason: letter.reason,
         attempts: letter.attempts,
         first_attempt_at: letter.first_attempt_at,
@@ -130,6 +133,9 @@ fn print_record(record: &Record) {
     match &record.dead_letter {
         Some(letter) => {
             println!("dead letter      {} ({})", letter.reason.as_deref().unwrap_or("-"), letter.class);
+            if let Some(endpoint) = &letter.endpoint {
+                println!("notification to  endpoint {endpoint}");
+            }
             println!("attempts         {}", letter.attempts);
             println!("first attempt    {}", letter.first_attempt_at.map_or("-".into(), |t| t.to_rfc3339()));
             println!("dead at          {}", letter.dead_at.map_or("-".into(), |t| t.to_rfc3339()));
