@@ -59,6 +59,7 @@ const DEAD_LETTER_FIELDS: &[&str] = &[
     "first_attempt_at",
     "dead_at",
     "rebuilt",
+    "endpoint",
 ];
 const REPORT_FIELDS: &[&str] = &["action", "outcome", "batch_id", "selected", "acted", "skipped", "rebuilt"];
 
@@ -222,7 +223,17 @@ async fn dlq_commands_print_the_documented_json(pool: PgPool) {
     assert_eq!(record["id"], id.as_str());
     assert_eq!(
         keys(&record["dead_letter"]),
-        set(&["class", "reason", "attempts", "first_attempt_at", "dead_at", "headers", "body", "rebuilt"])
+        set(&[
+            "class",
+            "reason",
+            "attempts",
+            "first_attempt_at",
+            "dead_at",
+            "headers",
+            "body",
+            "rebuilt",
+            "endpoint"
+        ])
     );
     assert_eq!(
         keys(&record["journal"]),
