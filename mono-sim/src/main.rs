@@ -4,6 +4,7 @@
 //! itself, which plays the customer finishing) with knobs for latency and failures (changeable at
 //! run time through `/_sim/config`); `send` and `story` post Mono-shaped webhooks to an ingest.
 
+mod app;
 mod links;
 mod server;
 mod webhooks;

@@ -1,4 +1,5 @@
-//! The simulated re-authorise endpoint (and, in `links`, the v2 re-auth link).
+//! The simulated re-authorise endpoint (and, in `links`, the v2 re-auth link; in `app`, the app's
+//! backend that monohook notifies).
 //!
 //! Like Mono: `mono-sec-key` must match (else 401), a fresh 20-character token per call, and
 //! `{"message": "This account can not be re-authorised."}` with 400 for rejected accounts. Knobs:
@@ -56,6 +57,10 @@ pub struct ServeArgs {
     /// The secret to send ingest as `mono-webhook-secret` when a link is opened.
     #[arg(long, env = "SIM_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+    /// Playing the app: the `whsec_` secret monohook's notifications to `/_app/notifications` are
+    /// signed with; unset, their signatures are not checked.
+    #[arg(long, env = "SIM_APP_SECRET", hide_env_values = true)]
+    pub app_secret: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
@@ -151,10 +156,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         links: Links::default(),
         ingest: ingest_target(args.ingest_url, args.webhook_secret)?,
     });
+    let app = web::Data::new(crate::app::AppState::new(args.app_secret.as_deref())?);
     tracing::info!(addr = %args.listen_addr, "mono-sim serving the re-authorise endpoint");
     HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
+            .app_data(app.clone())
+            .route("/_app/notifications", web::post().to(crate::app::receive))
+            .route("/_app/notifications", web::get().to(crate::app::list))
+            .route("/_app/config", web::post().to(crate::app::set_config))
             .route("/accounts/{id}/reauthorise", web::post().to(reauthorise))
             .route("/v2/accounts/initiate", web::post().to(links::initiate))
             .route("/reauth/{token}", web::get().to(links::open))

@@ -257,6 +257,9 @@ async fn settle(
                 Ok(mut conn) if spent >= tries => {
                     metrics::counter!("monohook_worker_notifications_total", "endpoint" => name.clone(), "outcome" => "dead")
                         .increment(1);
+                    // A dead letter like a webhook's: the same alert sees it.
+                    metrics::counter!("monohook_worker_dead_letters_total", "class" => "exhausted")
+                        .increment(1);
                     tracing::error!(endpoint = %name, notification = %taken.notification_id, attempts = taken.attempts,
                         %error, "a notification was not delivered in any try; it is a dead letter now");
                     notifications::bury(&mut conn, taken, error).await.map(drop)

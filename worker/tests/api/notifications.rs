@@ -79,7 +79,8 @@ async fn wait_for(app: &MockServer, count: usize) -> Vec<(String, i64, String)> 
     received(app).await
 }
 
-/// What the reference library says of each request, verified with `secret`.
+/// What the reference library says of each request, verified with `secret`, and whether its body
+/// conforms to the `Notification` schema of api/openapi.json (checked by PyPI's jsonschema).
 fn verify_with_reference_library(secret: &str, requests: &[Request]) -> Vec<String> {
     let python = std::env::var("STANDARDWEBHOOKS_PYTHON").unwrap_or_else(|_| {
         format!("{}/../target/standardwebhooks-venv/bin/python", env!("CARGO_MANIFEST_DIR"))
@@ -109,7 +110,8 @@ fn verify_with_reference_library(secret: &str, requests: &[Request]) -> Vec<Stri
         .spawn()
         .unwrap();
     use std::io::Write;
-    let input = serde_json::json!({ "secret": secret, "messages": messages });
+    let openapi = concat!(env!("CARGO_MANIFEST_DIR"), "/../api/openapi.json");
+    let input = serde_json::json!({ "secret": secret, "openapi": openapi, "messages": messages });
     child.stdin.take().unwrap().write_all(input.to_string().as_bytes()).unwrap();
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success());
