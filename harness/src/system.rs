@@ -14,6 +14,8 @@ pub const WEBHOOK_SECRET: &str = "sys-webhook-secret-4d1c9a";
 pub const MONO_KEY: &str = "sys-mono-key-77f2e0";
 /// The app's API key of every system (label `app`).
 pub const APP_API_KEY: &str = "sys-app-api-key-5e0b2c91";
+/// The secret the workers sign the app's notifications with, and mono-sim (playing the app) checks.
+pub const APP_NOTIFY_SECRET: &str = "whsec_c3lzdGVtLW5vdGlmeS1zZWNyZXQtMDEyMzQ1Njc4OQ==";
 
 /// Settings of one system.
 #[derive(Clone, Debug)]
@@ -90,6 +92,7 @@ impl System {
                 ("SIM_SECRET_KEY", MONO_KEY.to_owned()),
                 ("SIM_INGEST_URL", format!("http://127.0.0.1:{ingest_port}/webhooks/mono")),
                 ("SIM_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
+                ("SIM_APP_SECRET", APP_NOTIFY_SECRET.to_owned()),
                 ("RUST_LOG", "info".into()),
             ],
             &config.log_dir,
@@ -129,6 +132,40 @@ impl System {
         ]
     }
 
+    /// `NOTIFY_ENDPOINTS` naming mono-sim's app receiver.
+    fn notify_endpoints(&self) -> String {
+        serde_json::json!([{
+            "name": "app",
+            "url": format!("{}/_app/notifications", self.mono_url),
+            "secrets": [APP_NOTIFY_SECRET],
+        }])
+        .to_string()
+    }
+
+    /// Sets how the app (mono-sim) answers notifications: `status` (0: 204), a latency, a share of
+    /// 500s.
+    pub async fn set_app(&self, status: u16, latency_ms: u64, failure_rate: f64) -> anyhow::Result<()> {
+        self.http
+            .post(format!("{}/_app/config", self.mono_url))
+            .json(&serde_json::json!({ "status": status, "latency_ms": latency_ms, "failure_rate": failure_rate }))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    /// What the app (mono-sim) took: `{"notifications": [...], "refused": {...}}`.
+    pub async fn app_notifications(&self) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .get(format!("{}/_app/notifications", self.mono_url))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
     fn worker_database_server(&self) -> &str {
         self.config.worker_database_server.as_deref().unwrap_or(&self.config.database_server)
     }
@@ -144,6 +181,12 @@ impl System {
             ("METRICS_ADDR", format!("127.0.0.1:{port}")),
             ("MONO_RETRY_INITIAL_MS", "50".into()),
             ("QUEUE_POLL_SECS", "1".into()),
+            // mono-sim plays the app: every state change is told to it, signed (retries span about
+            // two minutes, so that an endpoint down for one loses nothing).
+            ("NOTIFY_ENDPOINTS", self.notify_endpoints()),
+            ("NOTIFY_ALLOW_PRIVATE_ADDRESSES", "true".into()),
+            ("NOTIFY_RETRY_SCHEDULE_SECS", "1,2,4,8,15,30,60".into()),
+            ("NOTIFY_BREAKER_OPEN_SECS", "3".into()),
         ]);
         env.extend(self.config.worker_env.iter().cloned());
         let name = format!("worker-{}", self.workers.len() + 1);

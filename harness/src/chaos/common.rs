@@ -141,6 +141,8 @@ pub(super) async fn finish(
         MODEL_DEDUP_WINDOW,
     )
     .await?;
+    // Every state change the database committed was told to the app, whatever the scenario did.
+    super::app_notices::check(&system, &mut report).await?;
     report.name = name.to_owned();
     report.posted = load.posted;
     report.accepted_share = load.accepted_share();

@@ -4,6 +4,8 @@
 //! restarts the shared services, so it runs alone, after the other tests).
 
 pub mod api_recovery;
+mod app_endpoint;
+mod app_notices;
 pub mod cluster;
 pub mod common;
 pub mod dead_letters;

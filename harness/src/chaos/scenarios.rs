@@ -10,7 +10,7 @@ use super::services::{self, RestoreServices};
 use super::{DRAIN_PATIENCE, ScenarioReport};
 use crate::system::{System, SystemConfig, metric_value};
 
-pub const ALL: [&str; 22] = [
+pub const ALL: [&str; 26] = [
     "rabbitmq_restart",
     "postgres_restart",
     "worker_sigkill",
@@ -33,6 +33,10 @@ pub const ALL: [&str; 22] = [
     "broker_confirms_slowed",
     "republish_target_nacks",
     "copies_without_kills",
+    "app_endpoint_down_a_minute",
+    "app_endpoint_slow",
+    "app_endpoint_flaky",
+    "worker_killed_mid_notification",
 ];
 
 pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
@@ -61,6 +65,10 @@ pub async fn run(name: &str, base: &SystemConfig) -> anyhow::Result<ScenarioRepo
         "broker_confirms_slowed" => broker_confirms_slowed(base).await,
         "republish_target_nacks" => republish_target_nacks(base).await,
         "copies_without_kills" => copies_without_kills(base).await,
+        "app_endpoint_down_a_minute" => super::app_endpoint::app_endpoint_down_a_minute(base).await,
+        "app_endpoint_slow" => super::app_endpoint::app_endpoint_slow(base).await,
+        "app_endpoint_flaky" => super::app_endpoint::app_endpoint_flaky(base).await,
+        "worker_killed_mid_notification" => super::app_endpoint::worker_killed_mid_notification(base).await,
         "cluster_node_partitioned" => super::useless_node::node_partitioned(base).await,
         "cluster_consumer_starved" => super::useless_node::consumer_starved(base).await,
         other => super::on_cluster::run(other, base).await,

@@ -1,0 +1,153 @@
+//! The app's endpoint under faults: down for a minute, slow (3 s an answer), failing at random, and a
+//! worker killed while its tries are out. Every scenario's `finish` checks the app's side (see
+//! `app_notices`): each state change told, none lost, one `webhook-id` per notification; these make
+//! the endpoint itself misbehave, and check how the sender took it.
+
+use std::time::{Duration, Instant};
+
+use super::ScenarioReport;
+use super::common::{all_kinds, finish};
+use super::load::Load;
+use crate::system::{System, SystemConfig, metric_value};
+
+/// The endpoint answers 503 for a minute under load, then recovers: the notifications wait, in
+/// order, and all arrive once it is back (the retry schedule spans two minutes here).
+pub async fn app_endpoint_down_a_minute(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let system = System::start(base.clone(), 2).await?;
+    let mut report = ScenarioReport::default();
+    let load = Load::start(system.ingest_url(), all_kinds(60, 40));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    system.set_app(503, 0, 0.0).await?;
+    let down = Instant::now();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let load = load.stop().await;
+    let waiting = waiting(&system).await?;
+    report
+        .check(format!("notifications waited while the endpoint was down ({waiting} waiting)"), waiting > 0);
+    let breakers = breakers_open(&system).await;
+    report.check(format!("the endpoint's breaker opened ({breakers} worker(s))"), breakers > 0);
+    tokio::time::sleep(Duration::from_secs(60).saturating_sub(down.elapsed())).await;
+    system.set_app(0, 0, 0.0).await?;
+    let drained = drained_within(&system, Duration::from_secs(90)).await?;
+    report.check("the backlog drained by itself once the endpoint was back", drained.is_some());
+    if let Some(took) = drained {
+        report.note(format!("the backlog drained {:.1} s after the endpoint came back", took.as_secs_f64()));
+    }
+    finish("app_endpoint_down_a_minute", started, system, load, report).await
+}
+
+/// The endpoint takes 3 s to answer every notification: slower, never lost, never tried twice
+/// (the timeout is 10 s).
+pub async fn app_endpoint_slow(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let system = System::start(base.clone(), 2).await?;
+    let mut report = ScenarioReport::default();
+    system.set_app(0, 3_000, 0.0).await?;
+    let load = Load::start(system.ingest_url(), all_kinds(30, 30));
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let load = load.stop().await;
+    let drained = drained_within(&system, Duration::from_secs(120)).await?;
+    report.check("every notification was delivered at 3 s an answer", drained.is_some());
+    let failed = failures(&system).await;
+    report.check(format!("no try timed out or failed ({failed} failed)"), failed == 0);
+    system.set_app(0, 0, 0.0).await?;
+    finish("app_endpoint_slow", started, system, load, report).await
+}
+
+/// The endpoint answers 500 to one notification in three at random: retried with the same id, in
+/// order per account, each eventually taken.
+pub async fn app_endpoint_flaky(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let system = System::start(base.clone(), 2).await?;
+    let mut report = ScenarioReport::default();
+    system.set_app(0, 0, 0.33).await?;
+    let load = Load::start(system.ingest_url(), all_kinds(60, 40));
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let load = load.stop().await;
+    let drained = drained_within(&system, Duration::from_secs(120)).await?;
+    report.check("every notification was eventually taken", drained.is_some());
+    let failed = failures(&system).await;
+    report.check(format!("the endpoint's 500s were retried ({failed} failed tries)"), failed > 0);
+    system.set_app(0, 0, 0.0).await?;
+    finish("app_endpoint_flaky", started, system, load, report).await
+}
+
+/// A worker is killed while its tries are out (the app takes 2 s to answer): its leased
+/// notifications go out again from the other worker once the leases end, with the same id.
+pub async fn worker_killed_mid_notification(base: &SystemConfig) -> anyhow::Result<ScenarioReport> {
+    let started = Instant::now();
+    let mut system = System::start(base.clone(), 2).await?;
+    // A killed worker's fetched tokens die with it.
+    let mut report = ScenarioReport { extra_tokens_per_account: 1, ..ScenarioReport::default() };
+    system.set_app(0, 2_000, 0.0).await?;
+    let load = Load::start(system.ingest_url(), all_kinds(40, 40));
+    let mut leased = 0;
+    let waiting_since = Instant::now();
+    while leased == 0 && waiting_since.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        leased = sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM notification_deliveries WHERE leased_until > clock_timestamp()",
+        )
+        .fetch_one(&system.pool)
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    system.workers[0].0.kill();
+    report.check(
+        format!("a worker was killed while tries were out ({leased} leased across the workers)"),
+        leased > 0,
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let load = load.stop().await;
+    system.set_app(0, 0, 0.0).await?;
+    let drained = drained_within(&system, Duration::from_secs(90)).await?;
+    report.check("the killed worker's notifications went out from the other", drained.is_some());
+    finish("worker_killed_mid_notification", started, system, load, report).await
+}
+
+async fn waiting(system: &System) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM notification_deliveries").fetch_one(&system.pool).await?)
+}
+
+/// How long until nothing is due any more, if within `patience`.
+async fn drained_within(system: &System, patience: Duration) -> anyhow::Result<Option<Duration>> {
+    let since = Instant::now();
+    while since.elapsed() < patience {
+        if waiting(system).await? == 0 {
+            return Ok(Some(since.elapsed()));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(None)
+}
+
+/// Workers whose breaker for the app's endpoint is open now.
+async fn breakers_open(system: &System) -> usize {
+    let mut open = 0;
+    for (_, port) in &system.workers {
+        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await;
+        let Ok(metrics) = metrics else { continue };
+        let text = metrics.text().await.unwrap_or_default();
+        open += usize::from(
+            metric_value(&text, "monohook_worker_notify_breaker_open", &[r#"endpoint="app""#]) == Some(1.0),
+        );
+    }
+    open
+}
+
+/// Failed tries the workers counted, over every worker still running.
+async fn failures(system: &System) -> u64 {
+    let mut failed = 0.0;
+    for (_, port) in &system.workers {
+        let Ok(metrics) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else { continue };
+        let text = metrics.text().await.unwrap_or_default();
+        failed += metric_value(
+            &text,
+            "monohook_worker_notifications_total",
+            &[r#"endpoint="app""#, r#"outcome="failed""#],
+        )
+        .unwrap_or(0.0);
+    }
+    failed as u64
+}
