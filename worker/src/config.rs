@@ -217,7 +217,7 @@ impl RunArgs {
             schedule: self.notify_retry_schedule_secs.iter().map(|s| Duration::from_secs(*s)).collect(),
             timeout: Duration::from_millis(self.notify_timeout_ms),
             allow_private: self.notify_allow_private_addresses,
-            idle_poll: Duration::from_millis(250),
+            idle_poll: Duration::from_secs(1),
             breaker_open: Duration::from_secs(self.notify_breaker_open_secs),
         })
     }

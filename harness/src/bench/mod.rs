@@ -6,6 +6,7 @@ pub mod broker;
 pub mod ingest_load;
 pub mod journal;
 pub mod journal_report;
+pub mod notify_latency;
 pub mod report;
 pub mod worker_drain;
 

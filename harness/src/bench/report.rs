@@ -5,6 +5,7 @@ use std::process::Command;
 
 use super::api_load::ApiResult;
 use super::ingest_load::LoadResult;
+use super::notify_latency::NotifyResult;
 use super::worker_drain::DrainResult;
 use super::{BenchConfig, median};
 
@@ -19,6 +20,8 @@ pub struct Runs {
     pub drain: Vec<DrainResult>,
     pub reauth: Vec<DrainResult>,
     pub api: Vec<ApiResult>,
+    /// From Mono's webhook to the worker's commit and to the app's notification.
+    pub notify: Vec<NotifyResult>,
     /// The same ingest and drain phases with a baseline build's binaries, in the same runs.
     pub ingest_baseline: Vec<LoadResult>,
     pub drain_baseline: Vec<DrainResult>,
@@ -124,6 +127,9 @@ pub fn render(config: &BenchConfig, runs: &Runs, postgres_version: &str) -> Stri
     }
     if !runs.api.is_empty() {
         render_api(&mut out, config, &runs.api);
+    }
+    if !runs.notify.is_empty() {
+        render_notify(&mut out, &runs.notify);
     }
 
     let _ = writeln!(out, "\n## Every run\n");
@@ -239,6 +245,28 @@ fn render_baseline(out: &mut String, runs: &Runs) {
             figure(runs.drain_baseline.get(i).map(|r| r.events_per_sec)),
         );
     }
+}
+
+/// From Mono's webhook to the app: the commit of its effect, then the app's notification, in the
+/// same runs; the ratio is what telling the app adds to the commit's latency.
+fn render_notify(out: &mut String, notify: &[NotifyResult]) {
+    let med = |values: Vec<f64>| median(&mut values.clone());
+    let commit_p50 = med(notify.iter().map(|r| r.commit_p50_ms).collect());
+    let commit_p99 = med(notify.iter().map(|r| r.commit_p99_ms).collect());
+    let told_p50 = med(notify.iter().map(|r| r.told_p50_ms).collect());
+    let told_p99 = med(notify.iter().map(|r| r.told_p99_ms).collect());
+    let ratio = med(notify.iter().map(|r| r.told_p50_ms / r.commit_p50_ms).collect());
+    let count: usize = notify.iter().map(|r| r.count).sum();
+    let _ = writeln!(
+        out,
+        "| webhook → the app's notification, p50 / p99 | {told_p50:.0} / {told_p99:.0} ms | webhook → commit {commit_p50:.0} / {commit_p99:.0} ms | {ratio:.2} (p50) | | |"
+    );
+    let _ = writeln!(
+        out,
+        "\nThe notification path: {count} re-auths in all, one account each, posted 25 ms apart to ingest \
+         (Mono answering at once); timed from each post to the worker's commit, and to mono-sim, playing \
+         the app, taking the signed notification (the batch wakes the senders at its commit with PostgreSQL's NOTIFY; they also poll every second)."
+    );
 }
 
 /// The api's rows: each endpoint against the bare actix + sqlx single-row read of the same run.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use harness::bench::broker::PublishShape;
 use harness::bench::report::{self, Runs};
 use harness::bench::worker_drain::Workload;
-use harness::bench::{BenchConfig, api_load, broker, ingest_load, worker_drain};
+use harness::bench::{BenchConfig, api_load, broker, ingest_load, notify_latency, worker_drain};
 
 #[derive(Debug, Parser)]
 #[command(name = "bench", about = "Benchmark monohook against the broker's own ceiling")]
@@ -149,6 +149,10 @@ async fn main() -> anyhow::Result<()> {
         if wanted("api") {
             eprintln!("run {run}/{}: api under HTTP load, against a bare actix + sqlx read", config.runs);
             runs.api.push(api_load::run(&config, &log_dir).await?);
+        }
+        if wanted("notify") {
+            eprintln!("run {run}/{}: from Mono's webhook to the app's notification", config.runs);
+            runs.notify.push(notify_latency::run(&config, &log_dir).await?);
         }
     }
     let admin = sqlx::PgPool::connect(&format!("{}/postgres", config.database_server)).await?;

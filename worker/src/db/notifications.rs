@@ -111,11 +111,16 @@ pub async fn write(
     .bind(&d_sequences)
     .execute(&mut *conn)
     .await?;
+    // Wakes the senders at commit (PostgreSQL delivers a notification only then); they also poll.
+    sqlx::query("SELECT pg_notify($1, '')").bind(WAKE_CHANNEL).execute(&mut *conn).await?;
     for kind in kinds {
         metrics::counter!("monohook_worker_notifications_written_total", "type" => kind).increment(1);
     }
     Ok(())
 }
+
+/// The PostgreSQL channel a batch that wrote notifications signals at its commit.
+pub const WAKE_CHANNEL: &str = "monohook_notifications";
 
 /// A delivery the sender took.
 #[derive(Debug, sqlx::FromRow)]

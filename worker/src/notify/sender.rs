@@ -107,6 +107,21 @@ pub async fn run(pool: PgPool, settings: SenderSettings, cancel: CancellationTok
                 .increment(0);
         }
     }
+    // Woken at once by each batch that wrote notifications; polling is the fallback (a listener
+    // that cannot connect, a wake-up lost while it reconnects, a retry that comes due).
+    let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+        Ok(mut listener) => match listener.listen(notifications::WAKE_CHANNEL).await {
+            Ok(()) => Some(listener),
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for new notifications; polling for them");
+                None
+            }
+        },
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for new notifications; polling for them");
+            None
+        }
+    };
     tracing::info!(endpoints = settings.endpoints.len(), "notifying the app");
     while !cancel.is_cancelled() {
         if backlog_at.is_none_or(|at| at.elapsed() >= BACKLOG_EVERY) {
@@ -144,6 +159,7 @@ pub async fn run(pool: PgPool, settings: SenderSettings, cancel: CancellationTok
         if sends.is_empty() {
             tokio::select! {
                 () = tokio::time::sleep(settings.idle_poll) => {}
+                () = woken(&mut listener) => {}
                 () = cancel.cancelled() => {}
             }
             continue;
@@ -158,6 +174,16 @@ pub async fn run(pool: PgPool, settings: SenderSettings, cancel: CancellationTok
                 .set(if open { 1.0 } else { 0.0 });
             settle(&pool, &settings, endpoint, &taken, answer).await;
         }
+    }
+}
+
+/// Resolves when a batch signals new notifications; never without a listener. A listener whose
+/// connection broke reconnects by itself inside `recv`; one that fails is dropped for polling.
+async fn woken(listener: &mut Option<sqlx::postgres::PgListener>) {
+    let Some(active) = listener.as_mut() else { return std::future::pending().await };
+    if let Err(error) = active.recv().await {
+        tracing::warn!(%error, "stopped listening for new notifications; polling for them");
+        *listener = None;
     }
 }
 
