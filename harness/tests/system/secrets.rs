@@ -1,6 +1,6 @@
 //! Secrets and tokens never reach the logs, whatever happens on the way.
 
-use harness::system::{APP_API_KEY, MONO_KEY, System, SystemConfig, WEBHOOK_SECRET};
+use harness::system::{APP_API_KEY, APP_NOTIFY_SECRET, MONO_KEY, System, SystemConfig, WEBHOOK_SECRET};
 
 use crate::story;
 
@@ -22,7 +22,11 @@ async fn no_secret_and_no_token_appears_in_any_log() {
 
     let logs = system.all_logs();
     assert!(logs.lines().count() > 10, "the processes logged nothing?");
-    for secret in [WEBHOOK_SECRET, MONO_KEY, wrong, story.token.as_str()] {
+    // The app was told (signed with APP_NOTIFY_SECRET, which the workers and mono-sim both hold).
+    let told = system.app_notifications().await.unwrap();
+    assert!(!told["notifications"].as_array().unwrap().is_empty(), "no notification reached the app");
+    let notify_key = APP_NOTIFY_SECRET.trim_start_matches("whsec_");
+    for secret in [WEBHOOK_SECRET, MONO_KEY, wrong, story.token.as_str(), notify_key] {
         assert!(!logs.contains(secret), "{secret} appears in the logs");
     }
     system.shut_down().await.unwrap();

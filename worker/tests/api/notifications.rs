@@ -309,6 +309,31 @@ async fn a_redirect_is_not_followed(pool: PgPool) {
     assert!(elsewhere.received_requests().await.unwrap().is_empty(), "the redirect was followed");
 }
 
+/// An endpoint slower than NOTIFY_TIMEOUT_MS: the try is cut there and counted a failure.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_try_longer_than_the_timeout_is_cut_and_tried_again(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    world.mono_issues_token(ACCOUNT, "tok-1").await;
+    let slow = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(204).set_delay(Duration::from_secs(5)))
+        .mount(&slow)
+        .await;
+    let list = endpoints(&[("slow", format!("{}/hooks", slow.uri()), None)]);
+    start_notifying(&mut world, list, &["--notify-timeout-ms", "300", "--notify-retry-schedule-secs", "30"])
+        .await;
+    let started = std::time::Instant::now();
+    let meta = world.publish(&body("mono.events.reauthorisation_required", ACCOUNT)).await;
+    assert_eq!(world.settled(&meta).await.status, "processed");
+    let errors = last_errors(&world, 1).await;
+    assert!(errors[0].1.contains("timed out"), "{errors:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the try was not cut at its timeout: {:?}",
+        started.elapsed()
+    );
+}
+
 /// A name that resolves to a private address is refused when the connection is made (not only at
 /// start: a name can change what it resolves to), unless private addresses are allowed.
 #[sqlx::test(migrations = "../migrations")]
