@@ -166,6 +166,51 @@ impl System {
             .await?)
     }
 
+    /// Every request the app (mono-sim) took, as received: `[{"headers": {...}, "body_b64": ...}]`.
+    pub async fn app_requests(&self) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .get(format!("{}/_app/requests", self.mono_url))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
+    /// Every request the app took, verified by `scripts/verify-notifications.py` (PyPI's
+    /// standardwebhooks and jsonschema, from `scripts/ensure-verifier`): how many, and one verdict
+    /// each (`ok <type>` when it verified and its body conforms to api/openapi.json).
+    pub async fn app_requests_verified(&self) -> anyhow::Result<(usize, Vec<String>)> {
+        use std::io::Write;
+        let requests = self.app_requests().await?;
+        let count = requests.as_array().map_or(0, Vec::len);
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let python = format!("{root}/target/standardwebhooks-venv/bin/python");
+        anyhow::ensure!(
+            std::path::Path::new(&python).exists(),
+            "the Standard Webhooks verifier is not installed at {python}: run ./scripts/ensure-verifier"
+        );
+        let mut child = std::process::Command::new(python)
+            .arg(format!("{root}/scripts/verify-notifications.py"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let input = serde_json::json!({
+            "secret": APP_NOTIFY_SECRET,
+            "openapi": format!("{root}/api/openapi.json"),
+            "messages": requests,
+        });
+        child.stdin.take().expect("piped").write_all(input.to_string().as_bytes())?;
+        let output = child.wait_with_output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "the verifier failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok((count, String::from_utf8(output.stdout)?.lines().map(str::to_owned).collect()))
+    }
+
     fn worker_database_server(&self) -> &str {
         self.config.worker_database_server.as_deref().unwrap_or(&self.config.database_server)
     }

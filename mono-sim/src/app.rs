@@ -2,7 +2,8 @@
 //! `POST /_app/notifications`, checks their Standard Webhooks signature (with `--app-secret`), and
 //! keeps what it took. Knobs (`POST /_app/config`): an answer status other than 2xx (down), a
 //! latency (slow), a failure rate (500 at random). `GET /_app/notifications` lists what was taken,
-//! with every `webhook-id` each (account, sequence) came with and how many tries reached the app.
+//! with every `webhook-id` each (account, sequence) came with and how many tries reached the app;
+//! `GET /_app/requests` gives each request it took as received, for an independent verifier.
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use base64::Engine;
@@ -53,7 +54,13 @@ pub struct AppState {
     knobs: RwLock<AppKnobs>,
     taken: Mutex<BTreeMap<(String, i64), Taken>>,
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// Each request taken, as received (the Standard Webhooks headers and the body, base64), for a
+    /// verifier that is not ours (`GET /_app/requests`).
+    requests: Mutex<Vec<serde_json::Value>>,
 }
+
+/// Requests kept for `/_app/requests`; later ones are not kept.
+const MAX_REQUESTS_KEPT: usize = 100_000;
 
 impl AppState {
     pub fn new(secret: Option<&str>) -> anyhow::Result<Self> {
@@ -117,7 +124,7 @@ pub async fn receive(request: HttpRequest, body: web::Bytes, state: web::Data<Ap
             taken: 0,
             first_taken_ms: 0,
         });
-    entry.ids.insert(id);
+    entry.ids.insert(id.clone());
     entry.tries += 1;
     if failing {
         let status =
@@ -129,6 +136,14 @@ pub async fn receive(request: HttpRequest, body: web::Bytes, state: web::Data<Ap
         entry.first_taken_ms = chrono::Utc::now().timestamp_millis();
     }
     entry.taken += 1;
+    drop(taken);
+    let mut requests = state.requests.lock().unwrap_or_else(|e| e.into_inner());
+    if requests.len() < MAX_REQUESTS_KEPT {
+        requests.push(serde_json::json!({
+            "headers": { "webhook-id": id, "webhook-timestamp": timestamp, "webhook-signature": signatures },
+            "body_b64": STANDARD.encode(&body),
+        }));
+    }
     HttpResponse::NoContent().finish()
 }
 
@@ -159,6 +174,10 @@ pub async fn list(state: web::Data<AppState>) -> HttpResponse {
         "notifications": taken.values().collect::<Vec<_>>(),
         "refused": refused,
     }))
+}
+
+pub async fn requests(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(&*state.requests.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 pub async fn set_config(state: web::Data<AppState>, knobs: web::Json<AppKnobs>) -> HttpResponse {

@@ -164,6 +164,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .app_data(app.clone())
             .route("/_app/notifications", web::post().to(crate::app::receive))
             .route("/_app/notifications", web::get().to(crate::app::list))
+            .route("/_app/requests", web::get().to(crate::app::requests))
             .route("/_app/config", web::post().to(crate::app::set_config))
             .route("/accounts/{id}/reauthorise", web::post().to(reauthorise))
             .route("/v2/accounts/initiate", web::post().to(links::initiate))

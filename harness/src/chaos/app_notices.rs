@@ -2,7 +2,8 @@
 //! notification is delivered, the app's view of each account (the state of the highest sequence it
 //! took; nothing taken: not flagged, linked) is the account's final state in the database; every
 //! sequence written reached it; each notification kept one `webhook-id` over all its tries; no
-//! request failed the signature check.
+//! request failed the signature check, and PyPI's standardwebhooks (not our code) verifies every
+//! request the app took, its body checked against api/openapi.json by jsonschema.
 
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -83,6 +84,16 @@ pub(super) async fn check(system: &System, report: &mut ScenarioReport) -> anyho
         wrong_view.is_empty(),
     );
     report.check(format!("every notification written reached the app ({missing} missing)"), missing == 0);
+    let (requests, verdicts) = system.app_requests_verified().await?;
+    let verified = verdicts.iter().filter(|v| v.starts_with("ok ")).count();
+    report.check(
+        format!(
+            "the Standard Webhooks reference library verified every request the app took ({verified} of {}{})",
+            requests,
+            verdicts.iter().find(|v| !v.starts_with("ok ")).map(|v| format!("; e.g. {v}")).unwrap_or_default()
+        ),
+        verified == requests && requests > 0,
+    );
     let count: usize = by_account.values().map(BTreeMap::len).sum();
     report.note(format!(
         "the app was told {count} state change(s) of {} account(s) in {tries} tries; {again} taken more than once",

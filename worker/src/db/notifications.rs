@@ -120,7 +120,7 @@ pub async fn write(
 }
 
 /// The PostgreSQL channel a batch that wrote notifications signals at its commit.
-pub const WAKE_CHANNEL: &str = "monohook_notifications";
+pub const WAKE_CHANNEL: &str = "notifications_due";
 
 /// A delivery the sender took.
 #[derive(Debug, sqlx::FromRow)]

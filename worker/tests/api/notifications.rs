@@ -104,7 +104,7 @@ fn verify_with_reference_library(secret: &str, requests: &[Request]) -> Vec<Stri
         })
         .collect();
     let mut child = std::process::Command::new(python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/standard_webhooks_verify.py"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/verify-notifications.py"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
