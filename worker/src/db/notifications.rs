@@ -174,46 +174,78 @@ pub async fn take(
     .await
 }
 
-/// The endpoint took it: the delivery goes, and the notification with its last delivery.
+/// The endpoint took it: the delivery goes, and the notification with its last delivery. (A late
+/// answer of a try whose lease ran out deletes it too: it was delivered.)
 pub async fn delivered(conn: &mut PgConnection, taken: &Taken) -> sqlx::Result<()> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    lock_notification(&mut tx, taken.notification_id).await?;
+    sqlx::query("DELETE FROM notification_deliveries WHERE notification_id = $1 AND endpoint = $2")
+        .bind(taken.notification_id)
+        .bind(&taken.endpoint)
+        .execute(&mut *tx)
+        .await?;
+    drop_if_done(&mut tx, taken.notification_id).await?;
+    tx.commit().await
+}
+
+/// Locks the notification's row: the deliveries of one notification to several endpoints, and a
+/// replay of one of them, end one after another, so the last one out sees that it is the last.
+async fn lock_notification(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("SELECT 1 FROM notifications WHERE id = $1 FOR UPDATE").bind(id).execute(conn).await.map(drop)
+}
+
+/// Deletes the notification once no delivery of it is left (a statement of its own, so it sees what
+/// the others committed while this transaction waited for the lock).
+async fn drop_if_done(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
     sqlx::query(
-        "WITH gone AS (
-             DELETE FROM notification_deliveries WHERE notification_id = $1 AND endpoint = $2
-             RETURNING notification_id
-         )
-         DELETE FROM notifications n USING gone
-         WHERE n.id = gone.notification_id
-           AND NOT EXISTS (SELECT 1 FROM notification_deliveries d
-                           WHERE d.notification_id = n.id AND d.endpoint <> $2)",
+        "DELETE FROM notifications WHERE id = $1
+         AND NOT EXISTS (SELECT 1 FROM notification_deliveries WHERE notification_id = $1)",
     )
-    .bind(taken.notification_id)
-    .bind(&taken.endpoint)
+    .bind(id)
     .execute(conn)
     .await
     .map(drop)
 }
 
-/// The try failed; the next one is due after `wait`.
+/// The try failed; the next one is due after `wait`. Only if the row is still this try's (its lease
+/// may have run out and another worker taken it since): a late failure never cuts a newer lease.
 pub async fn failed(conn: &mut PgConnection, taken: &Taken, wait: Duration, error: &str) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE notification_deliveries
          SET next_attempt_at = clock_timestamp() + $3::interval, leased_until = NULL, last_error = $4
-         WHERE notification_id = $1 AND endpoint = $2",
+         WHERE notification_id = $1 AND endpoint = $2 AND attempts = $5",
     )
     .bind(taken.notification_id)
     .bind(&taken.endpoint)
     .bind(format!("{} milliseconds", wait.as_millis()))
     .bind(error)
+    .bind(taken.attempts)
     .execute(conn)
     .await
     .map(drop)
 }
 
 /// No try is left: the delivery becomes a dead letter (its own id; the notification's id rides in
-/// its headers, so a replay sends the same `webhook-id`), in one transaction.
-pub async fn bury(conn: &mut PgConnection, taken: &Taken, error: &str) -> sqlx::Result<Uuid> {
-    let id = Uuid::now_v7();
+/// its headers, so a replay sends the same `webhook-id`), in one transaction. Nothing happens if the
+/// row is no longer this try's (another worker took it after this lease ran out). Returns the dead
+/// letter's id, if one was made.
+pub async fn bury(conn: &mut PgConnection, taken: &Taken, error: &str) -> sqlx::Result<Option<Uuid>> {
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    lock_notification(&mut tx, taken.notification_id).await?;
+    let gone = sqlx::query(
+        "DELETE FROM notification_deliveries WHERE notification_id = $1 AND endpoint = $2 AND attempts = $3",
+    )
+    .bind(taken.notification_id)
+    .bind(&taken.endpoint)
+    .bind(taken.attempts)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if gone == 0 {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    let id = Uuid::now_v7();
     let headers = serde_json::json!({
         HEADER_NOTIFICATION_ID: taken.notification_id.to_string(),
         HEADER_SEQUENCE: taken.sequence.to_string(),
@@ -240,13 +272,14 @@ pub async fn bury(conn: &mut PgConnection, taken: &Taken, error: &str) -> sqlx::
         .bind(&taken.endpoint)
         .execute(&mut *tx)
         .await?;
-    delivered(&mut tx, taken).await?;
+    drop_if_done(&mut tx, taken.notification_id).await?;
     tx.commit().await?;
-    Ok(id)
+    Ok(Some(id))
 }
 
 /// Puts a buried notification back for its endpoint (an operator's replay), with the same id and
-/// body: due now, its tries counted afresh.
+/// body: due now, its tries counted afresh. The upsert locks a notification still there, so a
+/// delivery to another endpoint ending meanwhile cannot take it away under the revived one.
 pub async fn revive(
     conn: &mut PgConnection,
     notification_id: Uuid,
@@ -258,7 +291,7 @@ pub async fn revive(
 ) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO notifications (id, account_id, sequence, kind, body) VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (id) DO NOTHING",
+         ON CONFLICT (id) DO UPDATE SET kind = EXCLUDED.kind",
     )
     .bind(notification_id)
     .bind(account_id)

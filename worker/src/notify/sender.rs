@@ -11,9 +11,9 @@
 use chrono::Utc;
 use rand::Rng;
 use sqlx::PgPool;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::endpoints::Endpoint;
@@ -61,19 +61,27 @@ impl Breaker {
         }
     }
 
+    /// Records how a try ended; whether the breaker is open now. Tries that were out when it
+    /// opened end while it is open: they change nothing. A failure after its time is the probe's:
+    /// it opens again for twice as long.
     fn record(&mut self, ok: bool, now: Instant, first_open: Duration) -> bool {
         if ok {
             *self = Self::default();
             return false;
         }
-        self.failures += 1;
-        if self.failures >= BREAKER_FAILURES {
-            self.open_for = if self.open_until.is_some() {
-                (self.open_for * 2).min(BREAKER_LONGEST_OPEN)
-            } else {
-                first_open
-            };
-            self.open_until = Some(now + self.open_for);
+        match self.open_until {
+            Some(until) if now < until => {}
+            Some(_) => {
+                self.open_for = (self.open_for * 2).min(BREAKER_LONGEST_OPEN);
+                self.open_until = Some(now + self.open_for);
+            }
+            None => {
+                self.failures += 1;
+                if self.failures >= BREAKER_FAILURES {
+                    self.open_for = first_open;
+                    self.open_until = Some(now + first_open);
+                }
+            }
         }
         self.open_until.is_some()
     }
@@ -85,7 +93,8 @@ enum Answer {
     Failed(String),
 }
 
-/// Runs until `cancel`: takes due deliveries per endpoint, sends them, records each outcome.
+/// Runs until `cancel`: one task per endpoint (a slow or dead endpoint holds up only its own), each
+/// taking its due deliveries, sending them and recording each outcome as it comes.
 pub async fn run(pool: PgPool, settings: SenderSettings, cancel: CancellationToken) {
     if settings.endpoints.is_empty() {
         return;
@@ -98,8 +107,6 @@ pub async fn run(pool: PgPool, settings: SenderSettings, cancel: CancellationTok
         }
     };
     let settings = Arc::new(settings);
-    let mut breakers: HashMap<String, Breaker> = HashMap::new();
-    let mut backlog_at: Option<Instant> = None;
     for endpoint in &settings.endpoints {
         metrics::gauge!("monohook_worker_notify_breaker_open", "endpoint" => endpoint.name.clone()).set(0.0);
         for what in ["delivered", "failed", "dead"] {
@@ -107,83 +114,110 @@ pub async fn run(pool: PgPool, settings: SenderSettings, cancel: CancellationTok
                 .increment(0);
         }
     }
-    // Woken at once by each batch that wrote notifications; polling is the fallback (a listener
-    // that cannot connect, a wake-up lost while it reconnects, a retry that comes due).
-    let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
-        Ok(mut listener) => match listener.listen(notifications::WAKE_CHANNEL).await {
-            Ok(()) => Some(listener),
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for new notifications; polling for them");
-                None
-            }
-        },
-        Err(error) => {
-            tracing::warn!(%error, "cannot listen for new notifications; polling for them");
-            None
-        }
-    };
+    let wake = Arc::new(Notify::new());
+    let listening = tokio::spawn(listen_for_new(pool.clone(), wake.clone(), cancel.clone()));
+    let backlog = tokio::spawn(report_backlog(pool.clone(), settings.clone(), cancel.clone()));
     tracing::info!(endpoints = settings.endpoints.len(), "notifying the app");
+    let mut endpoints = tokio::task::JoinSet::new();
+    for index in 0..settings.endpoints.len() {
+        let (pool, client, settings, wake, cancel) =
+            (pool.clone(), client.clone(), settings.clone(), wake.clone(), cancel.clone());
+        endpoints.spawn(serve_endpoint(pool, client, settings, index, wake, cancel));
+    }
+    while endpoints.join_next().await.is_some() {}
+    let _ = listening.await;
+    let _ = backlog.await;
+}
+
+/// One endpoint's loop: take what is due (as many as its breaker allows), send them together, record
+/// each outcome in its own task (so a slow answer never lets another's lease run out), then again.
+async fn serve_endpoint(
+    pool: PgPool,
+    client: reqwest::Client,
+    settings: Arc<SenderSettings>,
+    index: usize,
+    wake: Arc<Notify>,
+    cancel: CancellationToken,
+) {
+    let endpoint = &settings.endpoints[index];
+    let mut breaker = Breaker::default();
     while !cancel.is_cancelled() {
-        if backlog_at.is_none_or(|at| at.elapsed() >= BACKLOG_EVERY) {
-            backlog_at = Some(Instant::now());
-            report_backlog(&pool, &settings).await;
-        }
-        let now = Instant::now();
-        let mut sends = tokio::task::JoinSet::new();
-        for (index, endpoint) in settings.endpoints.iter().enumerate() {
-            let allowance = breakers.entry(endpoint.name.clone()).or_default().allowance(now);
-            if allowance == 0 {
-                continue;
-            }
-            let taken = match pool.acquire().await {
+        // Registered before the look, so a commit between the look and the wait is not missed.
+        let woken = wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let allowance = breaker.allowance(Instant::now());
+        let taken = if allowance == 0 {
+            Ok(Vec::new())
+        } else {
+            match pool.acquire().await {
                 Ok(mut conn) => {
                     notifications::take(&mut conn, &endpoint.name, allowance, lease(&settings)).await
                 }
                 Err(error) => Err(error),
-            };
-            match taken {
-                // Sent together; an answer that never comes is bounded by the timeout. A process
-                // stopped meanwhile leaves its leases to expire: the rows go out again, same id.
-                Ok(taken) => {
-                    for taken in taken {
-                        let (client, settings) = (client.clone(), settings.clone());
-                        sends.spawn(async move {
-                            let answer = send(&client, &settings.endpoints[index], &taken).await;
-                            (index, taken, answer)
-                        });
-                    }
-                }
-                Err(error) => tracing::warn!(%error, "cannot look for notifications to send; trying again"),
             }
-        }
-        if sends.is_empty() {
+        };
+        let taken = taken.unwrap_or_else(|error| {
+            tracing::warn!(%error, endpoint = %endpoint.name, "cannot look for notifications to send; trying again");
+            Vec::new()
+        });
+        if taken.is_empty() {
             tokio::select! {
                 () = tokio::time::sleep(settings.idle_poll) => {}
-                () = woken(&mut listener) => {}
+                () = &mut woken => {}
                 () = cancel.cancelled() => {}
             }
             continue;
         }
+        // Sent together; an answer that never comes is bounded by the timeout. A process stopped
+        // meanwhile leaves its leases to run out: the rows go out again, with the same id.
+        let mut sends = tokio::task::JoinSet::new();
+        for taken in taken {
+            let (pool, client, settings) = (pool.clone(), client.clone(), settings.clone());
+            sends.spawn(async move {
+                let endpoint = &settings.endpoints[index];
+                let answer = send(&client, endpoint, &taken).await;
+                let ok = matches!(answer, Answer::Delivered(_));
+                settle(&pool, &settings, endpoint, &taken, answer).await;
+                ok
+            });
+        }
         while let Some(done) = sends.join_next().await {
-            let Ok((index, taken, answer)) = done else { continue };
-            let endpoint = &settings.endpoints[index];
-            let ok = matches!(answer, Answer::Delivered(_));
-            let breaker = breakers.entry(endpoint.name.clone()).or_default();
+            let ok = done.unwrap_or(false);
             let open = breaker.record(ok, Instant::now(), settings.breaker_open);
             metrics::gauge!("monohook_worker_notify_breaker_open", "endpoint" => endpoint.name.clone())
                 .set(if open { 1.0 } else { 0.0 });
-            settle(&pool, &settings, endpoint, &taken, answer).await;
         }
     }
 }
 
-/// Resolves when a batch signals new notifications; never without a listener. A listener whose
-/// connection broke reconnects by itself inside `recv`; one that fails is dropped for polling.
-async fn woken(listener: &mut Option<sqlx::postgres::PgListener>) {
-    let Some(active) = listener.as_mut() else { return std::future::pending().await };
-    if let Err(error) = active.recv().await {
-        tracing::warn!(%error, "stopped listening for new notifications; polling for them");
-        *listener = None;
+/// Wakes the endpoints' loops whenever a batch commits notifications. Without a listener (it could
+/// not connect, or failed for good) they poll.
+async fn listen_for_new(pool: PgPool, wake: Arc<Notify>, cancel: CancellationToken) {
+    let listener = async {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+        listener.listen(notifications::WAKE_CHANNEL).await?;
+        Ok::<_, sqlx::Error>(listener)
+    };
+    let mut listener = match listener.await {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for new notifications; polling for them");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            // A broken connection is re-established inside `recv`.
+            received = listener.recv() => match received {
+                Ok(_) => wake.notify_waiters(),
+                Err(error) => {
+                    tracing::warn!(%error, "stopped listening for new notifications; polling for them");
+                    return;
+                }
+            },
+            () = cancel.cancelled() => return,
+        }
     }
 }
 
@@ -197,6 +231,8 @@ fn client(settings: &SenderSettings) -> anyhow::Result<reqwest::Client> {
         .timeout(settings.timeout)
         .connect_timeout(settings.timeout)
         .user_agent(concat!("monohook/", env!("CARGO_PKG_VERSION")))
+        // A proxy would resolve the endpoint itself, past the guard below.
+        .no_proxy()
         .dns_resolver(super::address::GuardedResolver::shared(settings.allow_private))
         .build()?)
 }
@@ -216,8 +252,8 @@ async fn send(client: &reqwest::Client, endpoint: &Endpoint, taken: &Taken) -> A
         .await;
     let mut response = match sent {
         Ok(response) => response,
-        // reqwest's error names the URL and the cause, never the body or a header.
-        Err(error) => return Answer::Failed(describe(&error)),
+        // Without the URL (it could carry a token of the app's in its query): the cause only.
+        Err(error) => return Answer::Failed(describe(&error.without_url())),
     };
     let status = response.status();
     let mut read = 0;
@@ -281,14 +317,17 @@ async fn settle(
                 .increment(1);
             match pool.acquire().await {
                 Ok(mut conn) if spent >= tries => {
-                    metrics::counter!("monohook_worker_notifications_total", "endpoint" => name.clone(), "outcome" => "dead")
-                        .increment(1);
-                    // A dead letter like a webhook's: the same alert sees it.
-                    metrics::counter!("monohook_worker_dead_letters_total", "class" => "exhausted")
-                        .increment(1);
-                    tracing::error!(endpoint = %name, notification = %taken.notification_id, attempts = taken.attempts,
-                        %error, "a notification was not delivered in any try; it is a dead letter now");
-                    notifications::bury(&mut conn, taken, error).await.map(drop)
+                    let buried = notifications::bury(&mut conn, taken, error).await;
+                    if let Ok(Some(letter)) = &buried {
+                        metrics::counter!("monohook_worker_notifications_total", "endpoint" => name.clone(), "outcome" => "dead")
+                            .increment(1);
+                        // A dead letter like a webhook's: the same alert sees it.
+                        metrics::counter!("monohook_worker_dead_letters_total", "class" => "exhausted")
+                            .increment(1);
+                        tracing::error!(endpoint = %name, notification = %taken.notification_id, dead_letter = %letter,
+                            attempts = taken.attempts, %error, "a notification was not delivered in any try; it is a dead letter now");
+                    }
+                    buried.map(drop)
                 }
                 Ok(mut conn) => {
                     let wait =
@@ -312,19 +351,28 @@ fn jittered(wait: Duration) -> Duration {
     wait.mul_f64(rand::rng().random_range(0.8..=1.2))
 }
 
-async fn report_backlog(pool: &PgPool, settings: &SenderSettings) {
-    let Ok(mut conn) = pool.acquire().await else { return };
-    let Ok(rows) = notifications::backlog(&mut conn).await else { return };
-    for endpoint in &settings.endpoints {
-        let (waiting, oldest) = rows
-            .iter()
-            .find(|(name, ..)| *name == endpoint.name)
-            .map(|(_, n, age)| (*n, *age))
-            .unwrap_or((0, 0.0));
-        metrics::gauge!("monohook_worker_notify_waiting", "endpoint" => endpoint.name.clone())
-            .set(waiting as f64);
-        metrics::gauge!("monohook_worker_notify_oldest_seconds", "endpoint" => endpoint.name.clone())
-            .set(oldest);
+/// Refreshes the backlog gauges every [`BACKLOG_EVERY`] until `cancel`.
+async fn report_backlog(pool: PgPool, settings: Arc<SenderSettings>, cancel: CancellationToken) {
+    loop {
+        if let Ok(mut conn) = pool.acquire().await
+            && let Ok(rows) = notifications::backlog(&mut conn).await
+        {
+            for endpoint in &settings.endpoints {
+                let (waiting, oldest) = rows
+                    .iter()
+                    .find(|(name, ..)| *name == endpoint.name)
+                    .map(|(_, n, age)| (*n, *age))
+                    .unwrap_or((0, 0.0));
+                metrics::gauge!("monohook_worker_notify_waiting", "endpoint" => endpoint.name.clone())
+                    .set(waiting as f64);
+                metrics::gauge!("monohook_worker_notify_oldest_seconds", "endpoint" => endpoint.name.clone())
+                    .set(oldest);
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(BACKLOG_EVERY) => {}
+            () = cancel.cancelled() => return,
+        }
     }
 }
 
@@ -344,6 +392,11 @@ mod tests {
         assert_eq!(breaker.allowance(start), IN_FLIGHT_PER_ENDPOINT);
         assert!(breaker.record(false, start, BREAKER_FIRST_OPEN));
         assert_eq!(breaker.allowance(start), 0);
+        // Tries that were out when it opened fail meanwhile: it stays open as long, no longer.
+        for _ in 0..10 {
+            assert!(breaker.record(false, start + Duration::from_secs(1), BREAKER_FIRST_OPEN));
+        }
+        assert_eq!(breaker.open_for, BREAKER_FIRST_OPEN);
         let later = start + BREAKER_FIRST_OPEN;
         assert_eq!(breaker.allowance(later), 1, "one probe");
         assert!(breaker.record(false, later, BREAKER_FIRST_OPEN), "a failed probe opens it again");

@@ -230,6 +230,45 @@ async fn each_endpoint_gets_only_the_kinds_it_takes(pool: PgPool) {
     assert_eq!(only[0].2, every[1].2, "one notification, one webhook-id, whichever endpoint");
 }
 
+/// An endpoint that takes 5 s to answer holds up only itself: another endpoint gets a notification
+/// written while the slow one is still out at once, and once both took everything no notification
+/// row is left behind (the two deliveries of one notification end one after the other).
+#[sqlx::test(migrations = "../migrations")]
+async fn a_slow_endpoint_holds_up_only_itself(pool: PgPool) {
+    let mut world = TestWorld::new(pool).await;
+    world.mono_issues_token("acc-1", "tok").await;
+    let slow = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(204).set_delay(Duration::from_secs(5)))
+        .mount(&slow)
+        .await;
+    let fast = app_answering(204).await;
+    let list = endpoints(&[
+        ("slow", format!("{}/hooks", slow.uri()), None),
+        ("fast", format!("{}/hooks", fast.uri()), None),
+    ]);
+    start_notifying(&mut world, list, &[]).await;
+    let first = world.publish(&body("mono.events.reauthorisation_required", "acc-1")).await;
+    world.settled(&first).await;
+    wait_for(&fast, 1).await;
+    let second = world.publish(&body("mono.events.account_unlinked", "acc-2")).await;
+    world.settled(&second).await;
+    let since = std::time::Instant::now();
+    wait_for(&fast, 2).await;
+    assert!(
+        since.elapsed() < Duration::from_secs(3),
+        "the fast endpoint waited for the slow one: {:?}",
+        since.elapsed()
+    );
+    wait_for(&slow, 2).await;
+    eventually("every notification row is gone once both endpoints took it", PATIENCE, || async {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM notifications").fetch_one(&world.pool).await.unwrap();
+        left == 0
+    })
+    .await;
+}
+
 /// An endpoint that fails gets the same `webhook-id` on every try, a later notification of the
 /// account waits for the earlier one, and after the last try the notification is a dead letter that
 /// names the endpoint.
