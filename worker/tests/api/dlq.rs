@@ -9,7 +9,7 @@ use shared::testing::eventually;
 
 const REAUTH: &str = "mono.events.reauthorisation_required";
 
-fn stdout(output: &std::process::Output) -> String {
+pub(crate) fn stdout(output: &std::process::Output) -> String {
     assert!(output.status.success(), "failed: {}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8(output.stdout.clone()).unwrap()
 }

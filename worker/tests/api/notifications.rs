@@ -8,6 +8,7 @@ use std::time::Duration;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
+use crate::dlq::stdout;
 use crate::helpers::{ACCOUNT, PATIENCE, TestWorld, body};
 use shared::testing::eventually;
 
@@ -447,11 +448,6 @@ async fn an_endpoint_at_a_private_address_stops_the_start_unless_allowed(pool: P
     assert!(!text.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), "{text}");
 }
 
-fn succeeded(output: &std::process::Output) -> String {
-    assert!(output.status.success(), "failed: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout.clone()).unwrap()
-}
-
 /// A notification no try delivered is a dead letter like a webhook's: listed by its endpoint, a dry
 /// run says it would be sent again, a replay sends it with its own webhook-id once the endpoint
 /// works again, and a purge removes another, each recorded.
@@ -474,7 +470,7 @@ async fn the_operator_tools_list_replay_and_purge_an_undelivered_notification(po
     app.reset().await;
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&app).await;
 
-    let listed: serde_json::Value = serde_json::from_str(&succeeded(
+    let listed: serde_json::Value = serde_json::from_str(&stdout(
         &world.run_cli(&["dlq", "list", "--endpoint", "app", "--json"], "").await,
     ))
     .unwrap();
@@ -482,7 +478,7 @@ async fn the_operator_tools_list_replay_and_purge_an_undelivered_notification(po
     assert_eq!(listed.len(), 2);
     assert_eq!(listed[0]["event"], "account.reauth_required");
     assert_eq!(listed[0]["endpoint"], "app");
-    let dry = succeeded(
+    let dry = stdout(
         &world.run_cli(&["dlq", "replay", "--endpoint", "app", "--limit", "1", "--dry-run"], "").await,
     );
     assert!(dry.contains("send again to endpoint app"), "{dry}");
@@ -493,14 +489,14 @@ async fn the_operator_tools_list_replay_and_purge_an_undelivered_notification(po
             "",
         )
         .await;
-    succeeded(&replay);
+    stdout(&replay);
     let got = wait_for(&app, 1).await;
     assert_eq!((got[0].0.as_str(), got[0].1), ("account.reauth_required", 1));
     assert_eq!(got[0].2, first_id, "the replay sends the notification's own webhook-id");
     let purge = world
         .run_cli(&["dlq", "purge", "--endpoint", "app", "--yes", "--reason-note", "told by phone"], "")
         .await;
-    succeeded(&purge);
+    stdout(&purge);
     assert_eq!(world.dead_letter_count().await, 0);
     assert_eq!(world.actions_of(letters[0].id).await, [("replay".to_owned(), true)]);
     assert_eq!(world.actions_of(letters[1].id).await, [("purge".to_owned(), true)]);
