@@ -70,6 +70,18 @@ pub struct System {
     http: reqwest::Client,
 }
 
+/// How the app (mono-sim) answers notifications; the default takes every one at once.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct AppAnswers {
+    /// The status of every answer (`0`: 204).
+    pub status: u16,
+    pub latency_ms: u64,
+    /// Share of tries answered 500 ...
+    pub failure_rate: f64,
+    /// ... but at most this many of one notification's tries (`0`: no bound).
+    pub most_failures_each: u64,
+}
+
 impl System {
     /// Creates the database and starts mono-sim, `workers` workers and ingest, each ready.
     pub async fn start(config: SystemConfig, workers: usize) -> anyhow::Result<Self> {
@@ -142,12 +154,11 @@ impl System {
         .to_string()
     }
 
-    /// Sets how the app (mono-sim) answers notifications: `status` (0: 204), a latency, a share of
-    /// 500s.
-    pub async fn set_app(&self, status: u16, latency_ms: u64, failure_rate: f64) -> anyhow::Result<()> {
+    /// Sets how the app (mono-sim) answers notifications.
+    pub async fn set_app(&self, answers: AppAnswers) -> anyhow::Result<()> {
         self.http
             .post(format!("{}/_app/config", self.mono_url))
-            .json(&serde_json::json!({ "status": status, "latency_ms": latency_ms, "failure_rate": failure_rate }))
+            .json(&answers)
             .send()
             .await?
             .error_for_status()?;

@@ -1,7 +1,8 @@
 //! The app's backend, played for the demo and the chaos suite: receives monohook's notifications at
 //! `POST /_app/notifications`, checks their Standard Webhooks signature (with `--app-secret`), and
 //! keeps what it took. Knobs (`POST /_app/config`): an answer status other than 2xx (down), a
-//! latency (slow), a failure rate (500 at random). `GET /_app/notifications` lists what was taken,
+//! latency (slow), a failure rate (500 at random, optionally at most n times per notification).
+//! `GET /_app/notifications` lists what was taken,
 //! with every `webhook-id` each (account, sequence) came with and how many tries reached the app;
 //! `GET /_app/requests` gives each request it took as received, for an independent verifier.
 
@@ -26,6 +27,10 @@ pub struct AppKnobs {
     /// Share of requests answered 500 (0.0 to 1.0).
     #[serde(default)]
     pub failure_rate: f64,
+    /// At most this many of one notification's tries fail by `failure_rate` (`0`: no bound), so a
+    /// test knows how long its retries can take rather than hoping the dice are kind.
+    #[serde(default)]
+    pub most_failures_each: u64,
 }
 
 /// One notification the app took (answered 2xx).
@@ -109,8 +114,7 @@ pub async fn receive(request: HttpRequest, body: web::Bytes, state: web::Data<Ap
     if knobs.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(knobs.latency_ms)).await;
     }
-    let failing =
-        (knobs.status != 0 && !(200..300).contains(&knobs.status)) || fastrand::f64() < knobs.failure_rate;
+    let refusing = knobs.status != 0 && !(200..300).contains(&knobs.status);
     let mut taken = state.taken.lock().unwrap_or_else(|e| e.into_inner());
     let entry =
         taken.entry((parsed.data.account_id.clone(), parsed.data.sequence)).or_insert_with(|| Taken {
@@ -125,10 +129,12 @@ pub async fn receive(request: HttpRequest, body: web::Bytes, state: web::Data<Ap
             first_taken_ms: 0,
         });
     entry.ids.insert(id.clone());
+    let failed_before = entry.tries - entry.taken;
     entry.tries += 1;
-    if failing {
-        let status =
-            if knobs.status != 0 && !(200..300).contains(&knobs.status) { knobs.status } else { 500 };
+    let by_chance = fastrand::f64() < knobs.failure_rate
+        && (knobs.most_failures_each == 0 || failed_before < knobs.most_failures_each);
+    if refusing || by_chance {
+        let status = if refusing { knobs.status } else { 500 };
         return HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or_default())
             .finish();
     }
