@@ -9,14 +9,17 @@
 //! `batch::decide`, the handlers, write, commit) on the real PostgreSQL, and `TokenFetcher` (single
 //! flight) calling a stub Mono over HTTP. What the broker does is played by the harness, driven by
 //! the generated choices: batches of any size taken from near the head of the queue in any order,
+//! two at once now and then (batch slots, several workers: the row locks order them),
 //! redelivered copies of one delivery, acks lost with a session (everything comes back), token fetches
 //! that run late, Mono failing (the delivery goes to a retry tier and comes back at the tail) or
 //! refusing (dead-lettered, then replayed by an operator with or without `--force`).
 //!
 //! After every batch: no ordering guard moved backwards, no stored token was replaced by one issued
 //! earlier. After every history: every delivery is journaled exactly once and none is left dead;
-//! each account is in the model's state; Mono issued no more tokens than the model counts re-auths
-//! (plus forced replays).
+//! each account without a forced replay is in the model's state; each status and served time is
+//! what the order the worker settled the deliveries in gives (see [`Taken`]); each stored token was
+//! issued for its account; Mono issued no more tokens than the model counts re-auths (plus forced
+//! replays).
 //!
 //! `PROPTEST_CASES` raises the number of histories (a soak); the default keeps it under a minute.
 
@@ -332,19 +335,24 @@ fn earliest_copy(stamps: &[DateTime<Utc>], applied: DateTime<Utc>) -> DateTime<U
 // ---------------------------------------------------------------------------------------------
 // The stub Mono
 
-/// Answers calls from a script, then with a fresh token each; counts the tokens it issued.
+/// Answers calls from a script, then with a fresh token each; counts the tokens it issued, and
+/// remembers which account each was issued for.
 #[derive(Clone)]
 struct ScriptedMono {
     script: Arc<Mutex<VecDeque<Answer>>>,
     issued: Arc<AtomicUsize>,
+    issued_for: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl Respond for ScriptedMono {
-    fn respond(&self, _: &Request) -> ResponseTemplate {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
         let answer = self.script.lock().unwrap().pop_front().unwrap_or(Answer::Token);
         match answer {
             Answer::Token => {
                 let n = self.issued.fetch_add(1, Ordering::SeqCst);
+                // `/accounts/{id}/reauthorise`
+                let account = request.url.path().split('/').nth(2).unwrap_or_default().to_owned();
+                self.issued_for.lock().unwrap().insert(format!("tok-{n}"), account);
                 ResponseTemplate::new(200).set_body_json(serde_json::json!({ "token": format!("tok-{n}") }))
             }
             Answer::Unavailable => {
@@ -434,7 +442,12 @@ impl Choices<'_> {
 #[derive(Default)]
 struct Run {
     forced_reauths: usize,
-    forced: bool,
+    /// Accounts with a forced replay: the receive-order model cannot say what their state is.
+    forced_accounts: std::collections::BTreeSet<String>,
+    /// Each delivery's last journaling by a batch.
+    settled: HashMap<usize, Settlement>,
+    /// Batches run so far.
+    batches: usize,
     /// `worker dlq replay` commands run so far (each with one `--force` or none, as the CLI).
     replays: usize,
 }
@@ -540,6 +553,7 @@ async fn run_history_traced(
     let script = ScriptedMono {
         script: Arc::new(Mutex::new(history.mono.iter().copied().collect())),
         issued: Arc::default(),
+        issued_for: Arc::default(),
     };
     Mock::given(method("POST")).respond_with(script.clone()).mount(&mono).await;
     // Whole milliseconds, as ingest stamps them.
@@ -626,7 +640,7 @@ async fn run_history_traced(
                     .rows_affected();
                 prop_assert_eq!(published, 1, "#{} left no copy in the outbox", letter.index);
                 if forced {
-                    run.forced = true;
+                    run.forced_accounts.insert(account_id(stamped[letter.index].webhook.account));
                     if stamped[letter.index].webhook.kind == Kind::Required {
                         run.forced_reauths += 1;
                     }
@@ -707,51 +721,72 @@ async fn run_history_traced(
         }
 
         // A batch: up to four ready deliveries, each picked from near the head of the queue (several
-        // consumers and prefetch reorder what is close; retry tiers reorder what is far).
-        let size = 1 + (choice / 3) % 4;
-        let mut batch = Vec::new();
-        while batch.len() < size && !queue.is_empty() {
-            let pick = choices.next() % queue.len().min(3);
-            batch.push(queue.remove(pick).expect("in range"));
+        // consumers and prefetch reorder what is close; retry tiers reorder what is far). Now and
+        // then a second batch runs beside it, as the worker's batch slots (and other workers) do:
+        // the row locks order them, the harness cannot, so both count as one step for the order.
+        let slots = if choice % 5 == 4 { 2 } else { 1 };
+        let mut batches: Vec<Vec<Work>> = Vec::new();
+        for _ in 0..slots {
+            let size = 1 + (choices.next() / 3) % 4;
+            let mut batch = Vec::new();
+            while batch.len() < size && !queue.is_empty() {
+                let pick = choices.next() % queue.len().min(3);
+                batch.push(queue.remove(pick).expect("in range"));
+            }
+            if !batch.is_empty() {
+                batches.push(batch);
+            }
         }
-        for work in &batch {
+        for work in batches.iter().flatten() {
             time.reached(work.event.received_at);
         }
-        let candidates: Vec<Candidate<'_>> =
-            batch.iter().map(|work| Candidate { event: &work.event, token: work.token.as_ref() }).collect();
         // No hold bound: the database here never fails for long.
         let hold = Hold { until: tokio::time::Instant::now() + Duration::from_secs(3600), release: &never };
-        let outcomes = processor.apply_batch(&candidates, &never, &hold).await;
-        drop(candidates);
-        token_path::spend_offers(&tokens, batch.iter().map(|work| &work.event).zip(&outcomes));
-        let session_lost = choices.next() % 8 == 7;
-        trace.push(format!(
-            "batch {:?} -> {:?}{}",
-            batch.iter().map(|w| (w.index, w.token.is_some())).collect::<Vec<_>>(),
-            outcomes.iter().map(|o| o.as_str()).collect::<Vec<_>>(),
-            if session_lost { ", session lost" } else { "" }
-        ));
-        for (work, outcome) in batch.into_iter().zip(outcomes) {
-            match outcome {
-                ItemOutcome::Settled(_) | ItemOutcome::AlreadySettled => {
-                    if session_lost {
-                        // The ack never reached the broker: the delivery comes again, bare.
+        let all_outcomes = futures_util::future::join_all(batches.iter().map(|batch| {
+            let candidates: Vec<Candidate<'_>> = batch
+                .iter()
+                .map(|work| Candidate { event: &work.event, token: work.token.as_ref() })
+                .collect();
+            let (processor, never, hold) = (&processor, &never, &hold);
+            async move { processor.apply_batch(&candidates, never, hold).await }
+        }))
+        .await;
+        run.batches += 1;
+        for (batch, outcomes) in batches.into_iter().zip(all_outcomes) {
+            token_path::spend_offers(&tokens, batch.iter().map(|work| &work.event).zip(&outcomes));
+            let session_lost = choices.next() % 8 == 7;
+            trace.push(format!(
+                "batch {} {:?} -> {:?}{}",
+                run.batches,
+                batch.iter().map(|w| (w.index, w.token.is_some())).collect::<Vec<_>>(),
+                outcomes.iter().map(|o| o.as_str()).collect::<Vec<_>>(),
+                if session_lost { ", session lost" } else { "" }
+            ));
+            for (work, outcome) in batch.into_iter().zip(outcomes) {
+                if let ItemOutcome::Settled(_) = outcome {
+                    run.settled.insert(work.index, Settlement { batch: run.batches, forced: work.forced });
+                }
+                match outcome {
+                    ItemOutcome::Settled(_) | ItemOutcome::AlreadySettled => {
+                        if session_lost {
+                            // The ack never reached the broker: the delivery comes again, bare.
+                            let attempts = work.event.record.attempts as u32;
+                            queue.push_back(parse(&stamped[work.index], work.index, attempts, work.forced));
+                        }
+                    }
+                    // With the token it brought, if any: the batch would not store it.
+                    ItemOutcome::NeedsToken => fetches.push_back(work),
+                    ItemOutcome::Refused { reason } => {
+                        return Err(TestCaseError::fail(format!(
+                            "the database refused a generated event: {reason}"
+                        )));
+                    }
+                    ItemOutcome::Parked { .. } => {
                         let attempts = work.event.record.attempts as u32;
                         queue.push_back(parse(&stamped[work.index], work.index, attempts, work.forced));
                     }
+                    ItemOutcome::Abandoned => prop_assert!(false, "nothing is abandoned here"),
                 }
-                // With the token it brought, if any: the batch would not store it.
-                ItemOutcome::NeedsToken => fetches.push_back(work),
-                ItemOutcome::Refused { reason } => {
-                    return Err(TestCaseError::fail(format!(
-                        "the database refused a generated event: {reason}"
-                    )));
-                }
-                ItemOutcome::Parked { .. } => {
-                    let attempts = work.event.record.attempts as u32;
-                    queue.push_back(parse(&stamped[work.index], work.index, attempts, work.forced));
-                }
-                ItemOutcome::Abandoned => prop_assert!(false, "nothing is abandoned here"),
             }
         }
         let after = progress(pool).await;
@@ -802,14 +837,23 @@ async fn run_history_traced(
         run.forced_reauths
     );
 
-    // No stored token was issued before a re-authorisation of its account: the customer spent it.
-    let tokens_stored: Vec<(String, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
-        "SELECT id, reauth_token_issued_at, reauthorized_at FROM accounts WHERE reauth_token IS NOT NULL",
+    // No stored token was issued before a re-authorisation of its account (the customer spent
+    // it), and each is one Mono issued for that account.
+    let tokens_stored: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT id, reauth_token, reauth_token_issued_at FROM accounts WHERE reauth_token IS NOT NULL",
     )
     .fetch_all(pool)
     .await
     .expect("accounts are readable");
-    for (id, issued_at, _) in &tokens_stored {
+    let issued_for = script.issued_for.lock().unwrap().clone();
+    for (id, token, issued_at) in &tokens_stored {
+        prop_assert_eq!(
+            issued_for.get(token),
+            Some(id),
+            "{} stores {}, issued for another account",
+            id,
+            token
+        );
         if let Some(spent_before) = expected.last_reauthorisation.get(id) {
             prop_assert!(
                 issued_at >= spent_before,
@@ -821,79 +865,266 @@ async fn run_history_traced(
         }
     }
 
-    // A forced replay applies regardless of the order: the model (receive order) cannot say where.
-    if !run.forced {
-        // The re-authorisation the api reports: the one the model applied last, or a copy of it.
-        let served: Vec<(String, Option<DateTime<Utc>>)> =
-            sqlx::query_as("SELECT id, reauthorized_at FROM accounts ORDER BY id")
-                .fetch_all(pool)
-                .await
-                .expect("accounts are readable");
-        for (id, reauthorized_at) in served {
-            match (expected.reauthorized.get(&id), reauthorized_at) {
-                (None, None) => {}
-                (Some((applied, latest)), Some(at)) => prop_assert!(
-                    earliest_copy(&expected.reauthorisations[&id], *applied) <= at
-                        && at <= *latest
-                        && expected.reauthorisations[&id].contains(&at),
-                    "{} reports reauthorized_at {}, not a re-authorisation the model allows ({}..{})",
-                    id,
-                    at,
-                    applied,
-                    latest
-                ),
-                (model, actual) => {
-                    prop_assert!(false, "{id} reports reauthorized_at {actual:?}, the model {model:?}")
-                }
-            }
-        }
-        type Row = (String, bool, bool, bool, Option<String>, Option<String>, bool);
-        let stored: Vec<Row> = sqlx::query_as(
-            "SELECT id, reauth_required, reauth_token IS NOT NULL, unlinked_at IS NOT NULL, data_status,
-                    customer_id, connected_at IS NOT NULL
-             FROM accounts ORDER BY id",
-        )
-        .fetch_all(pool)
-        .await
-        .expect("accounts are readable");
-        let actual: BTreeMap<String, ModelAccount> = stored
-            .into_iter()
-            .map(|(id, reauth_required, has_token, unlinked, data_status, customer_id, connected)| {
-                (
-                    id,
-                    ModelAccount {
-                        reauth_required,
-                        has_token,
-                        unlinked,
-                        data_status,
-                        customer_id,
-                        connected,
-                    },
-                )
-            })
-            .collect();
-        let stale_reauthorisations: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT account_id, received_at FROM webhook_events
-             WHERE event = 'mono.events.account_reauthorized' AND status = 'stale'",
-        )
-        .fetch_all(pool)
-        .await
-        .expect("the journal is readable");
-        let mut expected_accounts = expected.accounts.clone();
-        for (id, required_at) in &expected.last_required {
-            let spent_after =
-                stale_reauthorisations.iter().any(|(account, at)| account == id && at < required_at);
-            if let (Some(model), Some(actual)) = (expected_accounts.get_mut(id), actual.get(id))
-                && spent_after
-                && model.has_token
-                && !actual.has_token
-            {
-                model.has_token = false;
-            }
-        }
-        prop_assert_eq!(actual, expected_accounts);
+    // In the order the worker took the deliveries: each status is one that order gives, and the
+    // times the api serves are the ones the journal implies. These hold with forced replays too.
+    let taken = Taken { stamped, journaled: &journaled, settled: &run.settled };
+    for index in 0..stamped.len() {
+        taken.status_fits(index).map_err(TestCaseError::fail)?;
     }
+    let served: Vec<Served> = sqlx::query_as(
+        "SELECT id, reauthorized_at, data_updated_at, last_sync_failed_at, connected_at, unlinked_at
+         FROM accounts ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("accounts are readable");
+    for account in &served {
+        taken.served_times_fit(account).map_err(TestCaseError::fail)?;
+    }
+
+    // Where no replay was forced, each account is in the receive-order model's state (a forced
+    // replay applies regardless of the order, so the model cannot say where its account ends).
+    // The re-authorisation the api reports: the one the model applied last, or a copy of it.
+    for account in served.iter().filter(|account| !run.forced_accounts.contains(&account.id)) {
+        let id = &account.id;
+        match (expected.reauthorized.get(id), account.reauthorized_at) {
+            (None, None) => {}
+            (Some((applied, latest)), Some(at)) => prop_assert!(
+                earliest_copy(&expected.reauthorisations[id], *applied) <= at
+                    && at <= *latest
+                    && expected.reauthorisations[id].contains(&at),
+                "{} reports reauthorized_at {}, not a re-authorisation the model allows ({}..{})",
+                id,
+                at,
+                applied,
+                latest
+            ),
+            (model, actual) => {
+                prop_assert!(false, "{id} reports reauthorized_at {actual:?}, the model {model:?}")
+            }
+        }
+    }
+    type Row = (String, bool, bool, bool, Option<String>, Option<String>, bool);
+    let stored: Vec<Row> = sqlx::query_as(
+        "SELECT id, reauth_required, reauth_token IS NOT NULL, unlinked_at IS NOT NULL, data_status,
+                customer_id, connected_at IS NOT NULL
+         FROM accounts ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("accounts are readable");
+    let actual: BTreeMap<String, ModelAccount> = stored
+        .into_iter()
+        .filter(|(id, ..)| !run.forced_accounts.contains(id))
+        .map(|(id, reauth_required, has_token, unlinked, data_status, customer_id, connected)| {
+            (id, ModelAccount { reauth_required, has_token, unlinked, data_status, customer_id, connected })
+        })
+        .collect();
+    let stale_reauthorisations: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT account_id, received_at FROM webhook_events
+         WHERE event = 'mono.events.account_reauthorized' AND status = 'stale'",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("the journal is readable");
+    let mut expected_accounts = expected.accounts.clone();
+    expected_accounts.retain(|id, _| !run.forced_accounts.contains(id));
+    for (id, required_at) in &expected.last_required {
+        let spent_after =
+            stale_reauthorisations.iter().any(|(account, at)| account == id && at < required_at);
+        if let (Some(model), Some(actual)) = (expected_accounts.get_mut(id), actual.get(id))
+            && spent_after
+            && model.has_token
+            && !actual.has_token
+        {
+            model.has_token = false;
+        }
+    }
+    prop_assert_eq!(actual, expected_accounts);
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The order the worker took
+
+/// When a batch last journaled a delivery: the harness's batch number (deliveries of one batch
+/// share it, and the batch orders them itself) and whether its replay was forced.
+#[derive(Clone, Copy, Debug)]
+struct Settlement {
+    batch: usize,
+    forced: bool,
+}
+
+/// The times the api serves for one account.
+#[derive(Debug, sqlx::FromRow)]
+struct Served {
+    id: String,
+    reauthorized_at: Option<DateTime<Utc>>,
+    data_updated_at: Option<DateTime<Utc>>,
+    last_sync_failed_at: Option<DateTime<Utc>>,
+    connected_at: Option<DateTime<Utc>>,
+    unlinked_at: Option<DateTime<Utc>>,
+}
+
+/// The deliveries, their journal statuses and the order the worker settled them in. The rules are
+/// the specification's (docs/ARCHITECTURE.md), read in that order rather than in receive order:
+/// - an ordering guard per account and state (re-auth: required, reauthorized, unlinked; data:
+///   updated, sync_failed) moves to the receive time of what was applied or restated as a copy,
+///   and an unforced event received before it is `stale`: stale only where such an event settled
+///   no later, and never `processed` where one settled strictly earlier;
+/// - a `reauthorisation_required` for an account whose unlink, received before it, was applied
+///   is `ignored`: only then, and never `processed` where that unlink settled strictly earlier;
+/// - `duplicate` only where a copy of the body within the window settled no later.
+///
+/// Deliveries of one batch are taken in the batch's own order, which these rules leave open.
+/// Where they cannot say: whether a copy that settled first should have made a `processed` one a
+/// duplicate depends on what else was applied between the two (the receive-order model's state
+/// comparison covers that).
+struct Taken<'a> {
+    stamped: &'a [Stamped],
+    journaled: &'a HashMap<Uuid, &'a str>,
+    settled: &'a HashMap<usize, Settlement>,
+}
+
+impl Taken<'_> {
+    fn status(&self, index: usize) -> &str {
+        self.journaled.get(&self.stamped[index].meta.id.as_uuid()).copied().unwrap_or("-")
+    }
+
+    fn at(&self, index: usize) -> DateTime<Utc> {
+        self.stamped[index].meta.received_at
+    }
+
+    fn batch(&self, index: usize) -> usize {
+        self.settled.get(&index).map_or(usize::MAX, |settled| settled.batch)
+    }
+
+    /// Other deliveries of the same account that settled before `index` (or, unless `strictly`,
+    /// in the same batch).
+    fn settled_before(&self, index: usize, strictly: bool) -> impl Iterator<Item = usize> + '_ {
+        let account = self.stamped[index].webhook.account;
+        let batch = self.batch(index);
+        (0..self.stamped.len()).filter(move |other| {
+            *other != index
+                && self.stamped[*other].webhook.account == account
+                && self.settled.contains_key(other)
+                && if strictly { self.batch(*other) < batch } else { self.batch(*other) <= batch }
+        })
+    }
+
+    /// Whether an event received after `index`, with the same guard, moved it before `index` settled.
+    fn guard_passed(&self, index: usize, strictly: bool) -> bool {
+        let class = guard(self.stamped[index].webhook.kind);
+        class.is_some()
+            && self.settled_before(index, strictly).any(|other| {
+                guard(self.stamped[other].webhook.kind) == class
+                    && self.at(other) > self.at(index)
+                    && matches!(self.status(other), "processed" | "duplicate")
+            })
+    }
+
+    /// Whether an unlink received before `index` was applied before `index` settled.
+    fn unlinked_before(&self, index: usize, strictly: bool) -> bool {
+        self.settled_before(index, strictly).any(|other| {
+            self.stamped[other].webhook.kind == Kind::Unlinked
+                && self.at(other) < self.at(index)
+                && self.status(other) == "processed"
+        })
+    }
+
+    fn status_fits(&self, index: usize) -> Result<(), String> {
+        let one = &self.stamped[index];
+        let Some(settled) = self.settled.get(&index) else {
+            return Err(format!("#{index} was journaled by no batch"));
+        };
+        let (kind, status) = (one.webhook.kind, self.status(index));
+        let fits = match status {
+            "stale" => kind != Kind::Unlinked && !settled.forced && self.guard_passed(index, false),
+            "ignored" => kind == Kind::Required && self.unlinked_before(index, false),
+            "duplicate" => self.settled_before(index, false).any(|other| {
+                self.stamped[other].meta.body_sha256 == one.meta.body_sha256
+                    && (self.at(other) - self.at(index)).abs() <= Span::from_std(WINDOW).expect("fits")
+            }),
+            "processed" => {
+                (kind == Kind::Unlinked || settled.forced || !self.guard_passed(index, true))
+                    && !(kind == Kind::Required && self.unlinked_before(index, true))
+            }
+            _ => false,
+        };
+        if fits {
+            Ok(())
+        } else {
+            Err(format!(
+                "#{index} ({:?}, batch {}) journaled {status}: not what the order it was taken in gives",
+                one.webhook, settled.batch
+            ))
+        }
+    }
+
+    /// The processed deliveries of `account` of `kind`.
+    fn processed(&self, account: &str, kind: Kind) -> impl Iterator<Item = usize> + '_ {
+        let account = account.to_owned();
+        (0..self.stamped.len()).filter(move |index| {
+            let one = &self.stamped[*index];
+            account_id(one.webhook.account) == account
+                && one.webhook.kind == kind
+                && self.status(*index) == "processed"
+        })
+    }
+
+    /// `unlinked_at` and `connected_at` are the earliest applied; `reauthorized_at` the latest of
+    /// every re-authorisation taken in any way (a stale or duplicate one still says the customer
+    /// re-authorised by then); `data_updated_at` and `last_sync_failed_at` those of the applied
+    /// one settled last (forced replays may apply an older one last).
+    fn served_times_fit(&self, served: &Served) -> Result<(), String> {
+        let id = served.id.as_str();
+        let earliest = |kind| self.processed(id, kind).map(|index| self.at(index)).min();
+        let last_settled = |kind: Kind| {
+            let last = self.processed(id, kind).map(|index| self.batch(index)).max();
+            self.processed(id, kind)
+                .filter(|index| Some(self.batch(*index)) == last)
+                .map(|index| self.at(index))
+                .collect::<Vec<_>>()
+        };
+        let fits_last = |at: Option<DateTime<Utc>>, kind| {
+            let candidates = last_settled(kind);
+            match at {
+                None => candidates.is_empty(),
+                Some(at) => candidates.contains(&at),
+            }
+        };
+        let reauthorized = (0..self.stamped.len())
+            .filter(|index| {
+                let one = &self.stamped[*index];
+                account_id(one.webhook.account) == id
+                    && one.webhook.kind == Kind::Reauthorized
+                    && matches!(self.status(*index), "processed" | "stale" | "duplicate")
+            })
+            .map(|index| self.at(index))
+            .max();
+        let checks = [
+            ("unlinked_at", served.unlinked_at == earliest(Kind::Unlinked)),
+            ("connected_at", served.connected_at == earliest(Kind::Connected)),
+            ("reauthorized_at", served.reauthorized_at == reauthorized),
+            ("data_updated_at", fits_last(served.data_updated_at, Kind::Updated)),
+            ("last_sync_failed_at", fits_last(served.last_sync_failed_at, Kind::SyncFailed)),
+        ];
+        match checks.iter().find(|(_, fits)| !fits) {
+            None => Ok(()),
+            Some((name, _)) => {
+                Err(format!("{id} serves {name} otherwise than its journal implies: {served:?}"))
+            }
+        }
+    }
+}
+
+/// Which ordering guard an event kind is decided by (a connection by none).
+fn guard(kind: Kind) -> Option<u8> {
+    match kind {
+        Kind::Required | Kind::Reauthorized | Kind::Unlinked => Some(0),
+        Kind::Updated | Kind::SyncFailed => Some(1),
+        Kind::Connected => None,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
