@@ -95,6 +95,13 @@ impl Service {
         None
     }
 
+    /// Whether SIGKILL ended the process (so a kill check can fail: one that exited first did not
+    /// die mid-work).
+    pub fn died_of_sigkill(&self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        self.exit.is_some_and(|status| status.signal() == Some(9))
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.exit.is_none() && matches!(self.child.try_wait(), Ok(None))

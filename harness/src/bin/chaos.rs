@@ -35,7 +35,7 @@ async fn main() {
                 Ok(up) => cluster = Some(up),
                 Err(error) => {
                     println!("{name:<34} error: {error:#}");
-                    failed.push(name.clone());
+                    failed.push(format!("{name}: the cluster did not come up: {error:#}"));
                     continue;
                 }
             }
@@ -49,19 +49,23 @@ async fn main() {
                 for note in &report.notes {
                     println!("    note   {note}");
                 }
-                if !report.passed() {
-                    failed.push(name.clone());
+                let failures = report.failures();
+                if !failures.is_empty() {
+                    failed.push(format!("{name}: {}", failures.join("; ")));
                 }
             }
             Err(error) => {
                 println!("{name:<34} error: {error:#}");
-                failed.push(name.clone());
+                failed.push(format!("{name}: {error:#}"));
             }
         }
     }
     drop(cluster);
     if !failed.is_empty() {
-        eprintln!("chaos suite failed: {}", failed.join(", "));
+        eprintln!("chaos suite failed:");
+        for failure in &failed {
+            eprintln!("  {failure}");
+        }
         std::process::exit(1);
     }
 }

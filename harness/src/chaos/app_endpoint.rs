@@ -51,6 +51,14 @@ pub async fn app_endpoint_slow(base: &SystemConfig) -> anyhow::Result<ScenarioRe
     report.check("every notification was delivered at 3 s an answer", drained.is_some());
     let failed = failures(&system).await;
     report.check(format!("no try timed out or failed ({failed} failed)"), failed == 0);
+    let (delivered, seconds) = lag_seconds(&system).await;
+    report.check(
+        format!(
+            "each delivery waited the app's 3 s ({delivered} delivered, {:.1} s from commit on average)",
+            seconds / delivered.max(1.0)
+        ),
+        delivered > 0.0 && seconds / delivered >= 2.9,
+    );
     system.set_app(AppAnswers::default()).await?;
     finish("app_endpoint_slow", started, system, load, report).await
 }
@@ -85,21 +93,25 @@ pub async fn worker_killed_mid_notification(base: &SystemConfig) -> anyhow::Resu
     let mut report = ScenarioReport { extra_tokens_per_account: 1, ..ScenarioReport::default() };
     system.set_app(AppAnswers { latency_ms: 2_000, ..AppAnswers::default() }).await?;
     let load = Load::start(system.ingest_url(), all_kinds(40, 40));
-    let mut leased = 0;
+    // Killed once it has delivered (so it is one of the senders) while tries are out (each takes
+    // 2 s, and the load keeps every sender busy).
+    let (mut leased, mut sent) = (0, 0.0);
     let waiting_since = Instant::now();
-    while leased == 0 && waiting_since.elapsed() < Duration::from_secs(20) {
+    while (leased == 0 || sent == 0.0) && waiting_since.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(200)).await;
         leased = sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM notification_deliveries WHERE leased_until > clock_timestamp()",
         )
         .fetch_one(&system.pool)
         .await?;
+        sent = delivered_by(&system, 0).await;
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
     system.workers[0].0.kill();
     report.check(
-        format!("a worker was killed while tries were out ({leased} leased across the workers)"),
-        leased > 0,
+        format!(
+            "a worker that had been sending died of SIGKILL while tries were out ({sent} delivered by it before, {leased} leased across the workers)"
+        ),
+        system.workers[0].0.died_of_sigkill() && sent > 0.0 && leased > 0,
     );
     tokio::time::sleep(Duration::from_secs(10)).await;
     let load = load.stop().await;
@@ -153,4 +165,33 @@ async fn failures(system: &System) -> u64 {
         .unwrap_or(0.0);
     }
     failed as u64
+}
+
+/// Deliveries every worker made (`monohook_worker_notify_lag_seconds`, from the commit that wrote
+/// each notification): how many, and their seconds in all.
+async fn lag_seconds(system: &System) -> (f64, f64) {
+    let (mut tries, mut seconds) = (0.0, 0.0);
+    for index in 0..system.workers.len() {
+        let text = system.worker_metrics(index).await.unwrap_or_default();
+        for line in text.lines() {
+            let value = || line.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()).unwrap_or(0.0);
+            if line.starts_with("monohook_worker_notify_lag_seconds_count") {
+                tries += value();
+            } else if line.starts_with("monohook_worker_notify_lag_seconds_sum") {
+                seconds += value();
+            }
+        }
+    }
+    (tries, seconds)
+}
+
+/// Notifications worker `index` delivered so far.
+async fn delivered_by(system: &System, index: usize) -> f64 {
+    let text = system.worker_metrics(index).await.unwrap_or_default();
+    metric_value(
+        &text,
+        "monohook_worker_notifications_total",
+        &[r#"endpoint="app""#, r#"outcome="delivered""#],
+    )
+    .unwrap_or(0.0)
 }

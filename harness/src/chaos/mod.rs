@@ -75,12 +75,31 @@ impl ScenarioReport {
     /// Nothing lost or doubled, no dead letter but those meant, every check held, and enough of the
     /// load accepted: a suite whose ingest answered 503 to everything must not pass.
     pub fn passed(&self) -> bool {
-        self.accepted > 0
-            && self.accepted_share >= self.min_accepted_share
-            && self.lost == 0
-            && self.double_effects == 0
-            && self.dead_lettered == self.expected_dead
-            && self.checks.iter().all(|(_, ok)| *ok)
+        self.failures().is_empty()
+    }
+
+    /// Why the scenario did not pass, one line each: the suite repeats them at its end, where a CI
+    /// log's tail still shows them.
+    pub fn failures(&self) -> Vec<String> {
+        let mut failures = Vec::new();
+        if self.accepted == 0 || self.accepted_share < self.min_accepted_share {
+            failures.push(format!(
+                "{:.1}% accepted, {:.1}% needed",
+                self.accepted_share * 100.0,
+                self.min_accepted_share * 100.0
+            ));
+        }
+        if self.lost > 0 {
+            failures.push(format!("{} lost", self.lost));
+        }
+        if self.double_effects > 0 {
+            failures.push(format!("{} account(s) in a wrong final state", self.double_effects));
+        }
+        if self.dead_lettered != self.expected_dead {
+            failures.push(format!("{} dead letter(s), {} expected", self.dead_lettered, self.expected_dead));
+        }
+        failures.extend(self.checks.iter().filter(|(_, ok)| !ok).map(|(check, _)| check.clone()));
+        failures
     }
 
     pub fn check(&mut self, what: impl Into<String>, ok: bool) {

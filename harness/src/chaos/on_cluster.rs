@@ -234,6 +234,7 @@ async fn rolling_restart(base: &SystemConfig) -> anyhow::Result<ScenarioReport> 
 
     for node in 1..=3 {
         Cluster::stop(node)?;
+        report.check(format!("node {node} took no clients once stopped"), !Cluster::accepts_clients(node));
         tokio::time::sleep(Duration::from_secs(3)).await;
         Cluster::start(node)?;
         report.check(
