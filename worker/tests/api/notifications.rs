@@ -374,6 +374,55 @@ async fn a_try_longer_than_the_timeout_is_cut_and_tried_again(pool: PgPool) {
     );
 }
 
+/// An app that answers 200 and then streams its answer without end: the sender reads 4 KiB of it
+/// at most, so the try is delivered at once (an unbounded read would run into the timeout, and
+/// hold the body in the worker's memory until then).
+#[sqlx::test(migrations = "../migrations")]
+async fn an_endless_answer_is_read_only_in_part(pool: PgPool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut world = TestWorld::new(pool).await;
+    world.mono_issues_token(ACCOUNT, "tok-1").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // The request is small: its head and body come in the first reads.
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 8192];
+                while !String::from_utf8_lossy(&request).contains("\r\n\r\n") {
+                    match socket.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let _ = socket.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await;
+                let chunk = format!("400\r\n{}\r\n", "x".repeat(1024));
+                while socket.write_all(chunk.as_bytes()).await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
+        }
+    });
+    let list = endpoints(&[("endless", format!("http://{address}/hooks"), None)]);
+    start_notifying(&mut world, list, &["--notify-timeout-ms", "3000", "--notify-retry-schedule-secs", "30"])
+        .await;
+    let started = std::time::Instant::now();
+    let meta = world.publish(&body("mono.events.reauthorisation_required", ACCOUNT)).await;
+    assert_eq!(world.settled(&meta).await.status, "processed");
+    eventually("the notification was delivered", PATIENCE, || async {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM notifications").fetch_one(&world.pool).await.unwrap();
+        left == 0
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(2_500),
+        "the answer was read past its first KiBs: delivered after {:?}",
+        started.elapsed()
+    );
+}
+
 /// A name that resolves to a private address is refused when the connection is made (not only at
 /// start: a name can change what it resolves to), unless private addresses are allowed.
 #[sqlx::test(migrations = "../migrations")]
