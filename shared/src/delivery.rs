@@ -117,7 +117,7 @@ pub struct DeliveryMeta {
 impl DeliveryMeta {
     /// Stamps a webhook received now.
     pub fn stamp(body: &[u8]) -> Self {
-        Self { id: DeliveryId::new(), received_at: now_millis(), body_sha256: hex::encode(sha256(body)) }
+        Self { id: DeliveryId::new(), received_at: now_millis(), body_sha256: body_digest(body) }
     }
 
     /// The properties of the persistent message ingest publishes.
@@ -225,6 +225,11 @@ pub fn now_millis() -> DateTime<Utc> {
 
 fn sha256(body: &[u8]) -> [u8; 32] {
     Sha256::digest(body).into()
+}
+
+/// The digest a body is journaled and deduplicated by (`body_sha256`): SHA-256, lowercase hex.
+pub fn body_digest(body: &[u8]) -> String {
+    hex::encode(sha256(body))
 }
 
 #[cfg(test)]

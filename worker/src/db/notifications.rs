@@ -3,7 +3,6 @@
 //! delivered (or moved to `dead_letters` once no try is left).
 
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -257,7 +256,7 @@ pub async fn bury(conn: &mut PgConnection, taken: &Taken, error: &str) -> sqlx::
             event: taken.kind.clone(),
             account_id: Some(taken.account_id.clone()),
             body: taken.body.clone(),
-            body_sha256: hex_sha256(&taken.body),
+            body_sha256: shared::delivery::body_digest(&taken.body),
             received_at: taken.created_at,
             headers,
             reason: format!("not delivered to endpoint {}: {error}", taken.endpoint),
@@ -322,8 +321,4 @@ pub async fn backlog(conn: &mut PgConnection) -> sqlx::Result<Vec<(String, i64, 
     )
     .fetch_all(conn)
     .await
-}
-
-fn hex_sha256(body: &[u8]) -> String {
-    Sha256::digest(body).iter().map(|b| format!("{b:02x}")).collect()
 }
