@@ -16,10 +16,10 @@
 //!
 //! After every batch: no ordering guard moved backwards, no stored token was replaced by one issued
 //! earlier. After every history: every delivery is journaled exactly once and none is left dead;
-//! each account without a forced replay is in the model's state; each status and served time is
-//! what the order the worker settled the deliveries in gives (see [`Taken`]); each stored token was
-//! issued for its account; Mono issued no more tokens than the model counts re-auths (plus forced
-//! replays).
+//! each account is in the model's state (the flag and token of one with a forced replay aside);
+//! each status and served time is what the order the worker settled the deliveries in gives (see
+//! [`Taken`]); each stored token was issued for its account; Mono issued no more tokens than the
+//! model counts re-auths (plus forced replays).
 //!
 //! `PROPTEST_CASES` raises the number of histories (a soak); the default keeps it under a minute.
 
@@ -882,8 +882,8 @@ async fn run_history_traced(
         taken.served_times_fit(account).map_err(TestCaseError::fail)?;
     }
 
-    // Where no replay was forced, each account is in the receive-order model's state (a forced
-    // replay applies regardless of the order, so the model cannot say where its account ends).
+    // Each account is in the receive-order model's state; where a re-auth's replay was forced (it
+    // applies regardless of the order), its flag and token are not the model's to say.
     // The re-authorisation the api reports: the one the model applied last, or a copy of it.
     for account in served.iter().filter(|account| !run.forced_accounts.contains(&account.id)) {
         let id = &account.id;
@@ -915,7 +915,6 @@ async fn run_history_traced(
     .expect("accounts are readable");
     let actual: BTreeMap<String, ModelAccount> = stored
         .into_iter()
-        .filter(|(id, ..)| !run.forced_accounts.contains(id))
         .map(|(id, reauth_required, has_token, unlinked, data_status, customer_id, connected)| {
             (id, ModelAccount { reauth_required, has_token, unlinked, data_status, customer_id, connected })
         })
@@ -928,7 +927,12 @@ async fn run_history_traced(
     .await
     .expect("the journal is readable");
     let mut expected_accounts = expected.accounts.clone();
-    expected_accounts.retain(|id, _| !run.forced_accounts.contains(id));
+    // Only re-auths are forced here: the rest of a forced account's state is the model's still.
+    for id in &run.forced_accounts {
+        if let (Some(model), Some(actual)) = (expected_accounts.get_mut(id), actual.get(id)) {
+            (model.reauth_required, model.has_token) = (actual.reauth_required, actual.has_token);
+        }
+    }
     for (id, required_at) in &expected.last_required {
         let spent_after =
             stale_reauthorisations.iter().any(|(account, at)| account == id && at < required_at);
