@@ -68,12 +68,19 @@ pub async fn dead_letters_replayed_under_load(base: &SystemConfig) -> anyhow::Re
     let accepted: HashSet<String> = refused.accepted.keys().cloned().collect();
     let uncertain: HashSet<String> =
         refused.uncertain.iter().map(|posted| hex::encode(Sha256::digest(&posted.body))).collect();
+    // Until every 200 has its letter and no more letters come for 3 s (a 503'd copy may still be
+    // on its way when the last 200 dies).
     let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut seen, mut steady_since) = (usize::MAX, Instant::now());
     let letters = loop {
         let letters: Vec<(String, String)> =
             sqlx::query_as("SELECT id::text, body_sha256 FROM dead_letters").fetch_all(&system.pool).await?;
+        if letters.len() != seen {
+            (seen, steady_since) = (letters.len(), Instant::now());
+        }
         let ids: HashSet<&String> = letters.iter().map(|(id, _)| id).collect();
-        if accepted.iter().all(|id| ids.contains(id)) || Instant::now() >= deadline {
+        let all_died = accepted.iter().all(|id| ids.contains(id));
+        if (all_died && steady_since.elapsed() >= Duration::from_secs(3)) || Instant::now() >= deadline {
             break letters;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -234,6 +234,10 @@ async fn rolling_restart(base: &SystemConfig) -> anyhow::Result<ScenarioReport> 
 
     for node in 1..=3 {
         Cluster::stop(node)?;
+        let stopped = Instant::now();
+        while Cluster::accepts_clients(node) && stopped.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         report.check(format!("node {node} took no clients once stopped"), !Cluster::accepts_clients(node));
         tokio::time::sleep(Duration::from_secs(3)).await;
         Cluster::start(node)?;

@@ -21,11 +21,6 @@ fn port_open(port: u16) -> bool {
     std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
 }
 
-/// Whether nothing takes connections on the local `port` now: a stop that took effect.
-pub fn refuses_connections(port: u16) -> bool {
-    !port_open(port)
-}
-
 fn wait_for_port(port: u16, open: bool, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
