@@ -298,7 +298,7 @@ impl System {
     pub async fn start_api_with(&mut self, extra: &[(&'static str, &str)]) -> anyhow::Result<String> {
         let port = free_port();
         let mut env = vec![
-            ("DATABASE_URL", format!("{}/{}", self.config.database_server, self.database)),
+            ("DATABASE_URL", self.database_url()),
             ("APP_API_KEYS", format!("app:{APP_API_KEY}")),
             ("MONO_SECRET_KEY", MONO_KEY.to_owned()),
             ("MONO_API_URL", self.mono_url.clone()),
@@ -336,6 +336,11 @@ impl System {
             None
         };
         Ok((status, id))
+    }
+
+    /// The system's own database, as the api and the operator's commands reach it.
+    pub fn database_url(&self) -> String {
+        format!("{}/{}", self.config.database_server, self.database)
     }
 
     /// A worker's `/metrics` text.

@@ -139,59 +139,44 @@ async fn drained_within(system: &System, patience: Duration) -> anyhow::Result<O
 
 /// Workers whose breaker for the app's endpoint is open now.
 async fn breakers_open(system: &System) -> usize {
-    let mut open = 0;
-    for (_, port) in &system.workers {
-        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await;
-        let Ok(metrics) = metrics else { continue };
-        let text = metrics.text().await.unwrap_or_default();
-        open += usize::from(
-            metric_value(&text, "monohook_worker_notify_breaker_open", &[r#"endpoint="app""#]) == Some(1.0),
-        );
-    }
-    open
+    app_metric(system, "monohook_worker_notify_breaker_open", &[])
+        .await
+        .iter()
+        .filter(|open| **open == 1.0)
+        .count()
 }
 
 /// Failed tries the workers counted, over every worker still running.
 async fn failures(system: &System) -> u64 {
-    let mut failed = 0.0;
-    for (_, port) in &system.workers {
-        let Ok(metrics) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else { continue };
-        let text = metrics.text().await.unwrap_or_default();
-        failed += metric_value(
-            &text,
-            "monohook_worker_notifications_total",
-            &[r#"endpoint="app""#, r#"outcome="failed""#],
-        )
-        .unwrap_or(0.0);
-    }
-    failed as u64
+    app_metric(system, "monohook_worker_notifications_total", &[r#"outcome="failed""#])
+        .await
+        .iter()
+        .sum::<f64>() as u64
 }
 
 /// Deliveries every worker made (`monohook_worker_notify_lag_seconds`, from the commit that wrote
 /// each notification): how many, and their seconds in all.
 async fn lag_seconds(system: &System) -> (f64, f64) {
-    let (mut tries, mut seconds) = (0.0, 0.0);
-    for index in 0..system.workers.len() {
-        let text = system.worker_metrics(index).await.unwrap_or_default();
-        for line in text.lines() {
-            let value = || line.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()).unwrap_or(0.0);
-            if line.starts_with("monohook_worker_notify_lag_seconds_count") {
-                tries += value();
-            } else if line.starts_with("monohook_worker_notify_lag_seconds_sum") {
-                seconds += value();
-            }
-        }
-    }
-    (tries, seconds)
+    let count = app_metric(system, "monohook_worker_notify_lag_seconds_count", &[]).await;
+    let sum = app_metric(system, "monohook_worker_notify_lag_seconds_sum", &[]).await;
+    (count.iter().sum(), sum.iter().sum())
 }
 
 /// Notifications worker `index` delivered so far.
 async fn delivered_by(system: &System, index: usize) -> f64 {
-    let text = system.worker_metrics(index).await.unwrap_or_default();
-    metric_value(
-        &text,
-        "monohook_worker_notifications_total",
-        &[r#"endpoint="app""#, r#"outcome="delivered""#],
-    )
-    .unwrap_or(0.0)
+    let delivered =
+        app_metric(system, "monohook_worker_notifications_total", &[r#"outcome="delivered""#]).await;
+    delivered.get(index).copied().unwrap_or(0.0)
+}
+
+/// `name` for the app's endpoint (with `labels` too) of each worker: 0 where it cannot be read (a
+/// killed worker).
+async fn app_metric(system: &System, name: &str, labels: &[&str]) -> Vec<f64> {
+    let wanted: Vec<&str> = [r#"endpoint="app""#].into_iter().chain(labels.iter().copied()).collect();
+    let mut values = Vec::new();
+    for index in 0..system.workers.len() {
+        let text = system.worker_metrics(index).await.unwrap_or_default();
+        values.push(metric_value(&text, name, &wanted).unwrap_or(0.0));
+    }
+    values
 }

@@ -3,7 +3,6 @@
 //! nothing takes effect twice, and the outbox and the dead letters end empty.
 
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -37,7 +36,7 @@ async fn count(system: &System, sql: &str) -> i64 {
 /// `worker dlq replay --all`, as an operator runs it against this system.
 fn replay_command(system: &System, name: &str) -> anyhow::Result<Service> {
     let env = [
-        ("DATABASE_URL", format!("{}/{}", system.config.database_server, system.database)),
+        ("DATABASE_URL", system.database_url()),
         ("AMQP_URL", system.config.amqp_url.clone()),
         ("QUEUE_PREFIX", system.prefix.clone()),
         ("RETRY_DELAYS_SECS", system.config.retry_delays_secs.clone()),
@@ -67,7 +66,7 @@ pub async fn dead_letters_replayed_under_load(base: &SystemConfig) -> anyhow::Re
     // came too late) and then dies too, as the copy Mono would have retried. Nothing else may.
     let accepted: HashSet<String> = refused.accepted.keys().cloned().collect();
     let uncertain: HashSet<String> =
-        refused.uncertain.iter().map(|posted| hex::encode(Sha256::digest(&posted.body))).collect();
+        refused.uncertain.iter().map(|posted| shared::delivery::body_digest(&posted.body)).collect();
     // Until every 200 has its letter and no more letters come for 3 s (a 503'd copy may still be
     // on its way when the last 200 dies).
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -5,7 +5,6 @@
 //! (docs/ARCHITECTURE.md, "The model").
 
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -63,7 +62,7 @@ pub async fn settle_and_verify(
     // delivery like any other: Mono would have retried it. It joins the model by its body's hash.
     let mut accepted = accepted.clone();
     let by_hash: HashMap<String, &Posted> =
-        uncertain.iter().map(|posted| (hex::encode(Sha256::digest(&posted.body)), posted)).collect();
+        uncertain.iter().map(|posted| (shared::delivery::body_digest(&posted.body), posted)).collect();
     let hashes: Vec<(String, String)> =
         sqlx::query_as("SELECT id::text, body_sha256 FROM webhook_events").fetch_all(pool).await?;
     for (id, hash) in hashes {

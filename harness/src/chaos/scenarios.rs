@@ -180,7 +180,7 @@ async fn postgres_restart(base: &SystemConfig) -> anyhow::Result<ScenarioReport>
 
     services::stop_postgres()?;
     // A connection of its own: the pool would retry a refused connect for its 30 s acquire timeout.
-    let url = format!("{}/{}", system.config.database_server, system.database);
+    let url = system.database_url();
     let refused = !matches!(
         tokio::time::timeout(Duration::from_secs(3), <sqlx::PgConnection as sqlx::Connection>::connect(&url))
             .await,
